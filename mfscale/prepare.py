@@ -144,9 +144,10 @@ def load_source(args: argparse.Namespace, scratch: Path) -> tuple[pl.DataFrame, 
                                              progress=not args.quiet)
         ratings_path = formats.find_ratings_file(release_dir)
         movies_path = formats.find_movies_file(release_dir)
+        markers = [d / ".mfscale-complete" for d in (release_dir, *release_dir.parents)]
+        marker = next((m for m in markers if m.is_file()), None)
         entry = {"kind": "download", "release": args.source,
-                 "md5": (release_dir / ".mfscale-complete").read_text().strip()
-                 if (release_dir / ".mfscale-complete").exists() else None}
+                 "md5": marker.read_text().strip() if marker else None}
     else:
         ratings_path, movies_path = _resolve_ratings_path(args.input, scratch)
         entry = {"kind": "file", "path": str(args.input.resolve()), "ratings_file": ratings_path.name}
