@@ -1,0 +1,229 @@
+"""Crash-safe training checkpoints: atomic writes, pruning, and resume from the newest valid file.
+
+Layout inside a run directory::
+
+    checkpoints/step-0000001200.pt     one per save, the newest ``keep_last`` are kept
+    checkpoints/best.pt                the best one so far (``is_best``), never pruned
+    checkpoints/.tmp-*                 in-flight writes; leftovers from a killed run go on the next save
+
+Every file is written to a temporary name in the same directory, flushed and fsync'ed, then moved into
+place with ``os.replace`` (atomic on POSIX), so a reader never sees a half-written file under a final
+name. The payload wraps the caller's ``state`` in a small record (``{"mfscale_checkpoint": 1, "step":
+..., "state": ...}``); a file that fails to load or lacks the record (truncated by a full disk,
+garbage, a foreign file) is reported and skipped, and :func:`load_latest` falls back to the previous one.
+
+Whether a run resumes is decided only by what is on disk here, never by the launcher's restart count
+(``TORCHELASTIC_RESTART_COUNT``): a first attempt may find checkpoints of an earlier job and a restart
+may find none. These functions are called by rank 0 only; the caller broadcasts or barriers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, DataError
+
+CKPT_DIR = "checkpoints"
+BEST_NAME = "best.pt"
+TMP_PREFIX = ".tmp-"
+FORMAT_KEY = "mfscale_checkpoint"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint file could not be loaded and was skipped."""
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CKPT_DIR
+
+
+def step_path(run_dir: Path, step: int) -> Path:
+    return checkpoint_dir(run_dir) / f"step-{step:010d}.pt"
+
+
+def best_path(run_dir: Path) -> Path:
+    return checkpoint_dir(run_dir) / BEST_NAME
+
+
+def _step_of(path: Path) -> int | None:
+    m = _STEP_RE.match(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make renames/unlinks in ``directory`` durable; best effort (not all platforms allow it)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(directory: Path, final_name: str) -> Path:
+    return directory / f"{TMP_PREFIX}{final_name}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _remove_stale_tmp(directory: Path) -> None:
+    for p in directory.glob(f"{TMP_PREFIX}*"):
+        if p.is_file() or p.is_symlink():
+            _unlink_quietly(p)
+
+
+def _atomic_torch_save(obj: Any, final: Path) -> None:
+    tmp = _tmp_path(final.parent, final.name)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(final.parent)
+
+
+def _atomic_copy(src: Path, final: Path) -> None:
+    """Publish a copy of an already complete file ``src`` under ``final`` atomically."""
+    tmp = _tmp_path(final.parent, final.name)
+    try:
+        try:
+            os.link(src, tmp)  # same bytes, no second serialization; files are never modified in place
+        except OSError:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        _unlink_quietly(tmp)
+        raise
+    _fsync_dir(final.parent)
+
+
+def save_checkpoint(run_dir: Path, state: dict, *, step: int, keep_last: int = 3, is_best: bool = False) -> Path:
+    """Write ``state`` as ``checkpoints/step-{step:010d}.pt`` atomically and return its path.
+
+    Also publishes it as ``best.pt`` when ``is_best``. Then prunes: step checkpoints older than the
+    newest ``keep_last`` are deleted, and so are any with a step *greater* than ``step`` -- those belong
+    to a timeline abandoned by resuming from an earlier checkpoint, and leaving them would make the next
+    resume jump to them. Pruning happens only after the new file is in place, so a crash at any point
+    leaves at least the previous valid checkpoint. ``best.pt`` is never pruned.
+    """
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"checkpoint step must be a non-negative int, got {step!r}")
+    if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1:
+        raise ConfigError(f"keep_last must be an integer >= 1, got {keep_last!r}")
+    if not isinstance(state, dict):
+        raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
+
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(directory)
+
+    final = step_path(run_dir, step)
+    _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "state": state}, final)
+    if is_best:
+        _atomic_copy(final, best_path(run_dir))
+
+    existing = list_checkpoints(run_dir)
+    older = [p for p in existing if _step_of(p) < step]  # type: ignore[operator]
+    doomed = [p for p in existing if _step_of(p) > step]  # type: ignore[operator]
+    doomed += older[: max(0, len(older) - (keep_last - 1))]
+    for p in doomed:
+        _unlink_quietly(p)
+    if doomed:
+        _fsync_dir(directory)
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Step-numbered checkpoint files, oldest first (valid or not: validity is checked on load)."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        return []
+    found = [(s, p) for p in directory.iterdir() if (s := _step_of(p)) is not None and p.is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def _load(path: Path, map_location: str | torch.device, expect_step: int | None) -> dict:
+    # weights_only=False: the state holds plain Python objects besides tensors (config dict, Python/NumPy
+    # RNG states, stream position, optimizer param groups) that the restricted weights-only unpickler
+    # rejects. These are files this package wrote into the user's own run directory; never point
+    # load_latest/load_best at checkpoints from an untrusted source (unpickling can run code).
+    payload = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(payload, dict) or payload.get(FORMAT_KEY) != FORMAT_VERSION:
+        raise ValueError("not an mfscale checkpoint (integrity record missing)")
+    state = payload.get("state")
+    if not isinstance(state, dict):
+        raise ValueError("integrity record has no state dict")
+    if expect_step is not None and payload.get("step") != expect_step:
+        raise ValueError(f"recorded step {payload.get('step')!r} does not match the file name")
+    return state
+
+
+def _reason(exc: BaseException) -> str:
+    reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def _warn_corrupt(path: Path, exc: BaseException) -> None:
+    warnings.warn(f"skipping corrupt checkpoint {path}: {_reason(exc)}", CorruptCheckpointWarning, stacklevel=3)
+
+
+def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+    """The newest step checkpoint that loads, as ``(state, path)``; None when there is none.
+
+    A corrupt or partial file is skipped with a :class:`CorruptCheckpointWarning` naming it, and the
+    previous one is tried.
+    """
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return _load(path, map_location, _step_of(path)), path
+        except Exception as exc:  # truncated zip, unpickling error, EOF, missing record ...
+            _warn_corrupt(path, exc)
+    return None
+
+
+def load_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """The state in one specific checkpoint file (e.g. the one rank 0 chose, loaded on the other ranks).
+
+    Raises DataError naming the file when it is missing, corrupt or not an mfscale checkpoint.
+    """
+    path = Path(path)
+    try:
+        return _load(path, map_location, _step_of(path))
+    except Exception as exc:
+        raise DataError(f"cannot load checkpoint {path}: {_reason(exc)}") from exc
+
+
+def load_best(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+    """``best.pt`` as ``(state, path)``; None when missing or corrupt (the latter with a warning)."""
+    path = best_path(run_dir)
+    if not path.is_file():
+        return None
+    try:
+        return _load(path, map_location, None), path
+    except Exception as exc:
+        _warn_corrupt(path, exc)
+        return None

@@ -1,0 +1,236 @@
+"""One config tree per job: defaults < optional TOML file < command-line flags.
+
+Every field is a flag ``--section.field VALUE`` (e.g. ``--optim.lr 0.01``); the common ones also have
+short aliases (``--data``, ``--run-dir``, ``--epochs``, ``--dim``, ``--lr``, ``--batch-size``, ...).
+The resolved config is written to the run directory, into every checkpoint and into TensorBoard.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # prepared dataset directory (python -m mfscale.prepare --out ...)
+    workers: int = 1  # DataLoader worker processes per rank (0 = read in the training process)
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 64  # latent factors per user and movie
+    init_std: float = 0.01  # factor init; biases start at 0 so unseen rows predict the mean
+    dropout: float = 0.0  # dropout on factor vectors during training
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sparse_adam"  # sparse_adam (torch.optim.SparseAdam)
+    lr: float = 0.005  # learning rate of the embedding tables
+    dense_lr: float = 0.01  # learning rate of dense parameters (the global bias), Adam
+    reg_factor: float = 0.05  # L2 on the factor rows a batch touches, per rating
+    reg_bias: float = 0.005  # L2 on the bias rows a batch touches, per rating
+    gravity: float = 0.0  # penalty on predictions over all user-movie pairs (via d x d Gram matrices)
+    schedule: str = "cosine"  # none | cosine | linear: decay of both learning rates over the run
+    min_lr_frac: float = 0.1  # the schedule ends at this fraction of the initial learning rates
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20
+    batch_size: int = 0  # ratings per rank per step; 0 = auto: about 200 steps per epoch, 1,024..65,536
+    eval_batch_size: int = 262_144
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
+    device: str = "auto"  # auto | cpu | cuda
+    patience: int = 3  # early stopping: epochs without val improvement (0 = off)
+    log_every: int = 50  # steps between TensorBoard scalar points
+    timeout_s: float = 600.0  # collective timeout: a rank stuck this long fails the job instead of hanging
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 3
+    every_steps: int = 0  # also checkpoint every N steps (0 = only at epoch ends)
+    resume: str = "auto"  # auto: continue from the newest valid checkpoint in the run dir | never
+
+
+@dataclass
+class JobConfig:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> JobConfig:
+        checks = [
+            (self.data.path != "", "--data is required (a directory written by python -m mfscale.prepare)"),
+            (self.data.workers >= 0, "data.workers must be >= 0"),
+            (self.model.dim >= 1, "model.dim must be >= 1"),
+            (self.model.init_std >= 0, "model.init_std must be >= 0"),
+            (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
+            (self.optim.optimizer in ("sparse_adam",), "optim.optimizer must be sparse_adam"),
+            (self.optim.lr > 0 and self.optim.dense_lr >= 0, "optim.lr must be > 0 and optim.dense_lr >= 0"),
+            (min(self.optim.reg_factor, self.optim.reg_bias, self.optim.gravity) >= 0,
+             "optim.reg_factor, optim.reg_bias and optim.gravity must be >= 0"),
+            (self.optim.schedule in ("none", "cosine", "linear"), "optim.schedule must be none, cosine or linear"),
+            (0 <= self.optim.min_lr_frac <= 1, "optim.min_lr_frac must be in [0, 1]"),
+            (self.train.epochs >= 1, "train.epochs must be >= 1"),
+            (self.train.batch_size >= 0, "train.batch_size must be >= 0 (0 = auto)"),
+            (self.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
+            (self.train.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
+            (self.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
+            (self.train.patience >= 0 and self.train.log_every >= 1, "train.patience >= 0, train.log_every >= 1"),
+            (self.train.timeout_s > 0, "train.timeout_s must be > 0"),
+            (self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
+            (self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
+            (self.checkpoint.resume in ("auto", "never"), "checkpoint.resume must be auto or never"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+
+SECTIONS = {f.name: f.type for f in fields(JobConfig) if f.name != "run_dir"}
+ALIASES = {
+    "--data": "data.path", "--workers": "data.workers", "--run-dir": "run_dir", "--dim": "model.dim",
+    "--lr": "optim.lr", "--epochs": "train.epochs", "--batch-size": "train.batch_size", "--seed": "train.seed",
+    "--precision": "train.precision", "--device": "train.device",
+}
+
+
+def _section_classes() -> dict[str, type]:
+    default = JobConfig()
+    return {name: type(getattr(default, name)) for name in SECTIONS}
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _convert(key: str, kind: type, raw: Any) -> Any:
+    try:
+        if kind is bool:
+            return raw if isinstance(raw, bool) else _parse_bool(str(raw))
+        if kind is int and isinstance(raw, float):
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {kind.__name__}, got {raw!r}") from None
+
+
+def _set(cfg: JobConfig, key: str, raw: Any) -> None:
+    if key == "run_dir":
+        cfg.run_dir = str(raw)
+        return
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name:
+        raise ConfigError(f"unknown config key {key!r}")
+    obj = getattr(cfg, section)
+    types = {f.name: f.type for f in fields(obj)}
+    if name not in types:
+        raise ConfigError(f"unknown config key {key!r} (known in [{section}]: {', '.join(types)})")
+    kind = {"int": int, "float": float, "str": str, "bool": bool}[types[name]]
+    setattr(obj, name, _convert(key, kind, raw))
+
+
+def load_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def apply_mapping(cfg: JobConfig, data: dict[str, Any], where: str = "config") -> None:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for sub, v in value.items():
+                _set(cfg, f"{key}.{sub}", v)
+        else:
+            _set(cfg, key, value)
+
+
+def build_parser(prog: str = "python -m mfscale.train") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Train biased matrix factorization on prepared shards.",
+                                argument_default=argparse.SUPPRESS)
+    p.add_argument("--config", type=Path, help="TOML file with [data], [model], [optim], [train], [checkpoint]")
+    default = JobConfig()
+    alias_of = {v: k for k, v in ALIASES.items()}
+    p.add_argument(*(["--run_dir"] + ([alias_of["run_dir"]])), dest="run_dir", metavar="DIR",
+                   help=f"run directory: config, checkpoints, TensorBoard, metrics (default {default.run_dir})")
+    for section in SECTIONS:
+        group = p.add_argument_group(f"[{section}]")
+        for f in fields(getattr(default, section)):
+            key = f"{section}.{f.name}"
+            names = [f"--{key}"] + ([alias_of[key]] if key in alias_of else [])
+            group.add_argument(*names, dest=key, metavar=f.type.upper() if isinstance(f.type, str) else "X",
+                               help=f"default {getattr(getattr(default, section), f.name)!r}")
+    return p
+
+
+def from_args(argv: list[str] | None = None) -> JobConfig:
+    """Defaults, then the TOML file, then flags; validated."""
+    args = vars(build_parser().parse_args(argv))
+    cfg = JobConfig()
+    config_file = args.pop("config", None)
+    if config_file is not None:
+        apply_mapping(cfg, load_toml(config_file), str(config_file))
+    for key, value in args.items():
+        _set(cfg, key, value)
+    return cfg.validate()
+
+
+def from_dict(data: dict[str, Any]) -> JobConfig:
+    cfg = JobConfig()
+    apply_mapping(cfg, data)
+    return cfg
+
+
+def to_toml(cfg: JobConfig) -> str:
+    d = cfg.to_dict()
+    lines = [f"run_dir = {_toml_value(d.pop('run_dir'))}"]
+    for section, values in d.items():
+        lines.append(f"\n[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def replace(cfg: JobConfig, **changes: Any) -> JobConfig:
+    """A copy with ``section__field=value`` changes (for tests and benchmarks)."""
+    new = from_dict(cfg.to_dict())
+    for key, value in changes.items():
+        _set(new, key.replace("__", "."), value)
+    return dataclasses.replace(new)

@@ -1,0 +1,233 @@
+"""TensorBoard logging: scalars, the resolved config, hparams and the movie-embedding projector.
+
+Only rank 0 writes; every other rank builds ``Monitor(..., enabled=False)``, whose methods are cheap
+no-ops that touch nothing on disk (TensorBoard is not even imported for it).
+
+A run keeps one stable log directory. On resume it is reopened with ``purge_step`` set to the step the
+checkpoint was taken at: TensorBoard then discards the events a killed attempt wrote at or after that
+step, so curves do not fold back on themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HPARAM_TYPES = (bool, int, float, str)
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def _hparam_value(v: Any) -> bool | int | float | str:
+    if isinstance(v, HPARAM_TYPES):
+        return v
+    if v is None:
+        return "none"
+    if isinstance(v, Path):
+        return str(v)
+    if isinstance(v, (list, tuple)):
+        return ",".join(str(x) for x in v)
+    return str(v)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)  # JSON string escapes are valid TOML basic strings
+
+
+def config_to_toml(config: Mapping[str, Any]) -> str:
+    """A TOML rendering of a (nested) config dict; ``None`` values appear as comments (TOML has no null)."""
+    lines: list[str] = []
+
+    def table(d: Mapping[str, Any], name: str) -> None:
+        scalars = [(k, v) for k, v in d.items() if not isinstance(v, Mapping)]
+        subtables = [(k, v) for k, v in d.items() if isinstance(v, Mapping)]
+        if name and (scalars or not subtables):
+            if lines:
+                lines.append("")
+            lines.append(f"[{name}]")
+        for k, v in scalars:
+            lines.append(f"# {k} = (unset)" if v is None else f"{k} = {_toml_value(v)}")
+        for k, v in subtables:
+            table(v, f"{name}.{k}" if name else str(k))
+
+    table(config, "")
+    return "\n".join(lines)
+
+
+def _clean_label(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (list, tuple)):
+        v = "|".join(str(x) for x in v)
+    return " ".join(str(v).replace("\t", " ").splitlines()).strip()
+
+
+def _wait_for_later_event_file_name(log_dir: Path) -> None:
+    """TensorBoard reads a directory's event files in name order, and the purge marker of a reopened run
+    only drops events read before it. Names are ``events.out.tfevents.<unix seconds>.<host>.<pid>.<n>``:
+    a file made in the same second as an existing one could sort before it (pid 999 vs 1000), so wait
+    for the next second when that could happen (only ever within a second of the previous writer)."""
+    newest = -1
+    for p in log_dir.glob("events.out.tfevents.*"):
+        parts = p.name.split(".")
+        if len(parts) > 3 and parts[3].isdigit():
+            newest = max(newest, int(parts[3]))
+    while int(time.time()) <= newest:
+        time.sleep(min(0.05, max(0.0, newest + 1 - time.time())) or 0.01)
+
+
+class Monitor:
+    """TensorBoard writer for rank 0; a no-op object when ``enabled`` is False."""
+
+    def __init__(self, log_dir: Path, *, enabled: bool, purge_step: int | None = None):
+        self.log_dir = Path(log_dir)
+        self.enabled = bool(enabled)
+        self._writer = None
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        _wait_for_later_event_file_name(self.log_dir)
+        self._writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if self._writer is None:
+            return
+        for tag, value in values.items():
+            if value is None:
+                continue
+            self._writer.add_scalar(tag, float(value), global_step=int(step))
+
+    def text_config(self, config: Mapping[str, Any]) -> None:
+        """The resolved config as a TOML code block under tag ``config``."""
+        if self._writer is None:
+            return
+        self._writer.add_text("config", "```toml\n" + config_to_toml(config) + "\n```", global_step=0)
+
+    def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
+        """Nested hparams are flattened with ``.``; values other than int/float/str/bool become strings.
+
+        ``metrics`` keys are tags such as ``hparam/test_rmse``. ``run_name="."`` keeps the record in this
+        run's own directory instead of a timestamped subdirectory.
+        """
+        if self._writer is None:
+            return
+        hp = {k: _hparam_value(v) for k, v in flatten(hparams).items()}
+        mt = {str(k): float(v) for k, v in metrics.items() if v is not None}
+        self._writer.add_hparams(hp, mt, run_name=".")
+
+    def embeddings(
+        self, vectors: torch.Tensor, labels: list[dict[str, object]], *, tag: str = "movies", step: int = 0
+    ) -> None:
+        """Write ``vectors`` (one row per item) for the projector, with ``labels`` as per-row metadata.
+
+        The metadata header is the union of the label keys in first-seen order; missing keys and None
+        become "", lists are joined with "|", and tabs/newlines are replaced so each row stays one TSV line.
+        """
+        if self._writer is None:
+            return
+        mat = torch.as_tensor(vectors).detach().to("cpu", torch.float32)
+        if mat.ndim != 2:
+            raise ValueError(f"embedding matrix must be 2-D, got shape {tuple(mat.shape)}")
+        if len(labels) != mat.shape[0]:
+            raise ValueError(f"{len(labels)} labels for {mat.shape[0]} embedding rows")
+        header: list[str] = []
+        for row in labels:
+            for k in row:
+                if k not in header:
+                    header.append(k)
+        self._merge_existing_projector_config(f"{tag}:{str(int(step)).zfill(5)}")
+        if not header:
+            self._writer.add_embedding(mat, global_step=int(step), tag=tag)
+        elif len(header) == 1:  # the projector reads single-column metadata without a header line
+            meta = [_clean_label(row.get(header[0])) for row in labels]
+            self._writer.add_embedding(mat, metadata=meta, global_step=int(step), tag=tag)
+        else:
+            rows = [[_clean_label(row.get(k)) for k in header] for row in labels]
+            self._writer.add_embedding(
+                mat, metadata=rows, metadata_header=[_clean_label(k) for k in header], global_step=int(step), tag=tag
+            )
+
+    def _merge_existing_projector_config(self, tensor_name: str) -> None:
+        """SummaryWriter rewrites projector_config.pbtxt from its own in-memory list. After a resume keep
+        the embeddings an earlier attempt registered, and drop the entry about to be rewritten so
+        re-logging the same tag and step does not list it twice."""
+        from tensorboard.plugins.projector.projector_config_pb2 import ProjectorConfig
+
+        writer = self._writer
+        config = getattr(writer, "_projector_config", None)
+        if config is None:
+            config = ProjectorConfig()
+            path = self.log_dir / "projector_config.pbtxt"
+            if path.is_file():
+                from google.protobuf import text_format
+
+                try:
+                    text_format.Parse(path.read_text(), config)
+                except Exception:
+                    config = ProjectorConfig()  # unreadable: start a fresh one
+        kept = [e for e in config.embeddings if e.tensor_name != tensor_name]
+        if len(kept) != len(config.embeddings):
+            del config.embeddings[:]
+            config.embeddings.extend(kept)
+        writer._projector_config = config
+
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+
+def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """All scalar series in ``log_dir`` (not its subdirectories) as ``{tag: [(step, value), ...]}``.
+
+    Uses TensorBoard's own EventAccumulator, so events purged by a resume (``purge_step``) are dropped
+    exactly as TensorBoard shows them.
+    """
+    log_dir = Path(log_dir)
+    if not log_dir.is_dir():
+        return {}
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    acc = ea.EventAccumulator(str(log_dir), size_guidance={ea.SCALARS: 0})
+    acc.Reload()
+    return {tag: [(int(e.step), float(e.value)) for e in acc.Scalars(tag)] for tag in acc.Tags()[ea.SCALARS]}

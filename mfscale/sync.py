@@ -1,0 +1,72 @@
+"""Gradient synchronization for sparse embedding tables with ordinary collectives.
+
+NCCL cannot all-reduce sparse tensors (pytorch/pytorch#22400), so the tables stay out of DDP's reducer
+and their gradients are combined here with all_gather, which runs the same on gloo and NCCL: every rank
+dedupes its batch's rows, the ranks exchange row counts, then padded row ids and rows, and each rank
+sums duplicates. Every rank ends with the same gradient: the sum over ranks (the loss is already
+normalized by the global batch size, so a sum equals one process training on the union of the batches).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def sum_rows(idx: torch.Tensor, vals: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique row ids and the summed rows for each."""
+    if vals.is_cuda:
+        # index_add_ on CUDA adds with atomics in no fixed order; coalesce sums in a fixed order, so
+        # every rank computes bit-identical rows and the replicas never drift apart.
+        g = torch.sparse_coo_tensor(idx.unsqueeze(0), vals, (n_rows, vals.shape[1])).coalesce()
+        return g._indices()[0], g._values()
+    # sorted=False is ~100x faster than a sorted unique on CPU (design notes); CPU index_add_ is sequential.
+    uniq, inv = torch.unique(idx, sorted=False, return_inverse=True)
+    summed = torch.zeros((uniq.numel(), vals.shape[1]), dtype=vals.dtype, device=vals.device)
+    summed.index_add_(0, inv, vals)
+    return uniq, summed
+
+
+def dedupe_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unique row ids and summed rows of an (uncoalesced) sparse row gradient."""
+    return sum_rows(grad._indices()[0], grad._values(), grad.shape[0])
+
+
+def _all_gather_padded(t: torch.Tensor, counts: list[int], world: int) -> list[torch.Tensor]:
+    pad = max(counts)
+    buf = t.new_zeros((pad, *t.shape[1:]))
+    buf[: t.shape[0]] = t
+    out = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(out, buf)
+    return [o[:c] for o, c in zip(out, counts, strict=True)]
+
+
+def sync_sparse_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
+    """Replace each parameter's sparse gradient by the sum of all ranks' gradients (in place).
+
+    The tables must share a row width (they do: dim + 1), so all tables travel in one message.
+    """
+    world = dist.get_world_size(group)
+    local = []
+    for p in params:
+        if p.grad is None:  # a rank whose batch was empty still joins the collectives
+            local.append((torch.empty(0, dtype=torch.long, device=p.device),
+                          torch.empty((0, p.shape[1]), dtype=p.dtype, device=p.device)))
+        else:
+            local.append(dedupe_rows(p.grad))
+    device = params[0].device
+    sizes = torch.tensor([ids.numel() for ids, _ in local], dtype=torch.long, device=device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    per_rank = [s.tolist() for s in all_sizes]
+    counts = [sum(s) for s in per_rank]
+    ids = _all_gather_padded(torch.cat([i for i, _ in local]), counts, world)
+    rows = _all_gather_padded(torch.cat([v for _, v in local]), counts, world)
+    for k, p in enumerate(params):
+        parts_i, parts_v = [], []
+        for r in range(world):
+            start = sum(per_rank[r][:k])
+            parts_i.append(ids[r][start : start + per_rank[r][k]])
+            parts_v.append(rows[r][start : start + per_rank[r][k]])
+        uniq, summed = sum_rows(torch.cat(parts_i), torch.cat(parts_v), p.shape[0])
+        p.grad = torch.sparse_coo_tensor(uniq.unsqueeze(0), summed, p.shape)

@@ -1,0 +1,424 @@
+"""``torchrun --nproc_per_node=N -m mfscale.train --data DIR --run-dir DIR``: the training job.
+
+Plain ``python -m mfscale.train`` runs the same job as a world of one. Each rank streams its share of
+the training shards; the dense global bias goes through DDP, the sparse tables are synchronized by
+``sync.sync_sparse_grads``; rank 0 alone writes the run directory (config, checkpoints, TensorBoard,
+metrics), every file atomically. Resume is decided by what is on disk: the newest valid checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from . import checkpoint, config, distributed
+from .config import JobConfig
+from .distributed import DistEnv
+from .errors import ConfigError, DataError, cli_entry
+from .evaluate import evaluate
+from .model import SPARSE_TABLES, BiasedMF
+from .monitor import Monitor
+from .shards import Dataset, write_json_atomic
+from .stream import RatingStream, make_loader
+from .sync import sync_sparse_grads
+
+PROG = "mfscale.train"
+log = logging.getLogger("mfscale")
+
+AUTO_STEPS_PER_EPOCH = 200
+AUTO_BATCH_MIN, AUTO_BATCH_MAX = 1024, 65536
+
+
+def auto_batch_size(n_train: int, world_size: int) -> int:
+    """About AUTO_STEPS_PER_EPOCH steps per epoch: enough updates on small data, big batches on large."""
+    b = n_train // (world_size * AUTO_STEPS_PER_EPOCH)
+    return int(min(AUTO_BATCH_MAX, max(AUTO_BATCH_MIN, b // 1024 * 1024)))
+
+
+def _sum_allreduce_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP comm hook that sums instead of averaging: losses are already divided by the global batch."""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+def _lr_lambda(schedule: str, total_steps: int, min_frac: float):
+    def f(step: int) -> float:
+        t = min(step, total_steps) / max(total_steps, 1)
+        if schedule == "cosine":
+            return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t))
+        if schedule == "linear":
+            return 1 - (1 - min_frac) * t
+        return 1.0
+
+    return f
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, env: DistEnv):
+        self.cfg, self.env = cfg, env
+        self.run_dir = Path(cfg.run_dir)
+        self.data = Dataset(cfg.data.path)
+        self.n_train = self.data.split_rows("train")
+        if self.n_train == 0:
+            raise DataError(f"{cfg.data.path}: the training split is empty")
+        t = cfg.train
+        self.batch_size = t.batch_size or auto_batch_size(self.n_train, env.world_size)
+        self.device = env.device
+        self._check_precision()
+        # The same seed on every rank gives identical initial tables, so replicas start equal.
+        torch.manual_seed(t.seed)
+        mean = float(self.data.manifest["rating"].get("train_mean", self.data.manifest["rating"]["mean"]))
+        self.model = BiasedMF(self.data.n_users, self.data.n_items, cfg.model.dim, mean=mean,
+                              init_std=cfg.model.init_std).to(self.device)
+        self.forward_model: torch.nn.Module = self.model
+        if env.distributed:
+            DDP._set_params_and_buffers_to_ignore_for_model(self.model, list(SPARSE_TABLES))
+            ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                      broadcast_buffers=False)
+            ddp.register_comm_hook(None, _sum_allreduce_hook)
+            self.forward_model = ddp
+        o = cfg.optim
+        self.opt_sparse = torch.optim.SparseAdam(self.model.sparse_parameters(), lr=o.lr)
+        self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
+        self.stream = RatingStream(self.data, "train", batch_size=self.batch_size, rank=env.rank,
+                                   world_size=env.world_size, seed=t.seed)
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        total = self.steps_per_epoch * t.epochs
+        lam = _lr_lambda(o.schedule, total, o.min_lr_frac)
+        self.scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lam) for opt in (self.opt_sparse, self.opt_dense)]
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        # Progress: where the next step starts, and early-stopping state.
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best_val, self.best_epoch, self.bad_epochs = math.inf, -1, 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.history: list[dict[str, Any]] = []
+        self.train_seconds, self.train_ratings = 0.0, 0
+
+    def _check_precision(self) -> None:
+        p = self.cfg.train.precision
+        if p == "fp32":
+            return
+        if self.device.type != "cuda":
+            raise ConfigError(f"--precision {p} needs a CUDA device (mixed precision is autocast on CUDA); "
+                              "use --precision fp32 on CPU")
+        if p == "bf16" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("--precision bf16 is not supported by this GPU; use fp16 or fp32")
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "model_shape": self.model.shape,
+            "data_fingerprint": self.data.fingerprint,
+            "opt_sparse": self.opt_sparse.state_dict(),
+            "opt_dense": self.opt_dense.state_dict(),
+            "scheds": [s.state_dict() for s in self.scheds],
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "batch_size": self.batch_size, "world_size": self.env.world_size,
+            "best_val": self.best_val, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs,
+            "history": self.history, "train_seconds": self.train_seconds, "train_ratings": self.train_ratings,
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+        }
+
+    def save(self, is_best: bool = False) -> None:
+        if self.env.is_main:
+            checkpoint.save_checkpoint(self.run_dir, self._state(), step=self.global_step,
+                                       keep_last=self.cfg.checkpoint.keep_last, is_best=is_best)
+
+    def resume(self) -> bool:
+        """Load the newest valid checkpoint that rank 0 finds; every rank loads the same file."""
+        if self.cfg.checkpoint.resume == "never":
+            return False
+        found = checkpoint.load_latest(self.run_dir) if self.env.is_main else None
+        path = distributed.broadcast_object(self.env, str(found[1]) if found else None)
+        if path is None:
+            return False
+        state = found[0] if found else checkpoint.load_checkpoint_file(Path(path))
+        self._check_compatible(state, path)
+        self.model.load_state_dict(state["model"])
+        self.opt_sparse.load_state_dict(state["opt_sparse"])
+        self.opt_dense.load_state_dict(state["opt_dense"])
+        for s, sd in zip(self.scheds, state["scheds"], strict=True):
+            s.load_state_dict(sd)
+        if self.scaler and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        for k in ("epoch", "step_in_epoch", "global_step", "best_val", "best_epoch", "bad_epochs", "history",
+                  "train_seconds", "train_ratings"):
+            setattr(self, k, state[k])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        best = checkpoint.load_best(self.run_dir) if self.best_epoch >= 0 else None
+        if best is not None:
+            self.best_state = {k: v.cpu() for k, v in best[0]["model"].items()}
+        log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
+        return True
+
+    def _check_compatible(self, state: dict[str, Any], path: str) -> None:
+        hint = "use a new --run-dir, or --checkpoint.resume never to start over"
+        if state["data_fingerprint"] != self.data.fingerprint:
+            raise ConfigError(f"checkpoint {path} was trained on a different dataset; {hint}")
+        if state["model_shape"] != self.model.shape:
+            raise ConfigError(f"checkpoint {path} has model shape {state['model_shape']}, this run "
+                              f"{self.model.shape}; {hint}")
+        if state["step_in_epoch"] and (state["world_size"], state["batch_size"]) != (
+                self.env.world_size, self.batch_size):
+            raise ConfigError(f"checkpoint {path} stopped mid-epoch with world size {state['world_size']} and "
+                              f"batch size {state['batch_size']}; resume with the same values")
+
+    # ---- training ----------------------------------------------------------------------------------
+    def _dropout_mask(self, n: int) -> torch.Tensor | None:
+        p = self.cfg.model.dropout
+        if p == 0:
+            return None
+        # Keyed by (seed, rank, step), so a resumed run draws the same masks without saving RNG streams.
+        g = torch.Generator(device=self.device)
+        g.manual_seed(hash((self.cfg.train.seed, self.env.rank, self.global_step)) & 0x7FFF_FFFF_FFFF)
+        keep = torch.rand((n, self.cfg.model.dim), generator=g, device=self.device) >= p
+        return keep.to(torch.float32) / (1 - p)
+
+    def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
+        """One optimizer step on this rank's batch; returns the batch's summed squared error."""
+        o = self.cfg.optim
+        dev = self.device
+        user = batch["user"].to(dev, non_blocking=True)
+        item = batch["item"].to(dev, non_blocking=True)
+        rating = batch["rating"].to(dev, non_blocking=True)
+        global_rows = max(int(batch["global_rows"]), 1)
+        with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            pred, (p, q, bu, bi) = self.forward_model(user, item, self._dropout_mask(user.numel()))
+            err = pred.float() - rating
+            sse = err.square().sum()
+            reg = o.reg_factor * (p.float().square().sum() + q.float().square().sum()) + \
+                o.reg_bias * (bu.float().square().sum() + bi.float().square().sum())
+            loss = (sse + reg) / global_rows
+            if o.gravity > 0:
+                loss = loss + self._gravity(p.float(), q.float(), global_rows)
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        if self.env.distributed:
+            sync_sparse_grads(self.model.sparse_parameters())
+        if self.scaler:
+            self.scaler.step(self.opt_sparse)
+            self.scaler.step(self.opt_dense)
+            self.scaler.update()
+        else:
+            self.opt_sparse.step()
+            self.opt_dense.step()
+        self.opt_sparse.zero_grad(set_to_none=True)
+        self.opt_dense.zero_grad(set_to_none=True)
+        for s in self.scheds:
+            s.step()
+        return sse.detach()
+
+    def _gravity(self, p: torch.Tensor, q: torch.Tensor, global_rows: int) -> torch.Tensor:
+        """gravity * mean over the global batch's (user, movie) pairs of <p_u, q_i>^2, via d x d Grams.
+
+        sum_{a,b} <p_a, q_b>^2 = <P^T P, Q^T Q>_F. With A, C the Grams summed over ranks, the surrogate
+        <A_r, C> + <A, C_r> (other side detached) has exactly the gradient of <A, C> for this rank's rows.
+        """
+        a_local, c_local = p.T @ p, q.T @ q
+        a_all, c_all = a_local.detach().clone(), c_local.detach().clone()
+        if self.env.distributed:
+            dist.all_reduce(a_all)
+            dist.all_reduce(c_all)
+        scale = self.cfg.optim.gravity / float(global_rows) ** 2
+        return scale * ((a_local * c_all).sum() + (a_all * c_local).sum())
+
+    def fit(self) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        resumed = self.resume()
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            _write_text_atomic(self.run_dir / "config.toml", config.to_toml(cfg))
+        monitor = Monitor(self.run_dir / "tb", enabled=env.is_main,
+                          purge_step=self.global_step if resumed else None)
+        if not resumed:
+            monitor.text_config(cfg.to_dict())
+        log.info("training %s ratings (%d users, %d movies), batch %d x %d ranks, %d steps/epoch, device %s",
+                 f"{self.n_train:,}", self.data.n_users, self.data.n_items, self.batch_size, env.world_size,
+                 self.steps_per_epoch, self.device)
+        stopped_early = False
+        while self.epoch < cfg.train.epochs and not stopped_early:
+            self._train_epoch(monitor)
+            stopped_early = self._end_epoch(monitor)
+        metrics = self._finish(monitor)
+        monitor.close()
+        return metrics
+
+    def _train_epoch(self, monitor: Monitor) -> None:
+        cfg, env = self.cfg, self.env
+        self.stream.set_epoch(self.epoch, self.step_in_epoch)
+        loader = make_loader(self.stream, cfg.data.workers, pin_memory=self.device.type == "cuda")
+        bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
+                   disable=not (env.is_main and sys.stderr.isatty()), unit="step", dynamic_ncols=True)
+        window = {"sse": torch.zeros((), dtype=torch.float64, device=self.device), "rows": 0, "wait": 0.0,
+                  "t0": time.perf_counter(), "steps": 0}
+        it = iter(loader)
+        while True:
+            t_wait = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            window["wait"] += time.perf_counter() - t_wait
+            window["sse"] += self.train_step(batch)
+            window["rows"] += int(batch["global_rows"])
+            window["steps"] += 1
+            self.global_step += 1
+            self.step_in_epoch += 1
+            bar.update(1)
+            if window["steps"] == cfg.train.log_every or self.step_in_epoch == self.steps_per_epoch:
+                self._log_window(window, monitor, bar)
+            if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0 \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                self.save()
+        bar.close()
+
+    def _log_window(self, w: dict[str, Any], monitor: Monitor, bar: tqdm) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - w["t0"]
+        sse = float(distributed.all_reduce_sum(self.env, w["sse"].clone()))
+        rows = max(w["rows"] // 1, 1)
+        # Each rank counted the global batch size, so divide by it once: rows is already global.
+        mse = sse / rows
+        rate = rows / max(elapsed, 1e-9)
+        self.train_seconds += elapsed
+        self.train_ratings += rows
+        lr = self.opt_sparse.param_groups[0]["lr"]
+        monitor.scalars(self.global_step, {
+            "train/loss": mse, "train/rmse": math.sqrt(mse), "throughput/ratings_per_s": rate,
+            "time/step_ms": 1000 * elapsed / w["steps"], "time/data_wait_pct": 100 * w["wait"] / max(elapsed, 1e-9),
+            "lr/sparse": lr, "lr/dense": self.opt_dense.param_groups[0]["lr"],
+        })
+        bar.set_postfix(loss=f"{mse:.4f}", ratings_per_s=f"{rate / 1e6:.2f}M")
+        w.update(sse=torch.zeros((), dtype=torch.float64, device=self.device), rows=0, wait=0.0,
+                 t0=time.perf_counter(), steps=0)
+
+    def _end_epoch(self, monitor: Monitor) -> bool:
+        """Validate, track the best weights, checkpoint; True when early stopping says stop."""
+        cfg = self.cfg
+        val = evaluate(self.model, self.data, "val", self.env, batch_size=cfg.train.eval_batch_size)
+        finished_epoch = self.epoch
+        self.epoch += 1
+        self.step_in_epoch = 0
+        is_best = False
+        record: dict[str, Any] = {"epoch": finished_epoch}
+        if val is not None:
+            monitor.scalars(self.global_step, {"val/rmse": val["rmse"], "val/mae": val["mae"]})
+            record.update(val_rmse=val["rmse"], val_mae=val["mae"])
+            if val["rmse"] < self.best_val:
+                self.best_val, self.best_epoch, self.bad_epochs, is_best = val["rmse"], finished_epoch, 0, True
+                self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+            else:
+                self.bad_epochs += 1
+            log.info("epoch %d: val rmse %.4f mae %.4f (best %.4f at epoch %d)", finished_epoch, val["rmse"],
+                     val["mae"], self.best_val, self.best_epoch)
+        else:
+            log.info("epoch %d done (no validation split)", finished_epoch)
+        self.history.append(record)
+        self.save(is_best=is_best)
+        monitor.flush()
+        patience = cfg.train.patience
+        return bool(val is not None and patience and self.bad_epochs >= patience)
+
+    def _finish(self, monitor: Monitor) -> dict[str, Any]:
+        cfg, env = self.cfg, self.env
+        if self.best_state is not None:
+            self.model.load_state_dict({k: v.to(self.device) for k, v in self.best_state.items()})
+        test = evaluate(self.model, self.data, "test", env, batch_size=cfg.train.eval_batch_size)
+        metrics = {
+            "test_rmse": test["rmse"] if test else None,
+            "test_mae": test["mae"] if test else None,
+            "test_count": test["count"] if test else 0,
+            "best_val_rmse": self.best_val if math.isfinite(self.best_val) else None,
+            "best_epoch": self.best_epoch,
+            "epochs": self.epoch,
+            "steps": self.global_step,
+            "train_ratings_per_s": self.train_ratings / self.train_seconds if self.train_seconds else None,
+            "world_size": env.world_size,
+            "batch_size": self.batch_size,
+            "device": str(self.device),
+            "history": self.history,
+        }
+        synthetic = self.data.manifest["source"].get("params") or {}
+        if "best_rmse" in synthetic and test:
+            metrics["synthetic_best_rmse"] = synthetic["best_rmse"]
+            metrics["test_rmse_over_best"] = test["rmse"] / synthetic["best_rmse"]
+        if env.is_main:
+            write_json_atomic(self.run_dir / "metrics.json", metrics)
+            if test:
+                monitor.scalars(self.global_step, {"test/rmse": test["rmse"], "test/mae": test["mae"]})
+            monitor.hparams(cfg.to_dict(), {f"hparam/{k}": v for k, v in metrics.items()
+                                            if isinstance(v, int | float) and v is not None})
+            self._projector(monitor)
+        log.info("done: test rmse %s, best val rmse %s, %s ratings/s", _fmt(metrics["test_rmse"]),
+                 _fmt(metrics["best_val_rmse"]), _fmt(metrics["train_ratings_per_s"], ",.0f"))
+        return metrics
+
+    def _projector(self, monitor: Monitor) -> None:
+        """Movie embeddings with title/year/genres labels (the most-rated movies, to keep it light)."""
+        import polars as pl
+
+        movies = pl.read_parquet(self.data.root / "movies.parquet")
+        top = movies.sort("n_train", descending=True).head(10_000)
+        idx = torch.tensor(top["item_idx"].to_list(), dtype=torch.long)
+        _, _, q, _ = self.model.factors()
+        labels = [{"title": r["title"] or f"movie {r['movie_id']}", "year": r["year"], "genres": r["genres"],
+                   "movie_id": r["movie_id"], "ratings": r["n_train"]} for r in top.iter_rows(named=True)]
+        monitor.embeddings(q.detach()[idx.to(q.device)].cpu(), labels, tag="movies", step=self.global_step)
+
+
+def _fmt(v: object, spec: str = ".4f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
+
+
+def run(cfg: JobConfig) -> dict[str, Any]:
+    """Run one job in this process (one rank of it under torchrun)."""
+    env = distributed.init(cfg.train.device, cfg.train.timeout_s)
+    setup_logging(env.rank)
+    try:
+        return Trainer(cfg, env).fit()
+    finally:
+        distributed.destroy()
+
+
+@cli_entry(PROG)
+def main(argv: list[str] | None = None) -> int:
+    cfg = config.from_args(argv)
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
