@@ -50,7 +50,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 20
-    batch_size: int = 0  # ratings per rank per step; 0 = auto: about 200 steps per epoch, 1,024..65,536
+    batch_size: int = 0  # ratings per rank per step; 0 = auto: ~200 steps/epoch, global batch 1Ki..256Ki
     eval_batch_size: int = 262_144
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)

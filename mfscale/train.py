@@ -38,16 +38,20 @@ PROG = "mfscale.train"
 log = logging.getLogger("mfscale")
 
 AUTO_STEPS_PER_EPOCH = 200
-AUTO_BATCH_MIN, AUTO_BATCH_MAX = 1024, 65536
+AUTO_GLOBAL_MIN, AUTO_GLOBAL_MAX, AUTO_RANK_MIN = 1024, 262_144, 256
 
 
 def auto_batch_size(n_train: int, world_size: int) -> int:
-    """About AUTO_STEPS_PER_EPOCH steps per epoch: enough updates on small data, big batches on large."""
-    b = n_train // (world_size * AUTO_STEPS_PER_EPOCH)
-    return int(min(AUTO_BATCH_MAX, max(AUTO_BATCH_MIN, b // 1024 * 1024)))
+    """Per-rank batch for about AUTO_STEPS_PER_EPOCH steps per epoch.
+
+    The global batch (all ranks together) depends only on the data size, so a job gets the same number
+    of updates, and so the same quality, whatever the number of processes it runs on.
+    """
+    global_batch = min(AUTO_GLOBAL_MAX, max(AUTO_GLOBAL_MIN, n_train // AUTO_STEPS_PER_EPOCH // 1024 * 1024))
+    return max(AUTO_RANK_MIN, global_batch // world_size)
 
 
-def _sum_allreduce_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+def _sum_allreduce_hook(state, bucket):  # no annotations: DDP checks them and ours are strings (PEP 563)
     """DDP comm hook that sums instead of averaging: losses are already divided by the global batch."""
     fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])

@@ -1,0 +1,256 @@
+"""The trainer: gradient sync equals one process, resume equals uninterrupted, torchrun runs, bad input."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mfscale import checkpoint, config, distributed
+from mfscale.distributed import DistEnv
+from mfscale.monitor import read_scalars
+from mfscale.stream import RatingStream
+from mfscale.train import Trainer, main, run
+
+from .conftest import free_port, make_dataset
+
+CPU = torch.device("cpu")
+
+
+def job(data: Path, run_dir: Path, **changes) -> config.JobConfig:
+    cfg = config.JobConfig()
+    cfg.data.path, cfg.run_dir, cfg.data.workers = str(data), str(run_dir), 0
+    return config.replace(cfg, **changes).validate()
+
+
+def _rank_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = distributed.init("cpu", 60)
+    try:
+        torch.set_default_dtype(torch.float64)  # so the comparison is about the algorithm, not summation order
+        tr = Trainer(config.from_dict(cfg_dict), env)
+        tr.stream.set_epoch(0)
+        for k, batch in enumerate(tr.stream):
+            if k == steps:
+                break
+            tr.train_step(batch)
+        torch.save(tr.model.state_dict(), Path(out) / f"rank{rank}.pt")
+    finally:
+        distributed.destroy()
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(small_data, tmp_path):
+    steps, batch = 6, 400
+    cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__gravity=0.5, optim__lr=0.02)
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, cfg.to_dict(), steps, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for k in r0:  # replicas are identical, bit for bit
+        assert torch.equal(r0[k], r1[k]), k
+
+    # One process, fed the concatenation of both ranks' batches step by step.
+    torch.set_default_dtype(torch.float64)
+    try:
+        single = Trainer(config.replace(cfg, train__batch_size=2 * batch), DistEnv(0, 1, 0, CPU))
+        initial = Trainer(cfg, DistEnv(0, 1, 0, CPU)).model.state_dict()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    streams = [RatingStream(small_data, batch_size=batch, rank=r, world_size=2, seed=cfg.train.seed)
+               for r in range(2)]
+    for s in streams:
+        s.set_epoch(0)
+    for k, (b0, b1) in enumerate(zip(*streams, strict=True)):
+        if k == steps:
+            break
+        assert b0["global_rows"] == b1["global_rows"] == len(b0["user"]) + len(b1["user"])
+        union = {key: torch.cat([b0[key], b1[key]]) for key in ("user", "item", "rating")}
+        single.train_step({**union, "global_rows": b0["global_rows"]})
+    for k, v in single.model.state_dict().items():
+        assert not torch.equal(v, initial[k]), f"{k} did not train"
+        torch.testing.assert_close(r0[k], v, rtol=1e-6, atol=1e-8)  # Adam amplifies float64 roundoff
+
+
+def latest_model(run_dir: Path) -> dict:
+    state, _ = checkpoint.load_latest(run_dir)
+    return state
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(small_data, tmp_path, monkeypatch):
+    changes = {"train__epochs": 3, "train__batch_size": 512, "checkpoint__every_steps": 5, "model__dropout": 0.1,
+               "train__patience": 0}
+    full = run(job(small_data, tmp_path / "full", **changes))
+
+    original = Trainer.train_step
+
+    def crashing(self, batch):
+        if self.global_step == 17:  # after the step-15 checkpoint, mid-epoch 1
+            raise RuntimeError("simulated crash")
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(job(small_data, tmp_path / "resumed", **changes))
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = run(job(small_data, tmp_path / "resumed", **changes))
+
+    a, b = latest_model(tmp_path / "full"), latest_model(tmp_path / "resumed")
+    assert a["global_step"] == b["global_step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert resumed["test_rmse"] == full["test_rmse"]
+    assert resumed["history"] == full["history"]
+
+
+def test_single_process_learns_structure_and_writes_run_dir(small_data, tmp_path):
+    metrics = run(job(small_data, tmp_path / "r", train__epochs=15))
+    # A biases-only model cannot explain the planted rank-3 interactions; MF must beat it clearly.
+    baseline = run(job(small_data, tmp_path / "b", train__epochs=15, model__dim=1, model__init_std=0.0))
+    assert metrics["test_rmse"] < 0.9 * baseline["test_rmse"]
+    run_dir = tmp_path / "r"
+    saved = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("test_rmse", "test_mae", "best_val_rmse", "epochs", "train_ratings_per_s", "world_size"):
+        assert saved[key] is not None, key
+    assert config.load_toml(run_dir / "config.toml")["model"]["dim"] == 64
+    assert (run_dir / "checkpoints" / "best.pt").is_file()
+    tags = set(read_scalars(run_dir / "tb"))
+    for tag in ("train/loss", "train/rmse", "val/rmse", "val/mae", "lr/sparse", "throughput/ratings_per_s",
+                "time/step_ms", "time/data_wait_pct"):
+        assert tag in tags, tag
+    projector = list((run_dir / "tb").rglob("metadata.tsv"))
+    assert projector and projector[0].read_text().startswith("title\tyear\tgenres")
+
+
+def torchrun(args: list[str], tmp_path: Path, nproc: int = 2, extra: list[str] | None = None,
+             timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", *(extra or []),
+           "-m", "mfscale.train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def test_torchrun_two_ranks_reaches_single_process_quality(small_data, tmp_path):
+    single = run(job(small_data, tmp_path / "one", train__epochs=15))
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(tmp_path / "two"), "--workers", "1",
+                     "--epochs", "15"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m["world_size"] == 2
+    assert m["test_rmse"] < single["test_rmse"] * 1.05
+    assert "[rank 1]" in proc.stderr and "[rank 0]" in proc.stderr
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        kids += [int(k) for k in text]
+    return kids
+
+
+def test_killed_worker_is_restarted_and_resumes(small_data, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--max-restarts=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "mfscale.train",
+           "--data", str(small_data), "--run-dir", str(run_dir), "--workers", "0", "--batch-size", "32",
+           "--epochs", "6", "--train.patience", "0", "--checkpoint.every_steps", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 120
+        while not checkpoint.list_checkpoints(run_dir):
+            assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[-1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    assert "resumed from" in err
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["epochs"] == 6 and m["world_size"] == 2
+
+
+def fail(argv: list[str], capsys) -> str:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "mfscale.train: error:" in line]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_bad_input_is_one_clear_line(small_data, tmp_path, capsys):
+    base = ["--run-dir", str(tmp_path / "r"), "--workers", "0"]
+    assert "data directory not found" in fail(["--data", str(tmp_path / "nope"), *base], capsys)
+    (tmp_path / "empty").mkdir()
+    assert "manifest.json is missing" in fail(["--data", str(tmp_path / "empty"), *base], capsys)
+    assert "--data is required" in fail(base, capsys)
+    assert "train.epochs must be >= 1" in fail(["--data", str(small_data), "--epochs", "0", *base], capsys)
+    assert "expected float" in fail(["--data", str(small_data), "--lr", "fast", *base], capsys)
+    assert "needs a CUDA device" in fail(["--data", str(small_data), "--precision", "fp16", "--device", "cpu",
+                                          *base], capsys)
+    toml = tmp_path / "c.toml"
+    toml.write_text("[model]\ndimension = 3\n")
+    assert "unknown config key 'model.dimension'" in fail(["--data", str(small_data), "--config", str(toml),
+                                                            *base], capsys)
+    assert "config file not found" in fail(["--data", str(small_data), "--config", str(tmp_path / "x.toml"),
+                                            *base], capsys)
+
+
+def test_checkpoint_from_other_data_or_shape_is_refused(small_data, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    run(job(small_data, run_dir, train__epochs=1))
+    assert "model shape" in fail(["--data", str(small_data), "--run-dir", str(run_dir), "--dim", "8",
+                                  "--workers", "0"], capsys)
+    other = make_dataset(tmp_path / "other", n_users=50, n_items=40, per_user=10, seed=1)
+    assert "different dataset" in fail(["--data", str(other), "--run-dir", str(run_dir), "--workers", "0"],
+                                       capsys)
+    # Starting over is explicit.
+    assert main(["--data", str(other), "--run-dir", str(run_dir), "--workers", "0", "--epochs", "1",
+                 "--checkpoint.resume", "never"]) == 0
+
+
+def test_toml_then_flags_precedence(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('run_dir = "x"\n[data]\npath = "d"\n[model]\ndim = 16\n[optim]\nlr = 0.1\n')
+    cfg = config.from_args(["--config", str(toml), "--lr", "0.2"])
+    assert (cfg.model.dim, cfg.optim.lr, cfg.data.path, cfg.run_dir) == (16, 0.2, "d", "x")
+    assert config.from_dict(config.load_toml(_write(tmp_path / "o.toml", config.to_toml(cfg)))) == cfg
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_bad_data_dir_fails_on_every_rank_under_torchrun(tmp_path):
+    proc = torchrun(["--data", str(tmp_path / "missing"), "--run-dir", str(tmp_path / "r")], tmp_path,
+                    timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "mfscale.train: error: data directory not found" in line]
+    assert len(errors) == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr.split("error: data directory not found")[0]
