@@ -9,8 +9,8 @@ Generative model (one ``numpy.random.Generator(PCG64(seed))`` drives everything)
 * Latent factors, rank ``k``. Genre centers ``c_g ~ N(0, (1 - genre_spread) f^2 I)``; every item has one
   primary genre ``g(i)`` and ``q_i = c_g(i) + N(0, genre_spread f^2 I)``; users ``p_u ~ N(0, f^2 I)``.
   ``f = factor_std`` defaults to ``(0.6^2 / k) ** 0.25`` so ``<p_u, q_i>`` has std ~0.6. With the default
-  ``genre_spread = 0.3`` the genre centers are ~4 within-genre standard deviations apart along the line
-  between them, so KMeans on item factors recovers the genres. A fraction of items get a second genre
+  ``genre_spread = 0.3`` and rank 16, genre centers are ~8 within-genre standard deviations apart, so
+  KMeans on item factors recovers the genres. A fraction of items get a second genre
   label: the genre whose center is nearest to the item's factor (after the primary).
 * Ratings: ``mu = global_mean + b_u + b_i + <p_u, q_i>`` and ``rating = clip(round_half(mu + N(0, noise^2)),
   0.5, 5.0)``. Item biases correlate mildly with popularity (``popularity_bias_corr``), as in real data.
@@ -23,12 +23,13 @@ Generative model (one ``numpy.random.Generator(PCG64(seed))`` drives everything)
   first "seeded" into one random user's list, so every user and item appears; duplicate pairs are redrawn
   for a few rounds, and the few users still short get an exact weighted draw without replacement.
 * Time: every user is active over one window (lognormal length, median ``session_days``, longer for heavy
-  users) inside [start_year, end_year]; a movie's year is never after its first rating.
+  users) inside [start_year, end_year]; a movie's year is never after its first rating (choices ignore
+  time, so most synthetic movies are from before ~2000).
 
 ``min_user_ratings`` is lowered automatically to ``max(1, min(min_user_ratings, n_items,
 n_ratings // (2 * n_users)))`` so at least half the ratings are left for the long tail.
 
-Costs (2 cores): ml-32m takes ~15-25 s and ~2.5 GiB peak RSS; memory is ~70 bytes per rating.
+Costs (2 cores): ml-32m takes ~24 s and ~2.0 GiB peak RSS (about 65 bytes per rating).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ GENERATOR_VERSION = 1
 RATING_VALUES = np.arange(1, 11, dtype=np.float64) / 2  # 0.5, 1.0, ..., 5.0
 _EDGES = RATING_VALUES[:-1] + 0.25  # inner bin edges 0.75 ... 4.75; first and last bins are open-ended
 _CHUNK = 1 << 20  # rows per vectorized chunk: bounds temporaries to tens of MiB
-_MAX_ROUNDS = 10  # collision redraw rounds before the exact fallback
+_MAX_ROUNDS = 6  # collision redraw rounds before the exact fallback
 # MovieLens genre names, roughly in order of frequency, so genre 0 (the largest) is Drama.
 GENRE_NAMES = (
     "Drama", "Comedy", "Thriller", "Action", "Romance", "Adventure", "Crime", "Sci-Fi", "Horror", "Fantasy",
@@ -375,6 +376,17 @@ def _sorted_member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[idx] == keys
 
 
+def _unique_sorted(keys: np.ndarray) -> np.ndarray:
+    """Sort in place and drop repeats (np.unique's hash path is several times slower here)."""
+    keys.sort()
+    if len(keys) < 2:
+        return keys
+    keep = np.empty(len(keys), dtype=bool)
+    keep[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+    return keys[keep]
+
+
 def _sample_pairs(rng: np.random.Generator, counts: np.ndarray, pi: np.ndarray, sampler: _GenreSampler,
                   item_genre: np.ndarray, n_items: int) -> tuple[np.ndarray, dict]:
     """Sorted distinct keys user * n_items + item: counts[u] per user, every item at least once."""
@@ -387,22 +399,29 @@ def _sample_pairs(rng: np.random.Generator, counts: np.ndarray, pi: np.ndarray, 
     keys[:n_items] = seed_user * n_items + np.arange(n_items)
     users = np.flatnonzero(need > 0)
     _draw_keys(rng, users, need[users], pi, sampler, n_items, out=keys[n_items:])
-    keys.sort()
-    keep = np.empty(total, dtype=bool)
-    keep[0] = True
-    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
-    keys = keys[keep]
-    del keep
+    keys = _unique_sorted(keys)
     bounds = np.arange(n_users + 1, dtype=np.int64) * n_items
     deficit = counts - np.diff(np.searchsorted(keys, bounds))
+    waste = deficit / np.maximum(need, 1)  # share of a user's draws lost to repeats
     extra = np.empty(0, dtype=np.int64)
     rounds = 0
-    # Redraw collisions (sampling without replacement, approximately) while that makes progress.
+    # Redraw what repeats cost, oversampled by each user's observed waste so few rounds are needed; users
+    # who get more new items than they need keep a random subset.
     while deficit.any() and rounds < _MAX_ROUNDS:
         rounds += 1
         users = np.flatnonzero(deficit > 0)
-        new = np.unique(_draw_keys(rng, users, deficit[users], pi, sampler, n_items))
+        d = deficit[users]
+        n_draw = np.ceil(d * 1.2 / np.maximum(1.0 - waste[users], 1.0 / 64)).astype(np.int64) + 2
+        new = _unique_sorted(_draw_keys(rng, users, n_draw, pi, sampler, n_items))
         new = new[~_sorted_member(keys, new) & ~_sorted_member(extra, new)]
+        owner = new // n_items
+        got = np.bincount(owner, minlength=n_users)
+        waste[users] = 1.0 - got[users] / n_draw
+        if (got > deficit).any():
+            order = np.lexsort((rng.random(len(new)), owner))
+            owner_sorted = owner[order]
+            rank = np.arange(len(new)) - np.searchsorted(owner_sorted, owner_sorted)
+            new = np.sort(new[order[rank < deficit[owner_sorted]]])
         extra = np.sort(np.concatenate((extra, new)))
         deficit -= np.bincount(new // n_items, minlength=n_users)
     # Exact fallback for users still short (heavy users of small catalogs): Gumbel-top-k over the items
@@ -414,7 +433,7 @@ def _sample_pairs(rng: np.random.Generator, counts: np.ndarray, pi: np.ndarray, 
     for s in range(0, len(short), batch):
         ub = short[s:s + batch]
         scores = log_pi[ub][:, item_genre] + sampler.log_within[None, :]
-        scores -= np.log(-np.log(rng.random(scores.shape)))  # + Gumbel noise
+        scores -= np.log(-np.log(1.0 - rng.random(scores.shape)))  # + Gumbel noise; 1 - U avoids log(0)
         for r, u in enumerate(ub):
             lo, hi = u * n_items, (u + 1) * n_items
             have = np.concatenate((keys[np.searchsorted(keys, lo):np.searchsorted(keys, hi)],
@@ -597,7 +616,7 @@ def generate(spec: SyntheticSpec, seed: int = 0, *, return_truth: bool = False) 
     hist = np.bincount(np.rint(rating * 2).astype(np.int64), minlength=11)[1:]
     sorted_items = np.sort(item_counts)[::-1]
     params: dict[str, Any] = {
-        **dataclasses.asdict(spec),
+        **{k: (v.item() if isinstance(v, np.generic) else v) for k, v in dataclasses.asdict(spec).items()},
         "seed": int(seed),
         "generator_version": GENERATOR_VERSION,
         "factor_std_resolved": f,
