@@ -403,7 +403,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def setup_logging(rank: int) -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+    # Rank 0 narrates; the other ranks only warn, so logs are not N copies of the same lines.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, stream=sys.stderr, force=True,
                         format=f"%(asctime)s [rank {rank}] %(message)s", datefmt="%H:%M:%S")
 
 
