@@ -8,7 +8,6 @@ The resolved config is written to the run directory, into every checkpoint and i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -117,11 +116,6 @@ ALIASES = {
 }
 
 
-def _section_classes() -> dict[str, type]:
-    default = JobConfig()
-    return {name: type(getattr(default, name)) for name in SECTIONS}
-
-
 def _parse_bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -166,7 +160,7 @@ def load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
-def apply_mapping(cfg: JobConfig, data: dict[str, Any], where: str = "config") -> None:
+def apply_mapping(cfg: JobConfig, data: dict[str, Any]) -> None:
     for key, value in data.items():
         if isinstance(value, dict):
             for sub, v in value.items():
@@ -199,7 +193,7 @@ def from_args(argv: list[str] | None = None) -> JobConfig:
     cfg = JobConfig()
     config_file = args.pop("config", None)
     if config_file is not None:
-        apply_mapping(cfg, load_toml(config_file), str(config_file))
+        apply_mapping(cfg, load_toml(config_file))
     for key, value in args.items():
         _set(cfg, key, value)
     return cfg.validate()
@@ -233,4 +227,4 @@ def replace(cfg: JobConfig, **changes: Any) -> JobConfig:
     new = from_dict(cfg.to_dict())
     for key, value in changes.items():
         _set(new, key.replace("__", "."), value)
-    return dataclasses.replace(new)
+    return new

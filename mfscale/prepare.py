@@ -231,7 +231,6 @@ def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path) -> dict:
         source["test_input"] = str(args.test_input.resolve())
         ratings = pl.concat([ratings.with_columns(is_test=pl.lit(False)),
                              test.with_columns(is_test=pl.lit(True))])
-        n_input += 0  # counted below
     ratings, dropped = _dedupe_and_sort(ratings)
     _log(args, f"{ratings.height:,} ratings after removing {dropped:,} duplicate pairs")
 

@@ -302,8 +302,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - w["t0"]
         sse = float(distributed.all_reduce_sum(self.env, w["sse"].clone()))
-        rows = max(w["rows"] // 1, 1)
-        # Each rank counted the global batch size, so divide by it once: rows is already global.
+        rows = max(w["rows"], 1)  # global_rows summed per step: already the count over all ranks
         mse = sse / rows
         rate = rows / max(elapsed, 1e-9)
         self.train_seconds += elapsed
