@@ -30,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mfscale.errors import DownloadError
+from mfscale.shards import file_digest
 
 DEFAULT_BASE_URL = "https://files.grouplens.org/datasets/movielens"
 
@@ -269,7 +270,7 @@ def _extract(zip_path: Path, out_dir: Path, cache: Path, name: str, md5: str) ->
         try:
             with zipfile.ZipFile(zip_path) as zf:
                 for member in zf.namelist():
-                    if _unsafe_member(member):
+                    if unsafe_member(member):
                         _unlink(zip_path)  # never keep a zip-slip archive in the cache
                         raise DownloadError(
                             f"refusing to extract {zip_path.name}: unsafe member path {member!r}"
@@ -302,7 +303,7 @@ def _extract(zip_path: Path, out_dir: Path, cache: Path, name: str, md5: str) ->
     return found
 
 
-def _unsafe_member(member: str) -> bool:
+def unsafe_member(member: str) -> bool:
     """True for absolute paths, drive letters or ``..`` components (zip-slip)."""
     if member.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member):
         return True
@@ -310,14 +311,10 @@ def _unsafe_member(member: str) -> bool:
 
 
 def _file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(CHUNK_SIZE):
-                digest.update(chunk)
+        return file_digest(path, "md5")
     except OSError as exc:
         raise DownloadError(f"could not read {path}: {_reason(exc)}") from None
-    return digest.hexdigest()
 
 
 def _remove_tree(path: Path) -> None:

@@ -16,7 +16,6 @@ Rules that shape the data:
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import shutil
 import sys
@@ -28,9 +27,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import formats, split
+from . import download, formats, split
 from .errors import ConfigError, DataError, cli_entry
-from .shards import FORMAT_VERSION, MANIFEST, SPLITS, write_json_atomic, write_split
+from .shards import FORMAT_VERSION, MANIFEST, SPLITS, file_digest, write_json_atomic, write_split
 
 PROG = "mfscale.prepare"
 
@@ -102,7 +101,7 @@ def _resolve_ratings_path(path: Path, scratch: Path) -> tuple[Path, Path | None]
         try:
             with zipfile.ZipFile(path) as zf:
                 for member in zf.namelist():
-                    if member.startswith("/") or ".." in Path(member).parts:
+                    if download.unsafe_member(member):
                         raise DataError(f"{path}: unsafe path {member!r} in zip")
                 zf.extractall(scratch)
         except zipfile.BadZipFile as exc:
@@ -114,14 +113,6 @@ def _resolve_ratings_path(path: Path, scratch: Path) -> tuple[Path, Path | None]
     if path.suffix == ".zip":
         raise DataError(f"{path}: not a valid zip file")
     return path, formats.find_movies_file(path.parent) if path.parent.is_dir() else None
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_source(args: argparse.Namespace, scratch: Path) -> tuple[pl.DataFrame, pl.DataFrame | None, dict]:
@@ -138,8 +129,6 @@ def load_source(args: argparse.Namespace, scratch: Path) -> tuple[pl.DataFrame, 
     if any(v is not None for v in (args.users, args.items, args.ratings)):
         raise ConfigError("--users/--items/--ratings only apply to --synthetic")
     if args.source is not None:
-        from . import download
-
         release_dir = download.fetch_release(args.source, args.cache_dir, base_url=args.base_url,
                                              progress=not args.quiet)
         ratings_path = formats.find_ratings_file(release_dir)
@@ -152,7 +141,7 @@ def load_source(args: argparse.Namespace, scratch: Path) -> tuple[pl.DataFrame, 
         ratings_path, movies_path = _resolve_ratings_path(args.input, scratch)
         entry = {"kind": "file", "path": str(args.input.resolve()), "ratings_file": ratings_path.name}
         if args.input.is_file():
-            entry["md5"] = _md5(args.input)
+            entry["md5"] = file_digest(args.input, "md5")
     _log(args, f"reading {ratings_path}")
     ratings = formats.read_ratings(ratings_path)
     movies = formats.read_movies(movies_path) if movies_path is not None else None

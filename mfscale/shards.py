@@ -37,8 +37,9 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.new(algorithm, usedforsecurity=False)
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
@@ -82,7 +83,7 @@ def write_split(
                 "file": f"{directory.name}/{path.name}",
                 "rows": stop - start,
                 "row_groups": pq.ParquetFile(path).num_row_groups,
-                "sha256": file_sha256(path),
+                "sha256": file_digest(path),
             }
         )
     return entries
@@ -175,7 +176,12 @@ def read_row_group(group: RowGroup) -> dict[str, np.ndarray]:
     return {name: table.column(name).to_numpy() for name in SHARD_SCHEMA.names}
 
 
-def write_json_atomic(path: Path, obj: object) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside ``path``, then rename: readers see the old or the new file, whole."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: object) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import sys
 import time
@@ -30,7 +29,7 @@ from .errors import ConfigError, DataError, cli_entry
 from .evaluate import evaluate
 from .model import SPARSE_TABLES, BiasedMF
 from .monitor import Monitor
-from .shards import Dataset, write_json_atomic
+from .shards import Dataset, write_json_atomic, write_text_atomic
 from .stream import RatingStream, make_loader
 from .sync import sync_sparse_grads
 
@@ -252,7 +251,7 @@ class Trainer:
         resumed = self.resume()
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(self.run_dir / "config.toml", config.to_toml(cfg))
+            write_text_atomic(self.run_dir / "config.toml", config.to_toml(cfg))
         monitor = Monitor(self.run_dir / "tb", enabled=env.is_main,
                           purge_step=self.global_step if resumed else None)
         if not resumed:
@@ -393,12 +392,6 @@ class Trainer:
 
 def _fmt(v: object, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def setup_logging(rank: int) -> None:
