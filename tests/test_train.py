@@ -154,6 +154,9 @@ def test_torchrun_two_ranks_reaches_single_process_quality(small_data, tmp_path)
     m = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m["world_size"] == 2
     assert m["test_rmse"] < single["test_rmse"] * 1.05
+    # Planted rank-3 structure with noise 0.3: the noise floor is about 0.33 and mean + biases alone score
+    # about 0.8 (epoch-0 level), so this says the interactions were learned.
+    assert m["test_rmse"] < 0.55
     assert "[rank 0] done: test rmse" in proc.stderr and "[rank 1] done" not in proc.stderr
 
 
