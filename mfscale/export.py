@@ -1,0 +1,161 @@
+"""``python -m mfscale.export --run DIR --out DIR``: a trained model as plain Parquet and NumPy files.
+
+The export needs neither mfscale nor torch to use: ``users.parquet``/``movies.parquet`` carry the ids,
+biases and factors (a fixed-size list column) beside the movie metadata, and the same numbers are in
+``.npy`` arrays aligned row by row with ``user_ids.npy``/``movie_ids.npy``. ``meta.json`` and
+``README.txt`` say how to predict. The directory is assembled under a temporary name and renamed into
+place, so a reader never sees a partial export; an existing one is replaced only with ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import ConfigError, DataError, cli_entry
+from .runs import Run, load_run
+
+PROG = "mfscale.export"
+EXPORT_FORMAT = 1
+
+README = """\
+mfscale model export (format {fmt})
+==================================
+
+Model: biased matrix factorization, rating(u, i) ~ global_mean + user_bias[u] + item_bias[i]
+       + dot(user_factors[u], item_factors[i]), clipped to the rating scale [{lo:g}, {hi:g}].
+
+Files (row r of every user file is the same user, row r of every movie file the same movie):
+  user_ids.npy      int64 (n_users,)       original MovieLens userId of each row
+  movie_ids.npy     int64 (n_movies,)      original MovieLens movieId of each row
+  user_factors.npy  float32 (n_users, {dim})
+  item_factors.npy  float32 (n_movies, {dim})
+  user_bias.npy     float32 (n_users,)
+  item_bias.npy     float32 (n_movies,)
+  global_mean.npy   float32 ()             the global bias
+  users.parquet     user_id, n_train, bias, factors (fixed-size list of {dim} float32)
+  movies.parquet    movie_id, title, year, genres, n_train, bias, factors
+  meta.json         dimensions, rating scale, source run and checkpoint
+
+n_train is the number of training ratings; rows with n_train = 0 were never trained (their factors are
+the random initialization), so predictions for them are close to the global mean plus any known bias.
+
+Predict with NumPy only:
+
+    import numpy as np
+    d = "path/to/this/directory"
+    P, Q = np.load(f"{{d}}/user_factors.npy"), np.load(f"{{d}}/item_factors.npy")
+    bu, bi = np.load(f"{{d}}/user_bias.npy"), np.load(f"{{d}}/item_bias.npy")
+    mu = np.load(f"{{d}}/global_mean.npy")
+    urow = {{int(u): r for r, u in enumerate(np.load(f"{{d}}/user_ids.npy"))}}
+    mrow = {{int(m): r for r, m in enumerate(np.load(f"{{d}}/movie_ids.npy"))}}
+    u, i = urow[USER_ID], mrow[MOVIE_ID]
+    rating = np.clip(mu + bu[u] + bi[i] + P[u] @ Q[i], {lo:g}, {hi:g})
+    all_movies_for_u = np.clip(mu + bu[u] + bi + Q @ P[u], {lo:g}, {hi:g})
+
+With pyarrow: pyarrow.parquet.read_table(f"{{d}}/movies.parquet"); the factors column converts with
+np.stack(table["factors"].to_numpy(zero_copy_only=False)).
+"""
+
+
+def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
+
+
+def write_export(run: Run, directory: Path) -> dict:
+    """Write every export file into the (existing, empty) ``directory``; return the meta record."""
+    p, bu, q, bi = (t.detach().numpy().astype(np.float32) for t in run.model.factors())
+    p, q = np.ascontiguousarray(p), np.ascontiguousarray(q)
+    user_ids = run.users["user_id"].to_numpy().astype(np.int64)
+    movie_ids = run.movies["movie_id"].to_numpy().astype(np.int64)
+    mean = np.float32(run.model.global_bias.detach().item())
+    arrays = {"user_factors": p, "item_factors": q, "user_bias": bu, "item_bias": bi, "user_ids": user_ids,
+              "movie_ids": movie_ids, "global_mean": np.array(mean, dtype=np.float32)}
+    for name, arr in arrays.items():
+        np.save(directory / f"{name}.npy", arr)
+
+    users = pa.table({"user_id": user_ids, "n_train": run.users["n_train"].to_arrow(), "bias": bu,
+                      "factors": _fixed_list(p)})
+    m = run.movies
+    movies = pa.table({"movie_id": movie_ids, "title": m["title"].to_arrow(), "year": m["year"].to_arrow(),
+                       "genres": m["genres"].to_arrow(), "n_train": m["n_train"].to_arrow(), "bias": bi,
+                       "factors": _fixed_list(q)})
+    pq.write_table(users, directory / "users.parquet")
+    pq.write_table(movies, directory / "movies.parquet")
+
+    lo, hi = run.rating_range
+    dim = p.shape[1]
+    meta = {
+        "format": "mfscale-export", "format_version": EXPORT_FORMAT,
+        "model": "biased matrix factorization",
+        "prediction": "clip(global_mean + user_bias[u] + item_bias[i] + dot(user_factors[u], item_factors[i]), "
+                      "rating_min, rating_max)",
+        "dim": dim, "n_users": len(user_ids), "n_movies": len(movie_ids),
+        "global_mean": float(mean), "rating_min": lo, "rating_max": hi,
+        "run_dir": str(run.run_dir.resolve()), "checkpoint": str(run.checkpoint_path.resolve()), "step": run.step,
+        "data": str(run.data.root.resolve()), "data_fingerprint": run.data.fingerprint,
+        "files": sorted([f"{n}.npy" for n in arrays] + ["users.parquet", "movies.parquet", "README.txt"]),
+    }
+    (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (directory / "README.txt").write_text(README.format(fmt=EXPORT_FORMAT, lo=lo, hi=hi, dim=dim))
+    return meta
+
+
+def export(run: Run, out: Path, *, overwrite: bool = False) -> dict:
+    """Export ``run`` to ``out`` atomically: built in a temporary sibling directory, then renamed."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"output directory {out} exists (use --overwrite to replace it)")
+    if not out.parent.is_dir():
+        raise DataError(f"output directory's parent not found: {out.parent}")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+        meta = write_export(run, tmp)
+        if out.exists():
+            # Swap, then delete: the old export stays whole until the new one is in place.
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Export a trained mfscale model as Parquet + NumPy files.")
+    p.add_argument("--run", required=True, type=Path, metavar="DIR", help="run directory (from mfscale.train)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory (must not exist)")
+    p.add_argument("--data", type=Path, metavar="DIR", help="prepared dataset (default: the run's config)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    return p
+
+
+@cli_entry(PROG)
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.out.exists() and not args.overwrite:  # fail before the (possibly slow) model load
+        raise ConfigError(f"output directory {args.out} exists (use --overwrite to replace it)")
+    run = load_run(args.run, args.data)
+    meta = export(run, args.out, overwrite=args.overwrite)
+    print(f"exported {meta['n_users']:,} users and {meta['n_movies']:,} movies (dim {meta['dim']}) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
