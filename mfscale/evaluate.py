@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from .distributed import DistEnv, all_reduce_sum
@@ -38,3 +39,76 @@ def evaluate(model: BiasedMF, data: Dataset, split: str, env: DistEnv, *, batch_
     model.train(was_training)
     sse, sae, n = all_reduce_sum(env, sums).tolist()
     return {"rmse": math.sqrt(sse / n), "mae": sae / n, "count": int(n)}
+
+
+def _csr(user: np.ndarray, item: np.ndarray, n_users: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row pointers and items of (user, item) pairs grouped by user."""
+    order = np.argsort(user, kind="stable")
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(user, minlength=n_users), out=indptr[1:])
+    return torch.from_numpy(indptr).to(device), torch.from_numpy(item[order].astype(np.int64)).to(device)
+
+
+def _rows_of(indptr: torch.Tensor, items: torch.Tensor, users: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row in batch, item) for every pair of the given users, without a Python loop over users."""
+    starts, ends = indptr[users], indptr[users + 1]
+    counts = ends - starts
+    row = torch.repeat_interleave(torch.arange(len(users), device=users.device), counts)
+    offset = torch.arange(int(counts.sum()), device=users.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts)
+    return row, items[torch.repeat_interleave(starts, counts) + offset]
+
+
+@torch.no_grad()
+def ranking_metrics(model: BiasedMF, data: Dataset, split: str, env: DistEnv, *, k: int = 10,
+                    relevant_min: float = 4.0, score_budget: int = 1 << 25) -> dict[str, float] | None:
+    """Recall@K, NDCG@K and MAP@K of top-K lists over all movies, on ``split`` ratings >= ``relevant_min``.
+
+    Movies the user rated in training are excluded from the lists. Users are scored in batches of
+    ``score_budget / n_items`` on the model's device, each rank taking every world_size-th user; the sums are
+    all-reduced, so the result is the mean over all users with at least one relevant held-out movie.
+    Recall@K = hits / |relevant|; NDCG@K with binary gains; MAP@K divides by min(K, |relevant|).
+    """
+    held = data.read_split(split)
+    keep = held["rating"] >= relevant_min
+    if not keep.any():
+        return None
+    n_users, n_items = data.n_users, data.n_items
+    dev = env.device
+    train = data.read_split("train")
+    seen_ptr, seen_items = _csr(train["user"], train["item"], n_users, dev)
+    rel_ptr, rel_items = _csr(held["user"][keep], held["item"][keep], n_users, dev)
+    n_rel = rel_ptr[1:] - rel_ptr[:-1]
+    users_all = torch.nonzero(n_rel > 0).flatten()
+    users_all = users_all[env.rank :: env.world_size]
+    p, bu, q, bi = model.factors()
+    k = min(k, n_items)
+    discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=dev, dtype=torch.float64))
+    sums = torch.zeros(4, dtype=torch.float64, device=dev)  # recall, ndcg, map, users
+    batch = max(1, score_budget // n_items)
+    for start in range(0, len(users_all), batch):
+        users = users_all[start : start + batch]
+        # The user bias and global mean do not change a user's ranking; the item bias does.
+        scores = p[users].float() @ q.float().T + bi.float()
+        row, col = _rows_of(seen_ptr, seen_items, users)
+        scores[row, col] = -math.inf
+        top = torch.topk(scores, k, dim=1).indices
+        relevant = torch.zeros_like(scores, dtype=torch.bool)
+        row, col = _rows_of(rel_ptr, rel_items, users)
+        relevant[row, col] = True
+        hits = relevant.gather(1, top).double()
+        n = n_rel[users].double()
+        cut = torch.clamp(n, max=k)
+        ideal = torch.cumsum(discounts, 0)[cut.long() - 1]
+        precision_at = torch.cumsum(hits, 1) / torch.arange(1, k + 1, device=dev, dtype=torch.float64)
+        sums += torch.stack([
+            (hits.sum(1) / n).sum(),
+            ((hits * discounts).sum(1) / ideal).sum(),
+            ((precision_at * hits).sum(1) / cut).sum(),
+            torch.tensor(float(len(users)), dtype=torch.float64, device=dev),
+        ])
+    recall, ndcg, map_k, count = all_reduce_sum(env, sums).tolist()
+    if count == 0:
+        return None
+    return {f"recall@{k}": recall / count, f"ndcg@{k}": ndcg / count, f"map@{k}": map_k / count,
+            "ranking_users": int(count)}
