@@ -56,6 +56,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     patience: int = 3  # early stopping: epochs without val improvement (0 = off)
     log_every: int = 50  # steps between TensorBoard scalar points
+    ranking_k: int = 10  # Recall/NDCG/MAP@K on test ratings >= 4 at the end (0 = skip)
     timeout_s: float = 600.0  # collective timeout: a rank stuck this long fails the job instead of hanging
 
 
@@ -97,6 +98,7 @@ class JobConfig:
             (self.train.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
             (self.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
             (self.train.patience >= 0 and self.train.log_every >= 1, "train.patience >= 0, train.log_every >= 1"),
+            (self.train.ranking_k >= 0, "train.ranking_k must be >= 0"),
             (self.train.timeout_s > 0, "train.timeout_s must be > 0"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
             (self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from . import checkpoint, config, distributed
 from .config import JobConfig
 from .distributed import DistEnv
 from .errors import ConfigError, DataError, cli_entry
-from .evaluate import evaluate
+from .evaluate import evaluate, ranking_metrics
 from .model import SPARSE_TABLES, BiasedMF
 from .monitor import Monitor
 from .shards import Dataset, write_json_atomic, write_text_atomic
@@ -38,6 +40,42 @@ log = logging.getLogger("mfscale")
 
 AUTO_STEPS_PER_EPOCH = 200
 AUTO_GLOBAL_MIN, AUTO_GLOBAL_MAX, AUTO_RANK_MIN = 1024, 262_144, 256
+
+# Stop on a signal (SLURM's --signal=B:USR1@T, relayed by srun and torchrun; SIGTERM from scancel, a time
+# limit or torchrun's own shutdown): the handler only records it; at the next step boundary every rank
+# agrees (Trainer._stop_requested), rank 0 checkpoints and the job exits 0 without metrics.json: a
+# clean stop, not a failure, so torchrun does not restart workers that the scheduler is about to stop.
+# The launcher (launch/slurm/train.sbatch) requeues, and the next run resumes from that checkpoint.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# Ranks compare flags every this many global steps (all ranks share global_step, so they check together):
+# one tiny all_reduce took ~0.2 ms against ~6-8 ms steps with 2 gloo ranks on 2 CPU cores; every 10th
+# step makes that ~0.3%, and stopping a few steps later is nothing against a 300 s warning.
+STOP_CHECK_EVERY = 10
+_stop_signal = 0
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    global _stop_signal
+    _stop_signal = signum
+
+
+def _install_stop_handlers() -> dict[int, Any]:
+    """Route STOP_SIGNALS to the flag (main thread only); returns the handlers to restore."""
+    global _stop_signal
+    _stop_signal = 0
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    for s in STOP_SIGNALS:
+        signal.signal(s, _on_stop_signal)
+    return previous
+
+
+def _restore_stop_handlers(previous: dict[int, Any]) -> None:
+    global _stop_signal
+    _stop_signal = 0
+    for s, h in previous.items():
+        signal.signal(s, h)
 
 
 def auto_batch_size(n_train: int, world_size: int) -> int:
@@ -109,6 +147,7 @@ class Trainer:
         self.best_state: dict[str, torch.Tensor] | None = None
         self.history: list[dict[str, Any]] = []
         self.train_seconds, self.train_ratings = 0.0, 0
+        self.stopped_on_signal = False
 
     def _check_precision(self) -> None:
         p = self.cfg.train.precision
@@ -262,6 +301,9 @@ class Trainer:
         stopped_early = False
         while self.epoch < cfg.train.epochs and not stopped_early:
             self._train_epoch(monitor)
+            if self.stopped_on_signal:  # checkpointed mid-epoch; a requeued job resumes from there
+                monitor.close()
+                return {"stopped_on_signal": True, "steps": self.global_step, "world_size": env.world_size}
             stopped_early = self._end_epoch(monitor)
         metrics = self._finish(monitor)
         monitor.close()
@@ -294,7 +336,26 @@ class Trainer:
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0 \
                     and self.step_in_epoch < self.steps_per_epoch:
                 self.save()
+            if self._stop_requested():
+                if window["steps"]:
+                    self._log_window(window, monitor, bar)  # count the partial window's time and ratings
+                self.save()
+                if env.distributed:
+                    dist.barrier()  # no rank exits (and lets the launcher tear down) before the file is written
+                self.stopped_on_signal = True
+                log.info("stopping on signal at step %d, checkpoint saved; requeue to continue", self.global_step)
+                break
         bar.close()
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank got a stop signal. A collective when distributed, so all stop at the same step."""
+        if not self.env.distributed:
+            return _stop_signal != 0
+        if self.global_step % STOP_CHECK_EVERY:
+            return False
+        flag = torch.tensor([_stop_signal], dtype=torch.int32, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _log_window(self, w: dict[str, Any], monitor: Monitor, bar: tqdm) -> None:
         if self.device.type == "cuda":
@@ -348,6 +409,8 @@ class Trainer:
         if self.best_state is not None:
             self.model.load_state_dict({k: v.to(self.device) for k, v in self.best_state.items()})
         test = evaluate(self.model, self.data, "test", env, batch_size=cfg.train.eval_batch_size)
+        ranking = ranking_metrics(self.model, self.data, "test", env, k=cfg.train.ranking_k) \
+            if cfg.train.ranking_k else None
         metrics = {
             "test_rmse": test["rmse"] if test else None,
             "test_mae": test["mae"] if test else None,
@@ -361,6 +424,7 @@ class Trainer:
             "batch_size": self.batch_size,
             "device": str(self.device),
             "history": self.history,
+            **(ranking or {}),
         }
         synthetic = self.data.manifest["source"].get("params") or {}
         if "best_rmse" in synthetic and test:
@@ -370,6 +434,8 @@ class Trainer:
             write_json_atomic(self.run_dir / "metrics.json", metrics)
             if test:
                 monitor.scalars(self.global_step, {"test/rmse": test["rmse"], "test/mae": test["mae"]})
+            if ranking:
+                monitor.scalars(self.global_step, {f"test/{k}": v for k, v in ranking.items() if "@" in k})
             monitor.hparams(cfg.to_dict(), {f"hparam/{k}": v for k, v in metrics.items()
                                             if isinstance(v, int | float) and v is not None})
             self._projector(monitor)
@@ -402,11 +468,13 @@ def setup_logging(rank: int) -> None:
 
 def run(cfg: JobConfig) -> dict[str, Any]:
     """Run one job in this process (one rank of it under torchrun)."""
-    env = distributed.init(cfg.train.device, cfg.train.timeout_s)
-    setup_logging(env.rank)
+    previous_handlers = _install_stop_handlers()  # first: a signal during startup stops at the first step
     try:
+        env = distributed.init(cfg.train.device, cfg.train.timeout_s)
+        setup_logging(env.rank)
         return Trainer(cfg, env).fit()
     finally:
+        _restore_stop_handlers(previous_handlers)
         distributed.destroy()
 
 

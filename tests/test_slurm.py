@@ -1,0 +1,253 @@
+"""launch/slurm/train.sbatch run for real by bash, with stand-in srun/scontrol: 2 "nodes" on 127.0.0.1.
+
+The stand-ins come first on PATH (the only way the script lets srun/scontrol be replaced). srun starts its
+command once per node in the background with that node's SLURM_* variables and relays USR1 the way real
+srun forwards signals to its tasks; scontrol resolves every host to 127.0.0.1 and records requeues.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mfscale import checkpoint, config
+from mfscale.train import STOP_CHECK_EVERY, Trainer, run
+
+from .conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
+
+FAKE_SRUN = """#!{python}
+# Stand-in srun: one task per node, all local; exit status is the worst task's, like srun's.
+import os, signal, subprocess, sys
+
+args = sys.argv[1:]
+while args and args[0].startswith("-"):  # srun's own options
+    args.pop(0)
+with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
+    f.write("srun " + " ".join(sys.argv[1:]) + "\\n")
+nodes = int(os.environ["SLURM_NNODES"])
+procs = [subprocess.Popen(args, env={{**os.environ, "SLURM_NODEID": str(n), "SLURM_PROCID": str(n),
+                                      "SLURM_LOCALID": "0", "SLURM_STEP_ID": "0"}})
+         for n in range(nodes)]
+
+
+def forward(signum, frame):  # like srun: a signal it gets goes to every task (here torchrun)
+    with open(os.environ["FAKE_SLURM_LOG"], "a") as f:
+        f.write(f"srun forwarded signal {{signum}}\\n")
+    for p in procs:
+        p.send_signal(signum)
+
+
+signal.signal(signal.SIGUSR1, forward)
+codes = [p.wait() for p in procs]
+sys.exit(max(c if c >= 0 else 128 - c for c in codes))
+"""
+
+FAKE_SCONTROL = """#!/bin/bash
+# Stand-in scontrol: every node is this machine; requeues are only recorded.
+echo "scontrol $*" >> "$FAKE_SLURM_LOG"
+case "$1" in
+    show) [[ $2 == hostnames ]] && printf '127.0.0.1\\n127.0.0.1\\n' ;;
+    requeue) ;;
+    *) exit 1 ;;
+esac
+"""
+
+
+def _executable(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def slurm_env(tmp_path: Path, data: Path, job_id: str, **extra: str) -> dict[str, str]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    _executable(bin_dir / "srun", FAKE_SRUN.format(python=sys.executable))
+    _executable(bin_dir / "scontrol", FAKE_SCONTROL)
+    knobs = ("SLURM_", "RUN_DIR", "NPROC_PER_NODE", "MAX_RESTARTS", "SHUTDOWN_TIMEOUT")  # none leak in from outside
+    env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
+    env.update(
+        PATH=os.pathsep.join([str(bin_dir), str(Path(sys.executable).parent), env.get("PATH", "")]),
+        SLURM_JOB_ID=job_id, SLURM_NNODES="2", SLURM_JOB_NODELIST="node[1-2]", SLURM_JOB_NAME="mftest",
+        SLURM_SUBMIT_DIR=str(tmp_path), NPROC_PER_NODE="1", DATA=str(data), RDZV_PORT=str(free_port()),
+        FAKE_SLURM_LOG=str(tmp_path / "slurm-calls.log"), OMP_NUM_THREADS="1", **extra,
+    )
+    return env
+
+
+def sbatch(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(SBATCH), *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_script_is_valid_bash_with_the_expected_directives():
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True)
+    text = SBATCH.read_text()
+    for directive in ("--nodes=", "--ntasks-per-node=1", "--gpus-per-node=", "--signal=B:USR1@300", "--requeue",
+                      "--open-mode=append"):
+        assert f"#SBATCH {directive}" in text, directive
+
+
+def test_missing_data_is_one_clear_error(tmp_path, small_data):
+    env = slurm_env(tmp_path, small_data, "7")
+    del env["DATA"]
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "DATA is not set" in proc.stderr
+    assert not (tmp_path / "slurm-calls.log").exists()  # failed before launching anything
+
+
+def test_two_node_job_trains(small_data, tmp_path):
+    run_dir = tmp_path / "explicit-run"
+    env = slurm_env(tmp_path, small_data, "4242", RUN_DIR=str(run_dir))
+    t0 = time.monotonic()
+    proc = sbatch(["--epochs", "2", "--workers", "0"], env, tmp_path)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-4000:]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["epochs"] == 2 and m["test_rmse"] is not None
+    calls = (tmp_path / "slurm-calls.log").read_text()
+    assert "scontrol show hostnames node[1-2]" in calls
+    assert "--nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d" in calls
+    assert f"--rdzv-endpoint=127.0.0.1:{env['RDZV_PORT']} --rdzv-id=4242" in calls
+    assert "requeue" not in calls
+    print(f"2-node job: {time.monotonic() - t0:.1f} s")
+
+
+def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(small_data, tmp_path):
+    job_id = "5151"
+    env = slurm_env(tmp_path, small_data, job_id)  # RUN_DIR derived from job name and id
+    run_dir = tmp_path / "runs" / f"mftest-{job_id}"
+    args = ["--epochs", "3", "--workers", "0", "--batch-size", "16", "--train.patience", "0",
+            "--checkpoint.every_steps", "10"]
+    proc = sbatch(args, env, tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while not checkpoint.list_checkpoints(run_dir):
+            assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.05)
+        t_signal = time.monotonic()
+        proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 does near the time limit
+        out, _ = proc.communicate(timeout=60)
+        stop_s = time.monotonic() - t_signal
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    calls = (tmp_path / "slurm-calls.log").read_text()
+    assert f"scontrol requeue {job_id}" in calls, out[-4000:]
+    assert "srun forwarded signal 10" in calls
+    stopped = re.findall(r"stopping on signal at step (\d+), checkpoint saved", out)
+    assert len(stopped) == 1, out[-4000:]  # rank 0 narrates
+    step = int(stopped[0])
+    assert checkpoint.step_path(run_dir, step).is_file()
+    assert not (run_dir / "metrics.json").exists()
+    print(f"signal to exit: {stop_s:.1f} s")
+
+    # The requeued job: same job id, so the same run directory; it resumes where the signal stopped it.
+    proc = sbatch(args, {**env, "RDZV_PORT": str(free_port())}, tmp_path)
+    out2, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out2[-4000:]
+    assert re.search(r"resumed from \S+ at epoch \d+ step \d+", out2), out2[-4000:]
+    assert f"step-{step:010d}.pt" in out2.split("resumed from", 1)[1].splitlines()[0]
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["world_size"] == 2 and m["epochs"] == 3
+    assert (tmp_path / "slurm-calls.log").read_text().count("scontrol requeue") == 1
+
+
+def job(data: Path, run_dir: Path, **changes) -> config.JobConfig:
+    cfg = config.JobConfig()
+    cfg.data.path, cfg.run_dir, cfg.data.workers = str(data), str(run_dir), 0
+    return config.replace(cfg, **changes).validate()
+
+
+@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
+def test_signal_stop_then_resume_equals_uninterrupted(small_data, tmp_path, monkeypatch, where):
+    changes = {"train__epochs": 3, "train__batch_size": 512, "model__dropout": 0.1, "train__patience": 0}
+    full = run(job(small_data, tmp_path / "full", **changes))
+    spe = full["steps"] // 3
+    # No step checkpoints are configured: the stop must write its own. At an epoch's last step it is
+    # written before validation, and the resumed run validates that epoch first.
+    stop_at = spe + 7 if where == "mid_epoch" else 2 * spe
+    original = Trainer.train_step
+
+    def signalled(self, batch):
+        if self.global_step == stop_at - 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    stopped = run(job(small_data, tmp_path / "resumed", **changes))
+    assert stopped["stopped_on_signal"] and stopped["steps"] == stop_at
+    assert not (tmp_path / "resumed" / "metrics.json").exists()
+    assert checkpoint.step_path(tmp_path / "resumed", stop_at).is_file()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after run()
+    monkeypatch.setattr(Trainer, "train_step", original)
+    resumed = run(job(small_data, tmp_path / "resumed", **changes))
+
+    a = checkpoint.load_latest(tmp_path / "full")[0]
+    b = checkpoint.load_latest(tmp_path / "resumed")[0]
+    assert a["global_step"] == b["global_step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert resumed["test_rmse"] == full["test_rmse"]
+    assert resumed["history"] == full["history"]
+
+
+def test_sigterm_also_stops_cleanly(small_data, tmp_path, monkeypatch):
+    original = Trainer.train_step
+
+    def signalled(self, batch):
+        if self.global_step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", signalled)
+    stopped = run(job(small_data, tmp_path / "r", train__epochs=2, train__batch_size=512))
+    assert stopped == {"stopped_on_signal": True, "steps": 4, "world_size": 1}  # one process: checks every step
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _signalled_rank(rank: int, port: int, cfg_dict: dict, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    original = Trainer.train_step
+
+    def signalled(self, batch):
+        if self.env.rank == 1 and self.global_step == 5:  # only rank 1 is told to stop
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, batch)
+
+    Trainer.train_step = signalled
+    result = run(config.from_dict(cfg_dict))
+    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def test_ranks_agree_to_stop_at_the_same_step(small_data, tmp_path):
+    cfg = job(small_data, tmp_path / "r", train__epochs=2, train__batch_size=64)
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=_signalled_rank, args=(r, port, cfg.to_dict(), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # Both stop together at the first check after the signal (the check runs every STOP_CHECK_EVERY steps).
+    assert STOP_CHECK_EVERY == 10
+    assert results[0] == results[1] == {"stopped_on_signal": True, "steps": 10, "world_size": 2}
+    assert checkpoint.step_path(tmp_path / "r", 10).is_file()
