@@ -51,31 +51,29 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 # one tiny all_reduce took ~0.2 ms against ~6-8 ms steps with 2 gloo ranks on 2 CPU cores; every 10th
 # step makes that ~0.3%, and stopping a few steps later is nothing against a 300 s warning.
 STOP_CHECK_EVERY = 10
-_stop_signal = 0
 
 
-def _on_stop_signal(signum: int, frame: object) -> None:
-    global _stop_signal
-    _stop_signal = signum
+class StopSignal:
+    """Records the first stop signal while installed; the handler does nothing else (async-signal safe)."""
 
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, Any] = {}
 
-def _install_stop_handlers() -> dict[int, Any]:
-    """Route STOP_SIGNALS to the flag (main thread only); returns the handlers to restore."""
-    global _stop_signal
-    _stop_signal = 0
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    for s in STOP_SIGNALS:
-        signal.signal(s, _on_stop_signal)
-    return previous
+    def _handle(self, signum: int, frame: object) -> None:
+        self.signum = signum
 
+    def install(self) -> None:
+        # signal.signal only works in the main thread; elsewhere (tests, notebooks) stopping is not offered.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+            for s in STOP_SIGNALS:
+                signal.signal(s, self._handle)
 
-def _restore_stop_handlers(previous: dict[int, Any]) -> None:
-    global _stop_signal
-    _stop_signal = 0
-    for s, h in previous.items():
-        signal.signal(s, h)
+    def restore(self) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous = {}
 
 
 def auto_batch_size(n_train: int, world_size: int) -> int:
@@ -107,8 +105,9 @@ def _lr_lambda(schedule: str, total_steps: int, min_frac: float):
 
 
 class Trainer:
-    def __init__(self, cfg: JobConfig, env: DistEnv):
+    def __init__(self, cfg: JobConfig, env: DistEnv, stop: StopSignal | None = None):
         self.cfg, self.env = cfg, env
+        self.stop = stop or StopSignal()  # not installed: only run() owns the process's signal handlers
         self.run_dir = Path(cfg.run_dir)
         self.data = Dataset(cfg.data.path)
         self.n_train = self.data.split_rows("train")
@@ -350,10 +349,10 @@ class Trainer:
     def _stop_requested(self) -> bool:
         """Whether any rank got a stop signal. A collective when distributed, so all stop at the same step."""
         if not self.env.distributed:
-            return _stop_signal != 0
+            return self.stop.signum != 0
         if self.global_step % STOP_CHECK_EVERY:
             return False
-        flag = torch.tensor([_stop_signal], dtype=torch.int32, device=self.device)
+        flag = torch.tensor([self.stop.signum], dtype=torch.int32, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
@@ -468,13 +467,14 @@ def setup_logging(rank: int) -> None:
 
 def run(cfg: JobConfig) -> dict[str, Any]:
     """Run one job in this process (one rank of it under torchrun)."""
-    previous_handlers = _install_stop_handlers()  # first: a signal during startup stops at the first step
+    stop = StopSignal()
+    stop.install()  # first: a signal during startup stops at the first step
     try:
         env = distributed.init(cfg.train.device, cfg.train.timeout_s)
         setup_logging(env.rank)
-        return Trainer(cfg, env).fit()
+        return Trainer(cfg, env, stop).fit()
     finally:
-        _restore_stop_handlers(previous_handlers)
+        stop.restore()
         distributed.destroy()
 
 
