@@ -122,6 +122,10 @@ class Trainer:
         mean = float(self.data.manifest["rating"].get("train_mean", self.data.manifest["rating"]["mean"]))
         self.model = BiasedMF(self.data.n_users, self.data.n_items, cfg.model.dim, mean=mean,
                               init_std=cfg.model.init_std).to(self.device)
+        # Embedding rows stay in the tables' dtype under autocast (pytorch#98814), so these match them.
+        self.reg_weights = torch.full((cfg.model.dim + 1,), cfg.optim.reg_factor, device=self.device,
+                                      dtype=self.model.users.weight.dtype)
+        self.reg_weights[-1] = cfg.optim.reg_bias
         self.forward_model: torch.nn.Module = self.model
         if env.distributed:
             DDP._set_params_and_buffers_to_ignore_for_model(self.model, list(SPARSE_TABLES))
@@ -230,7 +234,7 @@ class Trainer:
         # Keyed by (seed, rank, step), so a resumed run draws the same masks without saving RNG streams.
         g = torch.Generator(device=self.device)
         g.manual_seed(hash((self.cfg.train.seed, self.env.rank, self.global_step)) & 0x7FFF_FFFF_FFFF)
-        keep = torch.rand((n, self.cfg.model.dim), generator=g, device=self.device) >= p
+        keep = torch.rand((n, self.cfg.model.dim + 1), generator=g, device=self.device) >= p  # bias column unused
         return keep.to(torch.float32) / (1 - p)
 
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -243,14 +247,15 @@ class Trainer:
         global_rows = max(int(batch["global_rows"]), 1)
         with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            pred, (p, q, bu, bi) = self.forward_model(user, item, self._dropout_mask(user.numel()))
+            pred, (u, v) = self.forward_model(user, item, self._dropout_mask(user.numel()))
             err = pred.float() - rating
             sse = err.square().sum()
-            reg = o.reg_factor * (p.float().square().sum() + q.float().square().sum()) + \
-                o.reg_bias * (bu.float().square().sum() + bi.float().square().sum())
+            # Per-column weights (reg_factor on factors, reg_bias on the bias column) in one matmul each.
+            reg = (u.square() @ self.reg_weights).sum() + (v.square() @ self.reg_weights).sum()
             loss = (sse + reg) / global_rows
             if o.gravity > 0:
-                loss = loss + self._gravity(p.float(), q.float(), global_rows)
+                d = self.cfg.model.dim
+                loss = loss + self._gravity(u[:, :d], v[:, :d], global_rows)
         if self.scaler:
             self.scaler.scale(loss).backward()
         else:
