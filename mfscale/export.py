@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +21,7 @@ import pyarrow.parquet as pq
 
 from .errors import ConfigError, DataError, cli_entry
 from .runs import Run, load_run
+from .shards import install_dir, staging_dir
 
 PROG = "mfscale.export"
 EXPORT_FORMAT = 1
@@ -117,20 +116,10 @@ def export(run: Run, out: Path, *, overwrite: bool = False) -> dict:
         raise ConfigError(f"output directory {out} exists (use --overwrite to replace it)")
     if not out.parent.is_dir():
         raise DataError(f"output directory's parent not found: {out.parent}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = staging_dir(out)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
         meta = write_export(run, tmp)
-        if out.exists():
-            # Swap, then delete: the old export stays whole until the new one is in place.
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        install_dir(tmp, out)  # swap, then delete: the old export stays whole until the new one is in place
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -16,7 +16,6 @@ Rules that shape the data:
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -29,7 +28,16 @@ import polars as pl
 
 from . import download, formats, split
 from .errors import ConfigError, DataError, cli_entry
-from .shards import FORMAT_VERSION, MANIFEST, SPLITS, file_digest, write_json_atomic, write_split
+from .shards import (
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    file_digest,
+    install_dir,
+    staging_dir,
+    write_json_atomic,
+    write_split,
+)
 
 PROG = "mfscale.prepare"
 
@@ -183,7 +191,7 @@ def prepare(args: argparse.Namespace) -> dict:
     out: Path = args.out.resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = staging_dir(out)
     except OSError as exc:
         raise DataError(f"cannot write output directory {args.out}: {exc.strerror or exc}") from None
     try:
@@ -191,24 +199,13 @@ def prepare(args: argparse.Namespace) -> dict:
             manifest = _prepare_into(args, tmp, Path(scratch))
         manifest["prepare_seconds"] = round(time.perf_counter() - t0, 2)
         write_json_atomic(tmp / MANIFEST, manifest)
-        _install(tmp, out)
+        install_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _log(args, f"wrote {out} in {manifest['prepare_seconds']:.1f} s: {manifest['counts']['train']:,} train / "
                f"{manifest['counts']['val']:,} val / {manifest['counts']['test']:,} test ratings")
     return manifest
-
-
-def _install(tmp: Path, out: Path) -> None:
-    """Rename the finished directory into place; an old one is removed only after the swap."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path) -> dict:

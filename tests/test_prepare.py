@@ -280,3 +280,14 @@ def test_cli_subprocess_exit_code_and_no_traceback(tmp_path):
                            "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"mfscale.prepare: error: input not found: {tmp_path / 'nope.csv'}"
+
+
+def test_output_directory_has_ordinary_permissions(tmp_path):
+    """Staged with mkdtemp (0700) but installed with the umask's permissions, like any directory."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    out = tmp_path / "o"
+    run(["--input", str(write_csv(tmp_path / "r.csv")), "--out", str(out), "--quiet"])
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
