@@ -36,7 +36,7 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "sparse_adam"  # sparse_adam (torch.optim.SparseAdam)
+    optimizer: str = "lazy_adam"  # lazy_adam (mfscale.optim.LazyAdam) | sparse_adam (torch.optim.SparseAdam)
     lr: float = 0.005  # learning rate of the embedding tables
     dense_lr: float = 0.01  # learning rate of dense parameters (the global bias), Adam
     reg_factor: float = 0.05  # L2 on the factor rows a batch touches, per rating
@@ -86,7 +86,7 @@ class JobConfig:
             (self.model.dim >= 1, "model.dim must be >= 1"),
             (self.model.init_std >= 0, "model.init_std must be >= 0"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
-            (self.optim.optimizer in ("sparse_adam",), "optim.optimizer must be sparse_adam"),
+            (self.optim.optimizer in ("lazy_adam", "sparse_adam"), "optim.optimizer must be lazy_adam or sparse_adam"),
             (self.optim.lr > 0 and self.optim.dense_lr >= 0, "optim.lr must be > 0 and optim.dense_lr >= 0"),
             (min(self.optim.reg_factor, self.optim.reg_bias, self.optim.gravity) >= 0,
              "optim.reg_factor, optim.reg_bias and optim.gravity must be >= 0"),

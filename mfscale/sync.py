@@ -41,8 +41,9 @@ def _all_gather_padded(t: torch.Tensor, counts: list[int], world: int) -> list[t
     return [o[:c] for o, c in zip(out, counts, strict=True)]
 
 
-def sync_sparse_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
-    """Replace each parameter's sparse gradient by the sum of all ranks' gradients (in place).
+def sync_sparse_rows(params: list[torch.nn.Parameter],
+                     group: dist.ProcessGroup | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The sum of all ranks' sparse gradients of each parameter, as unique row ids and summed rows.
 
     The tables must share a row width (they do: dim + 1), so all tables travel in one message.
     """
@@ -62,11 +63,22 @@ def sync_sparse_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup
     counts = [sum(s) for s in per_rank]
     ids = _all_gather_padded(torch.cat([i for i, _ in local]), counts, world)
     rows = _all_gather_padded(torch.cat([v for _, v in local]), counts, world)
+    out = []
     for k, p in enumerate(params):
         parts_i, parts_v = [], []
         for r in range(world):
             start = sum(per_rank[r][:k])
             parts_i.append(ids[r][start : start + per_rank[r][k]])
             parts_v.append(rows[r][start : start + per_rank[r][k]])
-        uniq, summed = sum_rows(torch.cat(parts_i), torch.cat(parts_v), p.shape[0])
+        out.append(sum_rows(torch.cat(parts_i), torch.cat(parts_v), p.shape[0]))
+    return out
+
+
+def sync_sparse_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:
+    """Replace each parameter's sparse gradient by the sum of all ranks' gradients (in place).
+
+    The new gradients have unique rows (not necessarily sorted, so not flagged coalesced); an optimizer
+    that takes unique rows directly (optim.LazyAdam.step_rows) can use sync_sparse_rows and skip a dedupe.
+    """
+    for p, (uniq, summed) in zip(params, sync_sparse_rows(params, group), strict=True):
         p.grad = torch.sparse_coo_tensor(uniq.unsqueeze(0), summed, p.shape)

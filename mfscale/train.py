@@ -31,9 +31,10 @@ from .errors import ConfigError, DataError, cli_entry
 from .evaluate import evaluate, ranking_metrics
 from .model import SPARSE_TABLES, BiasedMF
 from .monitor import Monitor
+from .optim import LazyAdam
 from .shards import Dataset, write_json_atomic, write_text_atomic
 from .stream import RatingStream, make_loader
-from .sync import sync_sparse_grads
+from .sync import sync_sparse_grads, sync_sparse_rows
 
 PROG = "mfscale.train"
 log = logging.getLogger("mfscale")
@@ -134,7 +135,9 @@ class Trainer:
             ddp.register_comm_hook(None, _sum_allreduce_hook)
             self.forward_model = ddp
         o = cfg.optim
-        self.opt_sparse = torch.optim.SparseAdam(self.model.sparse_parameters(), lr=o.lr)
+        # LazyAdam computes SparseAdam's update without its coalesce() (mfscale/optim.py); same state layout.
+        sparse_cls = LazyAdam if o.optimizer == "lazy_adam" else torch.optim.SparseAdam
+        self.opt_sparse = sparse_cls(self.model.sparse_parameters(), lr=o.lr)
         self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
         self.stream = RatingStream(self.data, "train", batch_size=self.batch_size, rank=env.rank,
                                    world_size=env.world_size, seed=t.seed)
@@ -260,14 +263,21 @@ class Trainer:
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
+        synced = None
         if self.env.distributed:
-            sync_sparse_grads(self.model.sparse_parameters())
+            if isinstance(self.opt_sparse, LazyAdam) and not self.scaler:
+                synced = sync_sparse_rows(self.model.sparse_parameters())  # unique rows: no second dedupe
+            else:
+                sync_sparse_grads(self.model.sparse_parameters())
         if self.scaler:
             self.scaler.step(self.opt_sparse)
             self.scaler.step(self.opt_dense)
             self.scaler.update()
         else:
-            self.opt_sparse.step()
+            if synced is None:
+                self.opt_sparse.step()
+            else:
+                self.opt_sparse.step(rows=synced)
             self.opt_dense.step()
         self.opt_sparse.zero_grad(set_to_none=True)
         self.opt_dense.zero_grad(set_to_none=True)

@@ -1,0 +1,121 @@
+"""LazyAdam: torch.optim.SparseAdam's update for row-sparse gradients, without its coalesce().
+
+SparseAdam coalesces every sparse gradient (a sort, and on CUDA a device-to-host sync) and then runs about a
+dozen sparse kernels (design notes, "Performance facts"). LazyAdam computes the same numbers: one dedupe of the
+batch's row ids per table (``sync.sum_rows``: an unsorted unique plus index_add_; skipped when the gradient is
+already unique), a gather of the touched rows of the moments, the elementwise update on those rows in the same
+operation order as ``torch.optim._functional.sparse_adam``, and a scatter back. Rows absent from a step are
+untouched; the step count (bias corrections) is per parameter, as in SparseAdam. The state layout
+(``step``, ``exp_avg``, ``exp_avg_sq``) is SparseAdam's, so checkpoints of either load into the other.
+
+Differences from SparseAdam: duplicate rows are summed in another order (index_add_ in batch order instead
+of coalesce's), so with duplicates the results agree to rounding, not bit for bit; no ``maximize``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from .sync import sum_rows
+
+
+def _adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad: Tensor, *,
+               lr: float, beta1: float, beta2: float, eps: float, step: int) -> None:
+    """SparseAdam's update of the unique ``rows`` (values ``grad``), in its operation order."""
+    m = exp_avg.index_select(0, rows)  # old moments of the touched rows
+    v = exp_avg_sq.index_select(0, rows)
+    # old + (1 - b) * (new - old), added as SparseAdam's dense += sparse does (old + update)
+    m.add_(grad.sub(m).mul_(1 - beta1))
+    v.add_(grad.pow(2).sub_(v).mul_(1 - beta2))
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)
+    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+    upd = v.sqrt_().add_(eps)  # v is no longer needed: reuse its buffer for the denominator, then the update
+    torch.div(m, upd, out=upd)
+    upd.mul_(-step_size)
+    param.index_add_(0, rows, upd)  # rows are unique: exactly param[row] + update, as SparseAdam adds
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """Exact equivalent of torch.optim.SparseAdam's lazy update for row-sparse gradients, without coalesce().
+
+    ``step()`` reads each parameter's ``.grad``: a sparse COO row gradient, duplicate rows allowed (summed
+    here), or already coalesced (used as is); ``step(rows=...)`` takes unique rows instead (see there).
+    ``step_rows(param, rows, values)`` takes unique row ids and their summed gradient rows directly (what
+    ``sync.sync_sparse_rows`` returns) and does one step for that parameter (no optimizer step hooks run, and
+    LR schedulers do not see it as an optimizer step: prefer ``step(rows=...)`` inside a training loop).
+    """
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        if not lr > 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not eps > 0.0:
+            raise ValueError(f"Invalid epsilon value: {eps}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid beta parameters: {betas}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_sparse or p.is_complex() or p.dim() != 2:
+                    raise ValueError("LazyAdam needs dense, real, 2-D (row table) parameters")
+
+    def _state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _apply(self, group: dict, p: Tensor, rows: Tensor, values: Tensor) -> None:
+        state = self._state(p)
+        state["step"] += 1  # SparseAdam counts a step for every gradient, an empty one too
+        if values.numel() == 0:
+            return
+        beta1, beta2 = group["betas"]
+        _adam_rows(p, state["exp_avg"], state["exp_avg_sq"], rows, values, lr=float(group["lr"]), beta1=beta1,
+                   beta2=beta2, eps=group["eps"], step=state["step"])
+
+    @torch.no_grad()
+    def step(self, closure=None, *, rows: list[tuple[Tensor, Tensor] | None] | None = None):
+        """One step of every parameter with a gradient.
+
+        ``rows``, optional: per parameter (in param_groups order) unique row ids and summed gradient rows,
+        used instead of ``.grad`` (None for a parameter reads its ``.grad``); what sync.sync_sparse_rows gives.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        k = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                k += 1
+                if rows is not None and rows[k] is not None:
+                    self._apply(group, p, *rows[k])
+                    continue
+                g = p.grad
+                if g is None:
+                    continue
+                if not g.is_sparse:
+                    raise RuntimeError("LazyAdam does not support dense gradients, please consider Adam instead")
+                if g.is_coalesced():
+                    ids, values = g._indices()[0], g._values()
+                else:
+                    ids, values = sum_rows(g._indices()[0], g._values(), g.shape[0])
+                self._apply(group, p, ids, values)
+        return loss
+
+    @torch.no_grad()
+    def step_rows(self, param: Tensor, rows: Tensor, values: Tensor) -> None:
+        """One step of ``param`` with unique ``rows`` and their summed gradient ``values`` (ignores .grad)."""
+        for group in self.param_groups:
+            if any(p is param for p in group["params"]):
+                self._apply(group, param, rows, values)
+                return
+        raise ValueError("step_rows: the parameter is not optimized by this LazyAdam")

@@ -1,0 +1,209 @@
+"""LazyAdam computes torch.optim.SparseAdam's update: alone, with schedules, across resume, in the trainer."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from mfscale import config
+from mfscale.distributed import DistEnv
+from mfscale.optim import LazyAdam
+from mfscale.stream import RatingStream
+from mfscale.sync import sum_rows
+from mfscale.train import Trainer
+
+from .conftest import free_port
+from .test_train import _rank_worker, job
+
+CPU = torch.device("cpu")
+SHAPES = ((50, 7), (30, 7))
+
+
+@pytest.fixture
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def tables(seed: int = 0) -> list[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(shape, generator=g)) for shape in SHAPES]
+
+
+def sparse_grads(step: int, unique: bool = False) -> list[torch.Tensor | None]:
+    """Row gradients with duplicate rows, rows absent this step, a table without gradient, an empty one."""
+    g = torch.Generator().manual_seed(1000 + step)
+    out: list[torch.Tensor | None] = []
+    for k, (n, d) in enumerate(SHAPES):
+        if k == 1 and step % 5 == 3:
+            out.append(None)  # no gradient at all: SparseAdam does not count the step for this table
+            continue
+        nnz = 0 if (k == 0 and step % 7 == 6) else 40
+        lo = step % 3 * (n // 4)  # a shifting window: many rows are absent from any one step
+        if unique:
+            idx = lo + torch.randperm(n - lo, generator=g)[: min(nnz, n - lo)]
+        else:
+            idx = torch.randint(lo, n, (nnz,), generator=g)
+        out.append(torch.sparse_coo_tensor(idx.unsqueeze(0), torch.randn((idx.numel(), d), generator=g), (n, d)))
+    return out
+
+
+def train(opt_cls, steps: int, *, schedule: bool = False, unique: bool = False, start=None, first_step: int = 0):
+    params = tables()
+    opt = opt_cls(params, lr=0.05, betas=(0.8, 0.95), eps=1e-6)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + 0.3 * s)) if schedule else None
+    if start is not None:
+        with torch.no_grad():
+            for p, v in zip(params, start["params"], strict=True):
+                p.copy_(v)
+        opt.load_state_dict(start["opt"])
+        if sched is not None:
+            sched.load_state_dict(start["sched"])
+    for s in range(first_step, first_step + steps):
+        for p, grad in zip(params, sparse_grads(s, unique), strict=True):
+            p.grad = grad
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if sched is not None:
+            sched.step()
+    return params, opt, sched
+
+
+@pytest.mark.parametrize("schedule", [False, True])
+def test_equals_sparse_adam_with_duplicate_and_absent_rows(float64, schedule):
+    ref, ref_opt, _ = train(torch.optim.SparseAdam, 30, schedule=schedule)
+    got, opt, _ = train(LazyAdam, 30, schedule=schedule)
+    for a, b, init in zip(ref, got, tables(), strict=True):
+        assert not torch.equal(a, init)
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+    for a, b in zip(ref_opt.state.values(), opt.state.values(), strict=True):
+        assert a["step"] == b["step"]
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-12, atol=1e-14)
+
+
+def test_bit_identical_to_sparse_adam_when_rows_are_unique():
+    ref, ref_opt, _ = train(torch.optim.SparseAdam, 20, unique=True, schedule=True)
+    got, opt, _ = train(LazyAdam, 20, unique=True, schedule=True)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ref_opt.state.values(), opt.state.values(), strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+def test_pre_deduped_rows_equal_reading_grad():
+    a, b, c = tables(), tables(), tables()
+    opts = [LazyAdam(a, lr=0.01), LazyAdam(b, lr=0.01), LazyAdam(c, lr=0.01)]
+    for s in range(6):
+        grads = [g for g in sparse_grads(s) if g is not None and g._nnz()]
+        deduped = [sum_rows(g._indices()[0], g._values(), g.shape[0]) for g in grads]
+        for p, g in zip(a, grads, strict=False):
+            p.grad = g
+        opts[0].step()
+        opts[0].zero_grad()
+        opts[1].step(rows=deduped + [None] * (2 - len(deduped)))
+        for p, (rows, vals) in zip(c, deduped, strict=False):
+            opts[2].step_rows(p, rows, vals)
+    for x, y, z in zip(a, b, c, strict=True):
+        assert torch.equal(x, y) and torch.equal(x, z)
+
+
+def test_state_dict_round_trip_then_continue_equals_uninterrupted():
+    full, _, _ = train(LazyAdam, 16, schedule=True)
+    half, opt, sched = train(LazyAdam, 8, schedule=True)
+    buf = io.BytesIO()
+    torch.save({"params": [p.detach().clone() for p in half], "opt": opt.state_dict(),
+                "sched": sched.state_dict()}, buf)
+    buf.seek(0)
+    resumed, opt2, _ = train(LazyAdam, 8, schedule=True, start=torch.load(buf), first_step=8)
+    for a, b in zip(full, resumed, strict=True):
+        assert torch.equal(a, b)
+    assert sorted(opt2.state_dict()["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
+
+
+def test_sparse_adam_checkpoint_loads_into_lazy_adam(float64):
+    full, _, _ = train(torch.optim.SparseAdam, 12)
+    half, opt, _ = train(torch.optim.SparseAdam, 6)
+    start = {"params": [p.detach().clone() for p in half], "opt": opt.state_dict()}
+    resumed, _, _ = train(LazyAdam, 6, start=start, first_step=6)
+    for a, b in zip(full, resumed, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-14)
+
+
+def test_grad_scaler_unscales_sparse_grads_before_lazy_adam():
+    plain, scaled = tables(), tables()
+    opt_p, opt_s = LazyAdam(plain, lr=0.01), LazyAdam(scaled, lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    assert scaler.scale(torch.ones(())).item() == 1024.0  # the grads below stand for a scaled loss's
+    idx = torch.tensor([[0, 3, 3, 7]])
+    for _ in range(3):
+        for params, scale in ((plain, 1.0), (scaled, 1024.0)):
+            vals = torch.arange(4 * SHAPES[0][1], dtype=torch.float32).reshape(4, -1) * 0.01 * scale
+            params[0].grad = torch.sparse_coo_tensor(idx, vals, SHAPES[0])
+        opt_p.step()
+        scaler.step(opt_s)  # unscales (a power of two: exact), checks for inf, then steps
+        scaler.update()
+    assert torch.equal(plain[0], scaled[0])
+    assert not torch.equal(plain[0], tables()[0])
+
+
+def test_trainer_lazy_adam_equals_sparse_adam_after_one_epoch(small_data, tmp_path, float64):
+    models = {}
+    for name in ("sparse_adam", "lazy_adam"):
+        cfg = job(small_data, tmp_path / name, train__batch_size=1024, optim__optimizer=name, optim__lr=0.02)
+        tr = Trainer(cfg, DistEnv(0, 1, 0, CPU))
+        assert type(tr.opt_sparse).__name__ == {"sparse_adam": "SparseAdam", "lazy_adam": "LazyAdam"}[name]
+        tr.stream.set_epoch(0)
+        for batch in tr.stream:
+            tr.train_step(batch)  # cosine schedule over the run: the LR changes every step
+        models[name] = tr.model.state_dict()
+    for k, v in models["sparse_adam"].items():
+        torch.testing.assert_close(models["lazy_adam"][k], v, rtol=1e-10, atol=1e-12)
+
+
+def test_two_gloo_ranks_with_lazy_adam_equal_one_process(small_data, tmp_path):
+    steps, batch = 4, 400
+    cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__optimizer="lazy_adam",
+              optim__lr=0.02)
+    ctx = mp.get_context("fork")
+    port = free_port()
+    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, cfg.to_dict(), steps, str(tmp_path)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    for k in r0:
+        assert torch.equal(r0[k], r1[k]), k
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        single = Trainer(config.replace(cfg, train__batch_size=2 * batch), DistEnv(0, 1, 0, CPU))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert isinstance(single.opt_sparse, LazyAdam)
+    streams = [RatingStream(small_data, batch_size=batch, rank=r, world_size=2, seed=cfg.train.seed)
+               for r in range(2)]
+    for s in streams:
+        s.set_epoch(0)
+    for k, (b0, b1) in enumerate(zip(*streams, strict=True)):
+        if k == steps:
+            break
+        union = {key: torch.cat([b0[key], b1[key]]) for key in ("user", "item", "rating")}
+        single.train_step({**union, "global_rows": b0["global_rows"]})
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(r0[k], v, rtol=1e-6, atol=1e-8)
+
+
+def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):
+    assert config.JobConfig().optim.optimizer == "lazy_adam"
+    for name in ("lazy_adam", "sparse_adam"):
+        config.replace(config.JobConfig(), data__path=".", optim__optimizer=name).validate()
+    with pytest.raises(Exception, match="lazy_adam or sparse_adam"):
+        config.replace(config.JobConfig(), data__path=".", optim__optimizer="adagrad").validate()
