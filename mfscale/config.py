@@ -53,6 +53,8 @@ class TrainConfig:
     eval_batch_size: int = 262_144
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
+    step: str = "auto"  # fused (closed-form gradients, LazyAdam) | autograd | auto: fused where it applies
+    compile: str = "auto"  # on | off | auto: torch.compile the fused step's kernels on >= 1M training ratings
     device: str = "auto"  # auto | cpu | cuda
     patience: int = 3  # early stopping: epochs without val improvement (0 = off)
     log_every: int = 50  # steps between TensorBoard scalar points
@@ -79,6 +81,19 @@ class JobConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def fused_blockers(self) -> list[str]:
+        """Settings the fused (closed-form) training step does not implement; autograd handles them."""
+        out = []
+        if self.optim.optimizer != "lazy_adam":
+            out.append(f"optim.optimizer {self.optim.optimizer}")
+        if self.model.dropout > 0:
+            out.append("model.dropout > 0")
+        if self.optim.gravity > 0:
+            out.append("optim.gravity > 0")
+        if self.train.precision != "fp32":
+            out.append(f"train.precision {self.train.precision}")
+        return out
+
     def validate(self) -> JobConfig:
         checks = [
             (self.data.path != "", "--data is required (a directory written by python -m mfscale.prepare)"),
@@ -99,11 +114,16 @@ class JobConfig:
             (self.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
             (self.train.patience >= 0 and self.train.log_every >= 1, "train.patience >= 0, train.log_every >= 1"),
             (self.train.ranking_k >= 0, "train.ranking_k must be >= 0"),
+            (self.train.step in ("auto", "fused", "autograd"), "train.step must be auto, fused or autograd"),
+            (self.train.compile in ("auto", "on", "off"), "train.compile must be auto, on or off"),
             (self.train.timeout_s > 0, "train.timeout_s must be > 0"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
             (self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
             (self.checkpoint.resume in ("auto", "never"), "checkpoint.resume must be auto or never"),
         ]
+        if self.train.step == "fused" and self.fused_blockers():
+            checks.append((False, "--train.step fused cannot be used with " + ", ".join(self.fused_blockers())
+                           + "; use --train.step auto or autograd"))
         for ok, msg in checks:
             if not ok:
                 raise ConfigError(msg)

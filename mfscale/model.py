@@ -9,10 +9,65 @@ training predicts the global mean plus whatever bias is known.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
 SPARSE_TABLES = ("users.weight", "items.weight")
+
+
+class TableGrad(NamedTuple):
+    """One table's gradient over the rows a batch touches: sorted unique row ids, how many of the batch's
+    ratings touch each row, and the summed gradient rows (without the L2 term, which the optimizer adds)."""
+
+    ids: torch.Tensor
+    counts: torch.Tensor
+    rows: torch.Tensor
+
+
+def batch_errors(users: torch.Tensor, items: torch.Tensor, global_bias: torch.Tensor, user: torch.Tensor,
+                 item: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+    """prediction - rating for each rating of the batch (one fused kernel under torch.compile)."""
+    d = users.shape[1] - 1
+    u = users[user]
+    v = items[item]
+    return global_bias + (u[:, :d] * v[:, :d]).sum(1) + u[:, d] + v[:, d] - rating
+
+
+_COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
+
+
+def compiled_batch_errors() -> Callable[..., torch.Tensor]:
+    """``batch_errors`` under torch.compile: gathers, dot products and biases in one kernel, no (batch, dim)
+    temporaries. Compiled once per process; the batch size is a dynamic shape."""
+    if "errors" not in _COMPILED:
+        _COMPILED["errors"] = torch.compile(batch_errors, dynamic=True)
+    return _COMPILED["errors"]
+
+
+def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, coef: torch.Tensor) -> TableGrad:
+    """sum over the batch's ratings of coef * [other factors, 1], grouped by this side's row.
+
+    A stable sort groups the ratings by row (keeping batch order inside a row), and the grouped sums are one
+    CSR x dense product with the other side's whole table: no (batch, dim+1) gradient is materialized and
+    the rows come out unique, so no scatter-add or coalesce() is needed afterwards.
+    """
+    d = other.shape[1] - 1
+    sorted_ids, perm = torch.sort(ids, stable=True)
+    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    coef = coef[perm]
+    crow = counts.new_zeros(uniq.numel() + 1)
+    torch.cumsum(counts, 0, out=crow[1:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        a = torch.sparse_csr_tensor(crow, other_ids[perm], coef, (uniq.numel(), other.shape[0]),
+                                    check_invariants=False)
+    rows = a @ other
+    rows[:, d] = torch.segment_reduce(coef, "sum", lengths=counts)  # the bias column's gradient is coef
+    return TableGrad(uniq, counts, rows)
 
 
 class BiasedMF(nn.Module):
@@ -53,6 +108,29 @@ class BiasedMF(nn.Module):
             uv = uv * dropout_mask
         pred = self.global_bias + uv @ self.factor_cols + (u + v) @ self.bias_col
         return pred, (u, v)
+
+    @torch.no_grad()
+    def closed_form_grads(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
+                          errors: Callable[..., torch.Tensor] = batch_errors,
+                          ) -> tuple[TableGrad, TableGrad, torch.Tensor, torch.Tensor]:
+        """Gradients of ``sum of squared errors / global_rows`` without autograd.
+
+        Returns the user and item table gradients (``TableGrad``), the global bias's gradient and the batch's
+        summed squared error. With e = prediction - rating, d/dp_u = 2 e q_i / G, d/db_u = 2 e / G, and
+        symmetrically for the item; d/dmean = sum 2 e / G. ``errors`` computes e (``batch_errors``, possibly
+        compiled). The per-rating L2 term is left to the optimizer (``LazyAdam`` with ``l2``): its gradient
+        is count * 2 * reg * row / G, so only the counts are needed.
+        """
+        users, items = self.users.weight, self.items.weight
+        user, item = user.long(), item.long()
+        if user.numel() == 0:
+            empty = TableGrad(user, user.clone(), users.new_zeros((0, users.shape[1])))
+            zero = users.new_zeros(())
+            return empty, TableGrad(item, item.clone(), items.new_zeros((0, items.shape[1]))), zero, zero
+        e = errors(users, items, self.global_bias, user, item, rating.to(users.dtype))
+        coef = e * (2.0 / global_rows)
+        return (_side_grad(user, item, items, coef), _side_grad(item, user, users, coef), coef.sum(),
+                e.square().sum())
 
     @torch.no_grad()
     def predict(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

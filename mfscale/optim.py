@@ -23,9 +23,12 @@ from torch import Tensor
 from .sync import sum_rows
 
 
-def _adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad: Tensor, *,
-               lr: float, beta1: float, beta2: float, eps: float, step: int) -> None:
+def _adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad: Tensor,
+               l2: tuple[Tensor, Tensor] | None, *, lr: float, beta1: float, beta2: float, eps: float,
+               step: int) -> None:
     """SparseAdam's update of the unique ``rows`` (values ``grad``), in its operation order."""
+    if l2 is not None:
+        grad = grad + (l2[0][:, None] * l2[1]) * param.index_select(0, rows)
     m = exp_avg.index_select(0, rows)  # old moments of the touched rows
     v = exp_avg_sq.index_select(0, rows)
     # old + (1 - b) * (new - old), added as SparseAdam's dense += sparse does (old + update)
@@ -40,6 +43,34 @@ def _adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor,
     param.index_add_(0, rows, upd)  # rows are unique: exactly param[row] + update, as SparseAdam adds
 
 
+def _adam_rows_fusable(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad: Tensor,
+                       row_scale: Tensor, col_weights: Tensor, step_size: Tensor, beta1: float, beta2: float,
+                       eps: float) -> None:
+    """The same update written for torch.compile: one gather and one scatter per table, no temporaries.
+
+    The step size is a tensor so that a new learning rate or step count does not trigger a recompile.
+    """
+    p = param[rows]
+    g = grad + (row_scale[:, None] * col_weights) * p
+    m = exp_avg[rows]
+    v = exp_avg_sq[rows]
+    m = m + (g - m) * (1 - beta1)
+    v = v + (g * g - v) * (1 - beta2)
+    exp_avg[rows] = m
+    exp_avg_sq[rows] = v
+    param[rows] = p + (m / (v.sqrt() + eps)) * -step_size
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_adam_rows():
+    """``_adam_rows_fusable`` under torch.compile (compiled once per process, shapes dynamic)."""
+    if "adam" not in _COMPILED:
+        _COMPILED["adam"] = torch.compile(_adam_rows_fusable, dynamic=True)
+    return _COMPILED["adam"]
+
+
 class LazyAdam(torch.optim.Optimizer):
     """Exact equivalent of torch.optim.SparseAdam's lazy update for row-sparse gradients, without coalesce().
 
@@ -51,7 +82,7 @@ class LazyAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *, compile: bool = False):
         if not lr > 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not eps > 0.0:
@@ -59,6 +90,7 @@ class LazyAdam(torch.optim.Optimizer):
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Invalid beta parameters: {betas}")
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+        self.compile = compile
         for group in self.param_groups:
             for p in group["params"]:
                 if p.is_sparse or p.is_complex() or p.dim() != 2:
@@ -72,21 +104,34 @@ class LazyAdam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _apply(self, group: dict, p: Tensor, rows: Tensor, values: Tensor) -> None:
+    def _apply(self, group: dict, p: Tensor, rows: Tensor, values: Tensor,
+               l2: tuple[Tensor, Tensor] | None = None) -> None:
         state = self._state(p)
         state["step"] += 1  # SparseAdam counts a step for every gradient, an empty one too
         if values.numel() == 0:
             return
         beta1, beta2 = group["betas"]
-        _adam_rows(p, state["exp_avg"], state["exp_avg_sq"], rows, values, lr=float(group["lr"]), beta1=beta1,
-                   beta2=beta2, eps=group["eps"], step=state["step"])
+        lr, step = float(group["lr"]), state["step"]
+        if self.compile:
+            if l2 is None:
+                l2 = (values.new_zeros(values.shape[0]), values.new_zeros(values.shape[1]))
+            step_size = torch.tensor(lr * math.sqrt(1 - beta2**step) / (1 - beta1**step), dtype=p.dtype,
+                                     device=p.device)
+            compiled_adam_rows()(p, state["exp_avg"], state["exp_avg_sq"], rows, values, l2[0], l2[1], step_size,
+                                 beta1, beta2, group["eps"])
+            return
+        _adam_rows(p, state["exp_avg"], state["exp_avg_sq"], rows, values, l2, lr=lr, beta1=beta1, beta2=beta2,
+                   eps=group["eps"], step=step)
 
     @torch.no_grad()
-    def step(self, closure=None, *, rows: list[tuple[Tensor, Tensor] | None] | None = None):
+    def step(self, closure=None, *, rows: list[tuple[Tensor, ...] | None] | None = None):
         """One step of every parameter with a gradient.
 
-        ``rows``, optional: per parameter (in param_groups order) unique row ids and summed gradient rows,
-        used instead of ``.grad`` (None for a parameter reads its ``.grad``); what sync.sync_sparse_rows gives.
+        ``rows``, optional: per parameter (in param_groups order) ``(ids, values)``: unique row ids and summed
+        gradient rows, used instead of ``.grad`` (None for a parameter reads its ``.grad``), as
+        sync.sync_sparse_rows gives; or ``(ids, values, row_scale, col_weights)``, which adds the gradient of an
+        L2 penalty, ``row_scale[:, None] * col_weights * param[ids]`` (per-row counts times per-column
+        weights), to the values before the update, reading the rows once.
         """
         loss = None
         if closure is not None:
@@ -97,7 +142,8 @@ class LazyAdam(torch.optim.Optimizer):
             for p in group["params"]:
                 k += 1
                 if rows is not None and rows[k] is not None:
-                    self._apply(group, p, *rows[k])
+                    ids, values, *l2 = rows[k]
+                    self._apply(group, p, ids, values, (l2[0], l2[1]) if l2 else None)
                     continue
                 g = p.grad
                 if g is None:

@@ -41,13 +41,36 @@ def _all_gather_padded(t: torch.Tensor, counts: list[int], world: int) -> list[t
     return [o[:c] for o, c in zip(out, counts, strict=True)]
 
 
-def sync_sparse_rows(params: list[torch.nn.Parameter],
-                     group: dist.ProcessGroup | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The sum of all ranks' sparse gradients of each parameter, as unique row ids and summed rows.
+def all_sum_rows(local: list[tuple[torch.Tensor, torch.Tensor]], n_rows: list[int],
+                 group: dist.ProcessGroup | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per table, the sum over ranks of row-sparse values given as (unique row ids, rows) on each rank.
 
-    The tables must share a row width (they do: dim + 1), so all tables travel in one message.
+    The tables' values must share a width (they do: dim + 1, or dim + 2 with a count column), so all tables
+    travel in one message: row counts first, then padded ids and padded rows.
     """
     world = dist.get_world_size(group)
+    device = local[0][1].device
+    sizes = torch.tensor([ids.numel() for ids, _ in local], dtype=torch.long, device=device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    per_rank = [s.tolist() for s in all_sizes]
+    counts = [sum(s) for s in per_rank]
+    ids = _all_gather_padded(torch.cat([i.long() for i, _ in local]), counts, world)
+    rows = _all_gather_padded(torch.cat([v for _, v in local]), counts, world)
+    out = []
+    for k, n in enumerate(n_rows):
+        parts_i, parts_v = [], []
+        for r in range(world):
+            start = sum(per_rank[r][:k])
+            parts_i.append(ids[r][start : start + per_rank[r][k]])
+            parts_v.append(rows[r][start : start + per_rank[r][k]])
+        out.append(sum_rows(torch.cat(parts_i), torch.cat(parts_v), n))
+    return out
+
+
+def sync_sparse_rows(params: list[torch.nn.Parameter],
+                     group: dist.ProcessGroup | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The sum of all ranks' sparse gradients of each parameter, as unique row ids and summed rows."""
     local = []
     for p in params:
         if p.grad is None:  # a rank whose batch was empty still joins the collectives
@@ -55,23 +78,7 @@ def sync_sparse_rows(params: list[torch.nn.Parameter],
                           torch.empty((0, p.shape[1]), dtype=p.dtype, device=p.device)))
         else:
             local.append(dedupe_rows(p.grad))
-    device = params[0].device
-    sizes = torch.tensor([ids.numel() for ids, _ in local], dtype=torch.long, device=device)
-    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
-    dist.all_gather(all_sizes, sizes, group=group)
-    per_rank = [s.tolist() for s in all_sizes]
-    counts = [sum(s) for s in per_rank]
-    ids = _all_gather_padded(torch.cat([i for i, _ in local]), counts, world)
-    rows = _all_gather_padded(torch.cat([v for _, v in local]), counts, world)
-    out = []
-    for k, p in enumerate(params):
-        parts_i, parts_v = [], []
-        for r in range(world):
-            start = sum(per_rank[r][:k])
-            parts_i.append(ids[r][start : start + per_rank[r][k]])
-            parts_v.append(rows[r][start : start + per_rank[r][k]])
-        out.append(sum_rows(torch.cat(parts_i), torch.cat(parts_v), p.shape[0]))
-    return out
+    return all_sum_rows(local, [p.shape[0] for p in params], group)
 
 
 def sync_sparse_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None = None) -> None:

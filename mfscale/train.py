@@ -29,12 +29,12 @@ from .config import JobConfig
 from .distributed import DistEnv
 from .errors import ConfigError, DataError, cli_entry
 from .evaluate import evaluate, ranking_metrics
-from .model import SPARSE_TABLES, BiasedMF
+from .model import SPARSE_TABLES, BiasedMF, batch_errors, compiled_batch_errors
 from .monitor import Monitor
 from .optim import LazyAdam
 from .shards import Dataset, write_json_atomic, write_text_atomic
 from .stream import RatingStream, make_loader
-from .sync import sync_sparse_grads, sync_sparse_rows
+from .sync import all_sum_rows, sync_sparse_grads, sync_sparse_rows
 
 PROG = "mfscale.train"
 log = logging.getLogger("mfscale")
@@ -75,6 +75,10 @@ class StopSignal:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}
+
+
+# Fused kernels are compiled (a one-off 10-60 s) only for data where an epoch takes longer than that.
+COMPILE_MIN_ROWS = 1_000_000
 
 
 def auto_batch_size(n_train: int, world_size: int) -> int:
@@ -135,9 +139,18 @@ class Trainer:
             ddp.register_comm_hook(None, _sum_allreduce_hook)
             self.forward_model = ddp
         o = cfg.optim
+        # The fused step computes the loss's gradients in closed form (BiasedMF.closed_form_grads) and feeds
+        # LazyAdam unique rows; autograd + SparseAdam stays as the reference and for what fused lacks.
+        self.fused = t.step == "fused" or (t.step == "auto" and not cfg.fused_blockers())
+        use_compile = self.fused and (t.compile == "on" or (t.compile == "auto" and self.n_train >= COMPILE_MIN_ROWS))
         # LazyAdam computes SparseAdam's update without its coalesce() (mfscale/optim.py); same state layout.
-        sparse_cls = LazyAdam if o.optimizer == "lazy_adam" else torch.optim.SparseAdam
-        self.opt_sparse = sparse_cls(self.model.sparse_parameters(), lr=o.lr)
+        if o.optimizer == "lazy_adam":
+            self.opt_sparse = LazyAdam(self.model.sparse_parameters(), lr=o.lr, compile=use_compile)
+        else:
+            self.opt_sparse = torch.optim.SparseAdam(self.model.sparse_parameters(), lr=o.lr)
+        self.errors = compiled_batch_errors() if use_compile else batch_errors
+        if use_compile:
+            self._warm_up_compiled(required=t.compile == "on")
         self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
         self.stream = RatingStream(self.data, "train", batch_size=self.batch_size, rank=env.rank,
                                    world_size=env.world_size, seed=t.seed)
@@ -154,6 +167,30 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.train_seconds, self.train_ratings = 0.0, 0
         self.stopped_on_signal = False
+
+    def _warm_up_compiled(self, required: bool) -> None:
+        """Compile the fused kernels now, on a throwaway model, so a missing compiler shows up before training.
+
+        With ``--train.compile auto`` a failure falls back to the same kernels run eagerly (identical math).
+        """
+        import torch._dynamo  # noqa: F401  (imported for the exception type only)
+
+        scratch = BiasedMF(4, 4, self.cfg.model.dim).to(self.device)
+        opt = LazyAdam(scratch.sparse_parameters(), lr=1e-3, compile=True)
+        try:
+            ids = torch.tensor([0, 1, 2, 1], device=self.device)
+            gu, gi, _, _ = scratch.closed_form_grads(ids, ids.flip(0), torch.ones(4, device=self.device), 4,
+                                                      errors=self.errors)
+            w = torch.ones(self.cfg.model.dim + 1, device=self.device)
+            opt.step(rows=[(g.ids, g.rows, g.counts.to(w.dtype), w) for g in (gu, gi)])
+        except Exception as exc:  # compile errors come from many layers (dynamo, inductor, the C++ compiler)
+            if required:
+                raise ConfigError(f"--train.compile on: torch.compile failed ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0] if str(exc) else ''}); use --train.compile off") from exc
+            log.warning("torch.compile failed (%s); running the fused step without it", type(exc).__name__)
+            self.opt_sparse.compile = False
+            self.errors = batch_errors
+        log.info("training step: fused, kernels compiled: %s", self.errors is not batch_errors)
 
     def _check_precision(self) -> None:
         p = self.cfg.train.precision
@@ -248,10 +285,12 @@ class Trainer:
         item = batch["item"].to(dev, non_blocking=True)
         rating = batch["rating"].to(dev, non_blocking=True)
         global_rows = max(int(batch["global_rows"]), 1)
+        if self.fused:
+            return self._fused_step(user, item, rating, global_rows)
         with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             pred, (u, v) = self.forward_model(user, item, self._dropout_mask(user.numel()))
-            err = pred.float() - rating
+            err = pred.to(torch.promote_types(pred.dtype, torch.float32)) - rating  # fp32 at least, f64 kept
             sse = err.square().sum()
             # Per-column weights (reg_factor on factors, reg_bias on the bias column) in one matmul each.
             reg = (u.square() @ self.reg_weights).sum() + (v.square() @ self.reg_weights).sum()
@@ -284,6 +323,31 @@ class Trainer:
         for s in self.scheds:
             s.step()
         return sse.detach()
+
+    def _fused_step(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor,
+                    global_rows: int) -> torch.Tensor:
+        """train_step without autograd: closed-form row gradients, summed over ranks, into LazyAdam.
+
+        Same objective as the autograd step: the per-rating L2 term reaches LazyAdam as (how many ratings of
+        the global batch touched each row) x (per-column weight); ranks sum their counts with the rows, as
+        one extra column of the same all_gather.
+        """
+        gu, gi, g_mean, sse = self.model.closed_form_grads(user, item, rating, global_rows, errors=self.errors)
+        dtype = gu.rows.dtype
+        tables = [(g.ids, g.rows, g.counts.to(dtype)) for g in (gu, gi)]
+        if self.env.distributed:
+            local = [(ids, torch.cat([rows, counts[:, None]], 1)) for ids, rows, counts in tables]
+            synced = all_sum_rows(local, [self.data.n_users, self.data.n_items])
+            tables = [(ids, v[:, :-1], v[:, -1]) for ids, v in synced]
+            dist.all_reduce(g_mean)
+        col_weights = self.reg_weights * (2.0 / global_rows)
+        self.model.global_bias.grad = g_mean.reshape(()).to(self.model.global_bias.dtype)
+        self.opt_sparse.step(rows=[(ids, rows, counts, col_weights) for ids, rows, counts in tables])
+        self.opt_dense.step()
+        self.opt_dense.zero_grad(set_to_none=True)
+        for s in self.scheds:
+            s.step()
+        return sse
 
     def _gravity(self, p: torch.Tensor, q: torch.Tensor, global_rows: int) -> torch.Tensor:
         """gravity * mean over the global batch's (user, movie) pairs of <p_u, q_i>^2, via d x d Grams.

@@ -10,6 +10,7 @@ import torch
 
 from mfscale import config
 from mfscale.distributed import DistEnv
+from mfscale.model import batch_errors
 from mfscale.optim import LazyAdam
 from mfscale.stream import RatingStream
 from mfscale.sync import sum_rows
@@ -151,18 +152,43 @@ def test_grad_scaler_unscales_sparse_grads_before_lazy_adam():
     assert not torch.equal(plain[0], tables()[0])
 
 
-def test_trainer_lazy_adam_equals_sparse_adam_after_one_epoch(small_data, tmp_path, float64):
-    models = {}
-    for name in ("sparse_adam", "lazy_adam"):
-        cfg = job(small_data, tmp_path / name, train__batch_size=1024, optim__optimizer=name, optim__lr=0.02)
-        tr = Trainer(cfg, DistEnv(0, 1, 0, CPU))
-        assert type(tr.opt_sparse).__name__ == {"sparse_adam": "SparseAdam", "lazy_adam": "LazyAdam"}[name]
-        tr.stream.set_epoch(0)
-        for batch in tr.stream:
-            tr.train_step(batch)  # cosine schedule over the run: the LR changes every step
-        models[name] = tr.model.state_dict()
-    for k, v in models["sparse_adam"].items():
-        torch.testing.assert_close(models["lazy_adam"][k], v, rtol=1e-10, atol=1e-12)
+def one_epoch(data, run_dir, **overrides) -> tuple[Trainer, dict[str, torch.Tensor]]:
+    cfg = job(data, run_dir, train__batch_size=1024, optim__lr=0.02, **overrides)
+    tr = Trainer(cfg, DistEnv(0, 1, 0, CPU))
+    tr.stream.set_epoch(0)
+    for batch in tr.stream:
+        tr.train_step(batch)  # cosine schedule over the run: the LR changes every step
+    return tr, tr.model.state_dict()
+
+
+def test_fused_step_and_lazy_adam_equal_sparse_adam_after_one_epoch(small_data, tmp_path, float64):
+    """The issue's check: the fast path gives SparseAdam's parameters (float64, rounding-level tolerance)."""
+    ref_tr, ref = one_epoch(small_data, tmp_path / "ref", optim__optimizer="sparse_adam")
+    assert isinstance(ref_tr.opt_sparse, torch.optim.SparseAdam) and not ref_tr.fused
+    for step in ("autograd", "fused"):
+        tr, got = one_epoch(small_data, tmp_path / step, optim__optimizer="lazy_adam", train__step=step)
+        assert isinstance(tr.opt_sparse, LazyAdam) and tr.fused == (step == "fused")
+        for k, v in ref.items():
+            # The global bias's gradient sums to nearly zero; Adam divides by its RMS, which magnifies
+            # rounding in the sum, hence rtol 1e-8 rather than 1e-10.
+            torch.testing.assert_close(got[k], v, rtol=1e-8, atol=1e-10)
+
+
+def test_fused_is_the_default_and_falls_back_where_it_does_not_apply(small_data, tmp_path):
+    assert Trainer(job(small_data, tmp_path / "a"), DistEnv(0, 1, 0, CPU)).fused
+    for overrides in ({"model__dropout": 0.1}, {"optim__gravity": 0.01}, {"optim__optimizer": "sparse_adam"}):
+        assert not Trainer(job(small_data, tmp_path / "b", **overrides), DistEnv(0, 1, 0, CPU)).fused
+        with pytest.raises(Exception, match="--train.step fused cannot be used with"):
+            job(small_data, tmp_path / "c", train__step="fused", **overrides).validate()
+
+
+def test_compiled_fused_step_equals_eager(small_data, tmp_path):
+    """torch.compile'd kernels (fused arithmetic, other rounding) track the eager fused step closely."""
+    _, eager = one_epoch(small_data, tmp_path / "eager", train__compile="off")
+    tr, compiled = one_epoch(small_data, tmp_path / "compiled", train__compile="on")
+    assert tr.opt_sparse.compile and tr.errors is not batch_errors
+    for k, v in eager.items():
+        torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-6)
 
 
 def test_two_gloo_ranks_with_lazy_adam_equal_one_process(small_data, tmp_path):
