@@ -30,10 +30,16 @@ The rule, per epoch ``e`` (``N`` rows in the split, ``W`` = world size, ``B`` = 
 Everything is deterministic in (seed, epoch, world_size, batch_size, lanes, shuffle) and the data.
 Batches are whole numpy slices turned into tensors with ``torch.from_numpy``: no per-sample work and no
 collation (use ``make_loader``, which sets ``batch_size=None``).
+
+**Resident mode** (``resident=device``): the whole split is read once into tensors on that device (12 bytes
+per rating) and each batch is cut from them by the same rule, so the batches are identical to the streamed
+ones; nothing is decoded or copied to the device during training. Every rank holds the whole split, since
+a rank's range of the virtual sequence moves every epoch. ``resident_fits`` says when that is reasonable.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -47,6 +53,7 @@ from .errors import ConfigError, DataError
 from .shards import Dataset, RowGroup, read_row_group
 
 COLUMNS = ("user", "item", "rating")
+RESIDENT_CPU_MAX_BYTES = 1 << 30  # beyond this, streaming from the page cache costs little in comparison
 _DTYPES = {"user": np.int32, "item": np.int32, "rating": np.float32}
 
 
@@ -145,6 +152,7 @@ class RatingStream(IterableDataset):
         seed: int = 0,
         lanes: int = 8,
         shuffle: bool = True,
+        resident: torch.device | str | None = None,
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -168,6 +176,18 @@ class RatingStream(IterableDataset):
         self.epoch, self.start_step = 0, 0
         self._layout: _Epoch | None = None
         self._layout_epoch = -1
+        self.resident: dict[str, torch.Tensor] | None = None
+        if resident is not None:
+            self._load_resident(torch.device(resident))
+
+    def _load_resident(self, device: torch.device) -> None:
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
+        for g in self.groups:
+            arrays = read_row_group(g)
+            for c in COLUMNS:
+                parts[c].append(arrays[c].astype(_DTYPES[c], copy=False))
+        self.resident = {c: torch.from_numpy(np.concatenate(parts[c])).to(device) for c in COLUMNS}
+        self._group_start = np.concatenate([[0], np.cumsum([g.rows for g in self.groups])]).astype(np.int64)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -198,6 +218,11 @@ class RatingStream(IterableDataset):
         lay = self._epoch_layout(epoch)
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        if self.resident is not None:
+            if n_workers > 1:
+                raise ConfigError("a resident stream is read in the training process: use 0 DataLoader workers")
+            yield from self._iter_resident(lay, epoch)
+            return
         cache = _GroupCache([self.groups[i] for i in lay.order])
         for j in range(self.start_step + worker, self.steps_per_epoch, n_workers):
             size = int(lay.sizes[j])
@@ -217,9 +242,36 @@ class RatingStream(IterableDataset):
             batch.update(global_rows=int(lay.global_rows[j]), epoch=epoch, step=j)
             yield batch
 
+    def _iter_resident(self, lay: _Epoch, epoch: int) -> Iterator[dict]:
+        assert self.resident is not None
+        for j in range(self.start_step, self.steps_per_epoch):
+            spans = [(int(self._group_start[lay.order[k]]) + lo, int(self._group_start[lay.order[k]]) + hi)
+                     for k, lo, hi in lay.pieces(lay.rank_start + int(lay.offsets[j]), int(lay.sizes[j]))]
+            batch: dict = {}
+            for c in COLUMNS:
+                col = self.resident[c]
+                batch[c] = col[spans[0][0]:spans[0][1]] if len(spans) == 1 else (
+                    torch.cat([col[a:b] for a, b in spans]) if spans else col[:0])
+            batch.update(global_rows=int(lay.global_rows[j]), epoch=epoch, step=j)
+            yield batch
+
     def __len__(self) -> int:
         """Batches the next iteration yields (all workers together)."""
         return self.steps_per_epoch - self.start_step
+
+
+def resident_fits(n_rows: int, device: torch.device, local_world_size: int = 1) -> bool:
+    """Whether keeping a split resident (12 bytes per rating, on every local rank) is modest for ``device``:
+    at most a quarter of the GPU's free memory, or on CPU 1 GiB per rank and an eighth of RAM per machine."""
+    need = 12 * n_rows
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return need <= free // 4
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return False
+    return need <= RESIDENT_CPU_MAX_BYTES and need * local_world_size <= ram // 8
 
 
 def make_loader(stream: RatingStream, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import sys
@@ -33,7 +34,7 @@ from .model import SPARSE_TABLES, BiasedMF, batch_errors, compiled_batch_errors
 from .monitor import Monitor
 from .optim import LazyAdam
 from .shards import Dataset, write_json_atomic, write_text_atomic
-from .stream import RatingStream, make_loader
+from .stream import RatingStream, make_loader, resident_fits
 from .sync import all_sum_rows, sync_sparse_grads, sync_sparse_rows
 
 PROG = "mfscale.train"
@@ -152,8 +153,10 @@ class Trainer:
         if use_compile:
             self._warm_up_compiled(required=t.compile == "on")
         self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
+        self.resident = self._use_resident()
         self.stream = RatingStream(self.data, "train", batch_size=self.batch_size, rank=env.rank,
-                                   world_size=env.world_size, seed=t.seed)
+                                   world_size=env.world_size, seed=t.seed,
+                                   resident=self.device if self.resident else None)
         self.steps_per_epoch = self.stream.steps_per_epoch
         total = self.steps_per_epoch * t.epochs
         lam = _lr_lambda(o.schedule, total, o.min_lr_frac)
@@ -167,6 +170,16 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.train_seconds, self.train_ratings = 0.0, 0
         self.stopped_on_signal = False
+
+    def _use_resident(self) -> bool:
+        """Keep the training split on the device (batches cut there, identical to streamed ones)?"""
+        mode = self.cfg.data.resident
+        if mode == "on":
+            if self.cfg.data.workers:
+                raise ConfigError("--data.resident on reads batches in the training process; use --workers 0")
+            return True
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        return mode == "auto" and not self.cfg.data.workers and resident_fits(self.n_train, self.device, local_world)
 
     def _warm_up_compiled(self, required: bool) -> None:
         """Compile the fused kernels now, on a throwaway model, so a missing compiler shows up before training.
@@ -390,7 +403,8 @@ class Trainer:
     def _train_epoch(self, monitor: Monitor) -> None:
         cfg, env = self.cfg, self.env
         self.stream.set_epoch(self.epoch, self.step_in_epoch)
-        loader = make_loader(self.stream, cfg.data.workers, pin_memory=self.device.type == "cuda")
+        loader = self.stream if self.resident else make_loader(self.stream, cfg.data.workers,
+                                                                pin_memory=self.device.type == "cuda")
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
                    disable=not (env.is_main and sys.stderr.isatty()), unit="step", dynamic_ncols=True)
         window = {"sse": torch.zeros((), dtype=torch.float64, device=self.device), "rows": 0, "wait": 0.0,

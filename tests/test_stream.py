@@ -188,6 +188,25 @@ def test_resume_mid_epoch(data, num_workers):
         assert_same(batches(stream, 3, num_workers=num_workers, start_step=k), full[k:])
 
 
+@pytest.mark.parametrize(("split", "world", "batch", "shuffle"),
+                         [("train", 1, 4096, True), ("train", 3, 1000, True), ("val", 2, 300, False)])
+def test_resident_batches_equal_streamed_ones(data, split, world, batch, shuffle):
+    """Holding the split in memory changes where batches come from, never what they contain."""
+    for rank in range(world):
+        kw = dict(batch_size=batch, rank=rank, world_size=world, seed=5, shuffle=shuffle)
+        streamed = RatingStream(data, split, **kw)
+        resident = RatingStream(data, split, resident="cpu", **kw)
+        for epoch in (0, 1):
+            assert_same(batches(resident, epoch), batches(streamed, epoch))
+        assert_same(batches(resident, 1, start_step=3), batches(streamed, 1)[3:])
+
+
+def test_resident_stream_refuses_workers(data):
+    stream = RatingStream(data, "val", batch_size=512, resident="cpu")
+    with pytest.raises(ConfigError, match="0 DataLoader workers"):
+        batches(stream, 0, num_workers=2)
+
+
 def test_loader_leaves_global_rng_alone(data):
     stream = RatingStream(data, "val", batch_size=4096)
     torch.manual_seed(0)

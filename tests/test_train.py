@@ -16,6 +16,7 @@ import torch
 
 from mfscale import checkpoint, config, distributed
 from mfscale.distributed import DistEnv
+from mfscale.errors import ConfigError
 from mfscale.monitor import read_scalars
 from mfscale.stream import RatingStream
 from mfscale.train import Trainer, main, run
@@ -257,3 +258,22 @@ def test_bad_data_dir_fails_on_every_rank_under_torchrun(tmp_path):
     # Both ranks share one stderr, so their lines may interleave: count messages, not lines.
     assert proc.stderr.count("mfscale.train: error: data directory not found") == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr.split("error: data directory not found")[0]
+
+
+def test_resident_data_trains_exactly_like_streamed(small_data, tmp_path):
+    states = {}
+    for mode in ("on", "off"):
+        cfg = job(small_data, tmp_path / mode, train__epochs=2, train__batch_size=2048, data__resident=mode,
+                  train__ranking_k=0)
+        tr = Trainer(cfg, DistEnv(0, 1, 0, CPU))
+        assert tr.resident == (mode == "on")
+        tr.fit()
+        states[mode] = tr.model.state_dict()
+    for k, v in states["on"].items():
+        assert torch.equal(v, states["off"][k]), k
+
+
+def test_resident_on_with_workers_is_refused(small_data, tmp_path):
+    cfg = job(small_data, tmp_path / "r", data__resident="on", data__workers=1)
+    with pytest.raises(ConfigError, match="--data.resident on"):
+        Trainer(cfg, DistEnv(0, 1, 0, CPU))
