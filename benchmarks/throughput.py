@@ -5,7 +5,7 @@
 
     # a prepared dataset, a sweep, 1 and 2 processes, results kept:
     python benchmarks/throughput.py --data data/ml-32m --modes e2e,step --batch-sizes 16384,65536 \\
-        --dims 64,128 --optimizers sparse_adam,lazy_adam --nprocs 1,2 \\
+        --dims 64,128 --variants fused,sparse_adam --nprocs 1,2 \\
         --out-jsonl bench.jsonl --out-md bench.md
 
     # GPU, mixed precision, bandwidth fraction (3350 GB/s assumed for an H100 SXM, 4800 for an H200):
@@ -54,7 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +65,6 @@ from torch import nn
 from mfscale import config, distributed
 from mfscale.config import JobConfig
 from mfscale.distributed import DistEnv
-from mfscale.errors import ConfigError
 from mfscale.shards import Dataset
 from mfscale.stream import COLUMNS, RatingStream, make_loader
 from mfscale.synthetic import PRESETS
@@ -89,7 +88,7 @@ class Case:
     mode: str
     batch_size: int
     dim: int
-    optimizer: str
+    variant: str
     precision: str
 
 
@@ -133,19 +132,25 @@ def default_bandwidth(name: str) -> float | None:
     return next((bw for key, bw in BANDWIDTH_GBS if key.lower() in name.lower()), None)
 
 
-def valid_optimizers(requested: list[str]) -> tuple[list[str], list[str]]:
-    """Split into (accepted by mfscale.config, notes for the rest); asks config.validate, so new ones count."""
-    ok, notes = [], []
-    for name in requested:
-        try:
-            config.replace(JobConfig(), data__path=".", optim__optimizer=name).validate()
-            ok.append(name)
-        except ConfigError as exc:
-            notes.append(f"optimizer {name!r} skipped: not accepted by this mfscale ({exc})")
+# Training-step variants: the job-config overrides each stands for.
+VARIANTS: dict[str, dict[str, str]] = {
+    "fused": {"optim__optimizer": "lazy_adam", "train__step": "fused"},  # the default path (compile: auto)
+    "fused-compiled": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__compile": "on"},
+    "fused-eager": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__compile": "off"},
+    "autograd": {"optim__optimizer": "lazy_adam", "train__step": "autograd"},  # backward() + LazyAdam
+    "sparse_adam": {"optim__optimizer": "sparse_adam", "train__step": "autograd"},  # the reference
+}
+
+
+def valid_variants(requested: list[str]) -> tuple[list[str], list[str]]:
+    """Split into (known variants, notes for the rest)."""
+    ok = [v for v in requested if v in VARIANTS]
+    notes = [f"variant {v!r} skipped: unknown (choose from {', '.join(VARIANTS)})" for v in requested
+             if v not in VARIANTS]
     return ok, notes
 
 
-def endless(stream: RatingStream, loader: torch.utils.data.DataLoader) -> Iterator[dict]:
+def endless(stream: RatingStream, loader: Iterable[dict]) -> Iterator[dict]:
     """Batches across epoch boundaries, as the trainer sees them (set_epoch before each pass)."""
     epoch = 0
     while True:
@@ -190,9 +195,9 @@ def job_config(args: argparse.Namespace, case: Case) -> JobConfig:
     """The real training config for a case: library defaults except what the sweep sets."""
     return config.replace(
         JobConfig(), run_dir=str(Path(tempfile.gettempdir()) / "mfscale-bench-unused"),
-        data__path=str(args.data), data__workers=args.workers, model__dim=case.dim,
-        optim__optimizer=case.optimizer, train__batch_size=case.batch_size, train__precision=case.precision,
-        train__device=args.device, checkpoint__resume="never",
+        data__path=str(args.data), data__workers=args.workers, data__resident=args.resident, model__dim=case.dim,
+        train__batch_size=case.batch_size, train__precision=case.precision, train__device=args.device,
+        checkpoint__resume="never", **VARIANTS[case.variant],
     ).validate()
 
 
@@ -201,9 +206,10 @@ def measure(args: argparse.Namespace, case: Case, env: DistEnv) -> dict[str, Any
     dev, pin = env.device, env.device.type == "cuda"
     unique = None
     if case.mode == "input":
+        resident = args.resident == "on"
         stream = RatingStream(Dataset(args.data), "train", batch_size=case.batch_size, rank=env.rank,
-                              world_size=env.world_size, seed=0)
-        it = endless(stream, make_loader(stream, num_workers=args.workers, pin_memory=pin))
+                              world_size=env.world_size, seed=0, resident=dev if resident else None)
+        it = endless(stream, stream if resident else make_loader(stream, num_workers=args.workers, pin_memory=pin))
 
         def step() -> tuple[int, float]:
             b = next(it)
@@ -212,7 +218,8 @@ def measure(args: argparse.Namespace, case: Case, env: DistEnv) -> dict[str, Any
             return b["user"].numel(), 0.0
     else:
         trainer = Trainer(job_config(args, case), env)
-        loader = make_loader(trainer.stream, num_workers=args.workers, pin_memory=pin)
+        loader = trainer.stream if trainer.resident else make_loader(trainer.stream, num_workers=args.workers,
+                                                                     pin_memory=pin)
         it = endless(trainer.stream, loader)
         if case.mode == "step":
             host = list(itertools.islice(it, min(PRELOAD_BATCHES, max(args.steps, 1))))
@@ -261,6 +268,7 @@ def run_multiprocess(args: argparse.Namespace, cases: list[Case], nprocs: int) -
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}",
                str(Path(__file__).resolve()), "--worker-cases", str(spec), "--worker-out", tmp,
                "--data", str(args.data), "--device", args.device, "--workers", str(args.workers),
+               "--resident", args.resident,
                "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
         # Known torchrun issue on some hosts (pytorch/pytorch#135712); harmless elsewhere.
         env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
@@ -447,14 +455,14 @@ def markdown(header: dict[str, Any], records: list[dict[str, Any]], baselines: l
              f"device: {header['device']}; torch {header['torch']}; commit {header['git_commit']}; "
              f"data: {header['data']} ({header['n_train']:,} training ratings)", "",
              f"command: `{header['command']}`", ""]
-    cols = ["mode", "procs", "batch/rank", "dim", "optimizer", "precision", "ratings/s", "per rank", "p50 ms",
+    cols = ["mode", "procs", "batch/rank", "dim", "variant", "precision", "ratings/s", "per rank", "p50 ms",
             "p90 ms", "data wait", "vs notebook", "vs plain SparseAdam"]
     if cuda:
         cols += ["GB/s per GPU", "of peak BW"]
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
         c = r["config"]["bench"]
-        row = [c["mode"], str(c["nprocs"]), f"{c['batch_size']:,}", str(c["dim"]), c["optimizer"], c["precision"],
+        row = [c["mode"], str(c["nprocs"]), f"{c['batch_size']:,}", str(c["dim"]), c["variant"], c["precision"],
                _num(r["ratings_per_s"]), " / ".join(_num(x) for x in r["ratings_per_s_per_rank"]),
                _num(r["p50_step_ms"], ".1f"), _num(r["p90_step_ms"], ".1f"),
                "-" if r["data_wait_pct"] is None else f"{r['data_wait_pct']:.1f}%",
@@ -493,7 +501,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     device = distributed.pick_device(args.device, 0)
     notes = ["CPU timings are noisy when other processes share the cores; compare rows of one run only."
              if device.type == "cpu" else "GPU timings include a device synchronize after every step."]
-    optimizers, skipped = valid_optimizers(args.optimizers)
+    variants, skipped = valid_variants(args.variants)
     notes += skipped
     precisions = []
     for p in args.precisions:
@@ -511,13 +519,13 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         if bandwidth is None:
             raise SystemExit(f"--bandwidth-gbs is required for {torch.cuda.get_device_name(device)!r}")
         notes.append(BYTES_FORMULA + f"; peak bandwidth taken as {bandwidth:,.0f} GB/s")
-    # Input mode has no optimizer or precision: one case per batch size (and dim is irrelevant too).
+    # Input mode has no variant or precision: one case per batch size (and dim is irrelevant too).
     cases: list[Case] = []
     for mode in modes:
         if mode == "input":
             cases += [Case(mode, b, args.dims[0], "-", "-") for b in args.batch_sizes]
         else:
-            cases += [Case(mode, b, d, o, p) for b in args.batch_sizes for d in args.dims for o in optimizers
+            cases += [Case(mode, b, d, o, p) for b in args.batch_sizes for d in args.dims for o in variants
                       for p in precisions]
     header = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "device": device_name(device),
               "torch": torch.__version__, "git_commit": git_commit(), "data": str(args.data),
@@ -586,9 +594,10 @@ def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
             out = Path(tmp) / "r.jsonl"
             cmd = [sys.executable, str(Path(__file__).resolve()), "--data", str(path), "--modes", "e2e",
                    "--batch-sizes", str(args.batch_sizes[0]), "--dims", str(args.dims[0]),
-                   "--optimizers", args.optimizers[0], "--precisions", args.precisions[0], "--nprocs", "1",
+                   "--variants", args.variants[0], "--precisions", args.precisions[0], "--nprocs", "1",
                    "--steps", str(steps), "--warmup-steps", str(args.warmup_steps), "--device", args.device,
-                   "--workers", str(args.workers), "--no-baselines", "--quiet", "--out-jsonl", str(out)]
+                   "--workers", str(args.workers), "--resident", args.resident, "--no-baselines", "--quiet",
+                   "--out-jsonl", str(out)]
             log(args, f"scaling {n:,} ratings: {shlex.join(cmd)}")
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             rec = json.loads(out.read_text().splitlines()[0])
@@ -630,8 +639,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", type=_csv(str), default=list(MODES), help="input,step,e2e (default all)")
     p.add_argument("--batch-sizes", type=_csv(int), default=[65536], help="ratings per rank per step")
     p.add_argument("--dims", type=_csv(int), default=[64])
-    p.add_argument("--optimizers", type=_csv(str), default=["sparse_adam"],
-                   help="optim.optimizer values; ones this mfscale does not accept are skipped with a note")
+    p.add_argument("--variants", type=_csv(str), default=["fused", "sparse_adam"],
+                   help="training-step variants: fused (the default path), fused-compiled, fused-eager, autograd "
+                        "(backward + LazyAdam), sparse_adam (backward + torch.optim.SparseAdam, the reference)")
+    p.add_argument("--resident", choices=["auto", "on", "off"], default="auto",
+                   help="data.resident for training modes; input mode measures the resident stream only with on")
     p.add_argument("--precisions", type=_csv(str), default=["fp32"], help="fp32,bf16,fp16 (mixed: CUDA only)")
     p.add_argument("--nprocs", type=_csv(int), default=[1], help="1 = in this process; N > 1 = torchrun")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per rank (data.workers)")

@@ -19,7 +19,7 @@ def test_throughput_smoke(small_data, tmp_path):
     out, md = tmp_path / "r.jsonl", tmp_path / "r.md"
     cmd = [sys.executable, str(SCRIPT), "--data", str(small_data), "--modes", "input,step,e2e", "--steps", "3",
            "--warmup-steps", "1", "--batch-sizes", "512", "--dims", "8", "--baseline-steps", "5",
-           "--baseline-warmup-steps", "1", "--device", "cpu", "--optimizers", "sparse_adam,no_such_optimizer",
+           "--baseline-warmup-steps", "1", "--device", "cpu", "--variants", "sparse_adam,no_such_variant",
            "--out-jsonl", str(out), "--out-md", str(md)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -40,5 +40,5 @@ def test_throughput_smoke(small_data, tmp_path):
     baselines = {x["baseline"] for x in lines if x["kind"] == "baseline"}
     assert baselines == {"notebook", "plain_sparse_adam"}
     table = md.read_text()
-    assert "| e2e | 1 | 512 | 8 | sparse_adam | fp32 |" in table and "no_such_optimizer" in table
+    assert "| e2e | 1 | 512 | 8 | sparse_adam | fp32 |" in table and "no_such_variant" in table
     assert "| notebook | 128 | 8 |" in table and proc.stdout.count("| plain_sparse_adam |") == 1
