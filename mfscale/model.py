@@ -21,9 +21,12 @@ SPARSE_TABLES = ("users.weight", "items.weight")
 
 class TableGrad(NamedTuple):
     """One table's gradient over the rows a batch touches: sorted unique row ids, how many of the batch's
-    ratings touch each row, and the summed gradient rows (without the L2 term, which the optimizer adds)."""
+    ratings touch each row, and the summed gradient rows (without the L2 term, which the optimizer adds).
 
-    ids: torch.Tensor
+    Dense form (``ids`` None): ``counts`` and ``rows`` cover every row of the table, zero where untouched.
+    """
+
+    ids: torch.Tensor | None
     counts: torch.Tensor
     rows: torch.Tensor
 
@@ -48,22 +51,27 @@ def compiled_batch_errors() -> Callable[..., torch.Tensor]:
     return _COMPILED["errors"]
 
 
-def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, coef: torch.Tensor) -> TableGrad:
+def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, coef: torch.Tensor,
+               dense_rows: int = 0) -> TableGrad:
     """sum over the batch's ratings of coef * [other factors, 1], grouped by this side's row.
 
     A stable sort groups the ratings by row (keeping batch order inside a row), and the grouped sums are one
     CSR x dense product with the other side's whole table: no (batch, dim+1) gradient is materialized and
-    the rows come out unique, so no scatter-add or coalesce() is needed afterwards.
+    the rows come out unique, so no scatter-add or coalesce() is needed afterwards. ``dense_rows`` > 0:
+    the CSR matrix has one (possibly empty) row per table row, giving the dense form of ``TableGrad``.
     """
     d = other.shape[1] - 1
     sorted_ids, perm = torch.sort(ids, stable=True)
-    uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    if dense_rows:
+        uniq, counts = None, torch.bincount(ids, minlength=dense_rows)
+    else:
+        uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     coef = coef[perm]
-    crow = counts.new_zeros(uniq.numel() + 1)
+    crow = counts.new_zeros(counts.numel() + 1)
     torch.cumsum(counts, 0, out=crow[1:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
-        a = torch.sparse_csr_tensor(crow, other_ids[perm], coef, (uniq.numel(), other.shape[0]),
+        a = torch.sparse_csr_tensor(crow, other_ids[perm], coef, (counts.numel(), other.shape[0]),
                                     check_invariants=False)
     rows = a @ other
     rows[:, d] = torch.segment_reduce(coef, "sum", lengths=counts)  # the bias column's gradient is coef
@@ -111,7 +119,7 @@ class BiasedMF(nn.Module):
 
     @torch.no_grad()
     def closed_form_grads(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
-                          errors: Callable[..., torch.Tensor] = batch_errors,
+                          errors: Callable[..., torch.Tensor] = batch_errors, dense: tuple[bool, bool] = (False, False),
                           ) -> tuple[TableGrad, TableGrad, torch.Tensor, torch.Tensor]:
         """Gradients of ``sum of squared errors / global_rows`` without autograd.
 
@@ -119,18 +127,19 @@ class BiasedMF(nn.Module):
         summed squared error. With e = prediction - rating, d/dp_u = 2 e q_i / G, d/db_u = 2 e / G, and
         symmetrically for the item; d/dmean = sum 2 e / G. ``errors`` computes e (``batch_errors``, possibly
         compiled). The per-rating L2 term is left to the optimizer (``LazyAdam`` with ``l2``): its gradient
-        is count * 2 * reg * row / G, so only the counts are needed.
+        is count * 2 * reg * row / G, so only the counts are needed. ``dense`` asks, per table, for the dense
+        form (worth it when a batch touches most rows: the optimizer then sweeps the table contiguously).
         """
         users, items = self.users.weight, self.items.weight
         user, item = user.long(), item.long()
-        if user.numel() == 0:
+        if user.numel() == 0 and not any(dense):
             empty = TableGrad(user, user.clone(), users.new_zeros((0, users.shape[1])))
             zero = users.new_zeros(())
             return empty, TableGrad(item, item.clone(), items.new_zeros((0, items.shape[1]))), zero, zero
         e = errors(users, items, self.global_bias, user, item, rating.to(users.dtype))
         coef = e * (2.0 / global_rows)
-        return (_side_grad(user, item, items, coef), _side_grad(item, user, users, coef), coef.sum(),
-                e.square().sum())
+        return (_side_grad(user, item, items, coef, users.shape[0] if dense[0] else 0),
+                _side_grad(item, user, users, coef, items.shape[0] if dense[1] else 0), coef.sum(), e.square().sum())
 
     @torch.no_grad()
     def predict(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

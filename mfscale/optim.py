@@ -61,6 +61,22 @@ def _adam_rows_fusable(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows:
     param[rows] = p + (m / (v.sqrt() + eps)) * -step_size
 
 
+def _adam_dense_fusable(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, row_scale: Tensor,
+                        col_weights: Tensor, step_size: Tensor, beta1: float, beta2: float, eps: float) -> None:
+    """The same update as a masked sweep over whole tables (rows with row_scale 0 keep their values).
+
+    When a batch touches most rows, one contiguous pass beats gathering and scattering nearly all of them.
+    """
+    touched = (row_scale > 0)[:, None]
+    g = grad + (row_scale[:, None] * col_weights) * param
+    m = exp_avg + (g - exp_avg) * (1 - beta1)
+    v = exp_avg_sq + (g * g - exp_avg_sq) * (1 - beta2)
+    new_p = param + (m / (v.sqrt() + eps)) * -step_size
+    exp_avg.copy_(torch.where(touched, m, exp_avg))
+    exp_avg_sq.copy_(torch.where(touched, v, exp_avg_sq))
+    param.copy_(torch.where(touched, new_p, param))
+
+
 _COMPILED: dict[str, object] = {}
 
 
@@ -69,6 +85,13 @@ def compiled_adam_rows():
     if "adam" not in _COMPILED:
         _COMPILED["adam"] = torch.compile(_adam_rows_fusable, dynamic=True)
     return _COMPILED["adam"]
+
+
+def compiled_adam_dense():
+    """``_adam_dense_fusable`` under torch.compile (compiled once per process, shapes dynamic)."""
+    if "dense" not in _COMPILED:
+        _COMPILED["dense"] = torch.compile(_adam_dense_fusable, dynamic=True)
+    return _COMPILED["dense"]
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -104,14 +127,26 @@ class LazyAdam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _apply(self, group: dict, p: Tensor, rows: Tensor, values: Tensor,
+    def _apply(self, group: dict, p: Tensor, rows: Tensor | None, values: Tensor,
                l2: tuple[Tensor, Tensor] | None = None) -> None:
         state = self._state(p)
         state["step"] += 1  # SparseAdam counts a step for every gradient, an empty one too
-        if values.numel() == 0:
-            return
         beta1, beta2 = group["betas"]
         lr, step = float(group["lr"]), state["step"]
+        if rows is None:  # dense form: every row of the table, touched where l2's row_scale (a count) > 0
+            if l2 is None:
+                raise ValueError("LazyAdam: dense rows need l2 row_scale (touch counts) to know the touched rows")
+            if not self.compile:  # eagerly, gathering the touched rows is cheaper than masked whole-table passes
+                rows = torch.nonzero(l2[0]).squeeze(1)
+                values, l2 = values.index_select(0, rows), (l2[0].index_select(0, rows), l2[1])
+            else:
+                step_size = torch.tensor(lr * math.sqrt(1 - beta2**step) / (1 - beta1**step), dtype=p.dtype,
+                                         device=p.device)
+                compiled_adam_dense()(p, state["exp_avg"], state["exp_avg_sq"], values, l2[0], l2[1], step_size,
+                                      beta1, beta2, group["eps"])
+                return
+        if values.numel() == 0:
+            return
         if self.compile:
             if l2 is None:
                 l2 = (values.new_zeros(values.shape[0]), values.new_zeros(values.shape[1]))
@@ -131,7 +166,8 @@ class LazyAdam(torch.optim.Optimizer):
         gradient rows, used instead of ``.grad`` (None for a parameter reads its ``.grad``), as
         sync.sync_sparse_rows gives; or ``(ids, values, row_scale, col_weights)``, which adds the gradient of an
         L2 penalty, ``row_scale[:, None] * col_weights * param[ids]`` (per-row counts times per-column
-        weights), to the values before the update, reading the rows once.
+        weights), to the values before the update, reading the rows once. ``ids`` None: dense form, values
+        for every row of the table and row_scale the touch counts (rows with count 0 are left alone).
         """
         loss = None
         if closure is not None:

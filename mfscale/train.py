@@ -150,6 +150,10 @@ class Trainer:
         else:
             self.opt_sparse = torch.optim.SparseAdam(self.model.sparse_parameters(), lr=o.lr)
         self.errors = compiled_batch_errors() if use_compile else batch_errors
+        # Whole-table (masked) optimizer sweeps where a batch is at least as large as the table, i.e. touches
+        # most of its rows; one process only (ranks exchange touched rows), compiled kernels only.
+        self.dense_tables = tuple(use_compile and not env.distributed and self.batch_size >= n
+                                  for n in (self.data.n_users, self.data.n_items))
         if use_compile:
             self._warm_up_compiled(required=t.compile == "on")
         self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
@@ -186,16 +190,15 @@ class Trainer:
 
         With ``--train.compile auto`` a failure falls back to the same kernels run eagerly (identical math).
         """
-        import torch._dynamo  # noqa: F401  (imported for the exception type only)
-
         scratch = BiasedMF(4, 4, self.cfg.model.dim).to(self.device)
         opt = LazyAdam(scratch.sparse_parameters(), lr=1e-3, compile=True)
         try:
             ids = torch.tensor([0, 1, 2, 1], device=self.device)
-            gu, gi, _, _ = scratch.closed_form_grads(ids, ids.flip(0), torch.ones(4, device=self.device), 4,
-                                                      errors=self.errors)
             w = torch.ones(self.cfg.model.dim + 1, device=self.device)
-            opt.step(rows=[(g.ids, g.rows, g.counts.to(w.dtype), w) for g in (gu, gi)])
+            for dense in ((False, False), (True, True)):  # both kernel forms (rows, whole table)
+                gu, gi, _, _ = scratch.closed_form_grads(ids, ids.flip(0), torch.ones(4, device=self.device), 4,
+                                                          errors=self.errors, dense=dense)
+                opt.step(rows=[(g.ids, g.rows, g.counts.to(w.dtype), w) for g in (gu, gi)])
         except Exception as exc:  # compile errors come from many layers (dynamo, inductor, the C++ compiler)
             if required:
                 raise ConfigError(f"--train.compile on: torch.compile failed ({type(exc).__name__}: "
@@ -203,6 +206,7 @@ class Trainer:
             log.warning("torch.compile failed (%s); running the fused step without it", type(exc).__name__)
             self.opt_sparse.compile = False
             self.errors = batch_errors
+            self.dense_tables = (False, False)
         log.info("training step: fused, kernels compiled: %s", self.errors is not batch_errors)
 
     def _check_precision(self) -> None:
@@ -345,7 +349,8 @@ class Trainer:
         the global batch touched each row) x (per-column weight); ranks sum their counts with the rows, as
         one extra column of the same all_gather.
         """
-        gu, gi, g_mean, sse = self.model.closed_form_grads(user, item, rating, global_rows, errors=self.errors)
+        gu, gi, g_mean, sse = self.model.closed_form_grads(user, item, rating, global_rows, errors=self.errors,
+                                                           dense=self.dense_tables)
         dtype = gu.rows.dtype
         tables = [(g.ids, g.rows, g.counts.to(dtype)) for g in (gu, gi)]
         if self.env.distributed:

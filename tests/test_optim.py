@@ -10,7 +10,7 @@ import torch
 
 from mfscale import config
 from mfscale.distributed import DistEnv
-from mfscale.model import batch_errors
+from mfscale.model import BiasedMF, batch_errors
 from mfscale.optim import LazyAdam
 from mfscale.stream import RatingStream
 from mfscale.sync import sum_rows
@@ -233,3 +233,33 @@ def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer=name).validate()
     with pytest.raises(Exception, match="lazy_adam or sparse_adam"):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer="adagrad").validate()
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_dense_form_equals_row_form(compiled):
+    """Whole-table gradients with touch counts update exactly the touched rows, as the row form does."""
+    torch.manual_seed(0)
+    results = []
+    for dense in (False, True):
+        torch.manual_seed(0)
+        model = BiasedMF(40, 30, 6)
+        opt = LazyAdam(model.sparse_parameters(), lr=0.05, compile=compiled)
+        w = torch.full((7,), 0.01)
+        for s in range(4):
+            g = torch.Generator().manual_seed(s)
+            user, item = torch.randint(0, 20, (50,), generator=g), torch.randint(5, 30, (50,), generator=g)
+            rating = torch.rand(50, generator=g) * 4 + 1
+            grads = model.closed_form_grads(user, item, rating, 50, dense=(dense, dense))[:2]
+            if dense:
+                assert grads[0].ids is None and grads[0].rows.shape == (40, 7)
+                assert torch.count_nonzero(grads[0].rows[20:]) == 0  # rows no rating touched
+            opt.step(rows=[(t.ids, t.rows, t.counts.to(w.dtype), w) for t in grads])
+        results.append(model.state_dict())
+    init = BiasedMF(40, 30, 6).state_dict()
+    assert torch.equal(results[1]["users.weight"][20:], results[0]["users.weight"][20:])
+    for k, v in results[0].items():
+        if compiled:  # two generated kernels may contract multiply-adds differently
+            torch.testing.assert_close(results[1][k], v, rtol=1e-6, atol=1e-7)
+        else:
+            assert torch.equal(results[1][k], v), k
+    assert not torch.equal(results[0]["users.weight"][:20], init["users.weight"][:20])
