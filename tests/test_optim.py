@@ -186,7 +186,7 @@ def test_two_gloo_ranks_with_lazy_adam_equal_one_process(small_data, tmp_path):
     steps, batch = 4, 400
     cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__optimizer="lazy_adam",
               optim__lr=0.02)
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after MKL/OpenMP threads started in this process can hang
     port = free_port()
     procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, cfg.to_dict(), steps, str(tmp_path)))
              for r in range(2)]

@@ -53,7 +53,7 @@ def _rank_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, o
 def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(small_data, tmp_path):
     steps, batch = 6, 400
     cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__gravity=0.5, optim__lr=0.02)
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fork after MKL/OpenMP threads started in this process can hang
     port = free_port()
     procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, cfg.to_dict(), steps, str(tmp_path)))
              for r in range(2)]
