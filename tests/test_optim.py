@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import multiprocessing as mp
 
 import pytest
 import torch
@@ -12,12 +11,10 @@ from mfscale import config
 from mfscale.distributed import DistEnv
 from mfscale.model import BiasedMF
 from mfscale.optim import LazyAdam
-from mfscale.stream import RatingStream
 from mfscale.sync import sum_rows
 from mfscale.train import Trainer
 
-from .conftest import free_port
-from .test_train import _rank_worker, job
+from .test_train import assert_two_ranks_equal_union, job
 
 CPU = torch.device("cpu")
 SHAPES = ((50, 7), (30, 7))
@@ -186,36 +183,8 @@ def test_two_gloo_ranks_with_lazy_adam_equal_one_process(small_data, tmp_path):
     steps, batch = 4, 400
     cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__optimizer="lazy_adam",
               optim__lr=0.02)
-    ctx = mp.get_context("spawn")  # fork after MKL/OpenMP threads started in this process can hang
-    port = free_port()
-    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, cfg.to_dict(), steps, str(tmp_path)))
-             for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), k
-
-    torch.set_default_dtype(torch.float64)
-    try:
-        single = Trainer(config.replace(cfg, train__batch_size=2 * batch), DistEnv(0, 1, 0, CPU))
-    finally:
-        torch.set_default_dtype(torch.float32)
-    assert isinstance(single.opt_sparse, LazyAdam)
-    streams = [RatingStream(small_data, batch_size=batch, rank=r, world_size=2, seed=cfg.train.seed)
-               for r in range(2)]
-    for s in streams:
-        s.set_epoch(0)
-    for k, (b0, b1) in enumerate(zip(*streams, strict=True)):
-        if k == steps:
-            break
-        union = {key: torch.cat([b0[key], b1[key]]) for key in ("user", "item", "rating")}
-        single.train_step({**union, "global_rows": b0["global_rows"]})
-    for k, v in single.model.state_dict().items():
-        torch.testing.assert_close(r0[k], v, rtol=1e-6, atol=1e-8)
+    single = assert_two_ranks_equal_union(small_data, cfg, steps, batch, tmp_path)
+    assert isinstance(single.opt_sparse, LazyAdam) and single.fused
 
 
 def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):

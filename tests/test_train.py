@@ -50,19 +50,18 @@ def _rank_worker(rank: int, world: int, port: int, cfg_dict: dict, steps: int, o
         distributed.destroy()
 
 
-def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(small_data, tmp_path):
-    steps, batch = 6, 400
-    cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__gravity=0.5, optim__lr=0.02)
+def assert_two_ranks_equal_union(data: Path, cfg: config.JobConfig, steps: int, batch: int, tmp: Path) -> Trainer:
+    """2 gloo ranks train ``steps`` steps; replicas must agree bit for bit and equal one float64 process fed
+    the concatenation of both ranks' batches. Returns that single-process trainer."""
     ctx = mp.get_context("spawn")  # fork after MKL/OpenMP threads started in this process can hang
     port = free_port()
-    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, cfg.to_dict(), steps, str(tmp_path)))
-             for r in range(2)]
+    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, cfg.to_dict(), steps, str(tmp))) for r in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(120)
         assert p.exitcode == 0
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    r0, r1 = (torch.load(tmp / f"rank{r}.pt") for r in range(2))
     for k in r0:  # replicas are identical, bit for bit
         assert torch.equal(r0[k], r1[k]), k
 
@@ -73,8 +72,7 @@ def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(small_data, tm
         initial = Trainer(cfg, DistEnv(0, 1, 0, CPU)).model.state_dict()
     finally:
         torch.set_default_dtype(torch.float32)
-    streams = [RatingStream(small_data, batch_size=batch, rank=r, world_size=2, seed=cfg.train.seed)
-               for r in range(2)]
+    streams = [RatingStream(data, batch_size=batch, rank=r, world_size=2, seed=cfg.train.seed) for r in range(2)]
     for s in streams:
         s.set_epoch(0)
     for k, (b0, b1) in enumerate(zip(*streams, strict=True)):
@@ -86,6 +84,13 @@ def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(small_data, tm
     for k, v in single.model.state_dict().items():
         assert not torch.equal(v, initial[k]), f"{k} did not train"
         torch.testing.assert_close(r0[k], v, rtol=1e-6, atol=1e-8)  # Adam amplifies float64 roundoff
+    return single
+
+
+def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(small_data, tmp_path):
+    steps, batch = 6, 400
+    cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__gravity=0.5, optim__lr=0.02)
+    assert_two_ranks_equal_union(small_data, cfg, steps, batch, tmp_path)
 
 
 def latest_model(run_dir: Path) -> dict:
