@@ -9,6 +9,9 @@ training predicts the global mean plus whatever bias is known.
 
 from __future__ import annotations
 
+import ctypes
+import mmap
+import sys
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -29,6 +32,41 @@ class TableGrad(NamedTuple):
     ids: torch.Tensor | None
     counts: torch.Tensor
     rows: torch.Tensor
+
+
+_HUGEPAGE_MIN_BYTES = 4 << 20  # below this a table spans too few 2 MiB pages to matter
+
+
+def _advise_hugepages(t: torch.Tensor) -> None:
+    """Ask Linux to back the whole pages inside ``t``'s memory with transparent huge pages (madvise)."""
+    page = mmap.PAGESIZE
+    start = -(-t.data_ptr() // page) * page
+    end = (t.data_ptr() + t.numel() * t.element_size()) // page * page
+    if end > start:  # best effort: a kernel without THP returns an error, and 4 KiB pages still work
+        ctypes.CDLL(None, use_errno=True).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                                  mmap.MADV_HUGEPAGE)
+
+
+def table_empty(shape: tuple[int, ...], dtype: torch.dtype | None = None,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialized table; on a Linux CPU, large ones are backed by transparent huge pages.
+
+    Rows of the embedding tables and their Adam moments are read and written at random, and with 4 KiB
+    pages nearly every row costs a TLB miss: on the 2-core CPU a training step was about 1.4x slower when
+    the tables happened to get 4 KiB pages (benchmarks/RESULTS.md). Most distributions only give huge pages
+    on request (THP "madvise" mode), so the memory is advised before anything touches it. ``dtype`` None:
+    torch's default dtype.
+    """
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if (t.device.type == "cpu" and sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
+            and t.numel() * t.element_size() >= _HUGEPAGE_MIN_BYTES):
+        _advise_hugepages(t)
+    return t
+
+
+def table_like(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` in ``table_empty`` memory (huge pages for large CPU tables)."""
+    return table_empty(tuple(t.shape), t.dtype, t.device).copy_(t)
 
 
 def batch_errors(users: torch.Tensor, items: torch.Tensor, global_bias: torch.Tensor, user: torch.Tensor,
@@ -82,8 +120,8 @@ class BiasedMF(nn.Module):
     def __init__(self, n_users: int, n_items: int, dim: int, *, mean: float = 3.5, init_std: float = 0.01):
         super().__init__()
         self.dim = dim
-        self.users = nn.Embedding(n_users, dim + 1, sparse=True)
-        self.items = nn.Embedding(n_items, dim + 1, sparse=True)
+        self.users = nn.Embedding(n_users, dim + 1, sparse=True, _weight=table_empty((n_users, dim + 1)))
+        self.items = nn.Embedding(n_items, dim + 1, sparse=True, _weight=table_empty((n_items, dim + 1)))
         self.global_bias = nn.Parameter(torch.tensor(float(mean)))
         # Column selectors: matmuls with these replace slicing the rows into factors and bias. A slice's
         # backward allocates and zero-fills a full (batch, dim+1) gradient per slice, which profiling

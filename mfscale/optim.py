@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .model import table_empty, table_like
 from .sync import sum_rows
 
 
@@ -123,9 +124,17 @@ class LazyAdam(torch.optim.Optimizer):
         state = self.state[p]
         if len(state) == 0:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg"] = table_empty(tuple(p.shape), p.dtype, p.device).zero_()
+            state["exp_avg_sq"] = table_empty(tuple(p.shape), p.dtype, p.device).zero_()
         return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As Optimizer.load_state_dict; the loaded moments are then moved to table memory (huge pages)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = table_like(state[key])
 
     def _apply(self, group: dict, p: Tensor, rows: Tensor | None, values: Tensor,
                l2: tuple[Tensor, Tensor] | None = None) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import mmap
+import sys
 
 import pytest
 import torch
@@ -222,3 +224,37 @@ def test_dense_form_equals_row_form(compiled: bool = False):
         else:
             assert torch.equal(results[1][k], v), k
     assert not torch.equal(results[0]["users.weight"][:20], init["users.weight"][:20])
+
+
+def _advised_huge(t: torch.Tensor) -> bool:
+    """Whether the mapping holding t's middle byte carries MADV_HUGEPAGE ('hg' in /proc/self/smaps VmFlags)."""
+    addr, inside = t.data_ptr() + t.numel() * t.element_size() // 2, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= addr < hi
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()[1:]
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"),
+                    reason="transparent huge pages are a Linux feature")
+def test_large_tables_and_their_adam_moments_ask_for_huge_pages():
+    model = BiasedMF(40_000, 20_000, 32)  # 5.3 MB and 2.6 MB tables: the user table is large enough
+    assert _advised_huge(model.users.weight) and not _advised_huge(model.items.weight)
+    opt = LazyAdam(model.sparse_parameters())
+    ids = torch.tensor([0, 7, 39_999])
+    opt.step(rows=[(ids, torch.ones(3, 33)), None])
+    assert _advised_huge(opt.state[model.users.weight]["exp_avg"])
+    sd = opt.state_dict()
+    opt2 = LazyAdam(model.sparse_parameters())
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    opt2.load_state_dict(torch.load(buf))
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert _advised_huge(opt2.state[model.users.weight][key])
+        assert torch.equal(opt2.state[model.users.weight][key], opt.state[model.users.weight][key])
