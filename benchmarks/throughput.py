@@ -176,6 +176,7 @@ def timed_loop(env: DistEnv, warmup: int, steps: int, step: Callable[[], tuple[i
     if env.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(env.device)
     step_s, ratings, wait = [], 0, 0.0
+    faults0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     start = time.perf_counter()
     for _ in range(steps):
         t0 = time.perf_counter()
@@ -185,8 +186,10 @@ def timed_loop(env: DistEnv, warmup: int, steps: int, step: Callable[[], tuple[i
         ratings += n
         wait += w
     wall = time.perf_counter() - start
+    # Page faults per step: nonzero means the step's memory is mapped afresh each time (see train.py).
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(steps, 1)
     return {"rank": env.rank, "ratings": ratings, "wall_s": wall, "step_ms": [s * 1e3 for s in step_s],
-            "wait_s": wait}
+            "wait_s": wait, "page_faults_per_step": faults}
 
 
 # ---------------------------------------------------------------------------------------------- mfscale
@@ -307,6 +310,7 @@ def combine(per_rank: list[dict[str, Any]], case: Case, bandwidth_gbs: float | N
                           if case.mode == "e2e" else None),
         "timed_ratings": total,
         "wall_s": max(walls),
+        "page_faults_per_step": float(np.mean([r["page_faults_per_step"] for r in per_rank])),
         "unique_rows_per_rating": float(np.mean(uniques)) if uniques else None,
         "peak_rss_mib_per_rank": [r["peak_rss_mib"] for r in per_rank],
         "cuda_max_allocated_mib_per_rank": [r["cuda_max_allocated_mib"] for r in per_rank],

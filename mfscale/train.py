@@ -82,6 +82,11 @@ class StopSignal:
 
 # Fused kernels are compiled (a one-off 10-60 s) only for data where an epoch takes longer than that.
 COMPILE_MIN_ROWS = 1_000_000
+# A masked sweep over a whole table costs the same whatever the share of rows a step touches; the
+# gather/scatter form costs per touched row. On the 2-core CPU (ml-10m synthetic, d=64) the sweep lost with
+# 17% of the user rows touched and won clearly with 34% (steps 7.6 vs 10.0 ms); measured in
+# benchmarks/RESULTS.md.
+DENSE_SWEEP_MIN_FRACTION = 0.3
 
 
 def auto_batch_size(n_train: int, world_size: int) -> int:
@@ -174,10 +179,12 @@ class Trainer:
         else:
             self.opt_sparse = torch.optim.SparseAdam(self.model.sparse_parameters(), lr=o.lr)
         self.errors = compiled_batch_errors() if use_compile else batch_errors
-        # Whole-table (masked) optimizer sweeps where a batch is at least as large as the table, i.e. touches
-        # most of its rows; one process only (ranks exchange touched rows), compiled kernels only.
-        self.dense_tables = tuple(use_compile and not env.distributed and self.batch_size >= n
-                                  for n in (self.data.n_users, self.data.n_items))
+        # Whole-table (masked) optimizer sweeps for steps that touch at least DENSE_SWEEP_MIN_FRACTION of a
+        # table's rows; one process only (ranks exchange touched rows), compiled kernels only.
+        self.dense_min = None
+        if use_compile and not env.distributed:
+            self.dense_min = tuple(math.ceil(DENSE_SWEEP_MIN_FRACTION * n) for n in (self.data.n_users,
+                                                                                  self.data.n_items))
         if use_compile:
             self._warm_up_compiled(required=t.compile == "on")
         self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
@@ -219,9 +226,9 @@ class Trainer:
         try:
             ids = torch.tensor([0, 1, 2, 1], device=self.device)
             w = torch.ones(self.cfg.model.dim + 1, device=self.device)
-            for dense in ((False, False), (True, True)):  # both kernel forms (rows, whole table)
+            for dense_min in (None, (0, 0)):  # both kernel forms (rows, whole table)
                 gu, gi, _, _ = scratch.closed_form_grads(ids, ids.flip(0), torch.ones(4, device=self.device), 4,
-                                                          errors=self.errors, dense=dense)
+                                                          errors=self.errors, dense_min=dense_min)
                 opt.step(rows=[(g.ids, g.rows, g.counts.to(w.dtype), w) for g in (gu, gi)])
         except Exception as exc:  # compile errors come from many layers (dynamo, inductor, the C++ compiler)
             if required:
@@ -230,7 +237,7 @@ class Trainer:
             log.warning("torch.compile failed (%s); running the fused step without it", type(exc).__name__)
             self.opt_sparse.compile = False
             self.errors = batch_errors
-            self.dense_tables = (False, False)
+            self.dense_min = None
         log.info("training step: fused, kernels compiled: %s", self.errors is not batch_errors)
 
     def _check_precision(self) -> None:
@@ -374,7 +381,7 @@ class Trainer:
         one extra column of the same all_gather.
         """
         gu, gi, g_mean, sse = self.model.closed_form_grads(user, item, rating, global_rows, errors=self.errors,
-                                                           dense=self.dense_tables)
+                                                           dense_min=self.dense_min)
         dtype = gu.rows.dtype
         tables = [(g.ids, g.rows, g.counts.to(dtype)) for g in (gu, gi)]
         if self.env.distributed:

@@ -200,8 +200,10 @@ def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):
 def test_dense_form_equals_row_form(compiled: bool = False):
     """Whole-table gradients with touch counts update exactly the touched rows, as the row form does."""
     torch.manual_seed(0)
-    results = []
-    for dense in (False, True):
+    results, forms = [], set()
+    # rows form; dense form; dense where a step touches at least 15 of the 40 user rows (the 20 users are
+    # all drawn) and at least 24 of the 30 movie rows (some of the 25 are not): both forms in one step.
+    for dense_min in (None, (0, 0), (15, 24)):
         torch.manual_seed(0)
         model = BiasedMF(40, 30, 6)
         opt = LazyAdam(model.sparse_parameters(), lr=0.05, compile=compiled)
@@ -210,19 +212,22 @@ def test_dense_form_equals_row_form(compiled: bool = False):
             g = torch.Generator().manual_seed(s)
             user, item = torch.randint(0, 20, (50,), generator=g), torch.randint(5, 30, (50,), generator=g)
             rating = torch.rand(50, generator=g) * 4 + 1
-            grads = model.closed_form_grads(user, item, rating, 50, dense=(dense, dense))[:2]
-            if dense:
-                assert grads[0].ids is None and grads[0].rows.shape == (40, 7)
+            grads = model.closed_form_grads(user, item, rating, 50, dense_min=dense_min)[:2]
+            forms.add((dense_min, grads[0].ids is None, grads[1].ids is None))
+            if grads[0].ids is None:
+                assert grads[0].rows.shape == (40, 7)
                 assert torch.count_nonzero(grads[0].rows[20:]) == 0  # rows no rating touched
             opt.step(rows=[(t.ids, t.rows, t.counts.to(w.dtype), w) for t in grads])
         results.append(model.state_dict())
+    assert forms == {(None, False, False), ((0, 0), True, True), ((15, 24), True, False)}
     init = BiasedMF(40, 30, 6).state_dict()
-    assert torch.equal(results[1]["users.weight"][20:], results[0]["users.weight"][20:])
-    for k, v in results[0].items():
-        if compiled:  # two generated kernels may contract multiply-adds differently
-            torch.testing.assert_close(results[1][k], v, rtol=1e-6, atol=1e-7)
-        else:
-            assert torch.equal(results[1][k], v), k
+    for other in results[1:]:
+        assert torch.equal(other["users.weight"][20:], results[0]["users.weight"][20:])
+        for k, v in results[0].items():
+            if compiled:  # two generated kernels may contract multiply-adds differently
+                torch.testing.assert_close(other[k], v, rtol=1e-6, atol=1e-7)
+            else:
+                assert torch.equal(other[k], v), k
     assert not torch.equal(results[0]["users.weight"][:20], init["users.weight"][:20])
 
 
