@@ -106,7 +106,7 @@ def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, 
         uniq, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
     if counts is None or uniq.numel() >= dense_min:
         uniq, counts = None, torch.bincount(ids, minlength=n_rows)
-    coef = coef[perm]
+    coef_batch_order, coef = coef, coef[perm]
     crow = counts.new_zeros(counts.numel() + 1)
     torch.cumsum(counts, 0, out=crow[1:])
     with warnings.catch_warnings():
@@ -117,7 +117,14 @@ def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, 
     # zeroed buffer and copies it, ~0.3 ms more per table at batch 42k).
     rows = other.new_empty(counts.numel(), other.shape[1])
     torch.addmm(rows, a, other, beta=0, out=rows)
-    rows[:, d] = torch.segment_reduce(coef, "sum", lengths=counts)  # the bias column's gradient is coef
+    # The bias column's gradient is the grouped sum of coef. On CPU bincount adds in batch order, which is
+    # the stable sort's order within a row, so the sums are the same as segment_reduce's, ~10x faster; on
+    # CUDA its atomic adds would make the order (and the rounding) vary from run to run.
+    if ids.device.type == "cpu":
+        bias = torch.bincount(ids, weights=coef_batch_order, minlength=n_rows)
+        rows[:, d] = bias if uniq is None else bias[uniq]
+    else:
+        rows[:, d] = torch.segment_reduce(coef, "sum", lengths=counts)
     return TableGrad(uniq, counts, rows)
 
 
