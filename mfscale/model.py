@@ -90,14 +90,14 @@ def compiled_batch_errors() -> Callable[..., torch.Tensor]:
 
 
 def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, coef: torch.Tensor,
-               n_rows: int, dense_min: int) -> TableGrad:
+               n_rows: int, dense_min: int, scratch: torch.Tensor | None = None) -> TableGrad:
     """sum over the batch's ratings of coef * [other factors, 1], grouped by this side's row.
 
     A stable sort groups the ratings by row (keeping batch order inside a row), and the grouped sums are one
     CSR x dense product with the other side's whole table: no (batch, dim+1) gradient is materialized and
     the rows come out unique, so no scatter-add or coalesce() is needed afterwards. Where the batch touches
     at least ``dense_min`` of the table's ``n_rows`` rows, the CSR matrix gets one (possibly empty) row per
-    table row, giving the dense form of ``TableGrad``.
+    table row, giving the dense form of ``TableGrad``. ``scratch``, (n_rows, dim+1): memory for the rows.
     """
     d = other.shape[1] - 1
     sorted_ids, perm = torch.sort(ids, stable=True)
@@ -115,7 +115,7 @@ def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, 
                                     check_invariants=False)
     # beta=0 with out=: the product is written straight into the result (the plain product fills a
     # zeroed buffer and copies it, ~0.3 ms more per table at batch 42k).
-    rows = other.new_empty(counts.numel(), other.shape[1])
+    rows = other.new_empty(counts.numel(), other.shape[1]) if scratch is None else scratch[:counts.numel()]
     torch.addmm(rows, a, other, beta=0, out=rows)
     # The bias column's gradient is the grouped sum of coef. On CPU bincount adds in batch order, which is
     # the stable sort's order within a row, so the sums are the same as segment_reduce's, ~10x faster; on
@@ -170,6 +170,7 @@ class BiasedMF(nn.Module):
     @torch.no_grad()
     def closed_form_grads(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
                           errors: Callable[..., torch.Tensor] = batch_errors, dense_min: tuple[int, int] | None = None,
+                          scratch: dict[str, torch.Tensor] | None = None,
                           ) -> tuple[TableGrad, TableGrad, torch.Tensor, torch.Tensor]:
         """Gradients of ``sum of squared errors / global_rows`` without autograd.
 
@@ -180,6 +181,10 @@ class BiasedMF(nn.Module):
         is count * 2 * reg * row / G, so only the counts are needed. ``dense_min``: per table, from how many
         touched rows on the gradient comes in dense form (worth it when a batch touches a large share of the
         rows: the optimizer then sweeps the table contiguously); 0 = always, None = never.
+
+        ``scratch``: a dict the caller keeps between calls; the gradient rows are then written into table-sized
+        buffers kept there, so the returned rows are only valid until the next call. Allocating them afresh
+        each step costs page faults (glibc maps blocks over 32 MiB anew: ML-32M's user table is 52 MB).
         """
         users, items = self.users.weight, self.items.weight
         user, item = user.long(), item.long()
@@ -191,8 +196,16 @@ class BiasedMF(nn.Module):
             return empty, TableGrad(item, item.clone(), items.new_zeros((0, items.shape[1]))), zero, zero
         e = errors(users, items, self.global_bias, user, item, rating.to(users.dtype))
         coef = e * (2.0 / global_rows)
-        return (_side_grad(user, item, items, coef, users.shape[0], dense_min[0]),
-                _side_grad(item, user, users, coef, items.shape[0], dense_min[1]), coef.sum(), e.square().sum())
+        bufs: list[torch.Tensor | None] = [None, None]
+        if scratch is not None:
+            for k, (name, table) in enumerate((("users", users), ("items", items))):
+                buf = scratch.get(name)
+                if buf is None or buf.shape != table.shape or buf.dtype != table.dtype or buf.device != table.device:
+                    buf = scratch[name] = torch.empty_like(table)
+                bufs[k] = buf
+        return (_side_grad(user, item, items, coef, users.shape[0], dense_min[0], bufs[0]),
+                _side_grad(item, user, users, coef, items.shape[0], dense_min[1], bufs[1]), coef.sum(),
+                e.square().sum())
 
     @torch.no_grad()
     def predict(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

@@ -188,6 +188,7 @@ class Trainer:
         if use_compile:
             self._warm_up_compiled(required=t.compile == "on")
         self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
+        self._grad_scratch: dict[str, torch.Tensor] = {}  # the fused step's gradient rows, reused every step
         self.resident = self._use_resident()
         self.stream = RatingStream(self.data, "train", batch_size=self.batch_size, rank=env.rank,
                                    world_size=env.world_size, seed=t.seed,
@@ -381,7 +382,7 @@ class Trainer:
         one extra column of the same all_gather.
         """
         gu, gi, g_mean, sse = self.model.closed_form_grads(user, item, rating, global_rows, errors=self.errors,
-                                                           dense_min=self.dense_min)
+                                                           dense_min=self.dense_min, scratch=self._grad_scratch)
         dtype = gu.rows.dtype
         tables = [(g.ids, g.rows, g.counts.to(dtype)) for g in (gu, gi)]
         if self.env.distributed:

@@ -282,3 +282,27 @@ def test_resident_on_with_workers_is_refused(small_data, tmp_path):
     cfg = job(small_data, tmp_path / "r", data__resident="on", data__workers=1)
     with pytest.raises(ConfigError, match="--data.resident on"):
         Trainer(cfg, DistEnv(0, 1, 0, CPU))
+
+
+
+def test_fused_step_reuses_its_gradient_buffers(small_data, tmp_path):
+    """The fused step writes gradient rows into buffers the trainer keeps (no multi-MB allocation per step)."""
+    from mfscale.model import BiasedMF
+
+    tr = Trainer(job(small_data, tmp_path, train__batch_size=4096), DistEnv(0, 1, 0, CPU))
+    assert tr.fused
+    tr.stream.set_epoch(0, 0)
+    ptrs = []
+    for batch in list(iter(tr.stream))[:3]:
+        tr.train_step(batch)
+        ptrs.append({k: v.data_ptr() for k, v in tr._grad_scratch.items()})
+    assert ptrs[0] == ptrs[1] == ptrs[2] and set(ptrs[0]) == {"users", "items"}
+    # Same gradients with and without scratch buffers.
+    model = BiasedMF(50, 40, 8)
+    user, item = torch.randint(0, 50, (300,)), torch.randint(0, 40, (300,))
+    rating = torch.rand(300) * 4 + 1
+    for dense_min in (None, (0, 0)):
+        plain = model.closed_form_grads(user, item, rating, 300, dense_min=dense_min)
+        kept = model.closed_form_grads(user, item, rating, 300, dense_min=dense_min, scratch={})
+        for a, b in zip(plain[:2], kept[:2], strict=True):
+            assert torch.equal(a.rows, b.rows) and torch.equal(a.counts, b.counts)
