@@ -104,6 +104,7 @@ def _sum_allreduce_hook(state, bucket):  # no annotations: DDP checks them and o
     fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
     return fut.then(lambda f: f.value()[0])
 
+
 # glibc malloc: requests up to this size come from the heap, and freed heap memory up to the trim threshold
 # stays mapped. By default glibc mmaps (and on free unmaps) blocks of 128 KiB and up until its adaptive
 # threshold has grown, so every step's multi-MB temporaries were fresh pages: ~2,400 page faults per step
