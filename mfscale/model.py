@@ -198,7 +198,11 @@ class BiasedMF(nn.Module):
             empty = TableGrad(user, user.clone(), users.new_zeros((0, users.shape[1])))
             zero = users.new_zeros(())
             return empty, TableGrad(item, item.clone(), items.new_zeros((0, items.shape[1]))), zero, zero
-        e = errors(users, items, self.global_bias, user, item, rating.to(users.dtype))
+        # Plain tensors (detach) and a rating buffer of its own (clone): torch.compile specializes on a
+        # Parameter's sizes and on a view's storage offset, which would recompile per table and per batch
+        # position instead of reusing the kernel compiled at warm-up.
+        e = errors(users.detach(), items.detach(), self.global_bias.detach(), user, item,
+                   rating.to(users.dtype, copy=True))
         coef = e * (2.0 / global_rows)
         bufs: list[torch.Tensor | None] = [None, None]
         if scratch is not None and users.device.type == "cpu":

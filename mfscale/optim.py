@@ -151,8 +151,9 @@ class LazyAdam(torch.optim.Optimizer):
             else:
                 step_size = torch.tensor(lr * math.sqrt(1 - beta2**step) / (1 - beta1**step), dtype=p.dtype,
                                          device=p.device)
-                compiled_adam_dense()(p, state["exp_avg"], state["exp_avg_sq"], values, l2[0], l2[1], step_size,
-                                      beta1, beta2, group["eps"])
+                # detach: compiled for symbolic sizes (a Parameter's sizes would be specialized on)
+                compiled_adam_dense()(p.detach(), state["exp_avg"], state["exp_avg_sq"], values, l2[0], l2[1],
+                                      step_size, beta1, beta2, group["eps"])
                 return
         if values.numel() == 0:
             return
@@ -161,8 +162,8 @@ class LazyAdam(torch.optim.Optimizer):
                 l2 = (values.new_zeros(values.shape[0]), values.new_zeros(values.shape[1]))
             step_size = torch.tensor(lr * math.sqrt(1 - beta2**step) / (1 - beta1**step), dtype=p.dtype,
                                      device=p.device)
-            compiled_adam_rows()(p, state["exp_avg"], state["exp_avg_sq"], rows, values, l2[0], l2[1], step_size,
-                                 beta1, beta2, group["eps"])
+            compiled_adam_rows()(p.detach(), state["exp_avg"], state["exp_avg_sq"], rows, values, l2[0], l2[1],
+                                 step_size, beta1, beta2, group["eps"])
             return
         _adam_rows(p, state["exp_avg"], state["exp_avg_sq"], rows, values, l2, lr=lr, beta1=beta1, beta2=beta2,
                    eps=group["eps"], step=step)

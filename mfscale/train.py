@@ -223,13 +223,16 @@ class Trainer:
 
         With ``--train.compile auto`` a failure falls back to the same kernels run eagerly (identical math).
         """
-        scratch = BiasedMF(4, 4, self.cfg.model.dim).to(self.device)
+        # Sizes all different (9 ratings; 3 of 5 user rows, 4 of 7 movie rows touched), so that the kernels are
+        # compiled for symbolic sizes and training reuses them: equal sizes here would be assumed equal later.
+        scratch = BiasedMF(5, 7, self.cfg.model.dim).to(self.device)
         opt = LazyAdam(scratch.sparse_parameters(), lr=1e-3, compile=True)
         try:
-            ids = torch.tensor([0, 1, 2, 1], device=self.device)
+            user = torch.tensor([0, 1, 2, 1, 0, 2, 1, 0, 2], device=self.device)
+            item = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0], device=self.device)
             w = torch.ones(self.cfg.model.dim + 1, device=self.device)
             for dense_min in (None, (0, 0)):  # both kernel forms (rows, whole table)
-                gu, gi, _, _ = scratch.closed_form_grads(ids, ids.flip(0), torch.ones(4, device=self.device), 4,
+                gu, gi, _, _ = scratch.closed_form_grads(user, item, torch.ones(9, device=self.device), 9,
                                                           errors=self.errors, dense_min=dense_min)
                 opt.step(rows=[(g.ids, g.rows, g.counts.to(w.dtype), w) for g in (gu, gi)])
         except Exception as exc:  # compile errors come from many layers (dynamo, inductor, the C++ compiler)
