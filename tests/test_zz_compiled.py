@@ -21,3 +21,25 @@ def test_compiled_fused_step_equals_eager(small_data, tmp_path):
     assert tr.opt_sparse.compile and tr.errors is not batch_errors
     for k, v in eager.items():
         torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_kernels_compiled_at_warm_up_serve_the_whole_epoch(small_data, tmp_path):
+    """After the trainer's warm-up, training on real table sizes and batch positions compiles nothing more
+    (a recompile costs seconds inside the first epoch); both optimizer forms occur in the epoch."""
+    from mfscale import config
+    from mfscale.distributed import DistEnv
+    from mfscale.train import Trainer
+
+    from .test_train import job
+
+    torch._dynamo.reset()  # a fresh cache: what the warm-up compiles is all there is
+    cfg = job(small_data, tmp_path, train__compile="on", train__batch_size=500, data__resident="on")
+    tr = Trainer(config.replace(cfg), DistEnv(0, 1, 0, torch.device("cpu")))
+    tr.dense_min = (150, 100)  # users: dense when 150 of 300 rows are touched; movies: 100 of 200
+    forms = set()
+    tr.stream.set_epoch(0, 0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in tr.stream:
+            forms.add((batch["user"].unique().numel() >= 150, batch["item"].unique().numel() >= 100))
+            tr.train_step(batch)
+    assert len(forms) >= 2
