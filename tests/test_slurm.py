@@ -251,3 +251,17 @@ def test_ranks_agree_to_stop_at_the_same_step(small_data, tmp_path):
     assert STOP_CHECK_EVERY == 10
     assert results[0] == results[1] == {"stopped_on_signal": True, "steps": 10, "world_size": 2}
     assert checkpoint.step_path(tmp_path / "r", 10).is_file()
+
+
+def test_threads_per_process_default_to_the_tasks_cpus(tmp_path, small_data):
+    """Without OMP_NUM_THREADS, each training process gets the task's CPUs / processes per node (torchrun
+    alone would give 1, leaving a CPU-only node on one core)."""
+    env = slurm_env(tmp_path, small_data, "99", SLURM_CPUS_PER_TASK="8")
+    env["NPROC_PER_NODE"] = "2"
+    del env["OMP_NUM_THREADS"]
+    _executable(tmp_path / "bin" / "srun",  # records what the training processes would get, runs nothing
+                '#!/bin/bash\necho "srun OMP_NUM_THREADS=$OMP_NUM_THREADS" >> "$FAKE_SLURM_LOG"\n')
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "srun OMP_NUM_THREADS=4" in (tmp_path / "slurm-calls.log").read_text()
+    assert "x 4 thread(s)" in proc.stdout
