@@ -85,7 +85,16 @@ def compiled_batch_errors() -> Callable[..., torch.Tensor]:
     """``batch_errors`` under torch.compile: gathers, dot products and biases in one kernel, no (batch, dim)
     temporaries. Compiled once per process; the batch size is a dynamic shape."""
     if "errors" not in _COMPILED:
-        _COMPILED["errors"] = torch.compile(batch_errors, dynamic=True)
+        kernel = torch.compile(batch_errors, dynamic=True)
+
+        def errors(users: torch.Tensor, items: torch.Tensor, global_bias: torch.Tensor, user: torch.Tensor,
+                   item: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+            # Plain tensors (detach) and a rating buffer of its own (clone): torch.compile specializes on a
+            # Parameter's sizes and on a view's storage offset, which would recompile per table and per batch
+            # position instead of reusing the kernel compiled at warm-up.
+            return kernel(users.detach(), items.detach(), global_bias.detach(), user, item, rating.clone())
+
+        _COMPILED["errors"] = errors
     return _COMPILED["errors"]
 
 
@@ -113,20 +122,20 @@ def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, 
         warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
         a = torch.sparse_csr_tensor(crow, other_ids[perm], coef, (counts.numel(), other.shape[0]),
                                     check_invariants=False)
+    # The bias column's gradient is the grouped sum of coef.
     if other.device.type == "cpu":
         # beta=0 with out=: MKL writes the product straight into the result (the plain product fills a
         # zeroed buffer and copies it: 2.4 vs 0.65 ms for the 70k-row dense form at batch 42k).
         rows = other.new_empty(counts.numel(), other.shape[1]) if scratch is None else scratch[:counts.numel()]
         torch.addmm(rows, a, other, beta=0, out=rows)
-    else:  # cuSPARSE; the caching allocator makes a fresh result cheap there
-        rows = a @ other
-    # The bias column's gradient is the grouped sum of coef. On CPU bincount adds in batch order, which is
-    # the stable sort's order within a row, so the sums are the same as segment_reduce's, ~10x faster; on
-    # CUDA its atomic adds would make the order (and the rounding) vary from run to run.
-    if ids.device.type == "cpu":
+        # bincount adds in batch order, which is the stable sort's order within a row: the same sums as
+        # segment_reduce's, ~10x faster.
         bias = torch.bincount(ids, weights=coef_batch_order, minlength=n_rows)
         rows[:, d] = bias if uniq is None else bias[uniq]
     else:
+        # cuSPARSE, with a fresh result (cheap with the caching allocator); segment_reduce, since CUDA
+        # bincount's atomic adds would make the order (and the rounding) vary from run to run.
+        rows = a @ other
         rows[:, d] = torch.segment_reduce(coef, "sum", lengths=counts)
     return TableGrad(uniq, counts, rows)
 
@@ -198,11 +207,7 @@ class BiasedMF(nn.Module):
             empty = TableGrad(user, user.clone(), users.new_zeros((0, users.shape[1])))
             zero = users.new_zeros(())
             return empty, TableGrad(item, item.clone(), items.new_zeros((0, items.shape[1]))), zero, zero
-        # Plain tensors (detach) and a rating buffer of its own (clone): torch.compile specializes on a
-        # Parameter's sizes and on a view's storage offset, which would recompile per table and per batch
-        # position instead of reusing the kernel compiled at warm-up.
-        e = errors(users.detach(), items.detach(), self.global_bias.detach(), user, item,
-                   rating.to(users.dtype, copy=True))
+        e = errors(users, items, self.global_bias, user, item, rating.to(users.dtype))
         coef = e * (2.0 / global_rows)
         bufs: list[torch.Tensor | None] = [None, None]
         if scratch is not None and users.device.type == "cpu":
