@@ -2,9 +2,15 @@
 
 Layout inside a run directory::
 
-    checkpoints/step-0000001200.pt     one per save, the newest ``keep_last`` are kept
+    checkpoints/step-0000001200.pt     one per save (metadata), the newest ``keep_last`` are kept
+    checkpoints/step-0000001200.part-0-of-2.pt   its table parts, one per rank that holds rows of its own
     checkpoints/best.pt                the best one so far (``is_best``), never pruned
+    checkpoints/best-0000001200.part-0-of-2.pt   the best one's parts
     checkpoints/.tmp-*                 in-flight writes; leftovers from a killed run go on the next save
+
+Ranks write their parts in parallel (``write_part``); after a barrier rank 0 writes the metadata, which lists
+the parts. A checkpoint is valid only when its metadata loads and every part it lists exists (parts are
+written atomically, so existing means complete): a crash during a save leaves the previous one valid.
 
 Every file is written to a temporary name in the same directory, flushed and fsync'ed, then moved into
 place with ``os.replace`` (atomic on POSIX), so a reader never sees a half-written file under a final
@@ -20,6 +26,7 @@ may find none. These functions are called by rank 0 only; the caller broadcasts 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 import shutil
@@ -38,6 +45,7 @@ TMP_PREFIX = ".tmp-"
 FORMAT_KEY = "mfscale_checkpoint"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step-(\d+)\.pt$")
+_PART_RE = re.compile(r"^(step|best)-(\d+)\.part-\d+-of-\d+\.pt$")
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -54,6 +62,54 @@ def step_path(run_dir: Path, step: int) -> Path:
 
 def best_path(run_dir: Path) -> Path:
     return checkpoint_dir(run_dir) / BEST_NAME
+
+
+def part_name(step: int, k: int, n: int, prefix: str = "step") -> str:
+    return f"{prefix}-{step:010d}.part-{k}-of-{n}.pt"
+
+
+def write_part(run_dir: Path, step: int, k: int, n: int, part: dict) -> None:
+    """Write part ``k`` of ``n`` of the checkpoint for ``step`` atomically (any rank, before the metadata)."""
+    directory = checkpoint_dir(run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": part}, directory / part_name(step, k, n))
+
+
+def load_part(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+        if not isinstance(payload, dict) or payload.get(FORMAT_KEY) != FORMAT_VERSION or "part" not in payload:
+            raise ValueError("not an mfscale checkpoint part")
+    except Exception as exc:
+        raise DataError(f"cannot load checkpoint part {path}: {_reason(exc)}") from exc
+    return payload["part"]
+
+
+def part_paths(path: Path, state: dict, which: list[int] | None = None) -> list[Path]:
+    """The part files of the checkpoint whose metadata ``state`` was loaded from ``path`` (``which``: some)."""
+    names = state.get("parts", [])
+    return [Path(path).parent / names[k] for k in (range(len(names)) if which is None else which)]
+
+
+def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torch.Tensor]:
+    """Whole tables of a checkpoint, by global row id, from all its parts: ``users.weight``, ``items.weight``,
+    ``global_bias`` and, with ``optimizer``, ``users.exp_avg``, ``users.exp_avg_sq``, ... Rows that no part
+    holds are NaN (an incomplete checkpoint); the caller checks. Needs the whole tables in this process."""
+    shape = state["model_shape"]
+    rows = {"users": shape["n_users"], "items": shape["n_items"]}
+    keys = ("weight", "exp_avg", "exp_avg_sq") if optimizer else ("weight",)
+    out: dict[str, torch.Tensor] = {}
+    for part_path in part_paths(path, state):
+        part = load_part(part_path)
+        for name, n in rows.items():
+            t = part[name]
+            for key in keys:
+                if t[key] is None:
+                    continue
+                full = out.setdefault(f"{name}.{key}", torch.full((n, shape["dim"] + 1), math.nan, dtype=t[key].dtype))
+                full[t["ids"]] = t[key]
+    out["global_bias"] = state["global_bias"]
+    return out
 
 
 def _step_of(path: Path) -> int | None:
@@ -121,8 +177,12 @@ def _atomic_copy(src: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
-def save_checkpoint(run_dir: Path, state: dict, *, step: int, keep_last: int = 3, is_best: bool = False) -> Path:
+def save_checkpoint(run_dir: Path, state: dict, *, step: int, keep_last: int = 3, is_best: bool = False,
+                    n_parts: int = 0) -> Path:
     """Write ``state`` as ``checkpoints/step-{step:010d}.pt`` atomically and return its path.
+
+    ``n_parts``: how many parts (``write_part``) of this step were written before; their names go into the
+    metadata, and a missing one is an error.
 
     Also publishes it as ``best.pt`` when ``is_best``. Then prunes: step checkpoints older than the
     newest ``keep_last`` are deleted, and so are any with a step *greater* than ``step`` -- those belong
@@ -139,12 +199,21 @@ def save_checkpoint(run_dir: Path, state: dict, *, step: int, keep_last: int = 3
 
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    _remove_stale_tmp(directory)
+    _remove_stale_tmp(directory)  # callers write parts before this, all of them finished (a barrier)
 
+    n = int(n_parts)
+    state = {**state, "parts": [part_name(step, k, n) for k in range(n)]}
+    missing = [p for p in state["parts"] if not (directory / p).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint parts not written: {', '.join(missing)}")
     final = step_path(run_dir, step)
     _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "state": state}, final)
     if is_best:
-        _atomic_copy(final, best_path(run_dir))
+        best_parts = [part_name(step, k, n, prefix="best") for k in range(n)]
+        for src, dst in zip(state["parts"], best_parts, strict=True):
+            _atomic_copy(directory / src, directory / dst)
+        _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "state": {**state, "parts": best_parts}},
+                           best_path(run_dir))
 
     existing = list_checkpoints(run_dir)
     older = [p for p in existing if _step_of(p) < step]  # type: ignore[operator]
@@ -152,9 +221,28 @@ def save_checkpoint(run_dir: Path, state: dict, *, step: int, keep_last: int = 3
     doomed += older[: max(0, len(older) - (keep_last - 1))]
     for p in doomed:
         _unlink_quietly(p)
-    if doomed:
-        _fsync_dir(directory)
+    _prune_parts(directory, best_step=step if is_best else None)
+    _fsync_dir(directory)
     return final
+
+
+def _prune_parts(directory: Path, best_step: int | None) -> None:
+    """Remove parts whose metadata is gone (pruned, or a save that crashed before its metadata), and best
+    parts other than the current best's."""
+    if best_step is None and (directory / BEST_NAME).is_file():
+        try:
+            best_step = torch.load(directory / BEST_NAME, map_location="cpu", weights_only=False)["step"]
+        except Exception:
+            best_step = None  # an unreadable best.pt keeps its parts; load_best reports it
+    for p in directory.iterdir():
+        m = _PART_RE.match(p.name)
+        if not m:
+            continue
+        kind, step = m.group(1), int(m.group(2))
+        stale = (not (directory / f"step-{step:010d}.pt").is_file()) if kind == "step" else (
+            best_step is not None and step != best_step)
+        if stale:
+            _unlink_quietly(p)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -179,6 +267,9 @@ def _load(path: Path, map_location: str | torch.device, expect_step: int | None)
         raise ValueError("integrity record has no state dict")
     if expect_step is not None and payload.get("step") != expect_step:
         raise ValueError(f"recorded step {payload.get('step')!r} does not match the file name")
+    missing = [p for p in state.get("parts", []) if not (Path(path).parent / p).is_file()]
+    if missing:
+        raise ValueError(f"parts missing: {', '.join(missing)}")
     return state
 
 

@@ -63,6 +63,9 @@ class TrainConfig:
     log_every: int = 50  # steps between TensorBoard scalar points
     ranking_k: int = 10  # Recall/NDCG/MAP@K on test ratings >= 4 at the end (0 = skip)
     timeout_s: float = 600.0  # collective timeout: a rank stuck this long fails the job instead of hanging
+    # replicated | blocks | auto: how the tables are spread over ranks (mfscale/layout.py); auto = blocks on
+    # more than one rank, replicated on one
+    tables: str = "auto"
 
 
 @dataclass
@@ -121,6 +124,7 @@ class JobConfig:
             (self.train.step in ("auto", "fused", "autograd"), "train.step must be auto, fused or autograd"),
             (self.train.compile in ("auto", "on", "off"), "train.compile must be auto, on or off"),
             (self.train.timeout_s > 0, "train.timeout_s must be > 0"),
+            (self.train.tables in ("auto", "replicated", "blocks"), "train.tables must be auto, replicated or blocks"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),
             (self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
             (self.checkpoint.resume in ("auto", "never"), "checkpoint.resume must be auto or never"),

@@ -1,42 +1,46 @@
-"""Held-out RMSE and MAE with global sums (all-reduced), never a mean of per-rank means."""
+"""Held-out RMSE and MAE with global sums (all-reduced), never a mean of per-rank means; top-K ranking metrics.
+
+Both work from any table layout (``mfscale.layout``): each rank evaluates the ratings of the users it owns
+(``TableLayout.eval_share``) against ``TableLayout.eval_tables()``, and the sums are all-reduced.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .distributed import DistEnv, all_reduce_sum
-from .model import BiasedMF
-from .shards import Dataset
-from .stream import RatingStream
+from .distributed import all_reduce_sum
+from .model import predict_rows
+
+if TYPE_CHECKING:
+    from .layout import TableLayout
 
 
 @torch.no_grad()
-def evaluate(model: BiasedMF, data: Dataset, split: str, env: DistEnv, *, batch_size: int) -> dict[str, float] | None:
-    """RMSE/MAE of predictions clipped to the rating scale over all of ``split`` (each rank its share).
+def evaluate(layout: TableLayout, split: str, *, batch_size: int) -> dict[str, float] | None:
+    """RMSE/MAE of predictions clipped to the rating scale over all of ``split`` (each rank its users).
 
     Returns None when the split is empty.
     """
+    data, env = layout.data, layout.env
     if data.split_rows(split) == 0:
         return None
     lo, hi = data.rating_range
-    stream = RatingStream(data, split, batch_size=batch_size, rank=env.rank, world_size=env.world_size,
-                          shuffle=False)
-    stream.set_epoch(0)
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=env.device)  # squared error, absolute error, count
-    for batch in stream:
-        user = batch["user"].to(env.device, non_blocking=True)
-        item = batch["item"].to(env.device, non_blocking=True)
-        rating = batch["rating"].to(env.device, non_blocking=True)
-        err = (model.predict(user, item).float().clamp(lo, hi) - rating).double()
-        sums += torch.stack([err.square().sum(), err.abs().sum(), torch.tensor(float(err.numel()),
-                                                                               dtype=torch.float64,
-                                                                               device=env.device)])
-    model.train(was_training)
+    share = layout.eval_share(split)
+    users, items, global_bias = layout.eval_tables()
+    dev = users.device
+    sums = torch.zeros(3, dtype=torch.float64, device=dev)  # squared error, absolute error, count
+    for start in range(0, len(share.user), batch_size):
+        user = torch.from_numpy(share.user[start : start + batch_size]).to(dev)
+        item = torch.from_numpy(share.item[start : start + batch_size]).to(dev)
+        rating = torch.from_numpy(share.rating[start : start + batch_size]).to(dev)
+        err = (predict_rows(users, items, global_bias, user, item).float().clamp(lo, hi) - rating).double()
+        sums[0] += err.square().sum()
+        sums[1] += err.abs().sum()
+    sums[2] = float(len(share.user))
     sse, sae, n = all_reduce_sum(env, sums).tolist()
     return {"rmse": math.sqrt(sse / n), "mae": sae / n, "count": int(n)}
 
@@ -60,27 +64,26 @@ def _rows_of(indptr: torch.Tensor, items: torch.Tensor, users: torch.Tensor) -> 
 
 
 @torch.no_grad()
-def ranking_metrics(model: BiasedMF, data: Dataset, split: str, env: DistEnv, *, k: int = 10,
-                    relevant_min: float = 4.0, score_budget: int = 1 << 25) -> dict[str, float] | None:
+def ranking_metrics(layout: TableLayout, split: str, *, k: int = 10, relevant_min: float = 4.0,
+                    score_budget: int = 1 << 25) -> dict[str, float] | None:
     """Recall@K, NDCG@K and MAP@K of top-K lists over all movies, on ``split`` ratings >= ``relevant_min``.
 
-    Movies the user rated in training are excluded from the lists. Users are scored in batches of
-    ``score_budget / n_items`` on the model's device, each rank taking every world_size-th user; the sums are
-    all-reduced, so the result is the mean over all users with at least one relevant held-out movie.
+    Movies the user rated in training are excluded from the lists. Each rank scores the users it owns in
+    batches of ``score_budget / n_items`` on the model's device; the sums are all-reduced, so the result is the
+    mean over all users with at least one relevant held-out movie.
     Recall@K = hits / |relevant|; NDCG@K with binary gains; MAP@K divides by min(K, |relevant|).
     """
-    held = data.read_split(split)
-    keep = held["rating"] >= relevant_min
-    if not keep.any():
-        return None
-    n_users, n_items = data.n_users, data.n_items
-    dev = env.device
-    train = data.read_split("train")
-    seen_ptr, seen_items = _csr(train["user"], train["item"], n_users, dev)
-    rel_ptr, rel_items = _csr(held["user"][keep], held["item"][keep], n_users, dev)
+    env = layout.env
+    held = layout.eval_share(split)
+    keep = held.rating >= relevant_min
+    user_tab, item_tab, _ = layout.eval_tables()
+    n_users, n_items = user_tab.shape[0], item_tab.shape[0]
+    dev = user_tab.device
+    train = layout.eval_share("train")
+    seen_ptr, seen_items = _csr(train.user, train.item, n_users, dev)
+    rel_ptr, rel_items = _csr(held.user[keep], held.item[keep], n_users, dev)
     n_rel = rel_ptr[1:] - rel_ptr[:-1]
     users_all = torch.nonzero(n_rel > 0).flatten()
-    users_all = users_all[env.rank :: env.world_size]
     k = min(k, n_items)
     discounts = 1.0 / torch.log2(torch.arange(2, k + 2, device=dev, dtype=torch.float64))
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # recall, ndcg, map, users
@@ -88,12 +91,12 @@ def ranking_metrics(model: BiasedMF, data: Dataset, split: str, env: DistEnv, *,
     # One score buffer for all batches: a fresh (batch, n_items) block per batch (128 MiB by default) would
     # be mapped and faulted in anew each time on CPU (ML-32M: ~400 batches, over a minute of system time).
     buf = torch.empty(min(batch, max(len(users_all), 1)), n_items, device=dev)
-    items_t = model.items.weight.detach().float().T  # rows [q_i, b_i] as columns
+    items_t = item_tab.float().T  # rows [q_i, b_i] as columns
     for start in range(0, len(users_all), batch):
         users = users_all[start : start + batch]
         # The user bias and global mean do not change a user's ranking; the item bias does: with the user's
         # bias column set to 1, [p_u, 1] . [q_i, b_i] = p_u . q_i + b_i in one matrix product.
-        u = model.users.weight.detach()[users].float()
+        u = user_tab[users].float()
         u[:, -1] = 1.0
         scores = torch.mm(u, items_t, out=buf[: len(users)])
         row, col = _rows_of(seen_ptr, seen_items, users)
@@ -114,6 +117,7 @@ def ranking_metrics(model: BiasedMF, data: Dataset, split: str, env: DistEnv, *,
             ((precision_at * hits).sum(1) / cut).sum(),
             torch.tensor(float(len(users)), dtype=torch.float64, device=dev),
         ])
+    # every rank joins the all_reduce, also one without relevant users
     recall, ndcg, map_k, count = all_reduce_sum(env, sums).tolist()
     if count == 0:
         return None

@@ -69,13 +69,19 @@ def table_like(t: torch.Tensor) -> torch.Tensor:
     return table_empty(tuple(t.shape), t.dtype, t.device).copy_(t)
 
 
-def batch_errors(users: torch.Tensor, items: torch.Tensor, global_bias: torch.Tensor, user: torch.Tensor,
-                 item: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
-    """prediction - rating for each rating of the batch (one fused kernel under torch.compile)."""
+def predict_rows(users: torch.Tensor, items: torch.Tensor, global_bias: torch.Tensor, user: torch.Tensor,
+                 item: torch.Tensor) -> torch.Tensor:
+    """mean + b_u + b_i + <p_u, q_i> from table rows ``[factors, bias]`` (no (batch, dim+1) product kept)."""
     d = users.shape[1] - 1
     u = users[user]
     v = items[item]
-    return global_bias + (u[:, :d] * v[:, :d]).sum(1) + u[:, d] + v[:, d] - rating
+    return global_bias + (u[:, :d] * v[:, :d]).sum(1) + u[:, d] + v[:, d]
+
+
+def batch_errors(users: torch.Tensor, items: torch.Tensor, global_bias: torch.Tensor, user: torch.Tensor,
+                 item: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+    """prediction - rating for each rating of the batch (one fused kernel under torch.compile)."""
+    return predict_rows(users, items, global_bias, user, item) - rating
 
 
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}

@@ -1,9 +1,11 @@
 """``torchrun --nproc_per_node=N -m mfscale.train --data DIR --run-dir DIR``: the training job.
 
-Plain ``python -m mfscale.train`` runs the same job as a world of one. Each rank streams its share of
-the training shards; the dense global bias goes through DDP, the sparse tables are synchronized by
-``sync.sync_sparse_grads``; rank 0 alone writes the run directory (config, checkpoints, TensorBoard,
-metrics), every file atomically. Resume is decided by what is on disk: the newest valid checkpoint.
+Plain ``python -m mfscale.train`` runs the same job as a world of one. Where the tables live and how their
+gradients reach them is the layout's business (``mfscale.layout``: replicated, or stratified blocks); the step
+variant (``mfscale.step``: fused or autograd) computes gradients; the dense global bias is summed over ranks.
+Rank 0 alone writes the run directory (config, TensorBoard, metrics), every file atomically; checkpoints are
+written as one part per rank that holds rows of its own plus rank 0's metadata. Resume is decided by what is
+on disk: the newest valid checkpoint.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from .config import JobConfig
 from .distributed import DistEnv
 from .errors import ConfigError, DataError, cli_entry
 from .evaluate import evaluate, ranking_metrics
+from .layout import Blocks, Replicated, TableLayout
+from .layout import choose as layout_choose
 from .model import SPARSE_TABLES, BiasedMF, batch_errors, compiled_batch_errors
 from .monitor import Monitor
 from .optim import LazyAdam
 from .shards import Dataset, write_json_atomic, write_text_atomic
-from .stream import RatingStream, make_loader, resident_fits
-from .sync import all_sum_rows, sync_sparse_grads, sync_sparse_rows
+from .step import AutogradStep, FusedStep
+from .stream import resident_fits
 
 PROG = "mfscale.train"
 log = logging.getLogger("mfscale")
@@ -82,11 +86,6 @@ class StopSignal:
 
 # Fused kernels are compiled (a one-off 10-60 s) only for data where an epoch takes longer than that.
 COMPILE_MIN_ROWS = 1_000_000
-# A masked sweep over a whole table costs the same whatever the share of rows a step touches; the
-# gather/scatter form costs per touched row. On the 2-core CPU (ml-10m synthetic, d=64) the sweep lost with
-# 17% of the user rows touched and won clearly with 34% (steps 7.6 vs 10.0 ms); measured in
-# benchmarks/RESULTS.md.
-DENSE_SWEEP_MIN_FRACTION = 0.3
 
 
 def auto_batch_size(n_train: int, world_size: int) -> int:
@@ -127,6 +126,12 @@ def keep_step_memory() -> bool:
                                                                                MALLOC_TRIM_THRESHOLD))
 
 
+def _load_param_groups(opt: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Restore hyperparameters (lr, initial_lr, betas, ...) saved from ``opt.state_dict()["param_groups"]``."""
+    for group, saved in zip(opt.param_groups, groups, strict=True):
+        group.update({k: v for k, v in saved.items() if k != "params"})
+
+
 def _lr_lambda(schedule: str, total_steps: int, min_frac: float):
     def f(step: int) -> float:
         t = min(step, total_steps) / max(total_steps, 1)
@@ -140,6 +145,9 @@ def _lr_lambda(schedule: str, total_steps: int, min_frac: float):
 
 
 class Trainer:
+    """The training loop. Table layout (``mfscale.layout``) and step variant (``mfscale.step``) are chosen
+    here once; the loop below only calls them."""
+
     def __init__(self, cfg: JobConfig, env: DistEnv, stop: StopSignal | None = None):
         self.cfg, self.env = cfg, env
         self.stop = stop or StopSignal()  # not installed: only run() owns the process's signal handlers
@@ -148,58 +156,47 @@ class Trainer:
         self.n_train = self.data.split_rows("train")
         if self.n_train == 0:
             raise DataError(f"{cfg.data.path}: the training split is empty")
-        t = cfg.train
+        t, o = cfg.train, cfg.optim
         self.batch_size = t.batch_size or auto_batch_size(self.n_train, env.world_size)
         self.device = env.device
         keep_step_memory()  # host memory: CPU steps, and the stream's batches on any device
         self._check_precision()
-        # The same seed on every rank gives identical initial tables, so replicas start equal.
         torch.manual_seed(t.seed)
         mean = float(self.data.manifest["rating"].get("train_mean", self.data.manifest["rating"]["mean"]))
-        self.model = BiasedMF(self.data.n_users, self.data.n_items, cfg.model.dim, mean=mean,
-                              init_std=cfg.model.init_std).to(self.device)
-        # Embedding rows stay in the tables' dtype under autocast (pytorch#98814), so these match them.
-        self.reg_weights = torch.full((cfg.model.dim + 1,), cfg.optim.reg_factor, device=self.device,
-                                      dtype=self.model.users.weight.dtype)
-        self.reg_weights[-1] = cfg.optim.reg_bias
-        self.forward_model: torch.nn.Module = self.model
-        if env.distributed:
-            DDP._set_params_and_buffers_to_ignore_for_model(self.model, list(SPARSE_TABLES))
-            ddp = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                      broadcast_buffers=False)
-            ddp.register_comm_hook(None, _sum_allreduce_hook)
-            self.forward_model = ddp
-        o = cfg.optim
         # The fused step computes the loss's gradients in closed form (BiasedMF.closed_form_grads) and feeds
         # LazyAdam unique rows; autograd + SparseAdam stays as the reference and for what fused lacks.
         self.fused = t.step == "fused" or (t.step == "auto" and not cfg.fused_blockers())
         use_compile = self.fused and (t.compile == "on" or (t.compile == "auto" and self.n_train >= COMPILE_MIN_ROWS))
-        # LazyAdam computes SparseAdam's update without its coalesce() (mfscale/optim.py); same state layout.
-        if o.optimizer == "lazy_adam":
-            self.opt_sparse = LazyAdam(self.model.sparse_parameters(), lr=o.lr, compile=use_compile)
-        else:
-            self.opt_sparse = torch.optim.SparseAdam(self.model.sparse_parameters(), lr=o.lr)
+        self.layout = self._make_layout(mean, use_compile)
+        self.model = self.layout.model
+        self.opt_sparse = self.layout.opt
+        self.steps_per_epoch = self.layout.steps_per_epoch
+        # Embedding rows stay in the tables' dtype under autocast (pytorch#98814), so these match them.
+        self.reg_weights = torch.full((cfg.model.dim + 1,), o.reg_factor, device=self.device,
+                                      dtype=self.model.users.weight.dtype)
+        self.reg_weights[-1] = o.reg_bias
+        self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
+        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         self.errors = compiled_batch_errors() if use_compile else batch_errors
-        # Whole-table (masked) optimizer sweeps for steps that touch at least DENSE_SWEEP_MIN_FRACTION of a
-        # table's rows; one process only (ranks exchange touched rows), compiled kernels only.
-        self.dense_min = None
-        if use_compile and not env.distributed:
-            self.dense_min = tuple(math.ceil(DENSE_SWEEP_MIN_FRACTION * n) for n in (self.data.n_users,
-                                                                                  self.data.n_items))
         if use_compile:
             self._warm_up_compiled(required=t.compile == "on")
-        self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
-        self._grad_scratch: dict[str, torch.Tensor] = {}  # the fused step's gradient rows, reused every step
-        self.resident = self._use_resident()
-        self.stream = RatingStream(self.data, "train", batch_size=self.batch_size, rank=env.rank,
-                                   world_size=env.world_size, seed=t.seed,
-                                   resident=self.device if self.resident else None)
-        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.step: FusedStep | AutogradStep
+        if self.fused:
+            self.step = FusedStep(cfg, env, self.layout, self.opt_dense, self.reg_weights, self.errors,
+                                  self.layout.dense_min if self.errors is not batch_errors else None)
+        else:
+            forward: torch.nn.Module = self.model
+            if env.distributed:  # the dense global bias through DDP, the tables through the layout
+                DDP._set_params_and_buffers_to_ignore_for_model(self.model, list(SPARSE_TABLES))
+                forward = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                              broadcast_buffers=False)
+                forward.register_comm_hook(None, _sum_allreduce_hook)
+            self.step = AutogradStep(cfg, env, self.layout, self.opt_dense, self.reg_weights, forward,
+                                     self.scaler, self.autocast_dtype)
         total = self.steps_per_epoch * t.epochs
         lam = _lr_lambda(o.schedule, total, o.min_lr_frac)
         self.scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lam) for opt in (self.opt_sparse, self.opt_dense)]
-        self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
-        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
         # Progress: where the next step starts, and early-stopping state.
         self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
         self.best_val, self.best_epoch, self.bad_epochs = math.inf, -1, 0
@@ -207,6 +204,31 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.train_seconds, self.train_ratings = 0.0, 0
         self.stopped_on_signal = False
+
+    def _make_layout(self, mean: float, use_compile: bool) -> TableLayout:
+        cfg, env = self.cfg, self.env
+        common = dict(dim=cfg.model.dim, init_std=cfg.model.init_std, seed=cfg.train.seed, mean=mean,
+                      optimizer=cfg.optim.optimizer, lr=cfg.optim.lr, compile=use_compile,
+                      batch_size=self.batch_size)
+        name = layout_choose(cfg.train.tables, env.world_size)
+        if name == "blocks":
+            if cfg.data.workers and cfg.train.tables == "blocks":
+                raise ConfigError("--train.tables blocks holds each rank's ratings in memory (no DataLoader "
+                                  "workers); use --workers 0")
+            if cfg.data.workers:
+                log.warning("--workers %d ignored: blocks tables hold each rank's ratings in memory",
+                            cfg.data.workers)
+            return Blocks(env, self.data, resident=cfg.data.resident, **common)
+        return Replicated(env, self.data, resident=self._use_resident(), workers=cfg.data.workers, **common)
+
+    @property
+    def stream(self):
+        """The replicated layout's RatingStream (tests and benchmarks drive it directly)."""
+        return self.layout.stream
+
+    @property
+    def resident(self) -> bool:
+        return getattr(self.layout, "resident", True)
 
     def _use_resident(self) -> bool:
         """Keep the training split on the device (batches cut there, identical to streamed ones)?"""
@@ -242,7 +264,6 @@ class Trainer:
             log.warning("torch.compile failed (%s); running the fused step without it", type(exc).__name__)
             self.opt_sparse.compile = False
             self.errors = batch_errors
-            self.dense_min = None
         log.info("training step: fused, kernels compiled: %s", self.errors is not batch_errors)
 
     def _check_precision(self) -> None:
@@ -257,12 +278,14 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
+        """The checkpoint's metadata; the tables and their Adam state go into the layout's parts."""
         return {
             "config": self.cfg.to_dict(),
-            "model": self.model.state_dict(),
-            "model_shape": self.model.shape,
+            "global_bias": self.model.global_bias.detach().cpu().clone(),
+            "model_shape": {"n_users": self.data.n_users, "n_items": self.data.n_items, "dim": self.cfg.model.dim},
             "data_fingerprint": self.data.fingerprint,
-            "opt_sparse": self.opt_sparse.state_dict(),
+            "layout": self.layout.name, "layout_position": self.layout.position(),
+            "opt_sparse_groups": self.opt_sparse.state_dict()["param_groups"],
             "opt_dense": self.opt_dense.state_dict(),
             "scheds": [s.state_dict() for s in self.scheds],
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -274,12 +297,28 @@ class Trainer:
         }
 
     def save(self, is_best: bool = False) -> None:
+        """Every rank with rows of its own writes its part in parallel; rank 0 then writes the metadata."""
+        n = self.layout.n_parts
+        part = self.layout.part()
+        if part is not None:
+            checkpoint.write_part(self.run_dir, self.global_step, self.env.rank if n > 1 else 0, n, part)
+        if self.env.distributed:
+            dist.barrier()  # all parts on disk before the metadata that makes the checkpoint valid
         if self.env.is_main:
             checkpoint.save_checkpoint(self.run_dir, self._state(), step=self.global_step,
-                                       keep_last=self.cfg.checkpoint.keep_last, is_best=is_best)
+                                       keep_last=self.cfg.checkpoint.keep_last, is_best=is_best, n_parts=n)
+
+    def _load_tables(self, path: Path, state: dict[str, Any], weights_only: bool = False) -> None:
+        same = state.get("layout") == self.layout.name and state.get("world_size") == self.env.world_size
+        which = [self.env.rank if self.layout.n_parts > 1 else 0] if same else None
+        parts = (checkpoint.load_part(p) for p in checkpoint.part_paths(path, state, which))
+        position = state.get("layout_position", {}) if same else {}
+        self.layout.load_parts(parts, position, weights_only=weights_only)
+        with torch.no_grad():
+            self.model.global_bias.copy_(state["global_bias"])
 
     def resume(self) -> bool:
-        """Load the newest valid checkpoint that rank 0 finds; every rank loads the same file."""
+        """Load the newest valid checkpoint that rank 0 finds; every rank reads the rows it holds from it."""
         if self.cfg.checkpoint.resume == "never":
             return False
         found = checkpoint.load_latest(self.run_dir) if self.env.is_main else None
@@ -288,8 +327,15 @@ class Trainer:
             return False
         state = found[0] if found else checkpoint.load_checkpoint_file(Path(path))
         self._check_compatible(state, path)
-        self.model.load_state_dict(state["model"])
-        self.opt_sparse.load_state_dict(state["opt_sparse"])
+        if state["best_epoch"] >= 0:  # the best weights first: the latest state is loaded over them
+            best = checkpoint.load_best(self.run_dir) if self.env.is_main else None
+            best_path = distributed.broadcast_object(self.env, str(best[1]) if best else None)
+            if best_path is not None:
+                best_state = best[0] if best else checkpoint.load_checkpoint_file(Path(best_path))
+                self._load_tables(Path(best_path), best_state, weights_only=True)
+                self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        self._load_tables(Path(path), state)
+        _load_param_groups(self.opt_sparse, state["opt_sparse_groups"])
         self.opt_dense.load_state_dict(state["opt_dense"])
         for s, sd in zip(self.scheds, state["scheds"], strict=True):
             s.load_state_dict(sd)
@@ -301,121 +347,37 @@ class Trainer:
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
-        best = checkpoint.load_best(self.run_dir) if self.best_epoch >= 0 else None
-        if best is not None:
-            self.best_state = {k: v.cpu() for k, v in best[0]["model"].items()}
         log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
         return True
 
     def _check_compatible(self, state: dict[str, Any], path: str) -> None:
         hint = "use a new --run-dir, or --checkpoint.resume never to start over"
+        if "parts" not in state or "layout" not in state:
+            raise ConfigError(f"checkpoint {path} was written by an older mfscale (whole tables in one file); {hint}")
         if state["data_fingerprint"] != self.data.fingerprint:
             raise ConfigError(f"checkpoint {path} was trained on a different dataset; {hint}")
-        if state["model_shape"] != self.model.shape:
-            raise ConfigError(f"checkpoint {path} has model shape {state['model_shape']}, this run "
-                              f"{self.model.shape}; {hint}")
-        if state["step_in_epoch"] and (state["world_size"], state["batch_size"]) != (
-                self.env.world_size, self.batch_size):
-            raise ConfigError(f"checkpoint {path} stopped mid-epoch with world size {state['world_size']} and "
-                              f"batch size {state['batch_size']}; resume with the same values")
+        shape = {"n_users": self.data.n_users, "n_items": self.data.n_items, "dim": self.cfg.model.dim}
+        if state["model_shape"] != shape:
+            raise ConfigError(f"checkpoint {path} has model shape {state['model_shape']}, this run {shape}; {hint}")
+        if state["step_in_epoch"] and (state["world_size"], state["batch_size"], state["layout"]) != (
+                self.env.world_size, self.batch_size, self.layout.name):
+            raise ConfigError(f"checkpoint {path} stopped mid-epoch with world size {state['world_size']}, batch size "
+                              f"{state['batch_size']} and {state['layout']} tables; resume with the same values "
+                              "(any world size can resume from an epoch boundary)")
 
     # ---- training ----------------------------------------------------------------------------------
-    def _dropout_mask(self, n: int) -> torch.Tensor | None:
-        p = self.cfg.model.dropout
-        if p == 0:
-            return None
-        # Keyed by (seed, rank, step), so a resumed run draws the same masks without saving RNG streams.
-        g = torch.Generator(device=self.device)
-        g.manual_seed(hash((self.cfg.train.seed, self.env.rank, self.global_step)) & 0x7FFF_FFFF_FFFF)
-        keep = torch.rand((n, self.cfg.model.dim + 1), generator=g, device=self.device) >= p  # bias column unused
-        return keep.to(torch.float32) / (1 - p)
-
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns the batch's summed squared error."""
-        o = self.cfg.optim
         dev = self.device
         user = batch["user"].to(dev, non_blocking=True)
         item = batch["item"].to(dev, non_blocking=True)
         rating = batch["rating"].to(dev, non_blocking=True)
-        global_rows = max(int(batch["global_rows"]), 1)
-        if self.fused:
-            return self._fused_step(user, item, rating, global_rows)
-        with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            pred, (u, v) = self.forward_model(user, item, self._dropout_mask(user.numel()))
-            err = pred.to(torch.promote_types(pred.dtype, torch.float32)) - rating  # fp32 at least, f64 kept
-            sse = err.square().sum()
-            # Per-column weights (reg_factor on factors, reg_bias on the bias column) in one matmul each.
-            reg = (u.square() @ self.reg_weights).sum() + (v.square() @ self.reg_weights).sum()
-            loss = (sse + reg) / global_rows
-            if o.gravity > 0:
-                d = self.cfg.model.dim
-                loss = loss + self._gravity(u[:, :d], v[:, :d], global_rows)
-        if self.scaler:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        synced = None
-        if self.env.distributed:
-            if isinstance(self.opt_sparse, LazyAdam) and not self.scaler:
-                synced = sync_sparse_rows(self.model.sparse_parameters())  # unique rows: no second dedupe
-            else:
-                sync_sparse_grads(self.model.sparse_parameters())
-        if self.scaler:
-            self.scaler.step(self.opt_sparse)
-            self.scaler.step(self.opt_dense)
-            self.scaler.update()
-        else:
-            if synced is None:
-                self.opt_sparse.step()
-            else:
-                self.opt_sparse.step(rows=synced)
-            self.opt_dense.step()
-        self.opt_sparse.zero_grad(set_to_none=True)
-        self.opt_dense.zero_grad(set_to_none=True)
-        for s in self.scheds:
-            s.step()
-        return sse.detach()
-
-    def _fused_step(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor,
-                    global_rows: int) -> torch.Tensor:
-        """train_step without autograd: closed-form row gradients, summed over ranks, into LazyAdam.
-
-        Same objective as the autograd step: the per-rating L2 term reaches LazyAdam as (how many ratings of
-        the global batch touched each row) x (per-column weight); ranks sum their counts with the rows, as
-        one extra column of the same all_gather.
-        """
-        gu, gi, g_mean, sse = self.model.closed_form_grads(user, item, rating, global_rows, errors=self.errors,
-                                                           dense_min=self.dense_min, scratch=self._grad_scratch)
-        dtype = gu.rows.dtype
-        tables = [(g.ids, g.rows, g.counts.to(dtype)) for g in (gu, gi)]
-        if self.env.distributed:
-            local = [(ids, torch.cat([rows, counts[:, None]], 1)) for ids, rows, counts in tables]
-            synced = all_sum_rows(local, [self.data.n_users, self.data.n_items])
-            tables = [(ids, v[:, :-1], v[:, -1]) for ids, v in synced]
-            dist.all_reduce(g_mean)
-        col_weights = self.reg_weights * (2.0 / global_rows)
-        self.model.global_bias.grad = g_mean.reshape(()).to(self.model.global_bias.dtype)
-        self.opt_sparse.step(rows=[(ids, rows, counts, col_weights) for ids, rows, counts in tables])
-        self.opt_dense.step()
-        self.opt_dense.zero_grad(set_to_none=True)
+        if isinstance(self.step, AutogradStep):
+            self.step.global_step = self.global_step
+        sse = self.step(user, item, rating, max(int(batch["global_rows"]), 1))
         for s in self.scheds:
             s.step()
         return sse
-
-    def _gravity(self, p: torch.Tensor, q: torch.Tensor, global_rows: int) -> torch.Tensor:
-        """gravity * mean over the global batch's (user, movie) pairs of <p_u, q_i>^2, via d x d Grams.
-
-        sum_{a,b} <p_a, q_b>^2 = <P^T P, Q^T Q>_F. With A, C the Grams summed over ranks, the surrogate
-        <A_r, C> + <A, C_r> (other side detached) has exactly the gradient of <A, C> for this rank's rows.
-        """
-        a_local, c_local = p.T @ p, q.T @ q
-        a_all, c_all = a_local.detach().clone(), c_local.detach().clone()
-        if self.env.distributed:
-            dist.all_reduce(a_all)
-            dist.all_reduce(c_all)
-        scale = self.cfg.optim.gravity / float(global_rows) ** 2
-        return scale * ((a_local * c_all).sum() + (a_all * c_local).sum())
 
     def fit(self) -> dict[str, Any]:
         cfg, env = self.cfg, self.env
@@ -443,14 +405,11 @@ class Trainer:
 
     def _train_epoch(self, monitor: Monitor) -> None:
         cfg, env = self.cfg, self.env
-        self.stream.set_epoch(self.epoch, self.step_in_epoch)
-        loader = self.stream if self.resident else make_loader(self.stream, cfg.data.workers,
-                                                                pin_memory=self.device.type == "cuda")
         bar = tqdm(total=self.steps_per_epoch, initial=self.step_in_epoch, desc=f"epoch {self.epoch}",
                    disable=not (env.is_main and sys.stderr.isatty()), unit="step", dynamic_ncols=True)
         window = {"sse": torch.zeros((), dtype=torch.float64, device=self.device), "rows": 0, "wait": 0.0,
                   "t0": time.perf_counter(), "steps": 0}
-        it = iter(loader)
+        it = self.layout.batches(self.epoch, self.step_in_epoch)
         while True:
             t_wait = time.perf_counter()
             try:
@@ -513,7 +472,7 @@ class Trainer:
     def _end_epoch(self, monitor: Monitor) -> bool:
         """Validate, track the best weights, checkpoint; True when early stopping says stop."""
         cfg = self.cfg
-        val = evaluate(self.model, self.data, "val", self.env, batch_size=cfg.train.eval_batch_size)
+        val = evaluate(self.layout, "val", batch_size=cfg.train.eval_batch_size)
         finished_epoch = self.epoch
         self.epoch += 1
         self.step_in_epoch = 0
@@ -541,9 +500,9 @@ class Trainer:
         cfg, env = self.cfg, self.env
         if self.best_state is not None:
             self.model.load_state_dict({k: v.to(self.device) for k, v in self.best_state.items()})
-        test = evaluate(self.model, self.data, "test", env, batch_size=cfg.train.eval_batch_size)
-        ranking = ranking_metrics(self.model, self.data, "test", env, k=cfg.train.ranking_k) \
-            if cfg.train.ranking_k else None
+        test = evaluate(self.layout, "test", batch_size=cfg.train.eval_batch_size)
+        ranking = ranking_metrics(self.layout, "test", k=cfg.train.ranking_k) if cfg.train.ranking_k else None
+        movie_table = self.layout.eval_tables()[1]  # a collective under blocks: every rank joins
         metrics = {
             "test_rmse": test["rmse"] if test else None,
             "test_mae": test["mae"] if test else None,
@@ -554,6 +513,8 @@ class Trainer:
             "steps": self.global_step,
             "train_ratings_per_s": self.train_ratings / self.train_seconds if self.train_seconds else None,
             "world_size": env.world_size,
+            "tables": self.layout.name,
+            "table_bytes_sent": self.layout.bytes_sent,  # by rank 0, in this process, for the tables
             "batch_size": self.batch_size,
             "device": str(self.device),
             "history": self.history,
@@ -571,19 +532,19 @@ class Trainer:
                 monitor.scalars(self.global_step, {f"test/{k}": v for k, v in ranking.items() if "@" in k})
             monitor.hparams(cfg.to_dict(), {f"hparam/{k}": v for k, v in metrics.items()
                                             if isinstance(v, int | float) and v is not None})
-            self._projector(monitor)
+            self._projector(monitor, movie_table)
         log.info("done: test rmse %s, best val rmse %s, %s ratings/s", _fmt(metrics["test_rmse"]),
                  _fmt(metrics["best_val_rmse"]), _fmt(metrics["train_ratings_per_s"], ",.0f"))
         return metrics
 
-    def _projector(self, monitor: Monitor) -> None:
+    def _projector(self, monitor: Monitor, movie_table: torch.Tensor) -> None:
         """Movie embeddings with title/year/genres labels (the most-rated movies, to keep it light)."""
         import polars as pl
 
         movies = pl.read_parquet(self.data.root / "movies.parquet")
         top = movies.sort("n_train", descending=True).head(10_000)
         idx = torch.tensor(top["item_idx"].to_list(), dtype=torch.long)
-        _, _, q, _ = self.model.factors()
+        q = movie_table[:, : self.cfg.model.dim]
         labels = [{"title": r["title"] or f"movie {r['movie_id']}", "year": r["year"], "genres": r["genres"],
                    "movie_id": r["movie_id"], "ratings": r["n_train"]} for r in top.iter_rows(named=True)]
         monitor.embeddings(q.detach()[idx.to(q.device)].cpu(), labels, tag="movies", step=self.global_step)

@@ -9,10 +9,19 @@ import torch
 
 from mfscale.distributed import DistEnv
 from mfscale.evaluate import evaluate, ranking_metrics
+from mfscale.layout import Replicated, TableLayout
 from mfscale.model import BiasedMF
 from mfscale.shards import Dataset
 
 CPU = torch.device("cpu")
+
+
+def layout_of(model: BiasedMF, data: Dataset, env: DistEnv) -> TableLayout:
+    """A one-process replicated layout holding ``model``'s weights (what evaluation reads)."""
+    lay = Replicated(env, data, dim=model.dim, init_std=0.0, seed=0, mean=0.0, optimizer="lazy_adam", lr=0.01,
+                     compile=False, batch_size=1024, resident=False, workers=0)
+    lay.model.load_state_dict(model.state_dict())
+    return lay
 
 
 def reference(model: BiasedMF, data: Dataset, k: int) -> dict[str, float]:
@@ -47,7 +56,7 @@ def test_ranking_metrics_match_brute_force(small_data):
     env = DistEnv(0, 1, 0, CPU)
     for k in (5, 10):
         # A small score budget forces several user batches.
-        got = ranking_metrics(model, data, "test", env, k=k, score_budget=data.n_items * 7)
+        got = ranking_metrics(layout_of(model, data, env), "test", k=k, score_budget=data.n_items * 7)
         want = reference(model, data, k)
         assert got["ranking_users"] == want["ranking_users"]
         for key in (f"recall@{k}", f"ndcg@{k}", f"map@{k}"):
@@ -57,7 +66,7 @@ def test_ranking_metrics_match_brute_force(small_data):
 def test_rmse_is_global_and_clipped(small_data):
     data = Dataset(small_data)
     model = BiasedMF(data.n_users, data.n_items, 4, mean=100.0)  # every prediction clips to 5.0
-    got = evaluate(model, data, "test", DistEnv(0, 1, 0, CPU), batch_size=333)
+    got = evaluate(layout_of(model, data, DistEnv(0, 1, 0, CPU)), "test", batch_size=333)
     r = data.read_split("test")["rating"].astype(np.float64)
     assert got["count"] == len(r)
     assert math.isclose(got["rmse"], float(np.sqrt(np.mean((5.0 - r) ** 2))), rel_tol=1e-9)

@@ -25,6 +25,7 @@ from mfscale import checkpoint, config
 from mfscale.train import STOP_CHECK_EVERY, Trainer, run
 
 from .conftest import free_port
+from .test_train import latest_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
@@ -197,8 +198,8 @@ def test_signal_stop_then_resume_equals_uninterrupted(small_data, tmp_path, monk
     monkeypatch.setattr(Trainer, "train_step", original)
     resumed = run(job(small_data, tmp_path / "resumed", **changes))
 
-    a = checkpoint.load_latest(tmp_path / "full")[0]
-    b = checkpoint.load_latest(tmp_path / "resumed")[0]
+    a = latest_model(tmp_path / "full")
+    b = latest_model(tmp_path / "resumed")
     assert a["global_step"] == b["global_step"]
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k

@@ -89,13 +89,15 @@ def assert_two_ranks_equal_union(data: Path, cfg: config.JobConfig, steps: int, 
 
 def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(small_data, tmp_path):
     steps, batch = 6, 400
-    cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__gravity=0.5, optim__lr=0.02)
+    cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__gravity=0.5, optim__lr=0.02,
+              train__tables="replicated")
     assert_two_ranks_equal_union(small_data, cfg, steps, batch, tmp_path)
 
 
 def latest_model(run_dir: Path) -> dict:
-    state, _ = checkpoint.load_latest(run_dir)
-    return state
+    """The newest checkpoint's metadata, with its whole tables and Adam moments under ``"model"``."""
+    state, path = checkpoint.load_latest(run_dir)
+    return {**state, "model": checkpoint.assemble(path, state, optimizer=True)}
 
 
 def test_interrupted_then_resumed_equals_uninterrupted(small_data, tmp_path, monkeypatch):
@@ -295,7 +297,7 @@ def test_fused_step_reuses_its_gradient_buffers(small_data, tmp_path):
     ptrs = []
     for batch in list(iter(tr.stream))[:3]:
         tr.train_step(batch)
-        ptrs.append({k: v.data_ptr() for k, v in tr._grad_scratch.items()})
+        ptrs.append({k: v.data_ptr() for k, v in tr.step.scratch.items()})
     assert ptrs[0] == ptrs[1] == ptrs[2] and set(ptrs[0]) == {"users", "items"}
     # Same gradients with and without scratch buffers.
     model = BiasedMF(50, 40, 8)

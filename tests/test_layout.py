@@ -1,0 +1,251 @@
+"""Table layouts: W ranks equal one process on the union of their batches (tables, Adam moments, global bias),
+exactly-once coverage, stratum balance, checkpoints across layouts and world sizes, bad input."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mfscale import checkpoint, config, distributed
+from mfscale.distributed import DistEnv
+from mfscale.errors import ConfigError
+from mfscale.layout import Blocks, deal_rows, init_rows
+from mfscale.shards import Dataset
+from mfscale.train import Trainer, run
+
+from .conftest import free_port, make_dataset
+from .test_train import job
+
+CPU = torch.device("cpu")
+
+
+def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
+    """This rank's rows by global id (weights and Adam moments), plus the global bias and its Adam moments."""
+    part = tr.layout._table_part()
+    out: dict[str, np.ndarray] = {}
+    for name in ("users", "items"):
+        out[f"{name}.ids"] = part[name]["ids"].numpy()
+        for key in ("weight", "exp_avg", "exp_avg_sq"):
+            out[f"{name}.{key}"] = part[name][key].numpy()
+    out["global_bias"] = tr.model.global_bias.detach().numpy().copy()
+    dense = tr.opt_dense.state[tr.model.global_bias]
+    out["global_bias.exp_avg"] = dense["exp_avg"].numpy().copy()
+    out["global_bias.exp_avg_sq"] = dense["exp_avg_sq"].numpy().copy()
+    return out
+
+
+def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) -> None:
+    """Trains one epoch per config on this rank (float64); saves each one's batches (global ids) and tensors."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = distributed.init("cpu", 60)
+    try:
+        torch.set_default_dtype(torch.float64)  # the comparison is about the algorithm, not summation order
+        for k, cfg in enumerate(cfgs):
+            tr = Trainer(config.from_dict(cfg), env)
+            batches = []
+            for batch in tr.layout.batches(0, 0):  # to the end of the epoch: the last, uneven steps included
+                user, item = tr.layout.global_ids(batch)
+                batches.append({"user": user, "item": item, "rating": batch["rating"].numpy().copy(),
+                                "global_rows": batch["global_rows"]})
+                tr.train_step(batch)
+            torch.save({"batches": batches, "tensors": trainer_tensors(tr), "steps": tr.steps_per_epoch,
+                        "bytes_sent": tr.layout.bytes_sent}, Path(out) / f"cfg{k}-rank{rank}.pt")
+    finally:
+        distributed.destroy()
+
+
+def run_ranks(cfgs: list[config.JobConfig], world: int, tmp: Path) -> list[list[dict]]:
+    ctx = mp.get_context("spawn")  # fork after MKL/OpenMP threads started in this process can hang
+    port = free_port()
+    procs = [ctx.Process(target=_epoch_worker, args=(r, world, port, [c.to_dict() for c in cfgs], str(tmp)))
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+        assert p.exitcode == 0
+    return [[torch.load(tmp / f"cfg{k}-rank{r}.pt", weights_only=False) for r in range(world)]
+            for k in range(len(cfgs))]
+
+
+def assert_union_equal(ranks: list[dict], cfg: config.JobConfig, data: Dataset) -> None:
+    """One float64 process (replicated tables) fed each step the union of the ranks' batches ends with the
+    ranks' tables, Adam moments and global bias (whose Adam moments scale with its gradient: averaging it
+    over ranks instead of summing would show there)."""
+    steps = {r["steps"] for r in ranks}
+    assert len(steps) == 1 and all(len(r["batches"]) == steps.pop() for r in ranks[:1])  # equal steps per rank
+    assert len({len(r["batches"]) for r in ranks}) == 1
+    torch.set_default_dtype(torch.float64)
+    try:
+        single = Trainer(config.replace(cfg, train__tables="replicated"), DistEnv(0, 1, 0, CPU))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    sizes = set()
+    for step in zip(*(r["batches"] for r in ranks), strict=True):
+        g = step[0]["global_rows"]
+        assert all(b["global_rows"] == g for b in step) and g == sum(len(b["user"]) for b in step)
+        sizes.update(len(b["user"]) for b in step)
+        union = {k: torch.from_numpy(np.concatenate([b[k] for b in step])) for k in ("user", "item", "rating")}
+        single.train_step({**union, "global_rows": g})
+    assert len(sizes) > 1  # some batches are short (a remainder), not only full ones
+    want = trainer_tensors(single)
+    for name, n in (("users", data.n_users), ("items", data.n_items)):
+        seen = np.zeros(n, dtype=int)
+        for r in ranks:
+            t = r["tensors"]
+            ids = t[f"{name}.ids"]
+            seen[ids] += 1
+            for key in ("weight", "exp_avg", "exp_avg_sq"):
+                got, ref = t[f"{name}.{key}"], want[f"{name}.{key}"][ids]
+                np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-10, err_msg=f"{name}.{key}")
+        assert (seen == (1 if cfg.train.tables == "blocks" else len(ranks))).all()  # blocks: each row once
+        assert not np.array_equal(want[f"{name}.exp_avg"], np.zeros_like(want[f"{name}.exp_avg"]))
+    for key in ("global_bias", "global_bias.exp_avg", "global_bias.exp_avg_sq"):
+        for r in ranks:
+            np.testing.assert_allclose(r["tensors"][key], want[key], rtol=1e-9, atol=0, err_msg=key)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, world):
+    """Fused and autograd steps (the latter with gravity, whose Gram matrices are summed over ranks), through
+    a whole epoch with sub-epoch rotations and uneven strata."""
+    # schedule none: the one process takes other steps per epoch, so a decaying LR would differ per step
+    base = dict(train__batch_size=97, optim__lr=0.02, train__tables="blocks", train__seed=3, optim__schedule="none")
+    cfgs = [job(small_data, tmp_path / "a", **base),
+            job(small_data, tmp_path / "b", **base, train__step="autograd", optim__gravity=0.5)]
+    results = run_ranks(cfgs, world, tmp_path)
+    data = Dataset(small_data)
+    for cfg, ranks in zip(cfgs, results, strict=True):
+        assert_union_equal(ranks, cfg, data)
+        # exactly once: the epoch's batches over all ranks are the training split, as a multiset
+        train = data.read_split("train")
+        got = np.sort(np.concatenate([b["user"] * data.n_items + b["item"] for r in ranks for b in r["batches"]]))
+        assert np.array_equal(got, np.sort(train["user"].astype(np.int64) * data.n_items + train["item"]))
+        # traffic: W rotations of a movie block (rows + two moments) per rank per epoch, no gradient rows
+        block_rows = max(len(r["tensors"]["items.ids"]) for r in ranks)
+        assert {r["bytes_sent"] for r in ranks} == {world * 3 * block_rows * (cfg.model.dim + 1) * 8}
+
+
+def test_replicated_on_two_ranks_equals_one_process_on_the_union(small_data, tmp_path):
+    base = dict(train__batch_size=97, optim__lr=0.02, train__tables="replicated", train__seed=3,
+                optim__schedule="none")
+    cfgs = [job(small_data, tmp_path / "a", **base),
+            job(small_data, tmp_path / "b", **base, train__step="autograd", optim__gravity=0.5)]
+    for cfg, ranks in zip(cfgs, run_ranks(cfgs, 2, tmp_path), strict=True):
+        assert_union_equal(ranks, cfg, Dataset(small_data))
+
+
+def test_init_rows_are_the_same_whatever_the_rows_asked_for():
+    all_rows = init_rows(np.arange(150_000), 4, 0.1, seed=7, table=0)
+    some = np.array([149_999, 3, 70_000, 3, 65_536])
+    assert torch.equal(init_rows(some, 4, 0.1, seed=7, table=0), all_rows[some])
+    assert (all_rows[:, 4] == 0).all() and 0.09 < float(all_rows[:, :4].std()) < 0.11
+    assert not torch.equal(init_rows(some, 4, 0.1, seed=7, table=1), all_rows[some])
+
+
+def test_rows_are_dealt_by_count_in_snake_order():
+    counts = np.array([50, 10, 40, 30, 20, 60, 0])
+    # by count: 5 (60), 0 (50), 2 (40), 3 (30), 4 (20), 1 (10), 6 (0) -> blocks 0 1 2 2 1 0 0
+    assert deal_rows(counts, 3).tolist() == [1, 0, 2, 2, 1, 0, 0]
+    # ML-32M-like skew (Zipf counts): blocks get equal rows and ratings within 1%
+    rng = np.random.default_rng(0)
+    zipf = np.minimum(rng.zipf(1.3, 200_000), 30_000)
+    block = deal_rows(zipf, 4)
+    per_block = np.bincount(block, weights=zipf, minlength=4)
+    assert per_block.max() / per_block.mean() < 1.01
+    assert np.bincount(block).max() - np.bincount(block).min() <= 1
+
+
+def test_more_ranks_than_rows_is_one_clear_error(tmp_path):
+    data = make_dataset(tmp_path / "d", n_users=3, n_items=40, per_user=10)
+    with pytest.raises(ConfigError, match="4 ranks but the data has only 3 users"):
+        Blocks(DistEnv(0, 4, 0, CPU), Dataset(data), dim=4, init_std=0.01, seed=0, mean=3.5,
+               optimizer="lazy_adam", lr=0.01, compile=False, batch_size=16, resident="off")
+
+
+def test_blocks_on_one_rank_trains_every_rating_once_per_epoch(small_data, tmp_path):
+    tr = Trainer(job(small_data, tmp_path, train__tables="blocks", train__batch_size=500), DistEnv(0, 1, 0, CPU))
+    data = Dataset(small_data)
+    pairs = [tr.layout.global_ids(b) for b in tr.layout.batches(0, 0)]
+    got = np.sort(np.concatenate([u * data.n_items + i for u, i in pairs]))
+    train = data.read_split("train")
+    assert np.array_equal(got, np.sort(train["user"].astype(np.int64) * data.n_items + train["item"]))
+    assert len(pairs) == tr.steps_per_epoch == -(-len(train["user"]) // 500)
+
+
+def _torchrun(args: list[str], nproc: int, timeout: int = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                           "-m", "mfscale.train", *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_blocks_checkpoint_resumes_at_other_world_sizes_and_tools_read_it(small_data, tmp_path):
+    """2 blocks ranks write one part each; the whole model assembled from them equals what 1 process and 3
+    ranks load; training continues from there; recommend reads the partitioned run."""
+    two = tmp_path / "two"
+    common = ["--data", str(small_data), "--batch-size", "200", "--train.ranking_k", "5"]
+    r = _torchrun([*common, "--run-dir", str(two), "--epochs", "2", "--train.tables", "blocks"], 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m2 = json.loads((two / "metrics.json").read_text())
+    assert m2["tables"] == "blocks" and m2["world_size"] == 2 and m2["test_rmse"] < 1.0
+    state, path = checkpoint.load_latest(two)
+    assert state["layout"] == "blocks" and len(state["parts"]) == 2 and state["epoch"] == 2
+    whole = checkpoint.assemble(path, state, optimizer=True)
+    assert not any(torch.isnan(v).any() for v in whole.values())
+
+    # 2 -> 1: a one-process (replicated) trainer loads exactly those tables and moments
+    one = tmp_path / "one"
+    (one / "checkpoints").mkdir(parents=True)
+    for f in (two / "checkpoints").iterdir():
+        os.link(f, one / "checkpoints" / f.name)
+    tr = Trainer(job(small_data, one, train__batch_size=400, train__epochs=3), DistEnv(0, 1, 0, CPU))
+    assert tr.resume() and tr.epoch == 2 and tr.layout.name == "replicated"
+    loaded = trainer_tensors(tr)
+    for name in ("users", "items"):
+        for key in ("weight", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(torch.from_numpy(loaded[f"{name}.{key}"]), whole[f"{name}.{key}"]), (name, key)
+    metrics = run(job(small_data, one, train__batch_size=400, train__epochs=3))
+    assert metrics["epochs"] == 3 and metrics["world_size"] == 1 and metrics["test_rmse"] < m2["test_rmse"] + 0.05
+
+    # 2 -> 3 ranks: continues for one more epoch from the same state
+    three = tmp_path / "three"
+    (three / "checkpoints").mkdir(parents=True)
+    for f in (two / "checkpoints").iterdir():
+        os.link(f, three / "checkpoints" / f.name)
+    r = _torchrun([*common, "--run-dir", str(three), "--epochs", "3"], 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr
+    m3 = json.loads((three / "metrics.json").read_text())
+    assert m3["world_size"] == 3 and m3["tables"] == "blocks" and m3["epochs"] == 3
+    assert m3["history"][:2] == m2["history"]
+
+    # the user-facing tools read a partitioned run
+    out = subprocess.run([sys.executable, "-m", "mfscale.recommend", "--run", str(two), "--user", "1", "-k", "3"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert len([line for line in out.stdout.splitlines() if line.strip()]) >= 3
+
+
+def test_mid_epoch_resume_at_another_world_size_is_refused(small_data, tmp_path):
+    run_dir = tmp_path / "run"
+    r = _torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--batch-size", "200", "--epochs", "1",
+                   "--checkpoint.every_steps", "5", "--train.ranking_k", "0"], 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # drop the epoch-end checkpoint so the newest one is mid-epoch
+    for p in checkpoint.list_checkpoints(run_dir)[-1:]:
+        p.unlink()
+    (run_dir / "checkpoints" / "best.pt").unlink()
+    state, _ = checkpoint.load_latest(run_dir)
+    assert state["step_in_epoch"] > 0
+    with pytest.raises(ConfigError, match="stopped mid-epoch with world size 2"):
+        Trainer(job(small_data, run_dir, train__batch_size=200), DistEnv(0, 1, 0, CPU)).resume()
