@@ -139,6 +139,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     "fused-eager": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__compile": "off"},
     "autograd": {"optim__optimizer": "lazy_adam", "train__step": "autograd"},  # backward() + LazyAdam
     "sparse_adam": {"optim__optimizer": "sparse_adam", "train__step": "autograd"},  # the reference
+    # table layouts (mfscale/layout.py), the fused step: compare them at --nprocs 1,2
+    "fused-replicated": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__tables": "replicated"},
+    "fused-blocks": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__tables": "blocks"},
 }
 
 
@@ -156,6 +159,14 @@ def endless(stream: RatingStream, loader: Iterable[dict]) -> Iterator[dict]:
     while True:
         stream.set_epoch(epoch)
         yield from loader
+        epoch += 1
+
+
+def endless_training(trainer: Trainer) -> Iterator[dict]:
+    """The trainer's batches across epoch boundaries, from its table layout (blocks rotate inside)."""
+    epoch = 0
+    while True:
+        yield from trainer.layout.batches(epoch, 0)
         epoch += 1
 
 
@@ -221,9 +232,7 @@ def measure(args: argparse.Namespace, case: Case, env: DistEnv) -> dict[str, Any
             return b["user"].numel(), 0.0
     else:
         trainer = Trainer(job_config(args, case), env)
-        loader = trainer.stream if trainer.resident else make_loader(trainer.stream, num_workers=args.workers,
-                                                                     pin_memory=pin)
-        it = endless(trainer.stream, loader)
+        it = endless_training(trainer)
         if case.mode == "step":
             host = list(itertools.islice(it, min(PRELOAD_BATCHES, max(args.steps, 1))))
             unique = unique_rows_per_rating(host)
@@ -246,6 +255,9 @@ def measure(args: argparse.Namespace, case: Case, env: DistEnv) -> dict[str, Any
                 trainer.train_step(b)
                 return b["user"].numel(), wait
     res = timed_loop(env, args.warmup_steps, args.steps, step)
+    if case.mode != "input":
+        res.update(tables=trainer.layout.name, table_bytes_sent=trainer.layout.bytes_sent,
+                   steps_per_epoch=trainer.steps_per_epoch)
     res.update(unique_rows_per_rating=unique, peak_rss_mib=peak_rss_mib(),
                cuda_max_allocated_mib=torch.cuda.max_memory_allocated(dev) / 2**20 if pin else None)
     return res

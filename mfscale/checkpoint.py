@@ -112,6 +112,15 @@ def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torc
     return out
 
 
+def save_whole_model(run_dir: Path, state: dict, users: torch.Tensor, items: torch.Tensor,
+                     global_bias: torch.Tensor, *, step: int, is_best: bool = False) -> Path:
+    """A checkpoint of whole tables (no optimizer state) in one part: a model made outside training."""
+    part = {name: {"ids": torch.arange(len(w)), "weight": w, "exp_avg": None, "exp_avg_sq": None, "step": 0}
+            for name, w in (("users", users), ("items", items))}
+    write_part(run_dir, step, 0, 1, part)
+    return save_checkpoint(run_dir, {**state, "global_bias": global_bias}, step=step, is_best=is_best, n_parts=1)
+
+
 def _step_of(path: Path) -> int | None:
     m = _STEP_RE.match(path.name)
     return int(m.group(1)) if m else None
@@ -202,18 +211,19 @@ def save_checkpoint(run_dir: Path, state: dict, *, step: int, keep_last: int = 3
     _remove_stale_tmp(directory)  # callers write parts before this, all of them finished (a barrier)
 
     n = int(n_parts)
-    state = {**state, "parts": [part_name(step, k, n) for k in range(n)]}
-    missing = [p for p in state["parts"] if not (directory / p).is_file()]
+    if n:
+        state = {**state, "parts": [part_name(step, k, n) for k in range(n)]}
+    missing = [p for p in state.get("parts", []) if not (directory / p).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint parts not written: {', '.join(missing)}")
     final = step_path(run_dir, step)
     _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "state": state}, final)
     if is_best:
         best_parts = [part_name(step, k, n, prefix="best") for k in range(n)]
-        for src, dst in zip(state["parts"], best_parts, strict=True):
+        for src, dst in zip(state.get("parts", []), best_parts, strict=True):
             _atomic_copy(directory / src, directory / dst)
-        _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "state": {**state, "parts": best_parts}},
-                           best_path(run_dir))
+        best_state = {**state, "parts": best_parts} if n else state
+        _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "state": best_state}, best_path(run_dir))
 
     existing = list_checkpoints(run_dir)
     older = [p for p in existing if _step_of(p) < step]  # type: ignore[operator]

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import polars as pl
+import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 
@@ -363,9 +363,12 @@ class Blocks(TableLayout):
                               "--train.tables replicated")
         self.seed, self.batch_size = seed, batch_size
         n_train = {}
+        # pyarrow, not polars: polars' thread pool deadlocks in a rank forked from a process that used it
         for name, file, key in (("users", "users.parquet", "user_idx"), ("items", "movies.parquet", "item_idx")):
-            frame = pl.read_parquet(data.root / file, columns=[key, "n_train"]).sort(key)
-            n_train[name] = frame["n_train"].to_numpy()
+            table = pq.read_table(data.root / file, columns=[key, "n_train"])
+            counts = np.zeros(len(table), dtype=np.int64)
+            counts[table.column(key).to_numpy()] = table.column("n_train").to_numpy()
+            n_train[name] = counts
         self.user_block = deal_rows(n_train["users"], w)
         self.item_block = deal_rows(n_train["items"], w)
         self.user_local_idx, self.user_members = _local_index(self.user_block, w)

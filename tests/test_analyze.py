@@ -45,15 +45,14 @@ def truth_run(root: Path, preset: str = "small", seed: int = 0) -> tuple[Path, n
     uw = np.hstack([truth["user_factors"][user_rows], truth["user_bias"][user_rows, None]])
     iw = np.hstack([truth["item_factors"][item_rows], truth["item_bias"][item_rows, None]])
     state = {
-        "model": {"users.weight": torch.tensor(uw, dtype=torch.float32),
-                  "items.weight": torch.tensor(iw, dtype=torch.float32),
-                  "global_bias": torch.tensor(spec.global_mean, dtype=torch.float32)},
         "model_shape": {"n_users": len(users), "n_items": len(movies), "dim": spec.rank},
         "config": {"data": {"path": str(data)}},
         "global_step": 0,
     }
     run_dir = root / "run"
-    checkpoint.save_checkpoint(run_dir, state, step=0, is_best=True)
+    checkpoint.save_whole_model(run_dir, state, torch.tensor(uw, dtype=torch.float32),
+                                torch.tensor(iw, dtype=torch.float32),
+                                torch.tensor(spec.global_mean, dtype=torch.float32), step=0, is_best=True)
     return run_dir, truth["item_genre"][item_rows]
 
 
