@@ -197,8 +197,14 @@ def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer="adagrad").validate()
 
 
-def test_dense_form_equals_row_form(compiled: bool = False):
-    """Whole-table gradients with touch counts update exactly the touched rows, as the row form does."""
+def test_dense_form_equals_row_form():
+    check_dense_form_equals_row_form(compiled=False)
+
+
+def check_dense_form_equals_row_form(compiled: bool) -> None:
+    """Whole-table gradients with touch counts update exactly the touched rows, as the row form does.
+
+    Shared with test_zz_compiled (a helper, not a test function, so pytest does not collect it twice)."""
     torch.manual_seed(0)
     results, forms = [], set()
     # rows form; dense form; dense where a step touches at least 15 of the 40 user rows (the 20 users are
