@@ -1,16 +1,24 @@
-"""Ranking metrics against a brute-force reference."""
+"""RMSE/MAE and ranking metrics against brute-force references, with one rank and with two."""
 
 from __future__ import annotations
 
+import json
 import math
+import multiprocessing as mp
+import os
+from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+from mfscale import distributed
 from mfscale.distributed import DistEnv
 from mfscale.evaluate import evaluate, ranking_metrics
 from mfscale.model import BiasedMF
 from mfscale.shards import Dataset
+
+from .conftest import free_port, make_dataset
 
 CPU = torch.device("cpu")
 
@@ -54,11 +62,81 @@ def test_ranking_metrics_match_brute_force(small_data):
             assert math.isclose(got[key], want[key], rel_tol=1e-9, abs_tol=1e-12), key
 
 
-def test_rmse_is_global_and_clipped(small_data):
-    data = Dataset(small_data)
-    model = BiasedMF(data.n_users, data.n_items, 4, mean=100.0)  # every prediction clips to 5.0
-    got = evaluate(model, data, "test", DistEnv(0, 1, 0, CPU), batch_size=333)
-    r = data.read_split("test")["rating"].astype(np.float64)
-    assert got["count"] == len(r)
-    assert math.isclose(got["rmse"], float(np.sqrt(np.mean((5.0 - r) ** 2))), rel_tol=1e-9)
-    assert math.isclose(got["mae"], float(np.mean(5.0 - r)), rel_tol=1e-9)
+def random_model(data: Dataset, seed: int = 0) -> BiasedMF:
+    """Large random factors and biases around the middle of the scale: predictions overshoot both ends."""
+    torch.manual_seed(seed)
+    lo, hi = data.rating_range
+    model = BiasedMF(data.n_users, data.n_items, 8, mean=(lo + hi) / 2, init_std=0.5)
+    with torch.no_grad():
+        for table in (model.users, model.items):
+            table.weight[:, 8] = torch.randn(table.num_embeddings) * (hi - lo) / 3
+    return model
+
+
+def brute_force_rmse_mae(model: BiasedMF, data: Dataset, split: str) -> tuple[float, float, np.ndarray]:
+    """float64 NumPy: clip(mean + b_u + b_i + p_u . q_i) against each row's own rating."""
+    held = data.read_split(split)
+    p, bu, q, bi = (t.detach().double().numpy() for t in model.factors())
+    u, i = held["user"], held["item"]
+    pred = float(model.global_bias.detach()) + bu[u] + bi[i] + np.einsum("nd,nd->n", p[u], q[i])
+    err = np.clip(pred, *data.rating_range) - held["rating"].astype(np.float64)
+    return float(np.sqrt(np.mean(err**2))), float(np.mean(np.abs(err))), pred
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory) -> Path:
+    """325 test ratings: 2 ranks get unequal shares, so a mean of per-rank means differs from the global one."""
+    return make_dataset(tmp_path_factory.mktemp("odd"), n_users=130, n_items=90, per_user=25, seed=3)
+
+
+def test_rmse_and_mae_match_brute_force_with_clipping_at_both_ends(odd_data):
+    data = Dataset(odd_data)
+    model = random_model(data)
+    rmse, mae, pred = brute_force_rmse_mae(model, data, "test")
+    lo, hi = data.rating_range
+    assert (pred < lo).sum() > 10 and (pred > hi).sum() > 10 and ((pred > lo) & (pred < hi)).sum() > 10
+    got = evaluate(model, data, "test", DistEnv(0, 1, 0, CPU), batch_size=37)  # several batches, a short last
+    assert got["count"] == data.split_rows("test")
+    assert math.isclose(got["rmse"], rmse, rel_tol=1e-6) and math.isclose(got["mae"], mae, rel_tol=1e-6)
+
+
+def _eval_rank(rank: int, port: int, data: str, model_file: str, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    env = distributed.init("cpu", 60)
+    try:
+        ds = Dataset(data)
+        model = BiasedMF(ds.n_users, ds.n_items, 8)
+        model.load_state_dict(torch.load(model_file))
+        result = {"eval": evaluate(model, ds, "test", env, batch_size=37),
+                  "ranking": ranking_metrics(model, ds, "test", env, k=5, score_budget=ds.n_items * 7)}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        distributed.destroy()
+
+
+def test_two_ranks_give_the_global_metrics_of_one(odd_data, tmp_path):
+    """Each rank scores its share; the sums are global, never a mean of per-rank means."""
+    data = Dataset(odd_data)
+    model = random_model(data, seed=1)
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    env = DistEnv(0, 1, 0, CPU)
+    one = {"eval": evaluate(model, data, "test", env, batch_size=37),
+           "ranking": ranking_metrics(model, data, "test", env, k=5, score_budget=data.n_items * 7)}
+    assert one["ranking"]["ranking_users"] > 20
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_eval_rank, args=(r, port, str(odd_data), str(tmp_path / "model.pt"),
+                                                  str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank returns the global result
+    assert ranks[0]["eval"]["count"] == one["eval"]["count"]
+    for part in ("eval", "ranking"):
+        for key, value in one[part].items():
+            assert math.isclose(ranks[0][part][key], value, rel_tol=1e-12), (part, key)
