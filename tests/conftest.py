@@ -44,6 +44,14 @@ def small_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("small"))
 
 
+@pytest.fixture(scope="session")
+def odd_data(tmp_path_factory) -> Path:
+    """An odd number of ratings in every split (2,521 train, 315 val, 315 test; 137 users, 90 movies): two
+    ranks get unequal shares, and at batch 90 the epoch's last global step holds 1 rating, so rank 1's last
+    batch is empty."""
+    return make_dataset(tmp_path_factory.mktemp("odd"), n_users=137, n_items=90, per_user=23, seed=3)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

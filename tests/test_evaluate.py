@@ -9,7 +9,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from mfscale import distributed
@@ -18,7 +17,7 @@ from mfscale.evaluate import evaluate, ranking_metrics
 from mfscale.model import BiasedMF
 from mfscale.shards import Dataset
 
-from .conftest import free_port, make_dataset
+from .conftest import free_port
 
 CPU = torch.device("cpu")
 
@@ -83,12 +82,6 @@ def brute_force_rmse_mae(model: BiasedMF, data: Dataset, split: str) -> tuple[fl
     return float(np.sqrt(np.mean(err**2))), float(np.mean(np.abs(err))), pred
 
 
-@pytest.fixture(scope="module")
-def odd_data(tmp_path_factory) -> Path:
-    """325 test ratings: 2 ranks get unequal shares, so a mean of per-rank means differs from the global one."""
-    return make_dataset(tmp_path_factory.mktemp("odd"), n_users=130, n_items=90, per_user=25, seed=3)
-
-
 def test_rmse_and_mae_match_brute_force_with_clipping_at_both_ends(odd_data):
     data = Dataset(odd_data)
     model = random_model(data)
@@ -117,7 +110,7 @@ def _eval_rank(rank: int, port: int, data: str, model_file: str, out: str) -> No
 
 
 def test_two_ranks_give_the_global_metrics_of_one(odd_data, tmp_path):
-    """Each rank scores its share; the sums are global, never a mean of per-rank means."""
+    """Each rank scores its share (unequal: 315 ratings); the sums are global, never a mean of per-rank means."""
     data = Dataset(odd_data)
     model = random_model(data, seed=1)
     torch.save(model.state_dict(), tmp_path / "model.pt")
@@ -139,4 +132,6 @@ def test_two_ranks_give_the_global_metrics_of_one(odd_data, tmp_path):
     assert ranks[0]["eval"]["count"] == one["eval"]["count"]
     for part in ("eval", "ranking"):
         for key, value in one[part].items():
-            assert math.isclose(ranks[0][part][key], value, rel_tol=1e-12), (part, key)
+            # float32 predictions round differently in differently shaped batches; far below the ~1e-4 of a
+            # mean of per-rank means here
+            assert math.isclose(ranks[0][part][key], value, rel_tol=1e-9), (part, key)
