@@ -181,11 +181,9 @@ def test_fused_is_the_default_and_falls_back_where_it_does_not_apply(small_data,
             job(small_data, tmp_path / "c", train__step="fused", **overrides).validate()
 
 
-def test_two_gloo_ranks_with_lazy_adam_equal_one_process(small_data, tmp_path):
-    steps, batch = 4, 400
-    cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__optimizer="lazy_adam",
-              optim__lr=0.02)
-    single = assert_two_ranks_equal_union(small_data, cfg, steps, batch, tmp_path)
+def test_two_gloo_ranks_with_lazy_adam_equal_one_process(odd_data, tmp_path):
+    cfg = job(odd_data, tmp_path / "run", optim__optimizer="lazy_adam", optim__lr=0.02)
+    single = assert_two_ranks_equal_union(odd_data, cfg, 90, tmp_path)
     assert isinstance(single.opt_sparse, LazyAdam) and single.fused
 
 
