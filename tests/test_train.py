@@ -119,20 +119,59 @@ def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(odd_data, tmp_
     assert not single.fused
 
 
-def latest_model(run_dir: Path) -> dict:
-    state, _ = checkpoint.load_latest(run_dir)
-    return state
+def checkpoint_tensors(state: dict) -> dict[str, torch.Tensor]:
+    """A checkpoint's model and optimizer tensors (moments, step counts), flattened by name."""
+    out = {f"model.{k}": v for k, v in state["model"].items()}
+    for opt in ("opt_sparse", "opt_dense"):
+        for idx, st in state[opt]["state"].items():
+            for key, v in st.items():
+                out[f"{opt}.{idx}.{key}"] = torch.as_tensor(v)
+    return out
 
 
-def test_interrupted_then_resumed_equals_uninterrupted(small_data, tmp_path, monkeypatch):
-    changes = {"train__epochs": 3, "train__batch_size": 512, "checkpoint__every_steps": 5, "model__dropout": 0.1,
-               "train__patience": 0}
+def assert_same_run(run_a: Path, run_b: Path, metrics_a: dict, metrics_b: dict) -> None:
+    """Bit-identical final checkpoints (weights and optimizer state), history and test metrics."""
+    a, b = checkpoint.load_latest(run_a)[0], checkpoint.load_latest(run_b)[0]
+    assert (a["epoch"], a["global_step"], a["best_epoch"]) == (b["epoch"], b["global_step"], b["best_epoch"])
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
+    assert ta.keys() == tb.keys() and any(".exp_avg_sq" in k for k in ta)
+    for k in ta:
+        assert torch.equal(ta[k], tb[k]), k
+    assert metrics_b["history"] == metrics_a["history"]
+    for key in ("test_rmse", "test_mae", "best_val_rmse", "best_epoch", "epochs", "steps"):
+        assert metrics_b[key] == metrics_a[key], key
+
+
+# On small_data these settings overfit after epoch 1 (no L2, lr 0.02, 38 steps of 256 per epoch): the best
+# epoch is 1 and two worse epochs stop the run after epoch 3. A run resumed after epoch 1 ends must restore
+# the best weights (the test metrics come from them) and the count of bad epochs (when to stop).
+OVERFIT = {"train__epochs": 5, "train__batch_size": 256, "train__patience": 2, "optim__lr": 0.02,
+           "optim__reg_factor": 0.0, "optim__reg_bias": 0.0, "train__ranking_k": 0}
+
+
+def assert_exercises_best_weights(full: dict, resumed_at_step: int) -> None:
+    """The uninterrupted run stopped early, on weights older than its last epoch's, and the interruption came
+    after the best epoch: what the resume test needs to restore is there."""
+    spe = full["steps"] // full["epochs"]
+    assert full["best_epoch"] < full["epochs"] - 1 < OVERFIT["train__epochs"] - 1, full["history"]
+    assert resumed_at_step > (full["best_epoch"] + 1) * spe
+
+
+@pytest.mark.parametrize("step", ["fused", "autograd_dropout"])
+def test_interrupted_then_resumed_equals_uninterrupted(small_data, tmp_path, monkeypatch, step):
+    """The default fused step, and the autograd step with dropout (its masks are keyed by step)."""
+    changes = {**OVERFIT, "checkpoint__every_steps": 5}
+    if step == "autograd_dropout":
+        changes["model__dropout"] = 0.1
     full = run(job(small_data, tmp_path / "full", **changes))
+    spe = full["steps"] // full["epochs"]
+    crash_at = 3 * spe + 7  # mid-epoch 3, a step after a step checkpoint
+    assert_exercises_best_weights(full, crash_at)
 
     original = Trainer.train_step
 
     def crashing(self, batch):
-        if self.global_step == 17:  # after the step-15 checkpoint, mid-epoch 1
+        if self.global_step == crash_at:
             raise RuntimeError("simulated crash")
         return original(self, batch)
 
@@ -142,13 +181,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(small_data, tmp_path, mon
     assert not (tmp_path / "resumed" / "metrics.json").exists()
     monkeypatch.setattr(Trainer, "train_step", original)
     resumed = run(job(small_data, tmp_path / "resumed", **changes))
-
-    a, b = latest_model(tmp_path / "full"), latest_model(tmp_path / "resumed")
-    assert a["global_step"] == b["global_step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert resumed["test_rmse"] == full["test_rmse"]
-    assert resumed["history"] == full["history"]
+    assert_same_run(tmp_path / "full", tmp_path / "resumed", full, resumed)
 
 
 def test_single_process_learns_structure_and_writes_run_dir(small_data, tmp_path):
