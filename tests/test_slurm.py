@@ -25,6 +25,7 @@ from mfscale import checkpoint, config
 from mfscale.train import STOP_CHECK_EVERY, Trainer, run
 
 from .conftest import free_port
+from .test_train import OVERFIT, assert_exercises_best_weights, assert_same_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
@@ -173,14 +174,17 @@ def job(data: Path, run_dir: Path, **changes) -> config.JobConfig:
     return config.replace(cfg, **changes).validate()
 
 
-@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
-def test_signal_stop_then_resume_equals_uninterrupted(small_data, tmp_path, monkeypatch, where):
-    changes = {"train__epochs": 3, "train__batch_size": 512, "model__dropout": 0.1, "train__patience": 0}
+@pytest.mark.parametrize("where, step", [("mid_epoch", "fused"), ("epoch_end", "autograd_dropout")])
+def test_signal_stop_then_resume_equals_uninterrupted(small_data, tmp_path, monkeypatch, where, step):
+    changes = dict(OVERFIT)
+    if step == "autograd_dropout":
+        changes["model__dropout"] = 0.1
     full = run(job(small_data, tmp_path / "full", **changes))
-    spe = full["steps"] // 3
+    spe = full["steps"] // full["epochs"]
     # No step checkpoints are configured: the stop must write its own. At an epoch's last step it is
     # written before validation, and the resumed run validates that epoch first.
-    stop_at = spe + 7 if where == "mid_epoch" else 2 * spe
+    stop_at = 2 * spe + 7 if where == "mid_epoch" else 3 * spe
+    assert_exercises_best_weights(full, stop_at)
     original = Trainer.train_step
 
     def signalled(self, batch):
@@ -196,14 +200,7 @@ def test_signal_stop_then_resume_equals_uninterrupted(small_data, tmp_path, monk
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after run()
     monkeypatch.setattr(Trainer, "train_step", original)
     resumed = run(job(small_data, tmp_path / "resumed", **changes))
-
-    a = checkpoint.load_latest(tmp_path / "full")[0]
-    b = checkpoint.load_latest(tmp_path / "resumed")[0]
-    assert a["global_step"] == b["global_step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert resumed["test_rmse"] == full["test_rmse"]
-    assert resumed["history"] == full["history"]
+    assert_same_run(tmp_path / "full", tmp_path / "resumed", full, resumed)
 
 
 def test_sigterm_also_stops_cleanly(small_data, tmp_path, monkeypatch):
