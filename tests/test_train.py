@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
 import signal
@@ -18,10 +19,14 @@ from mfscale import checkpoint, config, distributed
 from mfscale.distributed import DistEnv
 from mfscale.errors import ConfigError
 from mfscale.monitor import read_scalars
+from mfscale.runs import load_run
+from mfscale.shards import Dataset
 from mfscale.stream import RatingStream
 from mfscale.train import Trainer, main, run
 
 from .conftest import free_port, make_dataset
+from .test_evaluate import brute_force_rmse_mae
+from .test_evaluate import reference as ranking_reference
 
 CPU = torch.device("cpu")
 
@@ -186,14 +191,28 @@ def test_interrupted_then_resumed_equals_uninterrupted(small_data, tmp_path, mon
 
 def test_single_process_learns_structure_and_writes_run_dir(small_data, tmp_path):
     metrics = run(job(small_data, tmp_path / "r", train__epochs=15))
-    # A biases-only model cannot explain the planted rank-3 interactions; MF must beat it clearly.
-    baseline = run(job(small_data, tmp_path / "b", train__epochs=15, model__dim=1, model__init_std=0.0))
-    assert metrics["test_rmse"] < 0.9 * baseline["test_rmse"]
+    # Planted rank-3 structure with noise 0.3 (floor about 0.33): MF reaches about 0.445 here, a biases-only
+    # model about 0.63, and the same run on unshuffled training rows 0.65.
+    assert metrics["test_rmse"] < 0.48
     run_dir = tmp_path / "r"
     saved = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("test_rmse", "test_mae", "best_val_rmse", "epochs", "train_ratings_per_s", "world_size",
-                "recall@10", "ndcg@10", "map@10"):
-        assert saved[key] is not None, key
+    assert saved == json.loads(json.dumps(metrics))
+    # The reported metrics are those of the best weights, checked against brute-force references.
+    best = load_run(run_dir)
+    data = Dataset(small_data)
+    rmse, mae, _ = brute_force_rmse_mae(best.model, data, "test")
+    assert math.isclose(saved["test_rmse"], rmse, rel_tol=1e-6) and math.isclose(saved["test_mae"], mae, rel_tol=1e-6)
+    assert saved["test_count"] == data.split_rows("test")
+    want = ranking_reference(best.model, data, 10)
+    for key, value in want.items():
+        assert math.isclose(saved[key], value, rel_tol=1e-9, abs_tol=1e-12), key
+    assert 0 < saved["ndcg@10"] <= 1 and 0 < saved["recall@10"] <= 1 and 0 < saved["map@10"] <= 1
+    val = [h["val_rmse"] for h in saved["history"]]
+    assert saved["epochs"] == len(val) and [h["epoch"] for h in saved["history"]] == list(range(len(val)))
+    assert saved["best_val_rmse"] == min(val) and val[saved["best_epoch"]] == min(val)
+    assert saved["steps"] == saved["epochs"] * -(-data.split_rows("train") // saved["batch_size"])
+    assert saved["world_size"] == 1 and saved["train_ratings_per_s"] > 0 and saved["device"] == "cpu"
+    assert saved["test_mae"] < saved["test_rmse"]
     assert config.load_toml(run_dir / "config.toml")["model"]["dim"] == 64
     assert (run_dir / "checkpoints" / "best.pt").is_file()
     tags = set(read_scalars(run_dir / "tb"))
