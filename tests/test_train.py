@@ -223,6 +223,27 @@ def test_single_process_learns_structure_and_writes_run_dir(small_data, tmp_path
     assert projector and projector[0].read_text().startswith("title\tyear\tgenres")
 
 
+def test_early_stopping_keeps_the_best_weights(small_data, tmp_path):
+    """patience N stops N epochs after the best one; best.pt and the reported test metrics are the best
+    epoch's weights, not the last epoch's."""
+    metrics = run(job(small_data, tmp_path / "r", **OVERFIT))
+    val = [h["val_rmse"] for h in metrics["history"]]
+    best_epoch = val.index(min(val))
+    patience = OVERFIT["train__patience"]
+    assert metrics["best_epoch"] == best_epoch and metrics["best_val_rmse"] == min(val)
+    assert metrics["epochs"] == len(val) == best_epoch + 1 + patience < OVERFIT["train__epochs"]
+    assert all(v > min(val) for v in val[best_epoch + 1:])
+    data = Dataset(small_data)
+    best_state, _ = checkpoint.load_best(tmp_path / "r")
+    assert best_state["epoch"] == best_epoch + 1  # saved at the end of the best epoch
+    best = load_run(tmp_path / "r").model
+    rmse, mae, _ = brute_force_rmse_mae(best, data, "test")
+    assert math.isclose(metrics["test_rmse"], rmse, rel_tol=1e-6) and math.isclose(metrics["test_mae"], mae,
+                                                                                     rel_tol=1e-6)
+    best.load_state_dict(checkpoint.load_latest(tmp_path / "r")[0]["model"])  # the last epoch's weights
+    assert not math.isclose(brute_force_rmse_mae(best, data, "test")[0], rmse, rel_tol=1e-6)
+
+
 def torchrun(args: list[str], tmp_path: Path, nproc: int = 2, extra: list[str] | None = None,
              timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
