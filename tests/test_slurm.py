@@ -24,7 +24,7 @@ import torch
 from mfscale import checkpoint, config
 from mfscale.train import STOP_CHECK_EVERY, Trainer, run
 
-from .conftest import free_port
+from .conftest import RESTART_ARGS, free_port
 from .test_train import OVERFIT, assert_exercises_best_weights, assert_same_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,12 +127,11 @@ def test_two_node_job_trains(small_data, tmp_path):
     print(f"2-node job: {time.monotonic() - t0:.1f} s")
 
 
-def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(small_data, tmp_path):
+def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(small_data, tmp_path, reference_run):
     job_id = "5151"
     env = slurm_env(tmp_path, small_data, job_id)  # RUN_DIR derived from job name and id
     run_dir = tmp_path / "runs" / f"mftest-{job_id}"
-    args = ["--epochs", "3", "--workers", "0", "--batch-size", "16", "--train.patience", "0",
-            "--checkpoint.every_steps", "10"]
+    args = RESTART_ARGS
     proc = sbatch(args, env, tmp_path)
     try:
         deadline = time.monotonic() + 60
@@ -164,8 +163,11 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(small_data, tmp_
     assert re.search(r"resumed from \S+ at epoch \d+ step \d+", out2), out2[-4000:]
     assert f"step-{step:010d}.pt" in out2.split("resumed from", 1)[1].splitlines()[0]
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["epochs"] == 3
+    assert m["world_size"] == 2 and m["epochs"] == 6
     assert (tmp_path / "slurm-calls.log").read_text().count("scontrol requeue") == 1
+    # Stopped and requeued, the job ends exactly where an uninterrupted one does.
+    ref_dir, ref_metrics, _ = reference_run
+    assert_same_run(ref_dir, run_dir, ref_metrics, m)
 
 
 def job(data: Path, run_dir: Path, **changes) -> config.JobConfig:

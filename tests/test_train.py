@@ -24,7 +24,7 @@ from mfscale.shards import Dataset
 from mfscale.stream import RatingStream
 from mfscale.train import Trainer, main, run
 
-from .conftest import free_port, make_dataset
+from .conftest import RESTART_ARGS, free_port, make_dataset
 from .test_evaluate import brute_force_rmse_mae
 from .test_evaluate import reference as ranking_reference
 
@@ -274,13 +274,13 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
-def test_killed_worker_is_restarted_and_resumes(small_data, tmp_path):
+def test_killed_worker_is_restarted_and_resumes(small_data, tmp_path, reference_run):
+    """kill -9 of one rank under torchrun --max-restarts: the restarted ranks resume from the newest
+    checkpoint and finish bit-identical to an uninterrupted run (stream position, optimizer state, RNG)."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", "mfscale.train",
-           "--data", str(small_data), "--run-dir", str(run_dir), "--workers", "0", "--batch-size", "32",
-           "--epochs", "6", "--train.patience", "0", "--checkpoint.every_steps", "3"]
+           "-m", "mfscale.train", "--data", str(small_data), "--run-dir", str(run_dir), *RESTART_ARGS]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.time() + 120
@@ -298,6 +298,17 @@ def test_killed_worker_is_restarted_and_resumes(small_data, tmp_path):
     assert "resumed from" in err
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["epochs"] == 6 and m["world_size"] == 2
+    ref_dir, ref_metrics, _ = reference_run
+    assert_same_run(ref_dir, run_dir, ref_metrics, m)
+
+
+def test_only_rank_0_writes_files(reference_run):
+    run_dir, _, writes = reference_run
+    assert not writes[1], writes[1][:5]
+    written = " ".join(writes[0])  # rank 0 wrote the run directory, seen by the same audit hook
+    for name in ("config.toml", "metrics.json", "best.pt", "step-", "tfevents"):
+        assert name in written, name
+    assert (run_dir / "metrics.json").is_file()
 
 
 def fail(argv: list[str], capsys) -> str:
