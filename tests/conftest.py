@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import multiprocessing as mp
+import os
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mfscale import prepare
+from mfscale import config, prepare
 
 
 def write_lowrank_csv(path: Path, n_users: int = 300, n_items: int = 200, per_user: int = 40, rank: int = 3,
@@ -44,7 +48,76 @@ def small_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("small"))
 
 
+@pytest.fixture(scope="session")
+def odd_data(tmp_path_factory) -> Path:
+    """An odd number of ratings in every split (2,521 train, 315 val, 315 test; 137 users, 90 movies): two
+    ranks get unequal shares, and at batch 90 the epoch's last global step holds 1 rating, so rank 1's last
+    batch is empty."""
+    return make_dataset(tmp_path_factory.mktemp("odd"), n_users=137, n_items=90, per_user=23, seed=3)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# The 2-rank job of the restart tests (torchrun --max-restarts, SLURM requeue): 150 steps of 2 x 32 per epoch,
+# long enough to interrupt; its uninterrupted run is the reference_run fixture.
+RESTART_ARGS = ["--workers", "0", "--batch-size", "32", "--epochs", "6", "--train.patience", "0",
+                "--checkpoint.every_steps", "3"]
+_WRITE_EVENTS = ("os.rename", "os.remove", "os.mkdir", "os.rmdir", "os.truncate", "os.link", "os.symlink",
+                 "os.chmod", "os.utime", "shutil.rmtree")
+
+
+def _record_writes(roots: list[str], log: list[str]) -> None:
+    """Audit hook: every file-system write under ``roots`` by this process (Python-level calls; torch.save
+    to a path would bypass it, but the trainer saves through an open file and renames)."""
+
+    def hook(event: str, args: tuple) -> None:
+        if event == "open":
+            path, mode, flags = args
+            writing = any(c in str(mode or "") for c in "wax+") or bool(
+                (flags or 0) & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))
+        elif event in _WRITE_EVENTS:
+            path, writing = args[0], True
+        else:
+            return
+        if writing and isinstance(path, str | bytes | os.PathLike):
+            full = os.path.abspath(os.fsdecode(path))
+            if any(full.startswith(r) for r in roots):
+                log.append(f"{event} {full}")
+
+    sys.addaudithook(hook)
+
+
+def _reference_rank(rank: int, port: int, argv: list[str], out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+
+    from mfscale.train import run
+
+    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: the same kernels, the same rounding
+    cfg = config.from_args(argv)
+    writes: list[str] = []
+    _record_writes([os.path.abspath(cfg.run_dir), os.path.abspath(cfg.data.path)], writes)
+    metrics = run(cfg)
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "writes": writes}))
+
+
+@pytest.fixture(scope="session")
+def reference_run(small_data, tmp_path_factory) -> tuple[Path, dict, list[list[str]]]:
+    """The restart tests' job run uninterrupted by 2 gloo ranks: (run dir, metrics, each rank's writes)."""
+    base = tmp_path_factory.mktemp("reference")
+    argv = ["--data", str(small_data), "--run-dir", str(base / "run"), *RESTART_ARGS]
+    ctx = mp.get_context("spawn")  # fork after MKL/OpenMP threads started in this process can hang
+    port = free_port()
+    procs = [ctx.Process(target=_reference_rank, args=(r, port, argv, str(base))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+        assert p.exitcode == 0
+    ranks = [json.loads((base / f"rank{r}.json").read_text()) for r in range(2)]
+    return base / "run", ranks[0]["metrics"], [r["writes"] for r in ranks]

@@ -181,11 +181,9 @@ def test_fused_is_the_default_and_falls_back_where_it_does_not_apply(small_data,
             job(small_data, tmp_path / "c", train__step="fused", **overrides).validate()
 
 
-def test_two_gloo_ranks_with_lazy_adam_equal_one_process(small_data, tmp_path):
-    steps, batch = 4, 400
-    cfg = job(small_data, tmp_path / "unused", train__batch_size=batch, optim__optimizer="lazy_adam",
-              optim__lr=0.02, train__tables="replicated")
-    single = assert_two_ranks_equal_union(small_data, cfg, steps, batch, tmp_path)
+def test_two_gloo_ranks_with_lazy_adam_equal_one_process(odd_data, tmp_path):
+    cfg = job(odd_data, tmp_path / "run", optim__optimizer="lazy_adam", optim__lr=0.02, train__tables="replicated")
+    single = assert_two_ranks_equal_union(odd_data, cfg, 90, tmp_path)
     assert isinstance(single.opt_sparse, LazyAdam) and single.fused
 
 
@@ -197,8 +195,14 @@ def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer="adagrad").validate()
 
 
-def test_dense_form_equals_row_form(compiled: bool = False):
-    """Whole-table gradients with touch counts update exactly the touched rows, as the row form does."""
+def test_dense_form_equals_row_form():
+    check_dense_form_equals_row_form(compiled=False)
+
+
+def check_dense_form_equals_row_form(compiled: bool) -> None:
+    """Whole-table gradients with touch counts update exactly the touched rows, as the row form does.
+
+    Shared with test_zz_compiled (a helper, not a test function, so pytest does not collect it twice)."""
     torch.manual_seed(0)
     results, forms = [], set()
     # rows form; dense form; dense where a step touches at least 15 of the 40 user rows (the 20 users are

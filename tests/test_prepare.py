@@ -291,3 +291,36 @@ def test_output_directory_has_ordinary_permissions(tmp_path):
     out = tmp_path / "o"
     run(["--input", str(write_csv(tmp_path / "r.csv")), "--out", str(out), "--quiet"])
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def _adjacent_same(a: np.ndarray) -> float:
+    """Share of neighbouring rows with the same value: about 1 / distinct values in a random order."""
+    return float(np.mean(a[1:] == a[:-1]))
+
+
+def test_training_rows_are_written_in_a_seeded_random_order(tmp_path):
+    """The stream relies on it: any contiguous run of training rows must be a random sample."""
+    rows = sorted(big_frame(n_users=60, per_user=20))  # input sorted by user, then movie
+    src = write_csv(tmp_path / "ratings.csv", rows)
+    argv = ["--input", str(src), "--quiet", "--seed", "5"]
+    for name in ("a", "b"):
+        run(argv + ["--out", str(tmp_path / name)])
+    run(argv[:-1] + ["6", "--out", str(tmp_path / "c")])
+    train = {name: Dataset(tmp_path / name).read_split("train") for name in "abc"}
+    a = train["a"]
+    n_users, n = len(np.unique(a["user"])), len(a["user"])
+    # Sorted by user, 19 of 20 neighbours share the user; shuffled, about 1 in 60 does.
+    assert _adjacent_same(a["user"]) < 5 / n_users
+    pos = np.arange(n)
+    for col in ("user", "item", "timestamp"):  # no column still orders the rows
+        assert abs(np.corrcoef(pos, a[col])[0, 1]) < 0.2, col
+    for col in ("user", "item", "rating", "timestamp"):  # the same seed gives the same order
+        assert np.array_equal(a[col], train["b"][col]), col
+
+    # Another seed gives another order, also among the rows both splits keep in training.
+    def keys(t: dict[str, np.ndarray]) -> list[tuple[int, int]]:
+        return list(zip(t["user"].tolist(), t["item"].tolist(), strict=True))
+
+    common = set(keys(a)) & set(keys(train["c"]))
+    assert len(common) > 0.6 * n
+    assert [k for k in keys(a) if k in common] != [k for k in keys(train["c"]) if k in common]

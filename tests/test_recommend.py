@@ -179,3 +179,51 @@ def test_missing_run_and_run_without_model(tmp_path, capsys):
     with pytest.raises(SystemExit) as se:
         main(["--run", str(tmp_path / "empty"), "--user", "1"])
     assert se.value.code == 2 and "no model in run directory" in capsys.readouterr().err
+
+
+COLD_MOVIE = 9999  # rated only in the test file
+
+
+@pytest.fixture(scope="module")
+def cold_movie_run(tmp_path_factory) -> Path:
+    """A run whose dataset has a movie seen only in test: its factors are the random initialization."""
+    from .conftest import write_lowrank_csv
+
+    base = tmp_path_factory.mktemp("cold")
+    train_csv = write_lowrank_csv(base / "base.csv", n_users=40, n_items=30, per_user=10, seed=5)
+    (base / "test.csv").write_text("userId,movieId,rating,timestamp\n"
+                                   + "".join(f"{u},{COLD_MOVIE},4.0,2000000{u}\n" for u in (1, 2, 3)))
+    data, run_dir = base / "data", base / "run"
+    assert prepare.main(["--input", str(train_csv), "--test-input", str(base / "test.csv"), "--out", str(data),
+                         "--quiet"]) == 0
+    cfg = config.JobConfig()
+    cfg.data.path, cfg.run_dir, cfg.data.workers = str(data), str(run_dir), 0
+    train.run(config.replace(cfg, train__epochs=2, model__dim=4, train__batch_size=64, train__ranking_k=0,
+                             train__device="cpu").validate())
+    return run_dir
+
+
+def test_movie_without_training_ratings_is_never_recommended(cold_movie_run, tmp_path, capsys):
+    run = load_run(cold_movie_run)
+    movies = run.movies
+    assert movies.filter(pl.col("movie_id") == COLD_MOVIE)["n_train"].to_list() == [0]
+    n_items = movies.height
+    rec = Recommender(run)
+    for uid in run.users["user_id"].to_list():
+        table = rec.for_user(uid, n_items)  # every movie the user has not rated in training
+        assert table.height > n_items // 2 and COLD_MOVIE not in table["movie_id"].to_list()
+    out = tmp_path / "all.parquet"
+    assert main(["--run", str(cold_movie_run), "--all-users", "--out", str(out), "-k", str(n_items)]) == 0
+    df = pl.read_parquet(out)
+    assert df.height > run.users.height * n_items // 2 and COLD_MOVIE not in df["movie_id"].to_list()
+    some_trained = int(movies.filter(pl.col("n_train") > 0)["movie_id"][0])
+    similar = similar_movies(run, find_movie(run, str(some_trained)), n_items)
+    assert similar.height == n_items - 2 and COLD_MOVIE not in similar["movie_id"].to_list()
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as se:
+        main(["--run", str(cold_movie_run), "--similar-to", str(COLD_MOVIE)])
+    assert se.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("mfscale.recommend: error:")
+    assert f"movie {COLD_MOVIE} has no training ratings" in err

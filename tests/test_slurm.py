@@ -24,8 +24,8 @@ import torch
 from mfscale import checkpoint, config
 from mfscale.train import STOP_CHECK_EVERY, Trainer, run
 
-from .conftest import free_port
-from .test_train import latest_model
+from .conftest import RESTART_ARGS, free_port
+from .test_train import OVERFIT, assert_exercises_best_weights, assert_same_run
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "launch" / "slurm" / "train.sbatch"
@@ -127,12 +127,11 @@ def test_two_node_job_trains(small_data, tmp_path):
     print(f"2-node job: {time.monotonic() - t0:.1f} s")
 
 
-def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(small_data, tmp_path):
+def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(small_data, tmp_path, reference_run):
     job_id = "5151"
     env = slurm_env(tmp_path, small_data, job_id)  # RUN_DIR derived from job name and id
     run_dir = tmp_path / "runs" / f"mftest-{job_id}"
-    args = ["--epochs", "3", "--workers", "0", "--batch-size", "16", "--train.patience", "0",
-            "--checkpoint.every_steps", "10"]
+    args = RESTART_ARGS
     proc = sbatch(args, env, tmp_path)
     try:
         deadline = time.monotonic() + 60
@@ -164,8 +163,11 @@ def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(small_data, tmp_
     assert re.search(r"resumed from \S+ at epoch \d+ step \d+", out2), out2[-4000:]
     assert f"step-{step:010d}.pt" in out2.split("resumed from", 1)[1].splitlines()[0]
     m = json.loads((run_dir / "metrics.json").read_text())
-    assert m["world_size"] == 2 and m["epochs"] == 3
+    assert m["world_size"] == 2 and m["epochs"] == 6
     assert (tmp_path / "slurm-calls.log").read_text().count("scontrol requeue") == 1
+    # Stopped and requeued, the job ends exactly where an uninterrupted one does.
+    ref_dir, ref_metrics, _ = reference_run
+    assert_same_run(ref_dir, run_dir, ref_metrics, m)
 
 
 def job(data: Path, run_dir: Path, **changes) -> config.JobConfig:
@@ -174,14 +176,17 @@ def job(data: Path, run_dir: Path, **changes) -> config.JobConfig:
     return config.replace(cfg, **changes).validate()
 
 
-@pytest.mark.parametrize("where", ["mid_epoch", "epoch_end"])
-def test_signal_stop_then_resume_equals_uninterrupted(small_data, tmp_path, monkeypatch, where):
-    changes = {"train__epochs": 3, "train__batch_size": 512, "model__dropout": 0.1, "train__patience": 0}
+@pytest.mark.parametrize("where, step", [("mid_epoch", "fused"), ("epoch_end", "autograd_dropout")])
+def test_signal_stop_then_resume_equals_uninterrupted(small_data, tmp_path, monkeypatch, where, step):
+    changes = dict(OVERFIT)
+    if step == "autograd_dropout":
+        changes["model__dropout"] = 0.1
     full = run(job(small_data, tmp_path / "full", **changes))
-    spe = full["steps"] // 3
+    spe = full["steps"] // full["epochs"]
     # No step checkpoints are configured: the stop must write its own. At an epoch's last step it is
     # written before validation, and the resumed run validates that epoch first.
-    stop_at = spe + 7 if where == "mid_epoch" else 2 * spe
+    stop_at = 2 * spe + 7 if where == "mid_epoch" else 3 * spe
+    assert_exercises_best_weights(full, stop_at)
     original = Trainer.train_step
 
     def signalled(self, batch):
@@ -197,14 +202,7 @@ def test_signal_stop_then_resume_equals_uninterrupted(small_data, tmp_path, monk
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored after run()
     monkeypatch.setattr(Trainer, "train_step", original)
     resumed = run(job(small_data, tmp_path / "resumed", **changes))
-
-    a = latest_model(tmp_path / "full")
-    b = latest_model(tmp_path / "resumed")
-    assert a["global_step"] == b["global_step"]
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
-    assert resumed["test_rmse"] == full["test_rmse"]
-    assert resumed["history"] == full["history"]
+    assert_same_run(tmp_path / "full", tmp_path / "resumed", full, resumed)
 
 
 def test_sigterm_also_stops_cleanly(small_data, tmp_path, monkeypatch):

@@ -7,11 +7,11 @@ import torch
 
 from mfscale.model import batch_errors
 
-from .test_optim import one_epoch, test_dense_form_equals_row_form
+from .test_optim import check_dense_form_equals_row_form, one_epoch
 
 
 def test_compiled_dense_form_equals_row_form():
-    test_dense_form_equals_row_form(compiled=True)
+    check_dense_form_equals_row_form(compiled=True)
 
 
 def test_compiled_fused_step_equals_eager(small_data, tmp_path):

@@ -1,0 +1,208 @@
+"""README promises of the trainer: mid-epoch resume refusal, collective timeout, compile fallback, auto batch
+size, learning-rate schedules, resident auto, cold-start predictions."""
+
+from __future__ import annotations
+
+import math
+import multiprocessing as mp
+import os
+import time
+
+import pytest
+import torch
+
+from mfscale import checkpoint, config, model, optim, stream, train
+from mfscale.distributed import DistEnv
+from mfscale.monitor import read_scalars
+from mfscale.runs import load_run
+from mfscale.shards import Dataset
+from mfscale.train import Trainer, auto_batch_size, main, run
+
+from .conftest import free_port, write_lowrank_csv
+from .test_train import fail, job
+
+CPU = torch.device("cpu")
+
+
+def trainer_is_resident(tr: Trainer) -> bool:
+    """Whether the trainer holds the training split in memory (an internal: adapt here if it moves)."""
+    return tr.resident
+
+
+def test_mid_epoch_resume_with_another_batch_or_world_size_is_refused(odd_data, tmp_path, monkeypatch, capsys):
+    run_dir = tmp_path / "r"
+    args = ["--data", str(odd_data), "--run-dir", str(run_dir), "--workers", "0", "--batch-size", "256",
+            "--epochs", "2", "--checkpoint.every_steps", "5", "--train.ranking_k", "0"]
+    original = Trainer.train_step
+
+    def crashing(self, batch):
+        if self.global_step == 7:  # mid-epoch 0 (10 steps), after the step-5 checkpoint
+            raise RuntimeError("simulated crash")
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(args)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert "stopped mid-epoch with world size 1, batch size 256" in fail([*args, "--batch-size", "128"],
+                                                                             capsys)
+    # The same checkpoint as if 2 ranks had written it: refused by 1 process at the same batch size.
+    state, path = checkpoint.load_latest(run_dir)
+    assert state["step_in_epoch"] == 5
+    checkpoint.save_checkpoint(run_dir, {**state, "world_size": 2}, step=state["global_step"])
+    assert "stopped mid-epoch with world size 2" in fail(args, capsys)
+    checkpoint.save_checkpoint(run_dir, state, step=state["global_step"])
+    assert main(args) == 0  # the same world size and batch size resume
+
+    # At an epoch boundary no batch position is lost: another batch size continues.
+    other = tmp_path / "epoch-end"
+    assert main([*args[:3], str(other), *args[4:], "--epochs", "1"]) == 0
+    assert main([*args[:3], str(other), *args[4:], "--epochs", "2", "--batch-size", "128"]) == 0
+
+
+def _stalling_rank(rank: int, port: int, cfg_dict: dict, how: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    original = Trainer.train_step
+
+    def faulty(self, batch):
+        if self.env.rank == 1 and self.global_step == 3:
+            if how == "dead":
+                os._exit(9)  # like a kill -9: no exception, no goodbye to the other rank
+            time.sleep(3600)  # stuck
+        return original(self, batch)
+
+    Trainer.train_step = faulty
+    run(config.from_dict(cfg_dict))
+
+
+@pytest.mark.parametrize("how", ["stuck", "dead"])
+def test_a_dead_or_stuck_rank_fails_the_job_instead_of_hanging(odd_data, tmp_path, how):
+    timeout_s = 10  # above the ranks' start-up skew (rendezvous also waits this long), far below the default
+    cfg = job(odd_data, tmp_path / "r", train__batch_size=64, train__timeout_s=timeout_s)
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_stalling_rank, args=(r, port, cfg.to_dict(), how)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        procs[0].join(60)
+        assert procs[0].exitcode not in (None, 0), "rank 0 hung or succeeded"
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+
+def test_compile_auto_falls_back_to_eager_when_compiling_fails(small_data, tmp_path, monkeypatch, capsys):
+    calls = []
+
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            calls.append(fn.__name__)
+            raise RuntimeError("no working C++ compiler")  # inductor fails at the first call, not at compile()
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(model, "_COMPILED", {})
+    monkeypatch.setattr(optim, "_COMPILED", {})
+    monkeypatch.setattr(train, "COMPILE_MIN_ROWS", 1)  # auto compiles from this size: here, this small data
+    changes = {"train__epochs": 2, "train__batch_size": 1024, "train__ranking_k": 0}
+    auto = run(job(small_data, tmp_path / "auto", train__compile="auto", **changes))
+    assert calls  # compiling was attempted, failed, and the job still trained
+    eager = run(job(small_data, tmp_path / "off", train__compile="off", **changes))
+    assert auto["history"] == eager["history"] and auto["test_rmse"] == eager["test_rmse"]  # same math
+    err = fail(["--data", str(small_data), "--run-dir", str(tmp_path / "on"), "--workers", "0",
+                "--train.compile", "on"], capsys)
+    assert "--train.compile on: torch.compile failed (RuntimeError: no working C++ compiler)" in err
+
+
+def test_auto_batch_size_keeps_about_200_steps_and_one_global_batch_for_any_world_size(small_data, tmp_path):
+    for n in (1_000_000, 2_000_000, 10_000_000, 32_000_000):  # neither bound applies: about 200 steps
+        global_batch = auto_batch_size(n, 1)
+        assert global_batch % 1024 == 0 and 200 <= math.ceil(n / global_batch) < 200 * 1.25, n
+        for world in (2, 4, 8):  # the same global batch (the same updates), split over the ranks
+            assert auto_batch_size(n, world) * world == global_batch, (n, world)
+    assert auto_batch_size(10_000, 1) == 1024  # at least 1Ki per step
+    assert auto_batch_size(10**9, 1) == auto_batch_size(10**10, 1) == 262_144  # at most 256Ki
+    assert auto_batch_size(10_000, 8) == 256  # and at least 256 per rank
+    m = run(job(small_data, tmp_path / "r", train__epochs=1, train__ranking_k=0))  # batch_size 0 = auto
+    n_train = Dataset(small_data).split_rows("train")
+    assert m["batch_size"] == auto_batch_size(n_train, 1) and m["steps"] == math.ceil(n_train / m["batch_size"])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "none"])
+def test_learning_rate_schedules_end_at_min_lr_frac(small_data, tmp_path, schedule):
+    lr, dense_lr, frac = 0.02, 0.03, 0.2
+    m = run(job(small_data, tmp_path / "r", train__epochs=2, train__batch_size=2048, train__log_every=1,
+                train__ranking_k=0, optim__lr=lr, optim__dense_lr=dense_lr, optim__schedule=schedule,
+                optim__min_lr_frac=frac))
+    total = m["steps"]
+    scalars = read_scalars(tmp_path / "r" / "tb")
+
+    def factor(step: int) -> float:  # the README's schedules, from 1 down to min_lr_frac over the run
+        t = step / total
+        return {"cosine": frac + (1 - frac) * (1 + math.cos(math.pi * t)) / 2, "linear": 1 - (1 - frac) * t,
+                "none": 1.0}[schedule]
+
+    for tag, base in (("lr/sparse", lr), ("lr/dense", dense_lr)):
+        series = scalars[tag]  # logged after each step: the rate the next step uses
+        assert [s for s, _ in series] == list(range(1, total + 1))
+        for step, value in series:
+            assert math.isclose(value, base * factor(step), rel_tol=1e-6), (tag, step)
+        assert math.isclose(series[-1][1], base * (frac if schedule != "none" else 1.0), rel_tol=1e-6)
+
+
+def test_resident_auto_follows_the_memory_rule(small_data, tmp_path, monkeypatch):
+    gib = 1 << 30
+    # CPU: at most 1 GiB per rank and an eighth of RAM for all local ranks.
+    monkeypatch.setattr(os, "sysconf", lambda name: {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 64 * gib // 4096}[name])
+    rows_1gib = gib // 12
+    assert stream.resident_fits(rows_1gib, CPU) and not stream.resident_fits(rows_1gib + 1, CPU)
+    assert stream.resident_fits(rows_1gib, CPU, local_world_size=8)  # 8 GiB = RAM / 8
+    assert not stream.resident_fits(rows_1gib, CPU, local_world_size=9)
+    # CUDA: at most a quarter of the free GPU memory.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (48 * gib, 80 * gib))
+    cuda = torch.device("cuda", 0)
+    assert stream.resident_fits(12 * gib // 12, cuda) and not stream.resident_fits(12 * gib // 12 + 1, cuda)
+    monkeypatch.undo()
+    # The trainer: auto holds small data with --workers 0, streams with workers or when the rule says no.
+    assert trainer_is_resident(Trainer(job(small_data, tmp_path / "a"), DistEnv(0, 1, 0, CPU)))
+    assert not trainer_is_resident(Trainer(job(small_data, tmp_path / "b", data__workers=1), DistEnv(0, 1, 0, CPU)))
+    monkeypatch.setattr(stream, "RESIDENT_CPU_MAX_BYTES", 1000)
+    assert not trainer_is_resident(Trainer(job(small_data, tmp_path / "c"), DistEnv(0, 1, 0, CPU)))
+
+
+COLD_USER, COLD_MOVIE = 9001, 9999  # rated only in the test file
+
+
+def test_cold_start_users_and_movies_predict_the_mean_plus_the_known_bias(tmp_path):
+    from mfscale import prepare
+
+    base = write_lowrank_csv(tmp_path / "base.csv", n_users=40, n_items=30, per_user=10, seed=2)
+    (tmp_path / "test.csv").write_text(
+        "userId,movieId,rating,timestamp\n"
+        f"{COLD_USER},1,4.0,2000000001\n1,{COLD_MOVIE},3.0,2000000002\n{COLD_USER},{COLD_MOVIE},2.0,2000000003\n")
+    data = tmp_path / "data"
+    assert prepare.main(["--input", str(base), "--test-input", str(tmp_path / "test.csv"), "--out", str(data),
+                         "--quiet"]) == 0
+    cfg = job(data, tmp_path / "r", train__epochs=3, model__dim=8, train__batch_size=64, train__ranking_k=0)
+    run(cfg)
+    r = load_run(tmp_path / "r")
+    p, bu, q, bi = (t.detach() for t in r.model.factors())
+    mean = float(r.model.global_bias.detach())
+    u_cold, u_known = r.user_index(COLD_USER), r.user_index(1)
+    i_cold = int(r.movies.filter(r.movies["movie_id"] == COLD_MOVIE)["item_idx"][0])
+    i_known = int(r.movies.filter(r.movies["movie_id"] == 1)["item_idx"][0])
+    # Never trained: no bias learned, factors still at the initialization's scale (far below trained ones).
+    assert bu[u_cold] == 0 and bi[i_cold] == 0
+    init_scale = 3 * cfg.model.init_std * math.sqrt(cfg.model.dim)
+    assert p[u_cold].norm() < init_scale and q[i_cold].norm() < init_scale
+    assert bi[i_known] != 0 and bu[u_known] != 0
+    for u, i, known_bias in ((u_cold, i_known, bi[i_known]), (u_known, i_cold, bu[u_known]), (u_cold, i_cold, 0.0)):
+        pred = float(r.model.predict(torch.tensor([u]), torch.tensor([i])))
+        # mean + known bias, up to the dot product with the untrained side's initial factors
+        assert abs(pred - (mean + float(known_bias))) <= float(p[u].norm() * q[i].norm()) + 1e-6, (u, i)
