@@ -78,6 +78,18 @@ def init_rows(ids: np.ndarray, dim: int, std: float, seed: int, table: int, dtyp
     return out
 
 
+def train_counts(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Training ratings per user row and per movie row (from users.parquet / movies.parquet)."""
+    out = []
+    # pyarrow, not polars: polars' thread pool deadlocks in a rank forked from a process that used it
+    for file, key in (("users.parquet", "user_idx"), ("movies.parquet", "item_idx")):
+        table = pq.read_table(data.root / file, columns=[key, "n_train"])
+        counts = np.zeros(len(table), dtype=np.int64)
+        counts[table.column(key).to_numpy()] = table.column("n_train").to_numpy()
+        out.append(counts)
+    return out[0], out[1]
+
+
 def deal_rows(counts: np.ndarray, world: int) -> np.ndarray:
     """Block (0..world-1) of every row: rows sorted by count, most first, dealt in snake order."""
     order = np.argsort(-np.asarray(counts, dtype=np.int64), kind="stable")
@@ -130,10 +142,15 @@ class TableLayout:
                seed: int, mean: float, optimizer: str, lr: float, compile: bool) -> None:
         """Model with ``len(user_ids)`` user rows and ``item_rows`` movie rows (the first ``item_ids`` filled)."""
         self.model = BiasedMF(len(user_ids), item_rows, dim, mean=mean, init_std=0.0).to(self.env.device)
+        users_n, items_n = train_counts(self.data)
         with torch.no_grad():
-            self.model.users.weight.copy_(init_rows(user_ids, dim, init_std, seed, 0))
-            self.model.items.weight[: len(item_ids)] = init_rows(item_ids, dim, init_std, seed, 1).to(
-                self.env.device)
+            for table, ids, n_train, k in ((self.model.users, user_ids, users_n, 0),
+                                           (self.model.items, item_ids, items_n, 1)):
+                rows = init_rows(ids, dim, init_std, seed, k)
+                # Rows without training ratings never get a gradient: zero factors make their prediction
+                # exactly the mean plus the other side's bias (cold start), not a random dot product.
+                rows[torch.from_numpy(n_train[ids] == 0)] = 0.0
+                table.weight[: len(ids)] = rows.to(self.env.device)
         if optimizer == "lazy_adam":
             self.opt = LazyAdam(self.model.sparse_parameters(), lr=lr, compile=compile)
         else:
@@ -362,13 +379,7 @@ class Blocks(TableLayout):
                               f"{data.n_items:,} movies (each rank needs a block of both); use fewer ranks or "
                               "--train.tables replicated")
         self.seed, self.batch_size = seed, batch_size
-        n_train = {}
-        # pyarrow, not polars: polars' thread pool deadlocks in a rank forked from a process that used it
-        for name, file, key in (("users", "users.parquet", "user_idx"), ("items", "movies.parquet", "item_idx")):
-            table = pq.read_table(data.root / file, columns=[key, "n_train"])
-            counts = np.zeros(len(table), dtype=np.int64)
-            counts[table.column(key).to_numpy()] = table.column("n_train").to_numpy()
-            n_train[name] = counts
+        n_train = dict(zip(("users", "items"), train_counts(data), strict=True))
         self.user_block = deal_rows(n_train["users"], w)
         self.item_block = deal_rows(n_train["items"], w)
         self.user_local_idx, self.user_members = _local_index(self.user_block, w)
