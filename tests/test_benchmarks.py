@@ -42,3 +42,19 @@ def test_throughput_smoke(small_data, tmp_path):
     table = md.read_text()
     assert "| e2e | 1 | 512 | 8 | sparse_adam | fp32 |" in table and "no_such_variant" in table
     assert "| notebook | 128 | 8 |" in table and proc.stdout.count("| plain_sparse_adam |") == 1
+
+
+def test_profile_step_and_gpu_summary_smoke(small_data, tmp_path):
+    """The GPU check's helpers on the CPU: the profiler table of a step, and the summary of a work directory
+    (here one holding only a profile: every other section says what is missing instead of failing)."""
+    bench = SCRIPT.parent
+    out = tmp_path / "profile.txt"
+    proc = subprocess.run([sys.executable, str(bench / "profile_step.py"), "--data", str(small_data), "--device",
+                           "cpu", "--steps", "1", "--warmup-steps", "1", "--dim", "8", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert out.read_text().startswith("profile: 1 steps") and "train_step" in out.read_text()
+    proc = subprocess.run([sys.executable, str(bench / "gpu_summary.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "== targets" in proc.stdout and "no results" in proc.stdout and "train_step" in proc.stdout
