@@ -89,7 +89,7 @@ def test_kernels_compiled_at_warm_up_serve_the_whole_epoch_on_cuda(small_data, t
               train__device="cuda")
     tr = Trainer(cfg, DistEnv(0, 1, 0, CUDA))
     assert tr.resident and tr.opt_sparse.compile and tr.errors is not batch_errors
-    tr.dense_min = (150, 100)  # users: dense when 150 of 300 rows are touched; movies: 100 of 200
+    tr.step.dense_min = (150, 100)  # users: dense when 150 of 300 rows are touched; movies: 100 of 200
     forms = set()
     tr.stream.set_epoch(0)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -143,7 +143,7 @@ def test_mixed_precision_trains(small_data, tmp_path, precision):
               optim__lr=LR, train__ranking_k=0)
     untrained = Trainer(cfg, DistEnv(0, 1, 0, CUDA))
     assert not untrained.fused  # mixed precision is a fused-step blocker
-    initial = evaluate(untrained.model, untrained.data, "test", untrained.env, batch_size=4096)["rmse"]
+    initial = evaluate(untrained.layout, "test", batch_size=4096)["rmse"]
     del untrained
     metrics = run(cfg)
     losses = [v for _, v in read_scalars(tmp_path / "run" / "tb")["train/loss"]]
@@ -196,7 +196,7 @@ def world_of_one(backend: str, device: torch.device, cfg: config.JobConfig, batc
             for b in batches:
                 tr.train_step(b)
             assert not tr._stop_requested()  # global_step 0: a step on which ranks compare stop flags
-            val = evaluate(tr.model, tr.data, "val", tr.env, batch_size=1000)
+            val = evaluate(tr.layout, "val", batch_size=1000)
             assert val is not None and math.isfinite(val["rmse"])
             sync(device)
             state = {k: v.detach().cpu().clone() for k, v in tr.model.state_dict().items()}
@@ -212,10 +212,7 @@ def test_nccl_world_of_one_runs_the_collectives_gloo_runs(small_data, tmp_path, 
     collectives in the same order and end with the same weights (float32 on both, REL_TOL)."""
     changes: dict[str, Any] = {"train__batch_size": BATCH, "optim__lr": LR, "train__step": step,
                                "train__compile": "off"}
-    if hasattr(config.TrainConfig(), "tables"):
-        changes["train__tables"] = tables
-    elif tables != "replicated":  # before --train.tables existed, replicated was the only layout
-        pytest.skip(f"--train.tables {tables}: this version has no train.tables field")
+    changes["train__tables"] = tables
     cfg = job(small_data, tmp_path, **changes)
     batches = first_batches(small_data, BATCH, 6)
     initial = Trainer(config.replace(cfg, train__device="cpu"), DistEnv(0, 1, 0, CPU)).model.state_dict()
