@@ -16,6 +16,7 @@ import math
 import os
 import platform
 import random
+import resource
 import signal
 import sys
 import threading
@@ -515,6 +516,7 @@ class Trainer:
             "world_size": env.world_size,
             "tables": self.layout.name,
             "table_bytes_sent": self.layout.bytes_sent,  # by rank 0, in this process, for the tables
+            "peak_rss_mib_per_rank": _peak_rss_per_rank(env),
             "batch_size": self.batch_size,
             "device": str(self.device),
             "history": self.history,
@@ -548,6 +550,16 @@ class Trainer:
         labels = [{"title": r["title"] or f"movie {r['movie_id']}", "year": r["year"], "genres": r["genres"],
                    "movie_id": r["movie_id"], "ratings": r["n_train"]} for r in top.iter_rows(named=True)]
         monitor.embeddings(q.detach()[idx.to(q.device)].cpu(), labels, tag="movies", step=self.global_step)
+
+
+def _peak_rss_per_rank(env: DistEnv) -> list[float]:
+    """Each rank's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
+    mine = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if not env.distributed:
+        return [mine]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, mine)
+    return out
 
 
 def _fmt(v: object, spec: str = ".4f") -> str:
