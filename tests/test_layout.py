@@ -249,3 +249,54 @@ def test_mid_epoch_resume_at_another_world_size_is_refused(small_data, tmp_path)
     assert state["step_in_epoch"] > 0
     with pytest.raises(ConfigError, match="stopped mid-epoch with world size 2"):
         Trainer(job(small_data, run_dir, train__batch_size=200), DistEnv(0, 1, 0, CPU)).resume()
+
+
+def _crashing_rank(rank: int, port: int, argv: list[str], crash_at: int) -> None:
+    """A rank of a 2-rank job that raises on every rank at global step ``crash_at`` (0: never)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: the same kernels as the reference run
+    original = Trainer.train_step
+
+    def crashing(self, batch):
+        if self.global_step == crash_at:
+            raise RuntimeError("simulated crash")
+        return original(self, batch)
+
+    Trainer.train_step = crashing
+    try:
+        run(config.from_args(argv))
+    except RuntimeError as exc:
+        assert "simulated crash" in str(exc)
+        sys.exit(3)
+
+
+def _spawn_pair(argv: list[str], crash_at: int) -> list[int | None]:
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_crashing_rank, args=(r, port, argv, crash_at)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    return [p.exitcode for p in procs]
+
+
+def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path, reference_run):
+    """Crash both ranks in sub-epoch 1 of epoch 1 (each holding another rank's movie block), resume from the
+    newest checkpoint: the run ends bit-identical to the uninterrupted reference run (blocks, 2 ranks)."""
+    from .conftest import RESTART_ARGS
+    from .test_train import assert_same_run
+
+    ref_dir, ref_metrics, _ = reference_run
+    ref_state, _ = checkpoint.load_latest(ref_dir)
+    assert ref_state["layout"] == "blocks"
+    steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
+    crash_at = steps + steps * 3 // 4 + 1  # epoch 1, sub-epoch 1 (of 2, about equal), not on a checkpoint step
+    run_dir = tmp_path / "run"
+    argv = ["--data", str(small_data), "--run-dir", str(run_dir), *RESTART_ARGS]
+    assert _spawn_pair(argv, crash_at) == [3, 3]
+    state, _ = checkpoint.load_latest(run_dir)
+    assert state["epoch"] == 1 and state["layout_position"] == {"held": 1} and state["step_in_epoch"] > 0
+    assert _spawn_pair(argv, 0) == [0, 0]
+    assert_same_run(ref_dir, run_dir, ref_metrics, json.loads((run_dir / "metrics.json").read_text()))
