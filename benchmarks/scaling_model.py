@@ -73,12 +73,17 @@ def unique_rows(user: np.ndarray, item: np.ndarray, batch: int, rng: np.random.G
     return float(np.mean(out))
 
 
+def auto_global_batch(n: float, steps_per_epoch: int) -> int:
+    """mfscale's auto batch (train.auto_batch_size, all ranks together): ~200 steps, 1Ki..256Ki ratings."""
+    return int(min(262_144, max(1024, n // steps_per_epoch // 1024 * 1024)))
+
+
 def predict(n: float, n_items: int, dim: int, w: int, bal: dict, uniq_per_rank: float, a: argparse.Namespace
             ) -> dict[str, float]:
     """Ratings/s of one epoch for each layout on ``w`` GPUs (see the module docstring)."""
     row = 4 * (dim + 1)
     link = a.nvlink_gbs if w <= a.gpus_per_node else a.ib_gbs  # the slowest hop of the ring / the gather
-    steps = a.steps_per_epoch
+    steps = math.ceil(n / auto_global_batch(n, a.steps_per_epoch))
     lat = a.latency_us * 1e-6 * max(1, math.ceil(math.log2(max(w, 2))))
     compute = n / w / a.gpu_rate  # perfectly balanced share
     # replicated: all-gather of gradient rows + applying the other ranks' rows, every step
@@ -107,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ib-gbs", type=float, default=50.0, help="assumed InfiniBand GB/s per GPU (400 Gb/s)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--latency-us", type=float, default=20.0, help="assumed latency of one small collective step")
-    p.add_argument("--steps-per-epoch", type=int, default=200, help="the auto batch's steps per epoch")
+    p.add_argument("--steps-per-epoch", type=int, default=200, help="the auto batch's target steps per epoch")
     p.add_argument("--big-ratings", type=float, default=1e9)
     p.add_argument("--big-users", type=float, default=1e8)
     p.add_argument("--big-items", type=int, default=1_000_000, help="assumed movies of the 1B-rating set")
@@ -123,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {w} | {b['max_over_mean']:.4f} | {b['padded_over_actual']:.4f} | {b['user_rows_max']:,} | "
               f"{b['item_rows_max']:,} |")
     rng = np.random.default_rng(0)
-    global_batch = min(262_144, max(1024, n // a.steps_per_epoch // 1024 * 1024))
+    global_batch = auto_global_batch(n, a.steps_per_epoch)
     print(f"\n## Predicted ratings/s (model; assumptions: gpu-rate {a.gpu_rate:.2e}/s, HBM {a.hbm_gbs:.0f} GB/s, "
           f"NVLink {a.nvlink_gbs:.0f} GB/s, IB {a.ib_gbs:.0f} GB/s per GPU, {a.gpus_per_node} GPUs/node, "
-          f"latency {a.latency_us:.0f} us x log2 W per collective, {a.steps_per_epoch} steps/epoch, d={a.dim})\n")
+          f"latency {a.latency_us:.0f} us x log2 W per collective, the auto batch (1Ki-256Ki ratings), d={a.dim})\n")
     print("| data | GPUs | replicated | blocks | blocks / (GPUs x 1 GPU) | rotations s/epoch | gathers s/epoch |")
     print("|---|---|---|---|---|---|---|")
     sets = [(name, n, n_items, lambda w, b: b, lambda w: unique_rows(user, item, global_batch // w, rng))]

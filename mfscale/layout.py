@@ -194,10 +194,6 @@ class TableLayout:
         return EvalShare(self.user_local(user[mine]), arrays["item"][mine].astype(np.int64),
                          arrays["rating"][mine].astype(np.float32))
 
-    @property
-    def eval_users(self) -> int:
-        return self.eval_tables()[0].shape[0]
-
     # -- checkpoints -------------------------------------------------------------------------------
     def part(self) -> dict[str, Any] | None:
         """This rank's piece of a checkpoint: per table global row ids, rows and Adam moments; None = nothing
@@ -216,7 +212,8 @@ class TableLayout:
         """Global ids of the user and movie rows this rank holds at ``position``."""
         raise NotImplementedError
 
-    def _table_part(self) -> dict[str, Any]:
+    def held_rows(self) -> dict[str, Any]:
+        """This rank's rows now: per table the global row ids, the rows and their Adam moments (on CPU)."""
         users, items = self._held_ids(self.position())
         out: dict[str, Any] = {}
         for name, ids, p in zip(TABLES, (users, items), self.model.sparse_parameters(), strict=True):
@@ -359,7 +356,7 @@ class Replicated(TableLayout):
         return 1
 
     def part(self):
-        return self._table_part() if self.env.is_main else None
+        return self.held_rows() if self.env.is_main else None
 
     def _held_ids(self, position):
         return np.arange(self.data.n_users), np.arange(self.data.n_items)
@@ -532,7 +529,7 @@ class Blocks(TableLayout):
         return self.env.world_size
 
     def part(self):
-        return self._table_part()
+        return self.held_rows()
 
     def position(self):
         return {"held": self.held}

@@ -29,7 +29,7 @@ CPU = torch.device("cpu")
 
 def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
     """This rank's rows by global id (weights and Adam moments), plus the global bias and its Adam moments."""
-    part = tr.layout._table_part()
+    part = tr.layout.held_rows()
     out: dict[str, np.ndarray] = {}
     for name in ("users", "items"):
         out[f"{name}.ids"] = part[name]["ids"].numpy()
