@@ -1,14 +1,19 @@
-"""Smoke test of benchmarks/throughput.py: it runs, writes complete JSON lines and the baselines.
+"""Smoke tests of the benchmark scripts: throughput.py, profile_step.py, gpu_summary.py, peers.py.
 
 Speed is measured by the script, never asserted here.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 FIELDS = ("ratings_per_s", "ratings_per_s_per_rank", "p50_step_ms", "p90_step_ms", "data_wait_pct", "device",
@@ -58,3 +63,52 @@ def test_profile_step_and_gpu_summary_smoke(small_data, tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== targets" in proc.stdout and "no results" in proc.stdout and "train_step" in proc.stdout
+
+
+PEERS = SCRIPT.parent / "peers.py"
+
+
+def _peers_importable() -> str | None:
+    """None when libmf and cornac import, else why not (CI installs only the test extra)."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # libmf prints where it found its library
+            import cornac.models  # noqa: F401
+            import libmf.mf  # noqa: F401
+    except (ImportError, OSError) as exc:
+        return f"libmf/cornac not importable ({exc}); install the bench extra: pip install -e '.[bench]'"
+    return None
+
+
+def test_peers_smoke(small_data, tmp_path):
+    """benchmarks/peers.py end to end on 12,000 ratings: three rows on one split, clipped RMSEs, the ratio."""
+    reason = _peers_importable()
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "peers.jsonl"
+    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--epochs", "2", "--dim", "8",
+                           "--out-jsonl", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["trainer"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows) == ["cornac", "libmf", "mfscale"]
+    for r in rows.values():
+        assert r["train_ratings_per_s"] > 0 and r["train_s"] > 0 and r["wall_s"] > 0
+        assert 0 < r["test_rmse"] < 2, r  # clipped to 0.5-5
+        assert r["n_train"] == 9600 and r["dim"] == 8
+    assert rows["libmf"]["epochs"] == rows["cornac"]["epochs"] == 2 and 1 <= rows["mfscale"]["epochs"] <= 2
+    assert max(rows["libmf"]["vs_fastest_peer"], rows["cornac"]["vs_fastest_peer"]) == 1.0
+    assert rows["libmf"]["biases"] is False and "nr_iters=2" in rows["libmf"]["command"]
+    assert "seed=None" in rows["cornac"]["command"] and "--train.ranking_k 0" in rows["mfscale"]["command"]
+    assert "| libmf 0.9.2 |" in proc.stdout and "| cornac 3.0.1 |" in proc.stdout and "| mfscale " in proc.stdout
+
+
+def test_peers_without_the_extra(small_data, tmp_path):
+    """Without libmf: one line naming the pip command, before any training."""
+    fake = tmp_path / "libmf"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named libmf')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "mfscale,libmf"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing libmf" in lines[0] and "pip install -e '.[bench]'" in lines[0], lines

@@ -1,0 +1,260 @@
+"""mfscale beside LIBMF and cornac on the CPU: the same prepared dataset, split, epochs and factors.
+
+    python -m pip install torch==2.13.0 && python -m pip install -e '.[bench]'   # libmf 0.9.2, cornac 3.0.1
+    python benchmarks/peers.py --data data/ml-10m --out-jsonl peers.jsonl
+
+Trainers, each on the train split of ``--data`` (a directory written by ``python -m mfscale.prepare``) and
+scored on its test split, predictions clipped to the rating scale:
+
+- mfscale: the real job, ``python -m mfscale.train --data DIR --run-dir TMP --train.ranking_k 0`` with all
+  defaults (plus ``--epochs``/``--dim``/``--seed`` at their values here), as a subprocess of this checkout.
+  ratings/s and test RMSE come from its metrics.json (training steps only; early stopping on the val split
+  may end it before ``--epochs``; the test RMSE is that of the best val epoch's weights).
+- LIBMF (``libmf`` binding): FPSGD + AdaGrad, its defaults except k, iterations, threads (and quiet).
+  No biases. Predicted from ``p_factors()``/``q_factors()``: the binding's ``predict()`` reads its (n, 2)
+  input column-major while ``fit()`` reads rows. Rows without training ratings are NaN in LIBMF; they are
+  predicted as LIBMF's own ``mf_predict`` does, by the training mean ``b``.
+- cornac ``MF``: Hogwild SGD in Cython, lr 0.01, lambda_reg 0.02, biases (its usual settings). ``seed=None``
+  with numpy seeded instead, because cornac runs one thread whenever a seed is given.
+
+ratings/s is (training ratings x epochs) / wall time of the fit call for the peers, and mfscale's
+``train_ratings_per_s`` (wall time of its training steps) for mfscale; data conversion and prediction are
+outside it for everyone. The ratio column divides by the faster of the peers in this run: compare only
+ratios measured in one run, absolute numbers change with the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+TRAINERS = ("mfscale", "libmf", "cornac")
+PEERS = ("libmf", "cornac")
+BENCH_PIP = "python -m pip install -e '.[bench]'  (libmf==0.9.2 cornac==3.0.1)"
+
+
+def check_extra(trainers: list[str]) -> None:
+    """Fail in one line, before any training, when the bench extra is missing."""
+    missing = []
+    for name in trainers:
+        if name not in PEERS:
+            continue
+        try:
+            # libmf's import prints where it found its shared library: keep stdout for the table
+            with contextlib.redirect_stdout(io.StringIO()):
+                __import__("libmf.mf" if name == "libmf" else "cornac.models")
+        except (ImportError, OSError) as exc:
+            missing.append(f"{name} ({exc})")
+    if missing:
+        raise SystemExit(f"peers.py: the bench extra is not installed, missing {', '.join(missing)}; "
+                         f"run: {BENCH_PIP}")
+
+
+def version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "") if out.returncode == 0 else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
+def cpu_name() -> str:
+    # platform.processor() is empty on most Linux machines; the CPU model matters here (see DESIGN.md)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def clipped_rmse(pred: np.ndarray, rating: np.ndarray, lo: float, hi: float) -> float:
+    err = np.clip(pred.astype(np.float64), lo, hi) - rating.astype(np.float64)
+    return float(np.sqrt(np.mean(err * err))) if len(err) else float("nan")
+
+
+def run_mfscale(a: argparse.Namespace, tmp: str) -> dict[str, Any]:
+    run_dir = str(Path(tmp) / "mfscale-run")
+    cmd = [sys.executable, "-m", "mfscale.train", "--data", str(a.data), "--run-dir", run_dir,
+           "--train.ranking_k", "0", "--epochs", str(a.epochs), "--dim", str(a.dim), "--seed", str(a.seed),
+           *shlex.split(a.extra)]
+    # This checkout's mfscale, whatever is pip-installed (the commit in the table must be the one measured)
+    path = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(a.threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"peers.py: mfscale failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
+    m = json.loads((Path(run_dir) / "metrics.json").read_text())
+    rate = m["train_ratings_per_s"]
+    return {"trainer": "mfscale", "version": f"mfscale {git_commit()}, torch {version('torch')}",
+            "model": f"BiasedMF, LazyAdam (the job's defaults), batch {m['batch_size']}, best val epoch "
+                     f"{m['best_epoch']}",
+            "biases": True, "epochs": m["epochs"], "train_ratings_per_s": rate,
+            "train_s": m["epochs"] * a.n_train / rate if rate else None, "wall_s": wall,
+            "test_rmse": m["test_rmse"], "command": f"OMP_NUM_THREADS={a.threads} " + shlex.join(["python", *cmd[1:]]),
+            "synthetic_best_rmse": m.get("synthetic_best_rmse")}
+
+
+def run_libmf(a: argparse.Namespace, train: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, Any]:
+    with contextlib.redirect_stdout(io.StringIO()):
+        from libmf import mf
+    t_wall = time.perf_counter()
+    # (n, 3) float32 rows (user, item, rating): what fit() reads; ids stay exact in float32 below 2**24
+    x = np.stack([train["user"], train["item"], train["rating"]], axis=1).astype(np.float32)
+    # LIBMF wants more bins than 2 x threads; its default 26 covers up to 12 threads
+    opts = {"k": a.dim, "nr_iters": a.epochs, "nr_threads": a.threads, "nr_bins": max(26, 2 * a.threads + 1),
+            "quiet": True}
+    model = mf.MF(**opts)
+    t0 = time.perf_counter()
+    model.fit(x)
+    fit_s = time.perf_counter() - t0
+    p, q, b = model.p_factors(), model.q_factors(), float(model.model.b)
+    u, i = test["user"].astype(np.int64), test["item"].astype(np.int64)
+    known = (u < p.shape[0]) & (i < q.shape[0])
+    pred = np.full(len(u), b, dtype=np.float64)
+    pred[known] = np.einsum("nk,nk->n", p[u[known]], q[i[known]], dtype=np.float64)
+    pred[~np.isfinite(pred)] = b  # NaN rows: a user or movie without training ratings, as mf_predict does
+    lo, hi = a.scale
+    call = "libmf.mf.MF(" + ", ".join(f"{k}={v}" for k, v in opts.items()) + ").fit(X)"
+    return {"trainer": "libmf", "version": f"libmf {version('libmf')}",
+            "model": "FPSGD + AdaGrad, no biases (p.q only)", "biases": False, "epochs": a.epochs,
+            "train_ratings_per_s": a.n_train * a.epochs / fit_s, "train_s": fit_s,
+            "wall_s": time.perf_counter() - t_wall, "test_rmse": clipped_rmse(pred, test["rating"], lo, hi),
+            "command": call}
+
+
+def run_cornac(a: argparse.Namespace, train: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, Any]:
+    from cornac.data import Dataset as CornacDataset
+    from cornac.models import MF
+
+    t_wall = time.perf_counter()
+    # Built from the encoded arrays directly: Dataset.build() loops over 9M tuples in Python. Identity id maps
+    # over all encoded ids; users/movies only in val/test keep their initial factors and zero bias.
+    n_users, n_items = a.n_users, a.n_items
+    uir = (train["user"].astype(np.int64), train["item"].astype(np.int64), train["rating"].astype(np.float32))
+    train_set = CornacDataset(n_users, n_items, dict(zip(range(n_users), range(n_users), strict=True)),
+                              dict(zip(range(n_items), range(n_items), strict=True)), uir)
+    np.random.seed(a.seed)  # cornac draws its initial factors from numpy's global RandomState when seed=None
+    opts = {"k": a.dim, "max_iter": a.epochs, "learning_rate": 0.01, "lambda_reg": 0.02, "use_bias": True,
+            "num_threads": a.threads, "seed": None, "verbose": False}
+    model = MF(**opts)
+    t0 = time.perf_counter()
+    model.fit(train_set)
+    fit_s = time.perf_counter() - t0
+    u, i = test["user"].astype(np.int64), test["item"].astype(np.int64)
+    # cornac's score(): global mean + biases + dot product, vectorized
+    pred = (float(model.global_mean) + model.u_biases[u].astype(np.float64) + model.i_biases[i]
+            + np.einsum("nk,nk->n", model.u_factors[u], model.i_factors[i], dtype=np.float64))
+    lo, hi = a.scale
+    call = (f"np.random.seed({a.seed}); cornac.models.MF(" + ", ".join(f"{k}={v}" for k, v in opts.items())
+            + ").fit(train_set)")
+    return {"trainer": "cornac", "version": f"cornac {version('cornac')}",
+            "model": f"Hogwild SGD, biases, {model.num_threads} thread(s)", "biases": True, "epochs": a.epochs,
+            "train_ratings_per_s": a.n_train * a.epochs / fit_s, "train_s": fit_s,
+            "wall_s": time.perf_counter() - t_wall, "test_rmse": clipped_rmse(pred, test["rating"], lo, hi),
+            "command": call}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="a dataset written by python -m mfscale.prepare")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--dim", type=int, default=64, help="latent factors for every trainer")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="threads for every trainer (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="mfscale's --seed and numpy's seed for cornac")
+    p.add_argument("--trainers", default=",".join(TRAINERS), help="comma list of " + ", ".join(TRAINERS))
+    p.add_argument("--extra", default="", help="more flags for mfscale.train, one string")
+    p.add_argument("--out-jsonl", type=Path, help="append one JSON line per trainer")
+    a = p.parse_args(argv)
+    trainers = [t.strip() for t in a.trainers.split(",") if t.strip()]
+    if not trainers or any(t not in TRAINERS for t in trainers):
+        p.error(f"--trainers: choose from {', '.join(TRAINERS)}")
+    check_extra(trainers)
+    sys.path.insert(0, str(REPO))  # read the data with this checkout's mfscale, as the subprocess trains
+    from mfscale.errors import DataError
+    from mfscale.shards import Dataset
+
+    try:
+        ds = Dataset(a.data)
+    except DataError as exc:
+        raise SystemExit(f"peers.py: {exc}") from None
+    a.n_users, a.n_items, a.scale, a.n_train = ds.n_users, ds.n_items, ds.rating_range, ds.split_rows("train")
+    synthetic_best = (ds.manifest["source"].get("params") or {}).get("best_rmse")
+    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="mfscale-peers-") as tmp:
+        # mfscale first, before this process holds the data: the job gets the machine's memory to itself
+        if "mfscale" in trainers:
+            print(f"running mfscale ({a.epochs} epochs, d={a.dim}, {a.threads} threads) ...", file=sys.stderr)
+            rows.append(run_mfscale(a, tmp))
+        peers = [t for t in trainers if t in PEERS]
+        if peers:
+            train, test = ds.read_split("train"), ds.read_split("test")
+            for name in peers:
+                print(f"running {name} ...", file=sys.stderr)
+                rows.append((run_libmf if name == "libmf" else run_cornac)(a, train, test))
+    fastest = max((r["train_ratings_per_s"] for r in rows if r["trainer"] in PEERS), default=None)
+    for r in rows:
+        r["vs_fastest_peer"] = r["train_ratings_per_s"] / fastest if fastest else None
+        r["test_rmse_over_best"] = r["test_rmse"] / synthetic_best if synthetic_best and r["test_rmse"] else None
+    cores = os.cpu_count() or 1
+    print(f"### mfscale beside LIBMF and cornac: {a.data} ({a.n_train:,} training ratings, "
+          f"{ds.split_rows('test'):,} test), d={a.dim}, {a.epochs} epochs, {a.threads} threads\n")
+    print("| trainer | model | train ratings/s | vs fastest peer | test RMSE | epochs | train s | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['vs_fastest_peer']:.2f}x" if r["vs_fastest_peer"] else "-"
+        rmse = f"{r['test_rmse']:.4f}" if r["test_rmse"] is not None else "-"
+        train_s = f"{r['train_s']:.1f}" if r["train_s"] is not None else "-"
+        print(f"| {r['version']} | {r['model']} | {r['train_ratings_per_s']:,.0f} | {ratio} | {rmse} | "
+              f"{r['epochs']} | {train_s} | {r['wall_s']:.1f} |")
+    print(f"\nMachine: {cpu_name()}, {cores} cores, Python {platform.python_version()}, numpy {np.__version__}; "
+          f"{date}. Test RMSE of predictions clipped to {a.scale[0]:g}-{a.scale[1]:g}"
+          + (f"; Bayes-optimal RMSE of this synthetic data {synthetic_best:.4f}" if synthetic_best else "") + ".")
+    print("train s: the fit call (peers) or mfscale's training steps; wall s: conversion + fit + prediction "
+          "(peers) or the whole job, start-up, validation each epoch and test included (mfscale). LIBMF has no "
+          "biases. mfscale stops early when val RMSE stops improving and keeps the best epoch.\n")
+    print("Commands:\n")
+    print(f"- `{shlex.join([sys.executable, *sys.argv])}`" if argv is None else
+          f"- `peers.py {shlex.join(argv)}`")
+    for r in rows:
+        print(f"- {r['trainer']}: `{r['command']}`")
+    if a.out_jsonl:
+        common = {"date": date, "data": str(a.data), "n_train": a.n_train, "dim": a.dim, "threads": a.threads,
+                  "machine": cpu_name(), "cores": cores, "git_commit": git_commit()}
+        with open(a.out_jsonl, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**common, **r}) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
