@@ -190,8 +190,8 @@ def _torchrun(args: list[str], nproc: int, timeout: int = 240) -> subprocess.Com
 
 
 def test_blocks_checkpoint_resumes_at_other_world_sizes_and_tools_read_it(small_data, tmp_path):
-    """2 blocks ranks write one part each; the whole model assembled from them equals what 1 process and 3
-    ranks load; training continues from there; recommend reads the partitioned run."""
+    """2 blocks ranks write one part each; the whole model assembled from them equals what 1 process loads;
+    it trains on, and its checkpoint continues on 3 ranks (2 -> 1 -> 3); recommend reads the partitioned run."""
     two = tmp_path / "two"
     common = ["--data", str(small_data), "--batch-size", "200", "--train.ranking_k", "5"]
     r = _torchrun([*common, "--run-dir", str(two), "--epochs", "2", "--train.tables", "blocks"], 2)
@@ -217,17 +217,17 @@ def test_blocks_checkpoint_resumes_at_other_world_sizes_and_tools_read_it(small_
     metrics = run(job(small_data, one, train__batch_size=400, train__epochs=3))
     assert metrics["epochs"] == 3 and metrics["world_size"] == 1 and metrics["test_rmse"] < m2["test_rmse"] + 0.05
 
-    # 2 -> 3 ranks: continues for one more epoch from the same state
+    # 1 -> 3 ranks: the one-process run's checkpoint (replicated, epoch 3) continues on 3 blocks ranks
     three = tmp_path / "three"
     (three / "checkpoints").mkdir(parents=True)
-    for f in (two / "checkpoints").iterdir():
+    for f in (one / "checkpoints").iterdir():
         os.link(f, three / "checkpoints" / f.name)
-    r = _torchrun([*common, "--run-dir", str(three), "--epochs", "3"], 3)
+    r = _torchrun([*common, "--run-dir", str(three), "--epochs", "4"], 3)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr
+    assert "resumed from" in r.stderr and "epoch 3 step 0" in r.stderr
     m3 = json.loads((three / "metrics.json").read_text())
-    assert m3["world_size"] == 3 and m3["tables"] == "blocks" and m3["epochs"] == 3
-    assert m3["history"][:2] == m2["history"]
+    assert m3["world_size"] == 3 and m3["tables"] == "blocks" and m3["epochs"] == 4
+    assert m3["history"][:3] == metrics["history"]
 
     # the user-facing tools read a partitioned run
     out = subprocess.run([sys.executable, "-m", "mfscale.recommend", "--run", str(two), "--user", "1", "-k", "3"],
