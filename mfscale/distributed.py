@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,22 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
 
 
 def destroy() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group; on a normal exit, only once every rank has finished its collectives.
+
+    Without the barrier a rank with nothing left to do (every rank but 0, which still writes metrics and
+    TensorBoard) went straight into interpreter shutdown. Gloo's worker threads release a finished
+    collective's tensors a moment after the caller wakes up, and DDP keeps the process group (and those
+    threads) alive past destroy_process_group; a thread that released a tensor whose Python object was
+    already gone took the GIL during finalization, was ended by Python and aborted the process ("terminate
+    called without an active exception", SIGABRT; 2 of 40 two-process CPU jobs). Waiting here for rank 0
+    gives those threads the time to finish while the interpreter is alive. The barrier is skipped when an
+    exception is propagating (called from a ``finally``): the other ranks may not reach it.
+    """
+    if not dist.is_initialized():
+        return
+    if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 def all_reduce_sum(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
