@@ -5,7 +5,10 @@ from __future__ import annotations
 import datetime
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -62,22 +65,62 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
 
 
 def destroy() -> None:
-    """Leave the process group; on a normal exit, only once every rank has finished its collectives.
+    """Leave the process group; on a normal exit, only once every rank is done and this rank's threads are idle.
 
-    Without the barrier a rank with nothing left to do (every rank but 0, which still writes metrics and
-    TensorBoard) went straight into interpreter shutdown. Gloo's worker threads release a finished
-    collective's tensors a moment after the caller wakes up, and DDP keeps the process group (and those
-    threads) alive past destroy_process_group; a thread that released a tensor whose Python object was
-    already gone took the GIL during finalization, was ended by Python and aborted the process ("terminate
-    called without an active exception", SIGABRT; 2 of 40 two-process CPU jobs). Waiting here for rank 0
-    gives those threads the time to finish while the interpreter is alive. The barrier is skipped when an
-    exception is propagating (called from a ``finally``): the other ranks may not reach it.
+    Ranks other than 0 have nothing to write and used to go straight from their last collective into
+    interpreter shutdown. Gloo's worker threads drop a finished collective's tensors a moment after the
+    caller has woken up, and DDP keeps the process group (and so those threads) alive past
+    destroy_process_group. A worker that dropped a tensor whose Python object was already gone took the GIL
+    after finalization had begun; Python ended the thread inside a noexcept destructor and the process
+    aborted ("terminate called without an active exception", SIGABRT: 2 of 40 two-process CPU jobs). So:
+    a barrier (no rank leaves while another is still in a collective or writing), then wait, GIL released,
+    until no other thread of this process is runnable, i.e. each has finished what it was doing. Skipped
+    when an exception is propagating (called from a ``finally``): the other ranks may never get there.
     """
     if not dist.is_initialized():
         return
-    if sys.exc_info()[0] is None and dist.get_world_size() > 1:
+    clean_exit = sys.exc_info()[0] is None and dist.get_world_size() > 1
+    if clean_exit:
         dist.barrier()
     dist.destroy_process_group()
+    if clean_exit:
+        wait_for_idle_threads()
+
+
+def _runnable_threads() -> int | None:
+    """Threads of this process other than the calling one that are running or waiting for a CPU (Linux)."""
+    me = str(threading.get_native_id())
+    try:
+        tids = [t for t in os.listdir("/proc/self/task") if t != me]
+    except OSError:
+        return None
+    runnable = 0
+    for tid in tids:
+        try:
+            stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+        except OSError:  # exited meanwhile
+            continue
+        runnable += stat[stat.rindex(")") + 2] == "R"  # the state follows the parenthesised name
+    return runnable
+
+
+def wait_for_idle_threads(timeout_s: float = 5.0, poll_s: float = 0.01, quiet_polls: int = 3) -> bool:
+    """Sleep until no other thread is runnable in quiet_polls polls in a row (at most timeout_s); False on timeout.
+
+    A thread waiting for the GIL sleeps too, but each poll's sleep releases the GIL and wakes it, so it
+    shows as runnable at a later poll unless it has finished. Where /proc is missing this only sleeps once.
+    """
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        n = _runnable_threads()
+        if n is None:
+            return True
+        quiet = quiet + 1 if n == 0 else 0
+        if quiet == quiet_polls:
+            return True
+    return False
 
 
 def all_reduce_sum(env: DistEnv, t: torch.Tensor) -> torch.Tensor:

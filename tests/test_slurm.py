@@ -7,6 +7,7 @@ srun forwards signals to its tasks; scontrol resolves every host to 127.0.0.1 an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -15,13 +16,14 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from mfscale import checkpoint, config
+from mfscale import checkpoint, config, distributed
 from mfscale.train import STOP_CHECK_EVERY, Trainer, run
 
 from .conftest import free_port
@@ -342,3 +344,18 @@ def test_usr1_during_startup_waits_for_training_then_stops_cleanly(small_data, t
     assert not (run_dir / "metrics.json").exists()
     assert "SignalException" in out  # the signalled torchrun's own exit, expected (launch/README.md)
     assert "exitcode: -10" not in out and "srun exited with 138" not in out, out[-4000:]
+
+
+def test_idle_wait_sees_a_thread_still_at_work():
+    """destroy() waits for this rank's threads to go idle before the interpreter shuts down (a gloo worker
+    still releasing a collective's tensors then aborted the process); a thread computing outside the GIL
+    counts as busy."""
+    assert distributed.wait_for_idle_threads(timeout_s=5)
+    data = bytes(256 << 20)
+    worker = threading.Thread(target=lambda: hashlib.sha256(data).digest())  # hashlib releases the GIL
+    worker.start()
+    try:
+        assert not distributed.wait_for_idle_threads(timeout_s=0.05)
+    finally:
+        worker.join()
+    assert distributed.wait_for_idle_threads(timeout_s=5)
