@@ -209,7 +209,8 @@ def test_usr1_to_the_batch_shell_requeues_and_the_job_resumes(cluster, reference
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=cluster.env, check=True, timeout=30)
     deadline = time.monotonic() + 120
     pending_since = None
-    while (info := cluster.job(job_id))["Restarts"] == "0" or info["JobState"] in ("PENDING", "REQUEUED"):
+    # Requeued (Restarts=1, then COMPLETING and PENDING on the way) and running again.
+    while (info := cluster.job(job_id))["Restarts"] == "0" or info["JobState"] not in ("RUNNING", *FINAL):
         assert info["JobState"] not in FINAL, f"{info['JobState']} without a requeue\n{cluster.log(job_id)}"
         assert time.monotonic() < deadline, f"not requeued and restarted\n{cluster.log(job_id)}"
         if info["JobState"] == "PENDING" and info.get("Reason") == "BeginTime":
