@@ -7,6 +7,7 @@ srun forwards signals to its tasks; scontrol resolves every host to 127.0.0.1 an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -15,13 +16,14 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from mfscale import checkpoint, config
+from mfscale import checkpoint, config, distributed
 from mfscale.train import STOP_CHECK_EVERY, Trainer, run
 
 from .conftest import RESTART_ARGS, free_port
@@ -57,6 +59,11 @@ codes = [p.wait() for p in procs]
 sys.exit(max(c if c >= 0 else 128 - c for c in codes))
 """
 
+FAKE_SQUEUE = """#!/bin/bash
+# Stand-in squeue: the time left (%L) comes from FAKE_TIME_LEFT; unset means no time limit.
+echo "${FAKE_TIME_LEFT:-UNLIMITED}"
+"""
+
 FAKE_SCONTROL = """#!/bin/bash
 # Stand-in scontrol: every node is this machine; requeues are only recorded.
 echo "scontrol $*" >> "$FAKE_SLURM_LOG"
@@ -78,6 +85,7 @@ def slurm_env(tmp_path: Path, data: Path, job_id: str, **extra: str) -> dict[str
     bin_dir.mkdir(exist_ok=True)
     _executable(bin_dir / "srun", FAKE_SRUN.format(python=sys.executable))
     _executable(bin_dir / "scontrol", FAKE_SCONTROL)
+    _executable(bin_dir / "squeue", FAKE_SQUEUE)
     knobs = ("SLURM_", "RUN_DIR", "NPROC_PER_NODE", "MAX_RESTARTS", "SHUTDOWN_TIMEOUT")  # none leak in from outside
     env = {k: v for k, v in os.environ.items() if not k.startswith(knobs)}
     env.update(
@@ -97,9 +105,10 @@ def sbatch(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
 def test_script_is_valid_bash_with_the_expected_directives():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True)
     text = SBATCH.read_text()
-    for directive in ("--nodes=", "--ntasks-per-node=1", "--gpus-per-node=", "--signal=B:USR1@300", "--requeue",
-                      "--open-mode=append"):
+    for directive in ("--nodes=", "--ntasks-per-node=1", "--signal=B:USR1@300", "--requeue", "--open-mode=append"):
         assert f"#SBATCH {directive}" in text, directive
+    # A GPU request in the script makes sbatch fail on a CPU-only partition; GPUs are asked for at submit time.
+    assert not re.search(r"^#SBATCH --(gpus|gres)", text, re.M)
 
 
 def test_missing_data_is_one_clear_error(tmp_path, small_data):
@@ -264,3 +273,88 @@ def test_threads_per_process_default_to_the_tasks_cpus(tmp_path, small_data):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "srun OMP_NUM_THREADS=4" in (tmp_path / "slurm-calls.log").read_text()
     assert "x 4 thread(s)" in proc.stdout
+    assert "warning" not in proc.stderr
+
+
+def _record_srun(tmp_path: Path) -> None:
+    """An srun that records its arguments and runs nothing."""
+    _executable(tmp_path / "bin" / "srun", '#!/bin/bash\necho "srun $*" >> "$FAKE_SLURM_LOG"\n')
+
+
+def test_srun_gets_the_tasks_cpus(tmp_path, small_data):
+    """srun does not inherit --cpus-per-task (SLURM 22.05+): without it the step may be bound to one CPU."""
+    env = slurm_env(tmp_path, small_data, "98", SLURM_CPUS_PER_TASK="6")
+    _record_srun(tmp_path)
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "srun --kill-on-bad-exit=1 --cpus-per-task=6 torchrun" in (tmp_path / "slurm-calls.log").read_text()
+
+
+def test_one_cpu_without_gpus_is_warned_about(tmp_path, small_data):
+    env = slurm_env(tmp_path, small_data, "97", SLURM_CPUS_PER_TASK="1")
+    _record_srun(tmp_path)
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "this task has 1 CPU and no GPU" in proc.stderr and "--cpus-per-task=N" in proc.stderr
+    # With a GPU the process does not compute on the CPU: no warning.
+    env["SLURM_GPUS_ON_NODE"] = "1"
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0 and "warning" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(("time_left", "warned"), [("4:50", True), ("6:00", True), ("6:01", False),
+                                                     ("1:00:00", False), ("1-00:00:00", False),
+                                                     ("UNLIMITED", False)])
+def test_a_short_time_limit_is_warned_about(tmp_path, small_data, time_left, warned):
+    """With 6 minutes or less left, the default B:USR1@300 (sent up to 60 s early) would stop every run at once."""
+    env = slurm_env(tmp_path, small_data, "96", FAKE_TIME_LEFT=time_left)
+    _record_srun(tmp_path)
+    proc = subprocess.run(["bash", str(SBATCH)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ("--signal=B:USR1@60" in proc.stderr) == warned, proc.stderr
+
+
+def test_usr1_during_startup_waits_for_training_then_stops_cleanly(small_data, tmp_path):
+    """A USR1 before torchrun and the workers have set their handlers would kill them; the script holds it back
+    until training has started (rank 0 wrote config.toml), then relays it: a normal checkpoint-and-requeue."""
+    job_id = "5252"
+    env = slurm_env(tmp_path, small_data, job_id)
+    run_dir = tmp_path / "runs" / f"mftest-{job_id}"
+    proc = sbatch(["--epochs", "3", "--workers", "0", "--batch-size", "16", "--train.patience", "0"], env, tmp_path)
+    try:
+        deadline = time.monotonic() + 30
+        log = tmp_path / "slurm-calls.log"
+        while not (log.exists() and "srun " in log.read_text()):  # srun started: torchrun is importing
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    calls = (tmp_path / "slurm-calls.log").read_text()
+    assert calls.count("srun forwarded signal 10") == 1 and f"scontrol requeue {job_id}" in calls, out[-4000:]
+    # Relayed once training ran (the script checks every second): every rank had its handler and all stopped
+    # together at a step boundary with a checkpoint, instead of torchrun dying of the signal.
+    stopped = re.findall(r"stopping on signal at step (\d+), checkpoint saved", out)
+    assert len(stopped) == 1, out[-4000:]
+    assert checkpoint.step_path(run_dir, int(stopped[0])).is_file()
+    assert not (run_dir / "metrics.json").exists()
+    assert "SignalException" in out  # the signalled torchrun's own exit, expected (launch/README.md)
+    assert "exitcode: -10" not in out and "srun exited with 138" not in out, out[-4000:]
+
+
+def test_idle_wait_sees_a_thread_still_at_work():
+    """destroy() waits for this rank's threads to go idle before the interpreter shuts down (a gloo worker
+    still releasing a collective's tensors then aborted the process); a thread computing outside the GIL
+    counts as busy."""
+    assert distributed.wait_for_idle_threads(timeout_s=5)
+    data = bytes(256 << 20)
+    worker = threading.Thread(target=lambda: hashlib.sha256(data).digest())  # hashlib releases the GIL
+    worker.start()
+    try:
+        assert not distributed.wait_for_idle_threads(timeout_s=0.05)
+    finally:
+        worker.join()
+    assert distributed.wait_for_idle_threads(timeout_s=5)
