@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -298,17 +299,27 @@ class Replicated(TableLayout):
     name = "replicated"
 
     def __init__(self, env: DistEnv, data: Dataset, *, dim: int, init_std: float, seed: int, mean: float,
-                 optimizer: str, lr: float, compile: bool, batch_size: int, resident: bool, workers: int):
+                 optimizer: str, lr: float, compile: bool, batch_size: int, resident: str, workers: int):
         super().__init__(env, data)
         self._build(np.arange(data.n_users), data.n_items, np.arange(data.n_items), dim, init_std, seed, mean,
                     optimizer, lr, compile)
         self.workers = workers
-        self.resident = resident
+        self.resident = self._use_resident(resident, workers)
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
                                    seed=seed, resident=env.device if resident else None)
         self.steps_per_epoch = self.stream.steps_per_epoch
         if not env.distributed:
             self.dense_min = tuple(math.ceil(DENSE_SWEEP_MIN_FRACTION * n) for n in (data.n_users, data.n_items))
+
+    def _use_resident(self, mode: str, workers: int) -> bool:
+        """Keep the whole training split on the device (batches cut there, identical to streamed ones)?"""
+        if mode == "on":
+            if workers:
+                raise ConfigError("--data.resident on reads batches in the training process; use --workers 0")
+            return True
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        n = self.data.split_rows("train")
+        return mode == "auto" and not workers and resident_fits(n, self.env.device, local_world)
 
     def batches(self, epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
         self.stream.set_epoch(epoch, start_step)
@@ -422,6 +433,7 @@ class Blocks(TableLayout):
         self.strata = mine.reshape(w, w).cpu().numpy()  # strata[rank, movie block] = ratings
         n_local = len(cols["user"])
         on_device = resident == "on" or (resident == "auto" and resident_fits(n_local, self.env.device))
+        self.resident = on_device
         self.data_device = self.env.device if on_device else torch.device("cpu")
         self.cols = {k: torch.from_numpy(v).to(self.data_device) for k, v in cols.items()}
         # steps of each sub-epoch: the largest stratum of that sub-epoch in batches of batch_size

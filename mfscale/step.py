@@ -26,7 +26,7 @@ from .model import batch_errors
 class FusedStep:
     """Closed-form gradients into the layout's optimizer (LazyAdam)."""
 
-    def __init__(self, cfg: JobConfig, env: DistEnv, layout: TableLayout, opt_dense: torch.optim.Optimizer,
+    def __init__(self, env: DistEnv, layout: TableLayout, opt_dense: torch.optim.Optimizer,
                  reg_weights: torch.Tensor, errors: Callable[..., torch.Tensor] = batch_errors,
                  dense_min: tuple[int, int] | None = None):
         self.env, self.layout, self.opt_dense, self.reg_weights = env, layout, opt_dense, reg_weights

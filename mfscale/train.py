@@ -13,7 +13,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import math
-import os
 import platform
 import random
 import resource
@@ -42,7 +41,6 @@ from .monitor import Monitor
 from .optim import LazyAdam
 from .shards import Dataset, write_json_atomic, write_text_atomic
 from .step import AutogradStep, FusedStep
-from .stream import resident_fits
 
 PROG = "mfscale.train"
 log = logging.getLogger("mfscale")
@@ -184,7 +182,7 @@ class Trainer:
             self._warm_up_compiled(required=t.compile == "on")
         self.step: FusedStep | AutogradStep
         if self.fused:
-            self.step = FusedStep(cfg, env, self.layout, self.opt_dense, self.reg_weights, self.errors,
+            self.step = FusedStep(env, self.layout, self.opt_dense, self.reg_weights, self.errors,
                                   self.layout.dense_min if self.errors is not batch_errors else None)
         else:
             forward: torch.nn.Module = self.model
@@ -220,7 +218,7 @@ class Trainer:
                 log.warning("--workers %d ignored: blocks tables hold each rank's ratings in memory",
                             cfg.data.workers)
             return Blocks(env, self.data, resident=cfg.data.resident, **common)
-        return Replicated(env, self.data, resident=self._use_resident(), workers=cfg.data.workers, **common)
+        return Replicated(env, self.data, resident=cfg.data.resident, workers=cfg.data.workers, **common)
 
     @property
     def stream(self):
@@ -229,17 +227,8 @@ class Trainer:
 
     @property
     def resident(self) -> bool:
-        return getattr(self.layout, "resident", True)
-
-    def _use_resident(self) -> bool:
-        """Keep the training split on the device (batches cut there, identical to streamed ones)?"""
-        mode = self.cfg.data.resident
-        if mode == "on":
-            if self.cfg.data.workers:
-                raise ConfigError("--data.resident on reads batches in the training process; use --workers 0")
-            return True
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        return mode == "auto" and not self.cfg.data.workers and resident_fits(self.n_train, self.device, local_world)
+        """Whether this rank's training ratings are held on the training device."""
+        return self.layout.resident
 
     def _warm_up_compiled(self, required: bool) -> None:
         """Compile the fused kernels now, on a throwaway model, so a missing compiler shows up before training.

@@ -30,7 +30,7 @@ def layout_of(model: BiasedMF, data: Dataset, env: DistEnv, tables: str = "repli
     kw = dict(dim=model.dim, init_std=0.0, seed=0, mean=0.0, optimizer="lazy_adam", lr=0.01, compile=False,
               batch_size=1024)
     if tables == "replicated":
-        lay: TableLayout = Replicated(env, data, resident=False, workers=0, **kw)
+        lay: TableLayout = Replicated(env, data, resident="off", workers=0, **kw)
         lay.model.load_state_dict(model.state_dict())
         return lay
     lay = Blocks(env, data, resident="off", **kw)
