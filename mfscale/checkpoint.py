@@ -94,7 +94,10 @@ def part_paths(path: Path, state: dict, which: list[int] | None = None) -> list[
 def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torch.Tensor]:
     """Whole tables of a checkpoint, by global row id, from all its parts: ``users.weight``, ``items.weight``,
     ``global_bias`` and, with ``optimizer``, ``users.exp_avg``, ``users.exp_avg_sq``, ... Rows that no part
-    holds are NaN (an incomplete checkpoint); the caller checks. Needs the whole tables in this process."""
+    holds are NaN (an incomplete checkpoint); the caller checks. Needs the whole tables in this process.
+    A checkpoint from before parts existed gives its weights (no optimizer state)."""
+    if "parts" not in state and "model" in state:  # written before table parts existed: whole tables inside
+        return {k: v for k, v in state["model"].items()}
     shape = state["model_shape"]
     rows = {"users": shape["n_users"], "items": shape["n_items"]}
     keys = ("weight", "exp_avg", "exp_avg_sq") if optimizer else ("weight",)
