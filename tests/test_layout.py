@@ -300,3 +300,21 @@ def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data,
     assert state["epoch"] == 1 and state["layout_position"] == {"held": 1} and state["step_in_epoch"] > 0
     assert _spawn_pair(argv, 0) == [0, 0]
     assert_same_run(ref_dir, run_dir, ref_metrics, json.loads((run_dir / "metrics.json").read_text()))
+
+
+def test_checkpoint_from_before_parts_is_refused_for_training_and_read_by_the_tools(small_data, tmp_path):
+    """A run written before table parts existed (whole tables in the checkpoint): resuming is one clear error,
+    recommend/analyze/export still load its model."""
+    from mfscale.model import BiasedMF
+    from mfscale.runs import load_run
+
+    data = Dataset(small_data)
+    model = BiasedMF(data.n_users, data.n_items, 4, init_std=0.1)
+    state = {"model": model.state_dict(), "config": {"data": {"path": str(small_data)}}, "global_step": 7,
+             "model_shape": {"n_users": data.n_users, "n_items": data.n_items, "dim": 4},
+             "data_fingerprint": data.fingerprint, "step_in_epoch": 0}
+    checkpoint.save_checkpoint(tmp_path / "old", state, step=7, is_best=True)
+    with pytest.raises(ConfigError, match="written by an older mfscale"):
+        Trainer(job(small_data, tmp_path / "old", model__dim=4), DistEnv(0, 1, 0, CPU)).resume()
+    run_ = load_run(tmp_path / "old")
+    assert torch.equal(run_.model.items.weight, model.items.weight) and run_.step == 7
