@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mfscale.layout import deal_rows  # noqa: E402
+from mfscale.layout import deal_rows, stratum_balance  # noqa: E402
 from mfscale.shards import Dataset  # noqa: E402
 from mfscale.synthetic import generate, resolve_spec  # noqa: E402
 
@@ -57,9 +57,7 @@ def balance(user: np.ndarray, item: np.ndarray, n_users: int, n_items: int, w: i
     ub = deal_rows(np.bincount(user, minlength=n_users), w)
     ib = deal_rows(np.bincount(item, minlength=n_items), w)
     strata = np.bincount(ub[user] * w + ib[item], minlength=w * w).reshape(w, w)
-    per_sub = [max(strata[r, (r + s) % w] for r in range(w)) for s in range(w)]
-    return {"w": w, "max_over_mean": float(strata.max() / strata.mean()),
-            "padded_over_actual": float(w * sum(per_sub) / strata.sum()),
+    return {"w": w, **stratum_balance(strata),
             "item_rows_max": int(np.bincount(ib, minlength=w).max()),
             "user_rows_max": int(np.bincount(ub, minlength=w).max())}
 

@@ -101,6 +101,16 @@ def deal_rows(counts: np.ndarray, world: int) -> np.ndarray:
     return block
 
 
+def stratum_balance(strata: np.ndarray) -> dict[str, float]:
+    """Of a W x W matrix of stratum sizes (ratings of user block r x movie block b): the largest stratum over
+    the mean (1.0 = perfect), and the ratings the equal step count of each sub-epoch pays for (W x its
+    largest stratum) over the ratings trained."""
+    w = strata.shape[0]
+    per_sub = [max(strata[q, (q + s) % w] for q in range(w)) for s in range(w)]
+    return {"max_over_mean": float(strata.max() / max(strata.mean(), 1e-12)),
+            "padded_over_actual": float(w * sum(per_sub) / max(strata.sum(), 1))}
+
+
 def _local_index(block: np.ndarray, world: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Per row its index inside its block (ascending global id), and per block its global row ids."""
     members = [np.flatnonzero(block == b) for b in range(world)]
@@ -432,7 +442,8 @@ class Blocks(TableLayout):
             mine = torch.stack(rows)
         self.strata = mine.reshape(w, w).cpu().numpy()  # strata[rank, movie block] = ratings
         n_local = len(cols["user"])
-        on_device = resident == "on" or (resident == "auto" and resident_fits(n_local, self.env.device))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        on_device = resident == "on" or (resident == "auto" and resident_fits(n_local, self.env.device, local_world))
         self.resident = on_device
         self.data_device = self.env.device if on_device else torch.device("cpu")
         self.cols = {k: torch.from_numpy(v).to(self.data_device) for k, v in cols.items()}
@@ -441,15 +452,6 @@ class Blocks(TableLayout):
                           for s in range(w)]
         self.steps_per_epoch = sum(self.sub_steps)
         self.sub_start = np.r_[0, np.cumsum(self.sub_steps)]
-
-    def balance(self) -> dict[str, float]:
-        """Stratum balance: the largest stratum over the mean (1.0 = perfect), and the ratings a sub-epoch's
-        equal step count pays for over the ratings it trains on."""
-        w = self.env.world_size
-        mean = self.strata.sum() / (w * w)
-        per_sub = [max(self.strata[q, (q + s) % w] for q in range(w)) for s in range(w)]
-        return {"max_over_mean": float(self.strata.max() / max(mean, 1e-12)),
-                "padded_over_actual": float(w * sum(per_sub) / max(self.strata.sum(), 1))}
 
     def _sizes(self, n: int, steps: int) -> np.ndarray:
         return np.array([n // steps + (1 if j < n % steps else 0) for j in range(steps)], dtype=np.int64)

@@ -17,7 +17,7 @@ import torch
 from mfscale import checkpoint, config, distributed
 from mfscale.distributed import DistEnv
 from mfscale.errors import ConfigError
-from mfscale.layout import Blocks, deal_rows, init_rows
+from mfscale.layout import Blocks, deal_rows, init_rows, stratum_balance
 from mfscale.shards import Dataset
 from mfscale.train import Trainer, run
 
@@ -164,6 +164,8 @@ def test_rows_are_dealt_by_count_in_snake_order():
     per_block = np.bincount(block, weights=zipf, minlength=4)
     assert per_block.max() / per_block.mean() < 1.01
     assert np.bincount(block).max() - np.bincount(block).min() <= 1
+    # sub-epoch 0 trains strata (0,0) and (1,1): 4 steps' worth for both ranks; sub-epoch 1: (0,1), (1,0)
+    assert stratum_balance(np.array([[4, 1], [1, 2]])) == {"max_over_mean": 2.0, "padded_over_actual": 1.25}
 
 
 def test_more_ranks_than_rows_is_one_clear_error(tmp_path):
