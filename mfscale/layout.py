@@ -147,13 +147,14 @@ class TableLayout:
     def __init__(self, env: DistEnv, data: Dataset):
         self.env, self.data = env, data
         self.bytes_sent = 0
+        self.n_train_rows = train_counts(data)  # training ratings per user row and per movie row
 
     # -- construction helpers ----------------------------------------------------------------------
     def _build(self, user_ids: np.ndarray, item_rows: int, item_ids: np.ndarray, dim: int, init_std: float,
                seed: int, mean: float, optimizer: str, lr: float, compile: bool) -> None:
         """Model with ``len(user_ids)`` user rows and ``item_rows`` movie rows (the first ``item_ids`` filled)."""
         self.model = BiasedMF(len(user_ids), item_rows, dim, mean=mean, init_std=0.0).to(self.env.device)
-        users_n, items_n = train_counts(self.data)
+        users_n, items_n = self.n_train_rows
         with torch.no_grad():
             for table, ids, n_train, k in ((self.model.users, user_ids, users_n, 0),
                                            (self.model.items, item_ids, items_n, 1)):
@@ -402,9 +403,8 @@ class Blocks(TableLayout):
                               f"{data.n_items:,} movies (each rank needs a block of both); use fewer ranks or "
                               "--train.tables replicated")
         self.seed, self.batch_size = seed, batch_size
-        n_train = dict(zip(("users", "items"), train_counts(data), strict=True))
-        self.user_block = deal_rows(n_train["users"], w)
-        self.item_block = deal_rows(n_train["items"], w)
+        self.user_block = deal_rows(self.n_train_rows[0], w)
+        self.item_block = deal_rows(self.n_train_rows[1], w)
         self.user_local_idx, self.user_members = _local_index(self.user_block, w)
         self.item_local_idx, self.item_members = _local_index(self.item_block, w)
         self.item_rows = max(len(m) for m in self.item_members)  # every rank's buffer fits any movie block
