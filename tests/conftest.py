@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import socket
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +55,29 @@ def odd_data(tmp_path_factory) -> Path:
     ranks get unequal shares, and at batch 90 the epoch's last global step holds 1 rating, so rank 1's last
     batch is empty."""
     return make_dataset(tmp_path_factory.mktemp("odd"), n_users=137, n_items=90, per_user=23, seed=3)
+
+
+def spawn_ranks(target, world: int, args: tuple, timeout: float, method: str = "spawn") -> list[int | None]:
+    """Run ``target(rank, *args)`` in one process per rank; their exit codes, in rank order.
+
+    Spawn by default: forking after MKL/OpenMP threads started in the pytest process can hang. A rank still
+    running after ``timeout`` (from when all started) is killed and reported as None, so a hung collective
+    fails the test instead of keeping pytest from exiting.
+    """
+    ctx = mp.get_context(method)
+    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        codes.append(p.exitcode)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    return codes
 
 
 def free_port() -> int:
@@ -111,13 +135,6 @@ def reference_run(small_data, tmp_path_factory) -> tuple[Path, dict, list[list[s
     """The restart tests' job run uninterrupted by 2 gloo ranks: (run dir, metrics, each rank's writes)."""
     base = tmp_path_factory.mktemp("reference")
     argv = ["--data", str(small_data), "--run-dir", str(base / "run"), *RESTART_ARGS]
-    ctx = mp.get_context("spawn")  # fork after MKL/OpenMP threads started in this process can hang
-    port = free_port()
-    procs = [ctx.Process(target=_reference_rank, args=(r, port, argv, str(base))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-        assert p.exitcode == 0
+    assert spawn_ranks(_reference_rank, 2, (free_port(), argv, str(base)), 300) == [0, 0]
     ranks = [json.loads((base / f"rank{r}.json").read_text()) for r in range(2)]
     return base / "run", ranks[0]["metrics"], [r["writes"] for r in ranks]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from mfscale.layout import Blocks, Replicated, TableLayout
 from mfscale.model import BiasedMF
 from mfscale.shards import Dataset
 
-from .conftest import free_port
+from .conftest import free_port, spawn_ranks
 
 CPU = torch.device("cpu")
 
@@ -143,15 +142,8 @@ def test_two_ranks_give_the_global_metrics_of_one(odd_data, tmp_path, tables):
     one = {"eval": evaluate(lay, "test", batch_size=37),
            "ranking": ranking_metrics(lay, "test", k=5, score_budget=data.n_items * 7)}
     assert one["ranking"]["ranking_users"] > 20
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_eval_rank, args=(r, port, str(odd_data), str(tmp_path / "model.pt"),
-                                                  str(tmp_path), tables)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    args = (free_port(), str(odd_data), str(tmp_path / "model.pt"), str(tmp_path), tables)
+    assert spawn_ranks(_eval_rank, 2, args, 120) == [0, 0]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # every rank returns the global result
     assert ranks[0]["eval"]["count"] == one["eval"]["count"]

@@ -4,7 +4,6 @@ exactly-once coverage, stratum balance, checkpoints across layouts and world siz
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from mfscale.layout import Blocks, deal_rows, init_rows, stratum_balance
 from mfscale.shards import Dataset
 from mfscale.train import Trainer, run
 
-from .conftest import free_port, make_dataset
+from .conftest import free_port, make_dataset, spawn_ranks
 from .test_train import job
 
 CPU = torch.device("cpu")
@@ -65,15 +64,8 @@ def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) 
 
 
 def run_ranks(cfgs: list[config.JobConfig], world: int, tmp: Path) -> list[list[dict]]:
-    ctx = mp.get_context("spawn")  # fork after MKL/OpenMP threads started in this process can hang
-    port = free_port()
-    procs = [ctx.Process(target=_epoch_worker, args=(r, world, port, [c.to_dict() for c in cfgs], str(tmp)))
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(180)
-        assert p.exitcode == 0
+    args = (world, free_port(), [c.to_dict() for c in cfgs], str(tmp))
+    assert spawn_ranks(_epoch_worker, world, args, 180) == [0] * world
     return [[torch.load(tmp / f"cfg{k}-rank{r}.pt", weights_only=False) for r in range(world)]
             for k in range(len(cfgs))]
 
@@ -274,14 +266,7 @@ def _crashing_rank(rank: int, port: int, argv: list[str], crash_at: int) -> None
 
 
 def _spawn_pair(argv: list[str], crash_at: int) -> list[int | None]:
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_crashing_rank, args=(r, port, argv, crash_at)) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(240)
-    return [p.exitcode for p in procs]
+    return spawn_ranks(_crashing_rank, 2, (free_port(), argv, crash_at), 240)
 
 
 def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path, reference_run):

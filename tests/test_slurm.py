@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing as mp
 import os
 import re
 import signal
@@ -26,7 +25,7 @@ import torch
 from mfscale import checkpoint, config, distributed
 from mfscale.train import STOP_CHECK_EVERY, Trainer, run
 
-from .conftest import RESTART_ARGS, free_port
+from .conftest import RESTART_ARGS, free_port, spawn_ranks
 from .test_train import OVERFIT, assert_exercises_best_weights, assert_same_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,14 +245,7 @@ def _signalled_rank(rank: int, port: int, cfg_dict: dict, out: str) -> None:
 
 def test_ranks_agree_to_stop_at_the_same_step(small_data, tmp_path):
     cfg = job(small_data, tmp_path / "r", train__epochs=2, train__batch_size=64)
-    ctx = mp.get_context("fork")
-    port = free_port()
-    procs = [ctx.Process(target=_signalled_rank, args=(r, port, cfg.to_dict(), str(tmp_path))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
+    assert spawn_ranks(_signalled_rank, 2, (free_port(), cfg.to_dict(), str(tmp_path)), 60, method="fork") == [0, 0]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     # Both stop together at the first check after the signal (the check runs every STOP_CHECK_EVERY steps).
     assert STOP_CHECK_EVERY == 10

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
 import os
 import re
 import signal
@@ -25,7 +24,7 @@ from mfscale.shards import Dataset
 from mfscale.stream import RatingStream
 from mfscale.train import Trainer, main, run
 
-from .conftest import RESTART_ARGS, free_port, make_dataset
+from .conftest import RESTART_ARGS, free_port, make_dataset, spawn_ranks
 from .test_evaluate import brute_force_rmse_mae
 from .test_evaluate import reference as ranking_reference
 
@@ -78,14 +77,7 @@ def assert_two_ranks_equal_union(data: Path, cfg: config.JobConfig, batch: int, 
     batch is empty. Returns that single-process trainer."""
     cfg = config.replace(cfg, train__epochs=1, train__batch_size=batch, train__patience=0, train__ranking_k=0,
                          checkpoint__resume="never", train__tables="replicated")  # blocks: tests/test_layout.py
-    ctx = mp.get_context("spawn")  # fork after MKL/OpenMP threads started in this process can hang
-    port = free_port()
-    procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, cfg.to_dict(), str(tmp))) for r in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
+    assert spawn_ranks(_rank_worker, 2, (2, free_port(), cfg.to_dict(), str(tmp)), 120) == [0, 0]
     r0, r1 = (torch.load(tmp / f"rank{r}.pt") for r in range(2))
     assert r0.keys() == r1.keys()
     for k in r0:  # replicas are identical, bit for bit
