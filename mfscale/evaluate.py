@@ -18,10 +18,16 @@ from .model import predict_rows
 if TYPE_CHECKING:
     from .layout import TableLayout
 
+# (rows of the users a rank evaluates, the whole movie table, global bias): TableLayout.eval_tables()
+Tables = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
 
 @torch.no_grad()
-def evaluate(layout: TableLayout, split: str, *, batch_size: int) -> dict[str, float] | None:
+def evaluate(layout: TableLayout, split: str, *, batch_size: int, tables: Tables | None = None
+             ) -> dict[str, float] | None:
     """RMSE/MAE of predictions clipped to the rating scale over all of ``split`` (each rank its users).
+
+    ``tables``: ``layout.eval_tables()`` when the caller has them already (under blocks a collective).
 
     Returns None when the split is empty.
     """
@@ -30,7 +36,7 @@ def evaluate(layout: TableLayout, split: str, *, batch_size: int) -> dict[str, f
         return None
     lo, hi = data.rating_range
     share = layout.eval_share(split)
-    users, items, global_bias = layout.eval_tables()
+    users, items, global_bias = tables or layout.eval_tables()
     dev = users.device
     sums = torch.zeros(3, dtype=torch.float64, device=dev)  # squared error, absolute error, count
     for start in range(0, len(share.user), batch_size):
@@ -65,7 +71,7 @@ def _rows_of(indptr: torch.Tensor, items: torch.Tensor, users: torch.Tensor) -> 
 
 @torch.no_grad()
 def ranking_metrics(layout: TableLayout, split: str, *, k: int = 10, relevant_min: float = 4.0,
-                    score_budget: int = 1 << 25) -> dict[str, float] | None:
+                    score_budget: int = 1 << 25, tables: Tables | None = None) -> dict[str, float] | None:
     """Recall@K, NDCG@K and MAP@K of top-K lists over all movies, on ``split`` ratings >= ``relevant_min``.
 
     Movies the user rated in training are excluded from the lists. Each rank scores the users it owns in
@@ -76,7 +82,7 @@ def ranking_metrics(layout: TableLayout, split: str, *, k: int = 10, relevant_mi
     env = layout.env
     held = layout.eval_share(split)
     keep = held.rating >= relevant_min
-    user_tab, item_tab, _ = layout.eval_tables()
+    user_tab, item_tab, _ = tables or layout.eval_tables()
     n_users, n_items = user_tab.shape[0], item_tab.shape[0]
     dev = user_tab.device
     train = layout.eval_share("train")

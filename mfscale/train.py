@@ -490,9 +490,10 @@ class Trainer:
         cfg, env = self.cfg, self.env
         if self.best_state is not None:
             self.model.load_state_dict({k: v.to(self.device) for k, v in self.best_state.items()})
-        test = evaluate(self.layout, "test", batch_size=cfg.train.eval_batch_size)
-        ranking = ranking_metrics(self.layout, "test", k=cfg.train.ranking_k) if cfg.train.ranking_k else None
-        movie_table = self.layout.eval_tables()[1]  # a collective under blocks: every rank joins
+        tables = self.layout.eval_tables()  # once for all three uses (under blocks an all_gather of movies)
+        test = evaluate(self.layout, "test", batch_size=cfg.train.eval_batch_size, tables=tables)
+        ranking = ranking_metrics(self.layout, "test", k=cfg.train.ranking_k, tables=tables) \
+            if cfg.train.ranking_k else None
         metrics = {
             "test_rmse": test["rmse"] if test else None,
             "test_mae": test["mae"] if test else None,
@@ -523,7 +524,7 @@ class Trainer:
                 monitor.scalars(self.global_step, {f"test/{k}": v for k, v in ranking.items() if "@" in k})
             monitor.hparams(cfg.to_dict(), {f"hparam/{k}": v for k, v in metrics.items()
                                             if isinstance(v, int | float) and v is not None})
-            self._projector(monitor, movie_table)
+            self._projector(monitor, tables[1])
         log.info("done: test rmse %s, best val rmse %s, %s ratings/s", _fmt(metrics["test_rmse"]),
                  _fmt(metrics["best_val_rmse"]), _fmt(metrics["train_ratings_per_s"], ",.0f"))
         return metrics
