@@ -135,8 +135,13 @@ def default_bandwidth(name: str) -> float | None:
 # Training-step variants: the job-config overrides each stands for.
 VARIANTS: dict[str, dict[str, str]] = {
     "fused": {"optim__optimizer": "lazy_adam", "train__step": "fused"},  # the default path (compile: auto)
-    "fused-compiled": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__compile": "on"},
-    "fused-eager": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__compile": "off"},
+    "fused-compiled": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__compile": "on",
+                       "train__cpu_kernel": "off"},
+    "fused-eager": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__compile": "off",
+                    "train__cpu_kernel": "off"},
+    # on a CPU: the C++ op (mfscale/csrc/fused_step.cpp) against the same math as torch ops
+    "fused-kernel": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__cpu_kernel": "on"},
+    "fused-torch": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__cpu_kernel": "off"},
     "autograd": {"optim__optimizer": "lazy_adam", "train__step": "autograd"},  # backward() + LazyAdam
     "sparse_adam": {"optim__optimizer": "sparse_adam", "train__step": "autograd"},  # the reference
     # table layouts (mfscale/layout.py), the fused step: compare them at --nprocs 1,2
@@ -656,8 +661,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=_csv(int), default=[65536], help="ratings per rank per step")
     p.add_argument("--dims", type=_csv(int), default=[64])
     p.add_argument("--variants", type=_csv(str), default=["fused", "sparse_adam"],
-                   help="training-step variants: fused (the default path), fused-compiled, fused-eager, autograd "
-                        "(backward + LazyAdam), sparse_adam (backward + torch.optim.SparseAdam, the reference)")
+                   help="training-step variants: fused (the default path), fused-kernel (CPU: the C++ op), "
+                        "fused-torch (CPU: torch ops), fused-compiled, fused-eager, autograd (backward + LazyAdam), "
+                        "sparse_adam (backward + torch.optim.SparseAdam, the reference), fused-replicated, "
+                        "fused-blocks")
     p.add_argument("--resident", choices=["auto", "on", "off"], default="auto",
                    help="data.resident for training modes; input mode measures the resident stream only with on")
     p.add_argument("--precisions", type=_csv(str), default=["fp32"], help="fp32,bf16,fp16 (mixed: CUDA only)")

@@ -58,6 +58,9 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
     step: str = "auto"  # fused (closed-form gradients, LazyAdam) | autograd | auto: fused where it applies
     compile: str = "auto"  # on | off | auto: torch.compile the fused step's kernels on >= 1M training ratings
+    # on | off | auto: on a CPU, run the fused step as one C++ op (mfscale/cpu_step.py; built on first use)
+    # where a rank's row gradients are local (one process, blocks tables); auto falls back to torch ops
+    cpu_kernel: str = "auto"
     device: str = "auto"  # auto | cpu | cuda
     patience: int = 3  # early stopping: epochs without val improvement (0 = off)
     log_every: int = 50  # steps between TensorBoard scalar points
@@ -123,6 +126,7 @@ class JobConfig:
             (self.train.ranking_k >= 0, "train.ranking_k must be >= 0"),
             (self.train.step in ("auto", "fused", "autograd"), "train.step must be auto, fused or autograd"),
             (self.train.compile in ("auto", "on", "off"), "train.compile must be auto, on or off"),
+            (self.train.cpu_kernel in ("auto", "on", "off"), "train.cpu_kernel must be auto, on or off"),
             (self.train.timeout_s > 0, "train.timeout_s must be > 0"),
             (self.train.tables in ("auto", "replicated", "blocks"), "train.tables must be auto, replicated or blocks"),
             (self.checkpoint.keep_last >= 1, "checkpoint.keep_last must be >= 1"),

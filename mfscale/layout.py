@@ -143,6 +143,9 @@ class TableLayout:
     steps_per_epoch: int
     # Per table, from how many touched rows a fused step sweeps the whole local table; None = never.
     dense_min: tuple[int, int] | None = None
+    # Whether this rank's batch gradient of every row it touches is the whole gradient (no exchange between
+    # ranks), so gradients and the update can be fused in one pass (step.KernelStep).
+    rows_complete: bool = False
 
     def __init__(self, env: DistEnv, data: Dataset):
         self.env, self.data = env, data
@@ -319,6 +322,7 @@ class Replicated(TableLayout):
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
                                    seed=seed, resident=env.device if resident else None)
         self.steps_per_epoch = self.stream.steps_per_epoch
+        self.rows_complete = not env.distributed
         if not env.distributed:
             self.dense_min = tuple(math.ceil(DENSE_SWEEP_MIN_FRACTION * n) for n in (data.n_users, data.n_items))
 
@@ -393,6 +397,7 @@ class Blocks(TableLayout):
     """Stratified blocks: user block r stays on rank r, movie blocks rotate once per sub-epoch (see module)."""
 
     name = "blocks"
+    rows_complete = True  # user rows are owned, and a movie block is held by one rank at a time
 
     def __init__(self, env: DistEnv, data: Dataset, *, dim: int, init_std: float, seed: int, mean: float,
                  optimizer: str, lr: float, compile: bool, batch_size: int, resident: str):

@@ -15,7 +15,7 @@ of coalesce's), so with duplicates the results agree to rounding, not bit for bi
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor
@@ -136,6 +136,21 @@ class LazyAdam(torch.optim.Optimizer):
                 if key in state:
                     state[key] = table_like(state[key])
 
+    def _begin_step(self, p: Tensor) -> tuple[dict, float]:
+        """Count one step of ``p``; (its state, the step's bias-corrected step size)."""
+        state = self._state(p)
+        state["step"] += 1  # SparseAdam counts a step for every gradient, an empty one too
+        group = self._group(p)
+        beta1, beta2 = group["betas"]
+        step = state["step"]
+        return state, float(group["lr"]) * math.sqrt(1 - beta2**step) / (1 - beta1**step)
+
+    def _group(self, p: Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise ValueError("LazyAdam: the parameter is not optimized by this optimizer")
+
     def _apply(self, group: dict, p: Tensor, rows: Tensor | None, values: Tensor,
                l2: tuple[Tensor, Tensor] | None = None) -> None:
         state = self._state(p)
@@ -169,7 +184,8 @@ class LazyAdam(torch.optim.Optimizer):
                    eps=group["eps"], step=step)
 
     @torch.no_grad()
-    def step(self, closure=None, *, rows: list[tuple[Tensor, ...] | None] | None = None):
+    def step(self, closure=None, *, rows: list[tuple[Tensor, ...] | None] | None = None,
+             update: Callable[[list[tuple[dict, float]]], None] | None = None):
         """One step of every parameter with a gradient.
 
         ``rows``, optional: per parameter (in param_groups order) ``(ids, values)``: unique row ids and summed
@@ -178,11 +194,19 @@ class LazyAdam(torch.optim.Optimizer):
         L2 penalty, ``row_scale[:, None] * col_weights * param[ids]`` (per-row counts times per-column
         weights), to the values before the update, reading the rows once. ``ids`` None: dense form, values
         for every row of the table and row_scale the touch counts (rows with count 0 are left alone).
+
+        ``update``, optional: the update is done elsewhere with this optimizer's state (``mfscale.cpu_step``):
+        every parameter counts one step and ``update`` gets, per parameter, (its state, the step's
+        bias-corrected step size), and applies SparseAdam's update to the touched rows of the parameter and of
+        ``state["exp_avg"]``/``["exp_avg_sq"]``. (Through ``step``, so hooks and LR schedulers see a step.)
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if update is not None:
+            update([self._begin_step(p) for group in self.param_groups for p in group["params"]])
+            return loss
         k = -1
         for group in self.param_groups:
             for p in group["params"]:
@@ -206,8 +230,4 @@ class LazyAdam(torch.optim.Optimizer):
     @torch.no_grad()
     def step_rows(self, param: Tensor, rows: Tensor, values: Tensor) -> None:
         """One step of ``param`` with unique ``rows`` and their summed gradient ``values`` (ignores .grad)."""
-        for group in self.param_groups:
-            if any(p is param for p in group["params"]):
-                self._apply(group, param, rows, values)
-                return
-        raise ValueError("step_rows: the parameter is not optimized by this LazyAdam")
+        self._apply(self._group(param), param, rows, values)

@@ -2,6 +2,8 @@
 
 - :class:`FusedStep`: the loss's gradients in closed form (``BiasedMF.closed_form_grads``), no autograd; the
   per-rating L2 term reaches LazyAdam as (ratings of the global batch touching each row) x (column weight).
+- :class:`KernelStep`: the same math as FusedStep in one C++ op (``mfscale.cpu_step``), on the CPU where a
+  rank's batch gradient is complete without an exchange (one process, or the blocks layout).
 - :class:`AutogradStep`: forward/backward through ``nn.Embedding(sparse=True)``; the reference, and what
   dropout, gravity, mixed precision and SparseAdam need.
 
@@ -17,10 +19,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from . import cpu_step
 from .config import JobConfig
 from .distributed import DistEnv
 from .layout import TableLayout
 from .model import batch_errors
+from .optim import LazyAdam
 
 
 class FusedStep:
@@ -47,6 +51,46 @@ class FusedStep:
         self.opt_dense.step()
         self.opt_dense.zero_grad(set_to_none=True)
         return sse
+
+
+class KernelStep:
+    """FusedStep's gradients and LazyAdam's update of the touched rows in one C++ op (``mfscale.cpu_step``).
+
+    Only where ``layout.rows_complete`` (no row gradients to exchange) and the optimizer is LazyAdam; the
+    global bias is summed over ranks and stepped by Adam as in FusedStep.
+    """
+
+    def __init__(self, env: DistEnv, layout: TableLayout, opt_dense: torch.optim.Optimizer,
+                 reg_weights: torch.Tensor):
+        if not layout.rows_complete or not isinstance(layout.opt, LazyAdam) or env.device.type != "cpu":
+            raise ValueError("KernelStep needs CPU tables, LazyAdam and a layout whose row gradients are local")
+        self.env, self.layout, self.opt_dense, self.reg_weights = env, layout, opt_dense, reg_weights
+        self.scratch: dict[str, torch.Tensor] = {}  # the op's per-table marks and gradient buffers
+
+    def __call__(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int
+                 ) -> torch.Tensor:
+        model, opt = self.layout.model, self.layout.opt
+        users, items = (p.detach() for p in model.sparse_parameters())
+        group, scale = opt.param_groups[0], 2.0 / global_rows
+        out: list[float] = []
+
+        def update(steps: list[tuple[dict, float]]) -> None:
+            (su, size_u), (si, size_i) = steps  # LazyAdam's params: [users, items]
+            out.extend(cpu_step.fused_step(
+                users, items, (su["exp_avg"], su["exp_avg_sq"]), (si["exp_avg"], si["exp_avg_sq"]),
+                user.to(torch.int64), item.to(torch.int64), rating.to(users.dtype),
+                float(model.global_bias.detach()), scale, self.reg_weights * scale, (size_u, size_i),
+                group["betas"], group["eps"], self.scratch))
+
+        opt.step(update=update)
+        g_sum, sse = out
+        g_mean = torch.tensor(g_sum, dtype=model.global_bias.dtype)
+        if self.env.distributed:
+            dist.all_reduce(g_mean)
+        model.global_bias.grad = g_mean.reshape(())
+        self.opt_dense.step()
+        self.opt_dense.zero_grad(set_to_none=True)
+        return torch.tensor(sse, dtype=torch.float64)
 
 
 class AutogradStep:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from . import checkpoint, config, distributed
+from . import checkpoint, config, cpu_step, distributed
 from .config import JobConfig
 from .distributed import DistEnv
 from .errors import ConfigError, DataError, cli_entry
@@ -40,7 +40,7 @@ from .model import SPARSE_TABLES, BiasedMF, batch_errors, compiled_batch_errors
 from .monitor import Monitor
 from .optim import LazyAdam
 from .shards import Dataset, write_json_atomic, write_text_atomic
-from .step import AutogradStep, FusedStep
+from .step import AutogradStep, FusedStep, KernelStep
 
 PROG = "mfscale.train"
 log = logging.getLogger("mfscale")
@@ -177,11 +177,16 @@ class Trainer:
         self.opt_dense = torch.optim.Adam(self.model.dense_parameters(), lr=o.dense_lr)
         self.scaler = torch.amp.GradScaler("cuda") if t.precision == "fp16" else None
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision)
+        self.step: FusedStep | KernelStep | AutogradStep
+        self.kernel = self.fused and self._use_cpu_kernel()
+        if self.kernel:  # the C++ op replaces the torch kernels, compiled or not
+            use_compile = self.opt_sparse.compile = False
         self.errors = compiled_batch_errors() if use_compile else batch_errors
         if use_compile:
             self._warm_up_compiled(required=t.compile == "on")
-        self.step: FusedStep | AutogradStep
-        if self.fused:
+        if self.kernel:
+            self.step = KernelStep(env, self.layout, self.opt_dense, self.reg_weights)
+        elif self.fused:
             self.step = FusedStep(env, self.layout, self.opt_dense, self.reg_weights, self.errors,
                                   self.layout.dense_min if self.errors is not batch_errors else None)
         else:
@@ -229,6 +234,26 @@ class Trainer:
     def resident(self) -> bool:
         """Whether this rank's training ratings are held on the training device."""
         return self.layout.resident
+
+    def _use_cpu_kernel(self) -> bool:
+        """Whether the fused step runs as the C++ op (``--train.cpu_kernel``); builds it on first use."""
+        mode = self.cfg.train.cpu_kernel
+        applies = (self.device.type == "cpu" and self.layout.rows_complete and isinstance(self.opt_sparse, LazyAdam))
+        if mode == "off" or not applies:
+            if mode == "on":
+                raise ConfigError("--train.cpu_kernel on needs a CPU device and one process or --train.tables "
+                                  "blocks (the replicated layout exchanges gradient rows between the ranks)")
+            return False
+        try:
+            cpu_step.load()
+        except cpu_step.KernelUnavailable as exc:
+            if mode == "on":
+                raise ConfigError(f"--train.cpu_kernel on: the C++ step could not be built ({exc}); use "
+                                  "--train.cpu_kernel off") from exc
+            log.warning("the C++ training step could not be built (%s); running the fused step as torch ops", exc)
+            return False
+        log.info("training step: fused, one C++ op (mfscale/csrc/fused_step.cpp)")
+        return True
 
     def _warm_up_compiled(self, required: bool) -> None:
         """Compile the fused kernels now, on a throwaway model, so a missing compiler shows up before training.

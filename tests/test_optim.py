@@ -164,9 +164,10 @@ def test_fused_step_and_lazy_adam_equal_sparse_adam_after_one_epoch(small_data, 
     """The issue's check: the fast path gives SparseAdam's parameters (float64, rounding-level tolerance)."""
     ref_tr, ref = one_epoch(small_data, tmp_path / "ref", optim__optimizer="sparse_adam")
     assert isinstance(ref_tr.opt_sparse, torch.optim.SparseAdam) and not ref_tr.fused
-    for step in ("autograd", "fused"):
-        tr, got = one_epoch(small_data, tmp_path / step, optim__optimizer="lazy_adam", train__step=step)
-        assert isinstance(tr.opt_sparse, LazyAdam) and tr.fused == (step == "fused")
+    for step, kernel in (("autograd", "off"), ("fused", "off"), ("fused", "on")):  # on: the C++ op
+        tr, got = one_epoch(small_data, tmp_path / f"{step}-{kernel}", optim__optimizer="lazy_adam", train__step=step,
+                            train__cpu_kernel=kernel)
+        assert isinstance(tr.opt_sparse, LazyAdam) and tr.fused == (step == "fused") and tr.kernel == (kernel == "on")
         for k, v in ref.items():
             # The global bias's gradient sums to nearly zero; Adam divides by its RMS, which magnifies
             # rounding in the sum, hence rtol 1e-8 rather than 1e-10.

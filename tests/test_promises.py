@@ -110,13 +110,14 @@ def test_compile_auto_falls_back_to_eager_when_compiling_fails(small_data, tmp_p
     monkeypatch.setattr(model, "_COMPILED", {})
     monkeypatch.setattr(optim, "_COMPILED", {})
     monkeypatch.setattr(train, "COMPILE_MIN_ROWS", 1)  # auto compiles from this size: here, this small data
-    changes = {"train__epochs": 2, "train__batch_size": 1024, "train__ranking_k": 0}
+    # the torch-ops step (the C++ op, where it applies, replaces the compiled kernels)
+    changes = {"train__epochs": 2, "train__batch_size": 1024, "train__ranking_k": 0, "train__cpu_kernel": "off"}
     auto = run(job(small_data, tmp_path / "auto", train__compile="auto", **changes))
     assert calls  # compiling was attempted, failed, and the job still trained
     eager = run(job(small_data, tmp_path / "off", train__compile="off", **changes))
     assert auto["history"] == eager["history"] and auto["test_rmse"] == eager["test_rmse"]  # same math
     err = fail(["--data", str(small_data), "--run-dir", str(tmp_path / "on"), "--workers", "0",
-                "--train.compile", "on"], capsys)
+                "--train.compile", "on", "--train.cpu_kernel", "off"], capsys)
     assert "--train.compile on: torch.compile failed (RuntimeError: no working C++ compiler)" in err
 
 

@@ -403,14 +403,16 @@ def test_fused_step_reuses_its_gradient_buffers(small_data, tmp_path):
     """The fused step writes gradient rows into buffers the trainer keeps (no multi-MB allocation per step)."""
     from mfscale.model import BiasedMF
 
-    tr = Trainer(job(small_data, tmp_path, train__batch_size=4096), DistEnv(0, 1, 0, CPU))
-    assert tr.fused
-    tr.stream.set_epoch(0, 0)
-    ptrs = []
-    for batch in list(iter(tr.stream))[:3]:
-        tr.train_step(batch)
-        ptrs.append({k: v.data_ptr() for k, v in tr.step.scratch.items()})
-    assert ptrs[0] == ptrs[1] == ptrs[2] and set(ptrs[0]) == {"users", "items"}
+    for kernel, keys in (("off", {"users", "items"}), ("on", {"mark_users", "mark_items", "work"})):
+        tr = Trainer(job(small_data, tmp_path / kernel, train__batch_size=4096, train__cpu_kernel=kernel),
+                     DistEnv(0, 1, 0, CPU))
+        assert tr.fused
+        tr.stream.set_epoch(0, 0)
+        ptrs = []
+        for batch in list(iter(tr.stream))[:3]:
+            tr.train_step(batch)
+            ptrs.append({k: v.data_ptr() for k, v in tr.step.scratch.items()})
+        assert ptrs[0] == ptrs[1] == ptrs[2] and set(ptrs[0]) == keys
     # Same gradients with and without scratch buffers.
     model = BiasedMF(50, 40, 8)
     user, item = torch.randint(0, 50, (300,)), torch.randint(0, 40, (300,))

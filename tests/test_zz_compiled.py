@@ -16,8 +16,8 @@ def test_compiled_dense_form_equals_row_form():
 
 def test_compiled_fused_step_equals_eager(small_data, tmp_path):
     """torch.compile'd kernels (fused arithmetic, other rounding) track the eager fused step closely."""
-    _, eager = one_epoch(small_data, tmp_path / "eager", train__compile="off")
-    tr, compiled = one_epoch(small_data, tmp_path / "compiled", train__compile="on")
+    _, eager = one_epoch(small_data, tmp_path / "eager", train__compile="off", train__cpu_kernel="off")
+    tr, compiled = one_epoch(small_data, tmp_path / "compiled", train__compile="on", train__cpu_kernel="off")
     assert tr.opt_sparse.compile and tr.errors is not batch_errors
     for k, v in eager.items():
         torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-6)
@@ -33,7 +33,8 @@ def test_kernels_compiled_at_warm_up_serve_the_whole_epoch(small_data, tmp_path)
     from .test_train import job
 
     torch._dynamo.reset()  # a fresh cache: what the warm-up compiles is all there is
-    cfg = job(small_data, tmp_path, train__compile="on", train__batch_size=500, data__resident="on")
+    cfg = job(small_data, tmp_path, train__compile="on", train__batch_size=500, data__resident="on",
+              train__cpu_kernel="off")
     tr = Trainer(config.replace(cfg), DistEnv(0, 1, 0, torch.device("cpu")))
     tr.dense_min = (150, 100)  # users: dense when 150 of 300 rows are touched; movies: 100 of 200
     forms = set()

@@ -1,0 +1,107 @@
+"""The fused training step as one C++ op on the CPU (``mfscale/csrc/fused_step.cpp``).
+
+Computes exactly what ``BiasedMF.closed_form_grads`` + ``LazyAdam`` compute (SparseAdam's update, in its
+operation order), but visits each touched row once instead of making a dozen passes over the batch and the
+rows; see the source for how. It applies where a rank's batch gradient is the whole gradient of the rows it
+touches: one process, or the blocks layout (no gradient exchange between ranks).
+
+The op is compiled on first use with torch's own extension builder (``torch.utils.cpp_extension``: a C++
+compiler and ninja, which ``pip install -e .`` brings), cached per torch version and CPU under
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and loaded from there afterwards. It is built
+for the machine's own CPU (``-march=native``), so the cache key includes a digest of the CPU's model and flags:
+nodes of a cluster sharing a home directory never load a binary built for another CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import shutil
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "fused_step.cpp"
+_LOADED: dict[str, bool] = {}  # per process: the op library is loaded once
+
+
+class KernelUnavailable(RuntimeError):
+    """The C++ op could not be built or loaded (no compiler, no ninja, a failed build)."""
+
+
+def _cpu_key() -> str:
+    """A short digest of what -march=native compiles for: the CPU's model name and feature flags."""
+    text = platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            lines = [ln for ln in f if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+        text += "".join(sorted(set(lines)))
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _ninja_on_path() -> None:
+    """Put the ninja of the ``ninja`` wheel on PATH when none is there (cpp_extension runs ``ninja``)."""
+    if shutil.which("ninja"):
+        return
+    try:
+        import ninja  # the PyPI wheel: a binary in its BIN_DIR
+    except ImportError:
+        return
+    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def load(verbose: bool = False) -> None:
+    """Build (first time on this machine) and load the op; raises KernelUnavailable with the reason."""
+    if _LOADED.get("ok"):
+        return
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    name = f"mfscale_fused_step_{_cpu_key()}"
+    try:
+        # -fno-math-errno: sqrt without an errno check, so the Adam update vectorizes
+        cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, verbose=verbose,
+                           extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                           extra_ldflags=["-fopenmp"])
+    except Exception as exc:  # the builder raises many kinds (no compiler, no ninja, compile errors)
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # the builder's message starts with the compile command: the compiler's first error says more
+        errors = [ln for ln in lines if "error" in ln.lower()]
+        why = (errors[1] if len(errors) > 1 and lines and errors[0] == lines[0] else (errors or lines or [""])[0])
+        raise KernelUnavailable(f"{type(exc).__name__}: {why[:300]}") from exc
+    if not hasattr(torch.ops.mfscale, "fused_step"):
+        raise KernelUnavailable("the built library does not define mfscale::fused_step")
+    _LOADED["ok"] = True
+
+
+def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.Tensor, torch.Tensor],
+               moments_i: tuple[torch.Tensor, torch.Tensor], user: torch.Tensor, item: torch.Tensor,
+               rating: torch.Tensor, global_bias: float, scale: float, col_weights: torch.Tensor,
+               step_sizes: tuple[float, float], betas: tuple[float, float], eps: float,
+               scratch: dict[str, torch.Tensor]) -> tuple[float, float]:
+    """One step in place on both tables and their Adam moments; returns (sum of coef, sum of squared errors).
+
+    coef = (prediction - rating) * ``scale``; the global bias's gradient is the first return value.
+    ``col_weights``: the L2 weight per column times ``scale``. ``scratch``: a dict kept by the caller between
+    steps (per-table marks and the op's work memory, allocated once and grown when needed).
+    """
+    load()
+    for name, table in (("users", users), ("items", items)):
+        mark = scratch.get(f"mark_{name}")
+        if mark is None or mark.numel() != table.shape[0]:
+            scratch[f"mark_{name}"] = torch.zeros(table.shape[0], dtype=torch.int32)
+    work = scratch.get("work")
+    if work is None or work.dtype != users.dtype:
+        work = scratch["work"] = torch.empty(0, dtype=users.dtype)  # the op grows it to what a step needs
+    out = torch.ops.mfscale.fused_step(
+        users, items, moments_u[0], moments_u[1], moments_i[0], moments_i[1], user, item, rating, global_bias,
+        scale, col_weights, step_sizes[0], step_sizes[1], betas[0], betas[1], eps, scratch["mark_users"],
+        scratch["mark_items"], work)
+    coef_sum, sse = out.tolist()
+    return coef_sum, sse

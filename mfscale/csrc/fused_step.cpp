@@ -1,0 +1,286 @@
+// One training step of biased MF on the CPU: errors, gradients and the lazy Adam update in one op.
+//
+// The torch-ops step (mfscale.model.closed_form_grads + optim.LazyAdam) makes about a dozen passes over the
+// batch and the touched rows: gather, dot, sort, CSR product, bincount, gather of the moments, elementwise
+// update, scatter. Here the ratings are grouped by the row of the side with more touched rows (a counting
+// sort; batch order within a row) and that table is streamed once: per row, its ratings' errors, its gradient
+// in registers, its Adam update (see step_impl). Random rows are prefetched a few rows ahead.
+//
+// The arithmetic is optim._adam_rows's (SparseAdam's operation order), with the L2 term count * col_w * row
+// added to the gradient before the moments. Sums run in a fixed order for a given thread count (the minor
+// side's gradient is summed per thread, then over threads in order), so runs repeat bit for bit; another
+// thread count changes the last bits of the minor side's gradient sums.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+// <a, b> over d values with 8 partial sums: a fixed-width vertical sum the compiler vectorizes without
+// -ffast-math (a plain running sum must be kept in order, one lane at a time).
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t d) {
+  T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t c = 0;
+  for (; c + 8 <= d; c += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[c + j] * b[c + j];
+  T tail = 0;
+  for (; c < d; ++c) tail += a[c] * b[c];
+  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7])) + tail;
+}
+
+// The batch's ratings indexed by one side's row: the touched rows (in order of first appearance, or in table
+// order when many are touched), each rating's group (``slot``), and group j's ratings
+// order[start[j] .. start[j + 1]) in batch order (a counting sort; only when ``with_order``). ``mark``
+// (n_rows int32, all zero) is scratch kept by the caller between steps and left all zero again, so a sparse
+// step costs O(batch), not O(table).
+struct Groups {
+  std::vector<int64_t> rows;
+  std::vector<int32_t> start;
+  std::vector<int32_t> slot;
+  std::vector<int32_t> order;
+};
+
+Groups index_rows(const int64_t* ids, int64_t n, int32_t* mark, int64_t n_rows, bool with_order) {
+  Groups g;
+  for (int64_t k = 0; k < n; ++k)
+    if (mark[ids[k]]++ == 0) g.rows.push_back(ids[k]);
+  const int64_t u = static_cast<int64_t>(g.rows.size());
+  if (u * 16 >= n_rows) {
+    // Many rows touched: visit them in table order (one scan of the marks), so their reads and writes
+    // stream through memory instead of jumping at random.
+    int64_t j = 0;
+    for (int64_t row = 0; row < n_rows; ++row)
+      if (mark[row] != 0) g.rows[j++] = row;
+  }
+  g.start.resize(u + 1);
+  int32_t pos = 0;
+  for (int64_t j = 0; j < u; ++j) {
+    g.start[j] = pos;
+    pos += mark[g.rows[j]];
+    mark[g.rows[j]] = static_cast<int32_t>(j);  // from here on: the row's group
+  }
+  g.start[u] = pos;
+  g.slot.resize(n);
+  for (int64_t k = 0; k < n; ++k) g.slot[k] = mark[ids[k]];
+  for (int64_t j = 0; j < u; ++j) mark[g.rows[j]] = 0;
+  if (with_order) {
+    std::vector<int32_t> next(g.start.begin(), g.start.end() - 1);
+    g.order.resize(n);
+    for (int64_t k = 0; k < n; ++k) g.order[next[g.slot[k]]++] = static_cast<int32_t>(k);
+  }
+  return g;
+}
+
+// Ask for a row's cache lines ahead of use: rows are read at random, one cache miss after another otherwise.
+template <typename T>
+inline void prefetch_row(const T* row, int64_t w, int rw) {
+  const char* p = reinterpret_cast<const char*>(row);
+  for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(T)); off += 64) {
+    if (rw) __builtin_prefetch(p + off, 1, 3);
+    else __builtin_prefetch(p + off, 0, 3);
+  }
+}
+
+constexpr int64_t kAhead = 8;  // rows (or ratings) ahead to prefetch
+
+struct AdamArgs {
+  double step_size, beta1, beta2, eps;
+};
+
+// SparseAdam's update of one row, in optim._adam_rows's operation order.
+template <typename T>
+inline void adam_row(T* p, T* m, T* v, const T* grad, T count, const T* col_w, int64_t w, const AdamArgs& a) {
+  const T b1 = static_cast<T>(1 - a.beta1), b2 = static_cast<T>(1 - a.beta2);
+  const T eps = static_cast<T>(a.eps), neg_step = static_cast<T>(-a.step_size);
+  for (int64_t c = 0; c < w; ++c) {
+    const T g = grad[c] + (count * col_w[c]) * p[c];
+    const T mc = m[c] + (g - m[c]) * b1;
+    const T vc = v[c] + (g * g - v[c]) * b2;
+    m[c] = mc;
+    v[c] = vc;
+    p[c] = p[c] + (mc / (std::sqrt(vc) + eps)) * neg_step;
+  }
+}
+
+constexpr int64_t kGrain = 64;  // rows per task: a row is ~100 ns of work
+
+// One table's side of the step: its rows, Adam moments and step size.
+template <typename T>
+struct Side {
+  T* p;
+  T* m;
+  T* v;
+  const int64_t* ids;  // the batch's row ids on this side
+  AdamArgs adam;
+};
+
+// The major side (more touched rows) is streamed row by row: for each of its rows, the errors of its ratings,
+// its gradient summed in registers and its Adam update, once. The same loop adds each rating's share of the
+// minor side's gradient (from the major row before its update) into a per-thread buffer, kept in cache since
+// the minor side has the fewer rows; the minor rows are updated afterwards from those buffers, summed in thread
+// order. Every prediction reads old rows only: a major row is updated after its own ratings, minor rows last.
+template <typename T>
+std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_users, int64_t n_items, int64_t w,
+                              int64_t n, const T* r, double global_bias, double scale, const T* cw,
+                              int32_t* mark_u, int32_t* mark_i, at::Tensor& work) {
+  const int64_t d = w - 1;
+  Groups gu = index_rows(user_side.ids, n, mark_u, n_users, false);
+  Groups gi = index_rows(item_side.ids, n, mark_i, n_items, false);
+  const bool users_major = gu.rows.size() >= gi.rows.size();
+  Groups& gmaj = users_major ? gu : gi;
+  const Groups& gmin = users_major ? gi : gu;
+  const Side<T>& maj = users_major ? user_side : item_side;
+  const Side<T>& mnr = users_major ? item_side : user_side;
+  {  // the major side's ratings in row order
+    std::vector<int32_t> next(gmaj.start.begin(), gmaj.start.end() - 1);
+    gmaj.order.resize(n);
+    for (int64_t k = 0; k < n; ++k) gmaj.order[next[gmaj.slot[k]]++] = static_cast<int32_t>(k);
+  }
+  const int64_t nmaj = static_cast<int64_t>(gmaj.rows.size()), nmin = static_cast<int64_t>(gmin.rows.size());
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  if (work.numel() < threads * nmin * w) work.resize_({threads * nmin * w});
+  T* bufs = work.data_ptr<T>();
+  std::vector<uint8_t> used(threads * nmin, 0);  // per thread: which minor rows its buffer holds
+  std::vector<T> err(n);
+  const T gb = static_cast<T>(global_bias), sc = static_cast<T>(scale);
+
+  at::parallel_for(0, nmaj, kGrain, [&](int64_t b, int64_t e) {
+    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
+    T* buf = bufs + tid * nmin * w;
+    uint8_t* mine = used.data() + tid * nmin;
+    std::vector<T> acc(w);
+    for (int64_t j = b; j < e; ++j) {
+      if (j + kAhead < e) {
+        const int64_t ahead = gmaj.rows[j + kAhead] * w;
+        prefetch_row(maj.p + ahead, w, 1);
+        prefetch_row(maj.m + ahead, w, 1);
+        prefetch_row(maj.v + ahead, w, 1);
+      }
+      T* p = maj.p + gmaj.rows[j] * w;
+      for (int64_t c = 0; c < w; ++c) acc[c] = 0;
+      const int32_t end = gmaj.start[j + 1];
+      for (int32_t s = gmaj.start[j]; s < end; ++s) {
+        const int32_t k = gmaj.order[s];
+        if (s + kAhead < end) prefetch_row(mnr.p + mnr.ids[gmaj.order[s + kAhead]] * w, w, 0);
+        const T* q = mnr.p + mnr.ids[k] * w;
+        const T* ru = users_major ? p : q;
+        const T* ri = users_major ? q : p;
+        const T x = ((gb + dot(ru, ri, d)) + ru[d]) + ri[d];
+        err[k] = x - r[k];
+        const T a = err[k] * sc;
+        for (int64_t c = 0; c < d; ++c) acc[c] += a * q[c];
+        acc[d] += a;
+        const int32_t mj = gmin.slot[k];
+        T* g = buf + mj * w;
+        if (!mine[mj]) {
+          mine[mj] = 1;
+          for (int64_t c = 0; c < w; ++c) g[c] = 0;
+        }
+        for (int64_t c = 0; c < d; ++c) g[c] += a * p[c];
+        g[d] += a;
+      }
+      const T count = static_cast<T>(end - gmaj.start[j]);
+      adam_row(p, maj.m + gmaj.rows[j] * w, maj.v + gmaj.rows[j] * w, acc.data(), count, cw, w, maj.adam);
+    }
+  });
+  at::parallel_for(0, nmin, kGrain, [&](int64_t b, int64_t e) {
+    std::vector<T> grad(w);
+    for (int64_t j = b; j < e; ++j) {
+      if (j + kAhead < e) {
+        const int64_t ahead = gmin.rows[j + kAhead] * w;
+        prefetch_row(mnr.p + ahead, w, 1);
+        prefetch_row(mnr.m + ahead, w, 1);
+        prefetch_row(mnr.v + ahead, w, 1);
+      }
+      bool first = true;
+      for (int64_t t = 0; t < threads; ++t) {
+        if (!used[t * nmin + j]) continue;
+        const T* g = bufs + (t * nmin + j) * w;
+        for (int64_t c = 0; c < w; ++c) grad[c] = first ? g[c] : grad[c] + g[c];
+        first = false;
+      }
+      const int64_t row = gmin.rows[j];
+      const T count = static_cast<T>(gmin.start[j + 1] - gmin.start[j]);
+      adam_row(mnr.p + row * w, mnr.m + row * w, mnr.v + row * w, grad.data(), count, cw, w, mnr.adam);
+    }
+  });
+  double coef_sum = 0, sse = 0;  // in batch order: the same sums for any thread count
+  for (int64_t k = 0; k < n; ++k) {
+    coef_sum += static_cast<T>(err[k] * sc);
+    sse += static_cast<double>(err[k]) * err[k];
+  }
+  return {coef_sum, sse};
+}
+
+void check_ids(const at::Tensor& ids, int64_t n_rows, const char* what) {
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 1,
+              "fused_step: ", what, " ids must be a contiguous 1-D int64 tensor");
+  if (ids.numel() == 0) return;
+  const int64_t* p = ids.data_ptr<int64_t>();
+  int64_t lo = p[0], hi = p[0];
+  for (int64_t k = 1; k < ids.numel(); ++k) {
+    lo = p[k] < lo ? p[k] : lo;
+    hi = p[k] > hi ? p[k] : hi;
+  }
+  TORCH_CHECK(lo >= 0 && hi < n_rows, "fused_step: ", what, " id out of range [0, ", n_rows, ")");
+}
+
+// Returns [sum of coef (the global bias's gradient), sum of squared errors] as a float64 tensor.
+at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Tensor v_u, at::Tensor m_i,
+                      at::Tensor v_i, at::Tensor user, at::Tensor item, at::Tensor rating, double global_bias,
+                      double scale, at::Tensor col_w, double step_size_u, double step_size_i, double beta1,
+                      double beta2, double eps, at::Tensor mark_u, at::Tensor mark_i, at::Tensor work) {
+  const auto dtype = users.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "fused_step: tables must be float32 or float64");
+  for (const at::Tensor* t : {&users, &items, &m_u, &v_u, &m_i, &v_i, &rating, &col_w, &work}) {
+    TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dtype,
+                "fused_step: tables, moments, ratings, weights and work memory must be contiguous CPU tensors of "
+                "one dtype");
+  }
+  const int64_t w = users.size(1);
+  TORCH_CHECK(users.dim() == 2 && items.dim() == 2 && items.size(1) == w && col_w.numel() == w,
+              "fused_step: tables must be 2-D with equal widths");
+  TORCH_CHECK(m_u.sizes() == users.sizes() && v_u.sizes() == users.sizes() && m_i.sizes() == items.sizes() &&
+                  v_i.sizes() == items.sizes(),
+              "fused_step: moments must have their table's shape");
+  TORCH_CHECK(mark_u.scalar_type() == at::kInt && mark_i.scalar_type() == at::kInt &&
+                  mark_u.is_contiguous() && mark_i.is_contiguous() && mark_u.numel() == users.size(0) &&
+                  mark_i.numel() == items.size(0),
+              "fused_step: marks must be contiguous int32, one per table row");
+  TORCH_CHECK(work.dim() == 1, "fused_step: work memory must be 1-D");
+  TORCH_CHECK(user.numel() == item.numel() && rating.numel() == user.numel(),
+              "fused_step: user, item and rating must have equal lengths");
+  TORCH_CHECK(user.numel() < (int64_t{1} << 31), "fused_step: batch too large");
+  check_ids(user, users.size(0), "user");
+  check_ids(item, items.size(0), "item");
+  const int64_t n = user.numel();
+  std::vector<double> out;
+  AT_DISPATCH_FLOATING_TYPES(dtype, "fused_step", [&] {
+    Side<scalar_t> su{users.data_ptr<scalar_t>(), m_u.data_ptr<scalar_t>(), v_u.data_ptr<scalar_t>(),
+                      user.data_ptr<int64_t>(), {step_size_u, beta1, beta2, eps}};
+    Side<scalar_t> si{items.data_ptr<scalar_t>(), m_i.data_ptr<scalar_t>(), v_i.data_ptr<scalar_t>(),
+                      item.data_ptr<int64_t>(), {step_size_i, beta1, beta2, eps}};
+    out = step_impl<scalar_t>(su, si, users.size(0), items.size(0), w, n, rating.data_ptr<scalar_t>(), global_bias,
+                              scale, col_w.data_ptr<scalar_t>(), mark_u.data_ptr<int32_t>(),
+                              mark_i.data_ptr<int32_t>(), work);
+  });
+  return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mfscale, m) {
+  m.def(
+      "fused_step(Tensor(a!) users, Tensor(b!) items, Tensor(c!) m_u, Tensor(d!) v_u, Tensor(e!) m_i, "
+      "Tensor(f!) v_i, Tensor user, Tensor item, Tensor rating, float global_bias, float scale, Tensor col_w, "
+      "float step_size_u, float step_size_i, float beta1, float beta2, float eps, Tensor(g!) mark_u, "
+      "Tensor(h!) mark_i, Tensor(i!) work) -> Tensor");
+  m.impl("fused_step", c10::DispatchKey::CPU, &fused_step);
+}

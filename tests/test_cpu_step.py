@@ -1,0 +1,177 @@
+"""The C++ training step (mfscale/csrc/fused_step.cpp): the torch-ops fused step's numbers, whatever the thread
+count, with a clear error on bad ids, and a trainer that falls back when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from mfscale import cpu_step
+from mfscale.distributed import DistEnv
+from mfscale.errors import ConfigError
+from mfscale.model import BiasedMF
+from mfscale.optim import LazyAdam
+from mfscale.step import FusedStep, KernelStep
+from mfscale.train import Trainer
+
+from .test_optim import float64, one_epoch  # noqa: F401 (float64: a fixture)
+from .test_train import job
+
+CPU = torch.device("cpu")
+BETAS = (0.9, 0.999)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    cpu_step.load()  # a build failure here fails the module's tests with the compiler's message
+
+
+def batches(n_users: int, n_items: int, sizes: list[int], seed: int = 0, dtype=torch.float64):
+    """Batches with repeated rows (skewed movies), rows never touched, and an empty batch."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n in sizes:
+        user = torch.randint(0, n_users - 5, (n,), generator=g)  # the last 5 users never appear
+        item = (torch.rand(n, generator=g, dtype=torch.float64) ** 3 * n_items).long()  # popular movies repeat
+        out.append((user, item, (torch.rand(n, generator=g, dtype=torch.float64) * 4 + 1).to(dtype)))
+    return out
+
+
+def torch_steps(model: BiasedMF, batch_list, reg: torch.Tensor, lr: float) -> LazyAdam:
+    """The torch-ops fused step: closed_form_grads + LazyAdam (the reference)."""
+    opt = LazyAdam(model.sparse_parameters(), lr=lr, betas=BETAS)
+    for user, item, rating in batch_list:
+        n = max(user.numel(), 1)
+        gu, gi, _, _ = model.closed_form_grads(user, item, rating, n)
+        opt.step(rows=[(g.ids, g.rows, g.counts.to(reg.dtype), reg * (2.0 / n)) for g in (gu, gi)])
+    return opt
+
+
+def kernel_steps(model: BiasedMF, batch_list, reg: torch.Tensor, lr: float) -> tuple[LazyAdam, list, dict]:
+    opt = LazyAdam(model.sparse_parameters(), lr=lr, betas=BETAS)
+    users, items = (p.detach() for p in model.sparse_parameters())
+    scratch: dict[str, torch.Tensor] = {}
+    sums = []
+    for user, item, rating in batch_list:
+        n = max(user.numel(), 1)
+
+        def update(steps, user=user, item=item, rating=rating, n=n):
+            (su, lu), (si, li) = steps
+            sums.append(cpu_step.fused_step(users, items, (su["exp_avg"], su["exp_avg_sq"]),
+                                            (si["exp_avg"], si["exp_avg_sq"]), user, item, rating,
+                                            float(model.global_bias.detach()), 2.0 / n, reg * (2.0 / n), (lu, li),
+                                            BETAS, 1e-8, scratch))
+
+        opt.step(update=update)
+    return opt, sums, scratch
+
+
+def twin_models(dtype: torch.dtype) -> tuple[BiasedMF, BiasedMF]:
+    torch.manual_seed(0)
+    a = BiasedMF(60, 40, 8).to(dtype)
+    b = BiasedMF(60, 40, 8).to(dtype)
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kernel_equals_torch_fused_step(dtype):
+    """Tables and both Adam moments after several steps equal closed_form_grads + LazyAdam's (float64 to
+    rounding; float32 within float32 rounding), rows never touched stay exactly as they were, and the returned
+    sums are the global bias's gradient and the squared error."""
+    ref, got = twin_models(dtype)
+    reg = torch.tensor([0.05] * 8 + [0.01], dtype=dtype)
+    data = batches(60, 40, [500, 1, 0, 333, 500], dtype=dtype)
+    before = got.users.weight.detach().clone()
+    opt_ref = torch_steps(ref, data, reg, lr=0.02)
+    opt_got, sums, scratch = kernel_steps(got, data, reg, lr=0.02)
+    tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-7}
+    for p_ref, p_got in zip(ref.sparse_parameters(), got.sparse_parameters(), strict=True):
+        torch.testing.assert_close(p_got, p_ref, **tol)
+        s_ref, s_got = opt_ref.state[p_ref], opt_got.state[p_got]
+        assert s_got["step"] == s_ref["step"] == len(data)  # an empty batch counts a step, as in SparseAdam
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(s_got[key], s_ref[key], **tol)
+    assert torch.equal(got.users.weight[-5:], before[-5:])  # untouched rows: bit for bit
+    assert all(int(t.abs().sum()) == 0 for k, t in scratch.items() if k.startswith("mark"))
+    # The first step's sums from the initial tables.
+    fresh, _ = twin_models(dtype)
+    user, item, rating = data[0]
+    e = fresh.predict(user, item) - rating
+    coef_sum, sse = sums[0]
+    assert coef_sum == pytest.approx(float((e * (2.0 / 500)).sum()), rel=1e-5)
+    assert sse == pytest.approx(float(e.square().sum()), rel=1e-5)
+
+
+def test_kernel_repeats_bit_for_bit_and_other_thread_counts_agree_to_rounding():
+    """A fixed thread count gives the same bits every run (resume equals uninterrupted training); 1 and 2
+    threads differ only in the summation order of the minor side's gradient."""
+    def run(n_threads: int) -> list[torch.Tensor]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(n_threads)
+        try:
+            torch.manual_seed(0)
+            model = BiasedMF(3000, 400, 8)
+            # Large enough batches for both parallel loops to split the rows between the threads.
+            kernel_steps(model, batches(3000, 400, [20_000, 20_000], dtype=torch.float32), torch.full((9,), 0.05),
+                         lr=0.01)
+            return [t.detach().clone() for t in model.sparse_parameters()]
+        finally:
+            torch.set_num_threads(threads)
+
+    one, two, two_again = run(1), run(2), run(2)
+    for a, b, c in zip(one, two, two_again, strict=True):
+        assert torch.equal(b, c)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # Adam magnifies rounding where v is tiny
+
+
+def test_kernel_rejects_bad_ids_before_touching_anything():
+    model, _ = twin_models(torch.float32)
+    users, items = (p.detach() for p in model.sparse_parameters())
+    before = users.clone()
+    moments = (torch.zeros_like(users), torch.zeros_like(users)), (torch.zeros_like(items), torch.zeros_like(items))
+    for user, item in ((torch.tensor([0, 60]), torch.tensor([0, 1])), (torch.tensor([0, 1]), torch.tensor([-1, 1]))):
+        with pytest.raises(RuntimeError, match="out of range"):
+            cpu_step.fused_step(users, items, *moments, user, item, torch.ones(2), 3.5, 1.0, torch.zeros(9),
+                                (0.1, 0.1), BETAS, 1e-8, {})
+    assert torch.equal(users, before)
+
+
+@pytest.mark.usefixtures("float64")
+def test_trainer_uses_the_kernel_where_rows_are_local_and_matches_torch_ops(small_data, tmp_path):
+    """One epoch of the trainer (cosine LR every step, L2, the global bias) with the C++ op and with torch ops."""
+    tr_k, got = one_epoch(small_data, tmp_path / "k", train__cpu_kernel="on")
+    tr_t, ref = one_epoch(small_data, tmp_path / "t", train__cpu_kernel="off")
+    assert isinstance(tr_k.step, KernelStep) and isinstance(tr_t.step, FusedStep)
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-9, atol=1e-12)
+    for p_k, p_t in zip(tr_k.opt_sparse.param_groups[0]["params"], tr_t.opt_sparse.param_groups[0]["params"],
+                        strict=True):
+        assert tr_k.opt_sparse.state[p_k]["step"] == tr_t.opt_sparse.state[p_t]["step"] == tr_k.steps_per_epoch
+        torch.testing.assert_close(tr_k.opt_sparse.state[p_k]["exp_avg_sq"], tr_t.opt_sparse.state[p_t]["exp_avg_sq"],
+                                   rtol=1e-9, atol=1e-15)
+    # The LR schedule saw every step (LambdaLR counts optimizer steps): both end at the same learning rate.
+    assert tr_k.opt_sparse.param_groups[0]["lr"] == tr_t.opt_sparse.param_groups[0]["lr"]
+    assert math.isclose(tr_k.opt_sparse.param_groups[0]["lr"], tr_t.opt_sparse.param_groups[0]["lr"])
+
+
+def test_trainer_falls_back_to_torch_ops_when_the_kernel_cannot_be_built(small_data, tmp_path, monkeypatch,
+                                                                         caplog):
+    def broken(verbose=False):
+        raise cpu_step.KernelUnavailable("no C++ compiler")
+
+    monkeypatch.setattr(cpu_step, "load", broken)
+    with caplog.at_level(logging.WARNING):
+        tr = Trainer(job(small_data, tmp_path / "a"), DistEnv(0, 1, 0, CPU))
+    assert isinstance(tr.step, FusedStep) and "no C++ compiler" in caplog.text
+    with pytest.raises(ConfigError, match="--train.cpu_kernel on: .*no C\\+\\+ compiler"):
+        Trainer(job(small_data, tmp_path / "b", train__cpu_kernel="on"), DistEnv(0, 1, 0, CPU))
+
+
+def test_kernel_on_is_refused_where_ranks_exchange_gradient_rows(small_data, tmp_path):
+    with pytest.raises(ConfigError, match="cpu_kernel on needs"):
+        Trainer(job(small_data, tmp_path, train__cpu_kernel="on", train__tables="replicated"),
+                DistEnv(0, 2, 0, CPU))
