@@ -97,6 +97,8 @@ def test_peers_smoke(small_data, tmp_path):
     assert rows["libmf"]["epochs"] == rows["cornac"]["epochs"] == 2 and 1 <= rows["mfscale"]["epochs"] <= 2
     assert max(rows["libmf"]["vs_fastest_peer"], rows["cornac"]["vs_fastest_peer"]) == 1.0
     assert rows["libmf"]["biases"] is False and "nr_iters=2" in rows["libmf"]["command"]
+    # every lambda passed: the binding's own defaults (L1 0.04, L2 0) are not LIBMF's
+    assert "lambda_p1=0.0, lambda_q1=0.0, lambda_p2=0.05, lambda_q2=0.05, eta=0.1" in rows["libmf"]["command"]
     assert "seed=None" in rows["cornac"]["command"] and "--train.ranking_k 0" in rows["mfscale"]["command"]
     assert "| libmf 0.9.2 |" in proc.stdout and "| cornac 3.0.1 |" in proc.stdout and "| mfscale " in proc.stdout
 
