@@ -156,6 +156,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
     T* buf = bufs + tid * nmin * w;
     uint8_t* mine = used.data() + tid * nmin;
     std::vector<T> acc(w);
+    const int32_t last = gmaj.start[e];  // end of this thread's ratings
     for (int64_t j = b; j < e; ++j) {
       if (j + kAhead < e) {
         const int64_t ahead = gmaj.rows[j + kAhead] * w;
@@ -168,7 +169,11 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       const int32_t end = gmaj.start[j + 1];
       for (int32_t s = gmaj.start[j]; s < end; ++s) {
         const int32_t k = gmaj.order[s];
-        if (s + kAhead < end) prefetch_row(mnr.p + mnr.ids[gmaj.order[s + kAhead]] * w, w, 0);
+        if (s + kAhead < last) {  // a few ratings ahead, across row boundaries: rows hold ~1-10 ratings
+          const int32_t ahead = gmaj.order[s + kAhead];
+          prefetch_row(mnr.p + mnr.ids[ahead] * w, w, 0);
+          prefetch_row(buf + gmin.slot[ahead] * w, w, 1);
+        }
         const T* q = mnr.p + mnr.ids[k] * w;
         const T* ru = users_major ? p : q;
         const T* ri = users_major ? q : p;
