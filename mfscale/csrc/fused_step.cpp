@@ -131,8 +131,13 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
                               int64_t n, const T* r, double global_bias, double scale, const T* cw,
                               int32_t* mark_u, int32_t* mark_i, at::Tensor& work) {
   const int64_t d = w - 1;
-  Groups gu = index_rows(user_side.ids, n, mark_u, n_users, false);
-  Groups gi = index_rows(item_side.ids, n, mark_i, n_items, false);
+  Groups gu, gi;
+  at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {  // the two sides at once (their own marks)
+    for (int64_t side = b; side < e; ++side) {
+      if (side == 0) gu = index_rows(user_side.ids, n, mark_u, n_users, false);
+      else gi = index_rows(item_side.ids, n, mark_i, n_items, false);
+    }
+  });
   const bool users_major = gu.rows.size() >= gi.rows.size();
   Groups& gmaj = users_major ? gu : gi;
   const Groups& gmin = users_major ? gi : gu;
