@@ -7,7 +7,8 @@ touches: one process, or the blocks layout (no gradient exchange between ranks).
 
 The op is compiled on first use with torch's own extension builder (``torch.utils.cpp_extension``: a C++
 compiler and ninja, which ``pip install -e .`` brings), cached per torch version and CPU under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and loaded from there afterwards. It is built
+``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and loaded from there afterwards (ninja
+rebuilds it when the source or torch's headers change). It is built
 for the machine's own CPU (``-march=native``), so the cache key includes a digest of the CPU's model and flags:
 nodes of a cluster sharing a home directory never load a binary built for another CPU.
 """
@@ -19,6 +20,7 @@ import logging
 import os
 import platform
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -56,6 +58,24 @@ def _ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+STALE_LOCK_S = 600  # a build takes well under a minute; an older lock was left by a killed process
+
+
+def _remove_stale_lock(lock: Path) -> None:
+    """Remove a build lock left behind by a process killed while building (Ctrl-C, kill -9, a job's time limit).
+
+    torch's builder lets one process build while the others wait for its lock file to go away, with no time
+    limit: a stale lock would make every later job wait forever.
+    """
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        log.warning("removing a stale build lock (%.0f s old, its build was interrupted): %s", age, lock)
+        lock.unlink(missing_ok=True)
+
+
 def load(verbose: bool = False) -> None:
     """Build (first time on this machine) and load the op; raises KernelUnavailable with the reason."""
     if _LOADED.get("ok"):
@@ -64,9 +84,13 @@ def load(verbose: bool = False) -> None:
 
     _ninja_on_path()
     name = f"mfscale_fused_step_{_cpu_key()}"
+    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
+    build.mkdir(parents=True, exist_ok=True)
+    _remove_stale_lock(build / "lock")
     try:
         # -fno-math-errno: sqrt without an errno check, so the Adam update vectorizes
         cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, verbose=verbose,
+                           build_directory=str(build),
                            extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
                            extra_ldflags=["-fopenmp"])
     except Exception as exc:  # the builder raises many kinds (no compiler, no ninja, compile errors)

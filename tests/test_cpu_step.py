@@ -175,3 +175,21 @@ def test_kernel_on_is_refused_where_ranks_exchange_gradient_rows(small_data, tmp
     with pytest.raises(ConfigError, match="cpu_kernel on needs"):
         Trainer(job(small_data, tmp_path, train__cpu_kernel="on", train__tables="replicated"),
                 DistEnv(0, 2, 0, CPU))
+
+
+def test_a_build_lock_left_by_a_killed_build_is_removed_a_fresh_one_kept(tmp_path):
+    """torch's builder waits, without a limit, for another process's lock file: a build killed mid-way (kill -9,
+    a job's time limit) would make every later job hang."""
+    import os
+    import time
+
+    old, fresh = tmp_path / "old" / "lock", tmp_path / "fresh" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    stale = time.time() - cpu_step.STALE_LOCK_S - 5
+    os.utime(old, (stale, stale))
+    cpu_step._remove_stale_lock(old)
+    cpu_step._remove_stale_lock(fresh)
+    cpu_step._remove_stale_lock(tmp_path / "none" / "lock")  # no lock: nothing to do
+    assert not old.exists() and fresh.exists()

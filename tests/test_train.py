@@ -188,9 +188,9 @@ def test_interrupted_then_resumed_equals_uninterrupted(small_data, tmp_path, mon
 
 
 def test_single_process_learns_structure_and_writes_run_dir(small_data, tmp_path):
-    metrics = run(job(small_data, tmp_path / "r", train__epochs=15))
-    # Planted rank-3 structure with noise 0.3 (floor about 0.33): MF reaches about 0.445 here, a biases-only
-    # model about 0.63, and the same run on unshuffled training rows 0.65.
+    metrics = run(job(small_data, tmp_path / "r"))  # all defaults (20 epochs, only 10 steps each here)
+    # Planted rank-3 structure with noise 0.3 (floor about 0.33): MF reaches about 0.466 here, a biases-only
+    # model about 0.63, and the same run on unshuffled training rows 0.65 (those two with earlier defaults).
     assert metrics["test_rmse"] < 0.48
     run_dir = tmp_path / "r"
     saved = json.loads((run_dir / "metrics.json").read_text())
