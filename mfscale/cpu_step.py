@@ -6,11 +6,11 @@ rows; see the source for how. It applies where a rank's batch gradient is the wh
 touches: one process, or the blocks layout (no gradient exchange between ranks).
 
 The op is compiled on first use with torch's own extension builder (``torch.utils.cpp_extension``: a C++
-compiler and ninja, which ``pip install -e .`` brings), cached per torch version and CPU under
-``TORCH_EXTENSIONS_DIR`` (default ``~/.cache/torch_extensions``), and loaded from there afterwards (ninja
-rebuilds it when the source or torch's headers change). It is built
-for the machine's own CPU (``-march=native``), so the cache key includes a digest of the CPU's model and flags:
-nodes of a cluster sharing a home directory never load a binary built for another CPU.
+compiler and ninja, which ``pip install -e .`` brings), cached under ``TORCH_EXTENSIONS_DIR`` (default
+``~/.cache/torch_extensions``) in a directory named by a digest of the source, the flags, the torch and Python
+builds and the CPU, and loaded from there afterwards. It is built for the machine's own CPU
+(``-march=native``), so nodes of a cluster sharing a home directory never load a binary built for another
+CPU, and two environments never share a build.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -58,22 +57,39 @@ def _ninja_on_path() -> None:
     os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
-STALE_LOCK_S = 600  # a build takes well under a minute; an older lock was left by a killed process
+CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # no errno check: sqrt vectorizes
 
 
-def _remove_stale_lock(lock: Path) -> None:
-    """Remove a build lock left behind by a process killed while building (Ctrl-C, kill -9, a job's time limit).
+def _build_name() -> str:
+    """The op's cache directory name: one build per source, flags, torch/Python build and CPU."""
+    key = "|".join([SOURCE.read_text(encoding="utf-8"), " ".join(CFLAGS), torch.__version__, str(torch.version.cuda),
+                    platform.python_implementation(), platform.python_version(), _cpu_key()])
+    return f"mfscale_fused_step_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+
+def _load_locked(build: Path, verbose: bool) -> None:
+    """cpp_extension.load under an OS file lock on ``build``.
 
     torch's builder lets one process build while the others wait for its lock file to go away, with no time
-    limit: a stale lock would make every later job wait forever.
+    limit, so a build killed mid-way (Ctrl-C, kill -9, a job's time limit) would make every later job wait
+    forever. Holding an flock (released by the kernel when its holder dies) around the whole load means no
+    live mfscale process can be building here, so a torch lock file found now is stale and removed.
     """
+    from torch.utils import cpp_extension
+
     try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_S:
-        log.warning("removing a stale build lock (%.0f s old, its build was interrupted): %s", age, lock)
-        lock.unlink(missing_ok=True)
+        import fcntl
+    except ImportError:  # not POSIX: torch's own lock only
+        fcntl = None
+    with open(build / "mfscale.flock", "a+") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            stale = build / "lock"
+            if stale.exists():
+                log.warning("removing a build lock left by an interrupted build: %s", stale)
+                stale.unlink(missing_ok=True)
+        cpp_extension.load(name=build.name, sources=[str(SOURCE)], is_python_module=False, verbose=verbose,
+                           build_directory=str(build), extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
 
 
 def load(verbose: bool = False) -> None:
@@ -83,17 +99,12 @@ def load(verbose: bool = False) -> None:
     from torch.utils import cpp_extension
 
     _ninja_on_path()
-    name = f"mfscale_fused_step_{_cpu_key()}"
-    build = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()) / name
-    build.mkdir(parents=True, exist_ok=True)
-    _remove_stale_lock(build / "lock")
     try:
-        # -fno-math-errno: sqrt without an errno check, so the Adam update vectorizes
-        cpp_extension.load(name=name, sources=[str(SOURCE)], is_python_module=False, verbose=verbose,
-                           build_directory=str(build),
-                           extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # the builder raises many kinds (no compiler, no ninja, compile errors)
+        root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+        build = root / _build_name()
+        build.mkdir(parents=True, exist_ok=True)
+        _load_locked(build, verbose)
+    except Exception as exc:  # the builder raises many kinds (no compiler, no ninja, compile errors, OSError)
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         # the builder's message starts with the compile command: the compiler's first error says more
         errors = [ln for ln in lines if "error" in ln.lower()]

@@ -64,8 +64,10 @@ class KernelStep:
                  reg_weights: torch.Tensor):
         if not layout.rows_complete or not isinstance(layout.opt, LazyAdam) or env.device.type != "cpu":
             raise ValueError("KernelStep needs CPU tables, LazyAdam and a layout whose row gradients are local")
+        if len({(tuple(g["betas"]), g["eps"]) for g in layout.opt.param_groups}) != 1:
+            raise ValueError("KernelStep: the op takes one betas/eps for both tables")
         self.env, self.layout, self.opt_dense, self.reg_weights = env, layout, opt_dense, reg_weights
-        self.scratch: dict[str, torch.Tensor] = {}  # the op's per-table marks and gradient buffers
+        self.scratch: dict[str, torch.Tensor] = {}  # the op's per-table marks and work memory
 
     def __call__(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int
                  ) -> torch.Tensor:

@@ -71,15 +71,17 @@ def run_ranks(cfgs: list[config.JobConfig], world: int, tmp: Path) -> list[list[
 
 
 def assert_union_equal(ranks: list[dict], cfg: config.JobConfig, data: Dataset) -> None:
-    """One float64 process (replicated tables) fed each step the union of the ranks' batches ends with the
-    ranks' tables, Adam moments and global bias (whose Adam moments scale with its gradient: averaging it
+    """One float64 process (replicated tables, torch-ops step) fed each step the union of the ranks' batches ends
+    with the ranks' tables, Adam moments and global bias (whose Adam moments scale with its gradient: averaging it
     over ranks instead of summing would show there)."""
     steps = {r["steps"] for r in ranks}
     assert len(steps) == 1 and all(len(r["batches"]) == steps.pop() for r in ranks[:1])  # equal steps per rank
     assert len({len(r["batches"]) for r in ranks}) == 1
     torch.set_default_dtype(torch.float64)
     try:
-        single = Trainer(config.replace(cfg, train__tables="replicated"), DistEnv(0, 1, 0, CPU))
+        # torch ops as the reference: blocks ranks run the C++ step (where the step is fused)
+        single = Trainer(config.replace(cfg, train__tables="replicated", train__cpu_kernel="off"),
+                         DistEnv(0, 1, 0, CPU))
     finally:
         torch.set_default_dtype(torch.float32)
     sizes = set()

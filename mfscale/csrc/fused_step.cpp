@@ -49,6 +49,11 @@ struct Groups {
 
 Groups index_rows(const int64_t* ids, int64_t n, int32_t* mark, int64_t n_rows, bool with_order) {
   Groups g;
+  // All memory first: nothing below can throw while the marks hold counts (they must end all zero).
+  g.rows.reserve(n);
+  g.start.reserve(n + 1);
+  g.slot.resize(n);
+  if (with_order) g.order.resize(n);
   for (int64_t k = 0; k < n; ++k)
     if (mark[ids[k]]++ == 0) g.rows.push_back(ids[k]);
   const int64_t u = static_cast<int64_t>(g.rows.size());
@@ -67,12 +72,10 @@ Groups index_rows(const int64_t* ids, int64_t n, int32_t* mark, int64_t n_rows, 
     mark[g.rows[j]] = static_cast<int32_t>(j);  // from here on: the row's group
   }
   g.start[u] = pos;
-  g.slot.resize(n);
   for (int64_t k = 0; k < n; ++k) g.slot[k] = mark[ids[k]];
   for (int64_t j = 0; j < u; ++j) mark[g.rows[j]] = 0;
   if (with_order) {
     std::vector<int32_t> next(g.start.begin(), g.start.end() - 1);
-    g.order.resize(n);
     for (int64_t k = 0; k < n; ++k) g.order[next[g.slot[k]]++] = static_cast<int32_t>(k);
   }
   return g;
@@ -156,48 +159,51 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   std::vector<T> err(n);
   const T gb = static_cast<T>(global_bias), sc = static_cast<T>(scale);
 
-  at::parallel_for(0, nmaj, kGrain, [&](int64_t b, int64_t e) {
-    const int64_t tid = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    T* buf = bufs + tid * nmin * w;
-    uint8_t* mine = used.data() + tid * nmin;
-    std::vector<T> acc(w);
-    const int32_t last = gmaj.start[e];  // end of this thread's ratings
-    for (int64_t j = b; j < e; ++j) {
-      if (j + kAhead < e) {
-        const int64_t ahead = gmaj.rows[j + kAhead] * w;
-        prefetch_row(maj.p + ahead, w, 1);
-        prefetch_row(maj.m + ahead, w, 1);
-        prefetch_row(maj.v + ahead, w, 1);
-      }
-      T* p = maj.p + gmaj.rows[j] * w;
-      for (int64_t c = 0; c < w; ++c) acc[c] = 0;
-      const int32_t end = gmaj.start[j + 1];
-      for (int32_t s = gmaj.start[j]; s < end; ++s) {
-        const int32_t k = gmaj.order[s];
-        if (s + kAhead < last) {  // a few ratings ahead, across row boundaries: rows hold ~1-10 ratings
-          const int32_t ahead = gmaj.order[s + kAhead];
-          prefetch_row(mnr.p + mnr.ids[ahead] * w, w, 0);
-          prefetch_row(buf + gmin.slot[ahead] * w, w, 1);
+  // One chunk of major rows per buffer, whatever OpenMP runtime and team size run them: chunk t owns buffer t.
+  at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
+    for (int64_t tid = t_begin; tid < t_end; ++tid) {
+      const int64_t b = nmaj * tid / threads, e = nmaj * (tid + 1) / threads;
+      T* buf = bufs + tid * nmin * w;
+      uint8_t* mine = used.data() + tid * nmin;
+      std::vector<T> acc(w);
+      const int32_t last = gmaj.start[e];  // end of this thread's ratings
+      for (int64_t j = b; j < e; ++j) {
+        if (j + kAhead < e) {
+          const int64_t ahead = gmaj.rows[j + kAhead] * w;
+          prefetch_row(maj.p + ahead, w, 1);
+          prefetch_row(maj.m + ahead, w, 1);
+          prefetch_row(maj.v + ahead, w, 1);
         }
-        const T* q = mnr.p + mnr.ids[k] * w;
-        const T* ru = users_major ? p : q;
-        const T* ri = users_major ? q : p;
-        const T x = ((gb + dot(ru, ri, d)) + ru[d]) + ri[d];
-        err[k] = x - r[k];
-        const T a = err[k] * sc;
-        for (int64_t c = 0; c < d; ++c) acc[c] += a * q[c];
-        acc[d] += a;
-        const int32_t mj = gmin.slot[k];
-        T* g = buf + mj * w;
-        if (!mine[mj]) {
-          mine[mj] = 1;
-          for (int64_t c = 0; c < w; ++c) g[c] = 0;
+        T* p = maj.p + gmaj.rows[j] * w;
+        for (int64_t c = 0; c < w; ++c) acc[c] = 0;
+        const int32_t end = gmaj.start[j + 1];
+        for (int32_t s = gmaj.start[j]; s < end; ++s) {
+          const int32_t k = gmaj.order[s];
+          if (s + kAhead < last) {  // a few ratings ahead, across row boundaries: rows hold ~1-10 ratings
+            const int32_t ahead = gmaj.order[s + kAhead];
+            prefetch_row(mnr.p + mnr.ids[ahead] * w, w, 0);
+            prefetch_row(buf + gmin.slot[ahead] * w, w, 1);
+          }
+          const T* q = mnr.p + mnr.ids[k] * w;
+          const T* ru = users_major ? p : q;
+          const T* ri = users_major ? q : p;
+          const T x = ((gb + dot(ru, ri, d)) + ru[d]) + ri[d];
+          err[k] = x - r[k];
+          const T a = err[k] * sc;
+          for (int64_t c = 0; c < d; ++c) acc[c] += a * q[c];
+          acc[d] += a;
+          const int32_t mj = gmin.slot[k];
+          T* g = buf + mj * w;
+          if (!mine[mj]) {
+            mine[mj] = 1;
+            for (int64_t c = 0; c < w; ++c) g[c] = 0;
+          }
+          for (int64_t c = 0; c < d; ++c) g[c] += a * p[c];
+          g[d] += a;
         }
-        for (int64_t c = 0; c < d; ++c) g[c] += a * p[c];
-        g[d] += a;
+        const T count = static_cast<T>(end - gmaj.start[j]);
+        adam_row(p, maj.m + gmaj.rows[j] * w, maj.v + gmaj.rows[j] * w, acc.data(), count, cw, w, maj.adam);
       }
-      const T count = static_cast<T>(end - gmaj.start[j]);
-      adam_row(p, maj.m + gmaj.rows[j] * w, maj.v + gmaj.rows[j] * w, acc.data(), count, cw, w, maj.adam);
     }
   });
   at::parallel_for(0, nmin, kGrain, [&](int64_t b, int64_t e) {
