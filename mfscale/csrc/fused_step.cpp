@@ -93,6 +93,14 @@ inline void prefetch_row(const T* row, int64_t w, int rw) {
 
 constexpr int64_t kAhead = 8;  // rows (or ratings) ahead to prefetch
 
+// A row about to be updated: the parameters and both Adam moments at ``offset``.
+template <typename T>
+inline void prefetch_update(const T* p, const T* m, const T* v, int64_t offset, int64_t w) {
+  prefetch_row(p + offset, w, 1);
+  prefetch_row(m + offset, w, 1);
+  prefetch_row(v + offset, w, 1);
+}
+
 struct AdamArgs {
   double step_size, beta1, beta2, eps;
 };
@@ -168,12 +176,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       std::vector<T> acc(w);
       const int32_t last = gmaj.start[e];  // end of this thread's ratings
       for (int64_t j = b; j < e; ++j) {
-        if (j + kAhead < e) {
-          const int64_t ahead = gmaj.rows[j + kAhead] * w;
-          prefetch_row(maj.p + ahead, w, 1);
-          prefetch_row(maj.m + ahead, w, 1);
-          prefetch_row(maj.v + ahead, w, 1);
-        }
+        if (j + kAhead < e) prefetch_update(maj.p, maj.m, maj.v, gmaj.rows[j + kAhead] * w, w);
         T* p = maj.p + gmaj.rows[j] * w;
         for (int64_t c = 0; c < w; ++c) acc[c] = 0;
         const int32_t end = gmaj.start[j + 1];
@@ -209,12 +212,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   at::parallel_for(0, nmin, kGrain, [&](int64_t b, int64_t e) {
     std::vector<T> grad(w);
     for (int64_t j = b; j < e; ++j) {
-      if (j + kAhead < e) {
-        const int64_t ahead = gmin.rows[j + kAhead] * w;
-        prefetch_row(mnr.p + ahead, w, 1);
-        prefetch_row(mnr.m + ahead, w, 1);
-        prefetch_row(mnr.v + ahead, w, 1);
-      }
+      if (j + kAhead < e) prefetch_update(mnr.p, mnr.m, mnr.v, gmin.rows[j + kAhead] * w, w);
       bool first = true;
       for (int64_t t = 0; t < threads; ++t) {
         if (!used[t * nmin + j]) continue;
