@@ -115,14 +115,20 @@ def _record_writes(roots: list[str], log: list[str]) -> None:
     sys.addaudithook(hook)
 
 
-def _reference_rank(rank: int, port: int, argv: list[str], out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+def as_rank(rank: int, world: int, port: int) -> None:
+    """Make this spawned process rank ``rank`` of ``world`` on one machine, as torchrun would: its
+    environment, and one thread (torchrun's OMP_NUM_THREADS=1: the same kernels, the same rounding)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
 
+    torch.set_num_threads(1)
+
+
+def _reference_rank(rank: int, port: int, argv: list[str], out: str) -> None:
+    as_rank(rank, 2, port)
     from mfscale.train import run
 
-    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: the same kernels, the same rounding
     cfg = config.from_args(argv)
     writes: list[str] = []
     _record_writes([os.path.abspath(cfg.run_dir), os.path.abspath(cfg.data.path)], writes)

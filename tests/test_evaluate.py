@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from mfscale.layout import Blocks, Replicated, TableLayout
 from mfscale.model import BiasedMF
 from mfscale.shards import Dataset
 
-from .conftest import free_port, spawn_ranks
+from .conftest import as_rank, free_port, spawn_ranks
 
 CPU = torch.device("cpu")
 
@@ -114,9 +113,7 @@ def test_rmse_and_mae_match_brute_force_with_clipping_at_both_ends(odd_data):
 
 
 def _eval_rank(rank: int, port: int, data: str, model_file: str, out: str, tables: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, 2, port)
     env = distributed.init("cpu", 60)
     try:
         ds = Dataset(data)

@@ -20,7 +20,7 @@ from mfscale.layout import Blocks, deal_rows, init_rows, stratum_balance
 from mfscale.shards import Dataset
 from mfscale.train import Trainer, run
 
-from .conftest import free_port, make_dataset, spawn_ranks
+from .conftest import as_rank, free_port, make_dataset, spawn_ranks
 from .test_train import job
 
 CPU = torch.device("cpu")
@@ -43,9 +43,7 @@ def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
 
 def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) -> None:
     """Trains one epoch per config on this rank (float64); saves each one's batches (global ids) and tensors."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     env = distributed.init("cpu", 60)
     try:
         torch.set_default_dtype(torch.float64)  # the comparison is about the algorithm, not summation order
@@ -249,9 +247,7 @@ def test_mid_epoch_resume_at_another_world_size_is_refused(small_data, tmp_path)
 
 def _crashing_rank(rank: int, port: int, argv: list[str], crash_at: int) -> None:
     """A rank of a 2-rank job that raises on every rank at global step ``crash_at`` (0: never)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)  # as torchrun's OMP_NUM_THREADS=1: the same kernels as the reference run
+    as_rank(rank, 2, port)
     original = Trainer.train_step
 
     def crashing(self, batch):

@@ -18,7 +18,7 @@ from mfscale.runs import load_run
 from mfscale.shards import Dataset
 from mfscale.train import Trainer, auto_batch_size, main, run
 
-from .conftest import free_port, write_lowrank_csv
+from .conftest import as_rank, free_port, write_lowrank_csv
 from .test_train import fail, job
 
 CPU = torch.device("cpu")
@@ -61,9 +61,7 @@ def test_mid_epoch_resume_with_another_batch_or_world_size_is_refused(odd_data, 
 
 
 def _stalling_rank(rank: int, port: int, cfg_dict: dict, how: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, 2, port)
     original = Trainer.train_step
 
     def faulty(self, batch):

@@ -20,12 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from mfscale import checkpoint, config, distributed
 from mfscale.train import STOP_CHECK_EVERY, Trainer, run
 
-from .conftest import RESTART_ARGS, free_port, spawn_ranks
+from .conftest import RESTART_ARGS, as_rank, free_port, spawn_ranks
 from .test_train import OVERFIT, assert_exercises_best_weights, assert_same_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -228,9 +227,7 @@ def test_sigterm_also_stops_cleanly(small_data, tmp_path, monkeypatch):
 
 
 def _signalled_rank(rank: int, port: int, cfg_dict: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, 2, port)
     original = Trainer.train_step
 
     def signalled(self, batch):

@@ -24,7 +24,7 @@ from mfscale.shards import Dataset
 from mfscale.stream import RatingStream
 from mfscale.train import Trainer, main, run
 
-from .conftest import RESTART_ARGS, free_port, make_dataset, spawn_ranks
+from .conftest import RESTART_ARGS, as_rank, free_port, make_dataset, spawn_ranks
 from .test_evaluate import brute_force_rmse_mae
 from .test_evaluate import reference as ranking_reference
 
@@ -57,9 +57,7 @@ def train_on_batch(tr: Trainer, batch: dict) -> None:
 
 
 def _rank_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    torch.set_num_threads(1)
+    as_rank(rank, world, port)
     env = distributed.init("cpu", 60)
     try:
         torch.set_default_dtype(torch.float64)  # so the comparison is about the algorithm, not summation order
