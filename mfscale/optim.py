@@ -25,9 +25,10 @@ from .sync import sum_rows
 
 
 def _adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad: Tensor,
-               l2: tuple[Tensor, Tensor] | None, *, lr: float, beta1: float, beta2: float, eps: float,
-               step: int) -> None:
-    """SparseAdam's update of the unique ``rows`` (values ``grad``), in its operation order."""
+               l2: tuple[Tensor, Tensor] | None, *, step_size: float, beta1: float, beta2: float, eps: float
+               ) -> None:
+    """SparseAdam's update of the unique ``rows`` (values ``grad``), in its operation order; ``step_size`` is
+    the learning rate with Adam's bias corrections (LazyAdam._begin_step)."""
     if l2 is not None:
         grad = grad + (l2[0][:, None] * l2[1]) * param.index_select(0, rows)
     m = exp_avg.index_select(0, rows)  # old moments of the touched rows
@@ -37,7 +38,6 @@ def _adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor,
     v.add_(grad.pow(2).sub_(v).mul_(1 - beta2))
     exp_avg.index_copy_(0, rows, m)
     exp_avg_sq.index_copy_(0, rows, v)
-    step_size = lr * math.sqrt(1 - beta2**step) / (1 - beta1**step)
     upd = v.sqrt_().add_(eps)  # v is no longer needed: reuse its buffer for the denominator, then the update
     torch.div(m, upd, out=upd)
     upd.mul_(-step_size)
@@ -136,11 +136,10 @@ class LazyAdam(torch.optim.Optimizer):
                 if key in state:
                     state[key] = table_like(state[key])
 
-    def _begin_step(self, p: Tensor) -> tuple[dict, float]:
-        """Count one step of ``p``; (its state, the step's bias-corrected step size)."""
+    def _begin_step(self, p: Tensor, group: dict) -> tuple[dict, float]:
+        """Count one step of ``p`` (of ``group``); (its state, the step's bias-corrected step size)."""
         state = self._state(p)
         state["step"] += 1  # SparseAdam counts a step for every gradient, an empty one too
-        group = self._group(p)
         beta1, beta2 = group["betas"]
         step = state["step"]
         return state, float(group["lr"]) * math.sqrt(1 - beta2**step) / (1 - beta1**step)
@@ -153,10 +152,8 @@ class LazyAdam(torch.optim.Optimizer):
 
     def _apply(self, group: dict, p: Tensor, rows: Tensor | None, values: Tensor,
                l2: tuple[Tensor, Tensor] | None = None) -> None:
-        state = self._state(p)
-        state["step"] += 1  # SparseAdam counts a step for every gradient, an empty one too
+        state, size = self._begin_step(p, group)
         beta1, beta2 = group["betas"]
-        lr, step = float(group["lr"]), state["step"]
         if rows is None:  # dense form: every row of the table, touched where l2's row_scale (a count) > 0
             if l2 is None:
                 raise ValueError("LazyAdam: dense rows need l2 row_scale (touch counts) to know the touched rows")
@@ -164,8 +161,7 @@ class LazyAdam(torch.optim.Optimizer):
                 rows = torch.nonzero(l2[0]).squeeze(1)
                 values, l2 = values.index_select(0, rows), (l2[0].index_select(0, rows), l2[1])
             else:
-                step_size = torch.tensor(lr * math.sqrt(1 - beta2**step) / (1 - beta1**step), dtype=p.dtype,
-                                         device=p.device)
+                step_size = torch.tensor(size, dtype=p.dtype, device=p.device)
                 # detach: compiled for symbolic sizes (a Parameter's sizes would be specialized on)
                 compiled_adam_dense()(p.detach(), state["exp_avg"], state["exp_avg_sq"], values, l2[0], l2[1],
                                       step_size, beta1, beta2, group["eps"])
@@ -175,13 +171,12 @@ class LazyAdam(torch.optim.Optimizer):
         if self.compile:
             if l2 is None:
                 l2 = (values.new_zeros(values.shape[0]), values.new_zeros(values.shape[1]))
-            step_size = torch.tensor(lr * math.sqrt(1 - beta2**step) / (1 - beta1**step), dtype=p.dtype,
-                                     device=p.device)
+            step_size = torch.tensor(size, dtype=p.dtype, device=p.device)
             compiled_adam_rows()(p.detach(), state["exp_avg"], state["exp_avg_sq"], rows, values, l2[0], l2[1],
                                  step_size, beta1, beta2, group["eps"])
             return
-        _adam_rows(p, state["exp_avg"], state["exp_avg_sq"], rows, values, l2, lr=lr, beta1=beta1, beta2=beta2,
-                   eps=group["eps"], step=step)
+        _adam_rows(p, state["exp_avg"], state["exp_avg_sq"], rows, values, l2, step_size=size, beta1=beta1,
+                   beta2=beta2, eps=group["eps"])
 
     @torch.no_grad()
     def step(self, closure=None, *, rows: list[tuple[Tensor, ...] | None] | None = None,
@@ -205,7 +200,7 @@ class LazyAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if update is not None:
-            update([self._begin_step(p) for group in self.param_groups for p in group["params"]])
+            update([self._begin_step(p, group) for group in self.param_groups for p in group["params"]])
             return loss
         k = -1
         for group in self.param_groups:
