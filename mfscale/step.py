@@ -27,6 +27,16 @@ from .model import batch_errors
 from .optim import LazyAdam
 
 
+def step_global_bias(env: DistEnv, model: torch.nn.Module, opt_dense: torch.optim.Optimizer,
+                     grad: torch.Tensor) -> None:
+    """The dense global bias: this rank's gradient summed over ranks, then one Adam step."""
+    if env.distributed:
+        dist.all_reduce(grad)
+    model.global_bias.grad = grad.reshape(()).to(model.global_bias.dtype)
+    opt_dense.step()
+    opt_dense.zero_grad(set_to_none=True)
+
+
 class FusedStep:
     """Closed-form gradients into the layout's optimizer (LazyAdam)."""
 
@@ -43,13 +53,9 @@ class FusedStep:
         gu, gi, g_mean, sse = model.closed_form_grads(user, item, rating, global_rows, errors=self.errors,
                                                       dense_min=self.dense_min, scratch=self.scratch)
         dtype = gu.rows.dtype
-        if self.env.distributed:
-            dist.all_reduce(g_mean)
         self.layout.apply_row_grads([(g.ids, g.rows, g.counts.to(dtype)) for g in (gu, gi)],
                                     self.reg_weights * (2.0 / global_rows))
-        model.global_bias.grad = g_mean.reshape(()).to(model.global_bias.dtype)
-        self.opt_dense.step()
-        self.opt_dense.zero_grad(set_to_none=True)
+        step_global_bias(self.env, model, self.opt_dense, g_mean)
         return sse
 
 
@@ -86,12 +92,7 @@ class KernelStep:
 
         opt.step(update=update)
         g_sum, sse = out
-        g_mean = torch.tensor(g_sum, dtype=model.global_bias.dtype)
-        if self.env.distributed:
-            dist.all_reduce(g_mean)
-        model.global_bias.grad = g_mean.reshape(())
-        self.opt_dense.step()
-        self.opt_dense.zero_grad(set_to_none=True)
+        step_global_bias(self.env, model, self.opt_dense, torch.tensor(g_sum, dtype=model.global_bias.dtype))
         return torch.tensor(sse, dtype=torch.float64)
 
 

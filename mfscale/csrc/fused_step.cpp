@@ -36,10 +36,9 @@ inline T dot(const T* a, const T* b, int64_t d) {
 }
 
 // The batch's ratings indexed by one side's row: the touched rows (in order of first appearance, or in table
-// order when many are touched), each rating's group (``slot``), and group j's ratings
-// order[start[j] .. start[j + 1]) in batch order (a counting sort; only when ``with_order``). ``mark``
-// (n_rows int32, all zero) is scratch kept by the caller between steps and left all zero again, so a sparse
-// step costs O(batch), not O(table).
+// order when many are touched), each rating's group (``slot``), and, once sort_by_row has run, group j's
+// ratings order[start[j] .. start[j + 1]) in batch order. ``mark`` (n_rows int32, all zero) is scratch kept
+// by the caller between steps and left all zero again, so a sparse step costs O(batch), not O(table).
 struct Groups {
   std::vector<int64_t> rows;
   std::vector<int32_t> start;
@@ -47,13 +46,12 @@ struct Groups {
   std::vector<int32_t> order;
 };
 
-Groups index_rows(const int64_t* ids, int64_t n, int32_t* mark, int64_t n_rows, bool with_order) {
+Groups index_rows(const int64_t* ids, int64_t n, int32_t* mark, int64_t n_rows) {
   Groups g;
   // All memory first: nothing below can throw while the marks hold counts (they must end all zero).
   g.rows.reserve(n);
   g.start.reserve(n + 1);
   g.slot.resize(n);
-  if (with_order) g.order.resize(n);
   for (int64_t k = 0; k < n; ++k)
     if (mark[ids[k]]++ == 0) g.rows.push_back(ids[k]);
   const int64_t u = static_cast<int64_t>(g.rows.size());
@@ -74,11 +72,15 @@ Groups index_rows(const int64_t* ids, int64_t n, int32_t* mark, int64_t n_rows, 
   g.start[u] = pos;
   for (int64_t k = 0; k < n; ++k) g.slot[k] = mark[ids[k]];
   for (int64_t j = 0; j < u; ++j) mark[g.rows[j]] = 0;
-  if (with_order) {
-    std::vector<int32_t> next(g.start.begin(), g.start.end() - 1);
-    for (int64_t k = 0; k < n; ++k) g.order[next[g.slot[k]]++] = static_cast<int32_t>(k);
-  }
   return g;
+}
+
+// Fill g.order: the ratings grouped by row, batch order within a row (a counting sort on the slots).
+void sort_by_row(Groups& g) {
+  const int64_t n = static_cast<int64_t>(g.slot.size());
+  std::vector<int32_t> next(g.start.begin(), g.start.end() - 1);
+  g.order.resize(n);
+  for (int64_t k = 0; k < n; ++k) g.order[next[g.slot[k]]++] = static_cast<int32_t>(k);
 }
 
 // Ask for a row's cache lines ahead of use: rows are read at random, one cache miss after another otherwise.
@@ -145,8 +147,8 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   Groups gu, gi;
   at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {  // the two sides at once (their own marks)
     for (int64_t side = b; side < e; ++side) {
-      if (side == 0) gu = index_rows(user_side.ids, n, mark_u, n_users, false);
-      else gi = index_rows(item_side.ids, n, mark_i, n_items, false);
+      if (side == 0) gu = index_rows(user_side.ids, n, mark_u, n_users);
+      else gi = index_rows(item_side.ids, n, mark_i, n_items);
     }
   });
   const bool users_major = gu.rows.size() >= gi.rows.size();
@@ -154,11 +156,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   const Groups& gmin = users_major ? gi : gu;
   const Side<T>& maj = users_major ? user_side : item_side;
   const Side<T>& mnr = users_major ? item_side : user_side;
-  {  // the major side's ratings in row order
-    std::vector<int32_t> next(gmaj.start.begin(), gmaj.start.end() - 1);
-    gmaj.order.resize(n);
-    for (int64_t k = 0; k < n; ++k) gmaj.order[next[gmaj.slot[k]]++] = static_cast<int32_t>(k);
-  }
+  sort_by_row(gmaj);  // only the major side is walked row by row
   const int64_t nmaj = static_cast<int64_t>(gmaj.rows.size()), nmin = static_cast<int64_t>(gmin.rows.size());
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (work.numel() < threads * nmin * w) work.resize_({threads * nmin * w});
