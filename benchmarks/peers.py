@@ -116,8 +116,8 @@ def clipped_rmse(pred: np.ndarray, rating: np.ndarray, lo: float, hi: float) -> 
     return float(np.sqrt(np.mean(err * err))) if len(err) else float("nan")
 
 
-def run_mfscale(a: argparse.Namespace, tmp: str) -> dict[str, Any]:
-    run_dir = str(Path(tmp) / "mfscale-run")
+def run_mfscale(a: argparse.Namespace, tmp: str, rnd: int) -> dict[str, Any]:
+    run_dir = str(Path(tmp) / f"mfscale-run-{rnd}")  # a fresh run each round: an existing one would resume
     cmd = [sys.executable, "-m", "mfscale.train", "--data", str(a.data), "--run-dir", run_dir,
            "--train.ranking_k", "0", "--epochs", str(a.epochs), "--dim", str(a.dim), "--seed", str(a.seed),
            *shlex.split(a.extra)]
@@ -221,11 +221,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--libmf-eta", type=float, default=0.1, help="LIBMF's initial AdaGrad learning rate")
     p.add_argument("--libmf-bins", type=int, default=0,
                    help="LIBMF's bins per side of the rating grid (default 0: max(26, 2 x threads + 1))")
-    p.add_argument("--out-jsonl", type=Path, help="append one JSON line per trainer")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of all trainers, in rotating order; with more than one, medians are printed too")
+    p.add_argument("--out-jsonl", type=Path, help="append one JSON line per trainer and round")
     a = p.parse_args(argv)
     trainers = [t.strip() for t in a.trainers.split(",") if t.strip()]
     if not trainers or any(t not in TRAINERS for t in trainers):
         p.error(f"--trainers: choose from {', '.join(TRAINERS)}")
+    if a.repeat < 1:
+        p.error("--repeat must be >= 1")
     check_extra(trainers)
     sys.path.insert(0, str(REPO))  # read the data with this checkout's mfscale, as the subprocess trains
     from mfscale.errors import DataError
@@ -239,32 +243,53 @@ def main(argv: list[str] | None = None) -> int:
     synthetic_best = (ds.manifest["source"].get("params") or {}).get("best_rmse")
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     rows: list[dict[str, Any]] = []
+    data: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
     with tempfile.TemporaryDirectory(prefix="mfscale-peers-") as tmp:
-        # mfscale first, before this process holds the data: the job gets the machine's memory to itself
-        if "mfscale" in trainers:
-            print(f"running mfscale ({a.epochs} epochs, d={a.dim}, {a.threads} threads) ...", file=sys.stderr)
-            rows.append(run_mfscale(a, tmp))
-        peers = [t for t in trainers if t in PEERS]
-        if peers:
-            train, test = ds.read_split("train"), ds.read_split("test")
-            for name in peers:
-                print(f"running {name} ...", file=sys.stderr)
-                rows.append((run_libmf if name == "libmf" else run_cornac)(a, train, test))
-    fastest = max((r["train_ratings_per_s"] for r in rows if r["trainer"] in PEERS), default=None)
-    for r in rows:
-        r["vs_fastest_peer"] = r["train_ratings_per_s"] / fastest if fastest else None
-        r["test_rmse_over_best"] = r["test_rmse"] / synthetic_best if synthetic_best and r["test_rmse"] else None
+        for rnd in range(a.repeat):
+            # Rounds rotate the order, so no trainer always runs first (or last) on a machine whose speed drifts.
+            # mfscale's first turn comes before this process reads the data (the job gets the memory to itself).
+            order = trainers[rnd % len(trainers):] + trainers[:rnd % len(trainers)]
+            rnd_rows = []
+            for name in order:
+                print(f"round {rnd + 1}/{a.repeat}: running {name} ({a.epochs} epochs, d={a.dim}, "
+                      f"{a.threads} threads) ...", file=sys.stderr)
+                if name == "mfscale":
+                    rnd_rows.append(run_mfscale(a, tmp, rnd))
+                    continue
+                if data is None:
+                    data = ds.read_split("train"), ds.read_split("test")
+                rnd_rows.append((run_libmf if name == "libmf" else run_cornac)(a, *data))
+            # The ratio within one round: trainers that ran minutes apart on the same machine
+            fastest = max((r["train_ratings_per_s"] for r in rnd_rows if r["trainer"] in PEERS), default=None)
+            for r in rnd_rows:
+                r["round"] = rnd + 1
+                r["vs_fastest_peer"] = r["train_ratings_per_s"] / fastest if fastest else None
+                r["test_rmse_over_best"] = (r["test_rmse"] / synthetic_best
+                                            if synthetic_best and r["test_rmse"] else None)
+            rows.extend(sorted(rnd_rows, key=lambda r: trainers.index(r["trainer"])))
     cores = os.cpu_count() or 1
     print(f"### mfscale beside LIBMF and cornac: {a.data} ({a.n_train:,} training ratings, "
           f"{ds.split_rows('test'):,} test), d={a.dim}, {a.epochs} epochs, {a.threads} threads\n")
-    print("| trainer | model | train ratings/s | vs fastest peer | test RMSE | epochs | train s | wall s |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| round | trainer | model | train ratings/s | vs fastest peer | test RMSE | epochs | train s | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['vs_fastest_peer']:.2f}x" if r["vs_fastest_peer"] else "-"
         rmse = f"{r['test_rmse']:.4f}" if r["test_rmse"] is not None else "-"
         train_s = f"{r['train_s']:.1f}" if r["train_s"] is not None else "-"
-        print(f"| {r['version']} | {r['model']} | {r['train_ratings_per_s']:,.0f} | {ratio} | {rmse} | "
-              f"{r['epochs']} | {train_s} | {r['wall_s']:.1f} |")
+        print(f"| {r['round']} | {r['version']} | {r['model']} | {r['train_ratings_per_s']:,.0f} | {ratio} | "
+              f"{rmse} | {r['epochs']} | {train_s} | {r['wall_s']:.1f} |")
+    if a.repeat > 1:
+        print(f"\nMedians over {a.repeat} rounds (vs fastest peer: the median of the per-round ratios):\n")
+        print("| trainer | train ratings/s (min-max) | vs fastest peer (min-max) | test RMSE |")
+        print("|---|---|---|---|")
+        for name in trainers:
+            mine = [r for r in rows if r["trainer"] == name]
+            rate = [r["train_ratings_per_s"] for r in mine]
+            ratios = [r["vs_fastest_peer"] for r in mine if r["vs_fastest_peer"]]
+            ratio = (f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-")
+            rmse = [r["test_rmse"] for r in mine if r["test_rmse"] is not None]
+            rmse_s = f"{np.median(rmse):.4f}" if rmse else "-"
+            print(f"| {name} | {np.median(rate):,.0f} ({min(rate):,.0f}-{max(rate):,.0f}) | {ratio} | {rmse_s} |")
     print(f"\nMachine: {cpu_name()}, {cores} cores, Python {platform.python_version()}, numpy {np.__version__}; "
           f"{date}. Test RMSE of predictions clipped to {a.scale[0]:g}-{a.scale[1]:g}"
           + (f"; Bayes-optimal RMSE of this synthetic data {synthetic_best:.4f}" if synthetic_best else "") + ".")

@@ -80,16 +80,25 @@ def _peers_importable() -> str | None:
 
 
 def test_peers_smoke(small_data, tmp_path):
-    """benchmarks/peers.py end to end on 12,000 ratings: three rows on one split, clipped RMSEs, the ratio."""
+    """benchmarks/peers.py end to end on 12,000 ratings: two rounds of three rows on one split, clipped RMSEs,
+    the ratio within each round, and the medians."""
     reason = _peers_importable()
     if reason:
         pytest.skip(reason)
     out = tmp_path / "peers.jsonl"
     proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--epochs", "2", "--dim", "8",
-                           "--out-jsonl", str(out)], capture_output=True, text=True, timeout=120)
+                           "--repeat", "2", "--out-jsonl", str(out)], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["trainer"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert sorted(rows) == ["cornac", "libmf", "mfscale"]
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted((r["round"], r["trainer"]) for r in lines) == [
+        (rnd, t) for rnd in (1, 2) for t in ("cornac", "libmf", "mfscale")]
+    # each round has its own fresh mfscale run (a shared run dir would resume, training 0 epochs)
+    assert all(r["epochs"] >= 1 for r in lines)
+    for rnd in (1, 2):
+        ratios = [r["vs_fastest_peer"] for r in lines if r["round"] == rnd and r["trainer"] != "mfscale"]
+        assert max(ratios) == 1.0
+    assert "Medians over 2 rounds" in proc.stdout and "| mfscale | " in proc.stdout
+    rows = {r["trainer"]: r for r in lines if r["round"] == 2}
     for r in rows.values():
         assert r["train_ratings_per_s"] > 0 and r["train_s"] > 0 and r["wall_s"] > 0
         assert 0 < r["test_rmse"] < 2, r  # clipped to 0.5-5
