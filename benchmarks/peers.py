@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"- `{shlex.join([sys.executable, *sys.argv])}`" if argv is None else
           f"- `peers.py {shlex.join(argv)}`")
     for r in rows:
-        print(f"- {r['trainer']}: `{r['command']}`")
+        if r["round"] == 1:  # later rounds repeat these (mfscale with another run dir)
+            print(f"- {r['trainer']}: `{r['command']}`")
     if a.out_jsonl:
         common = {"date": date, "data": str(a.data), "n_train": a.n_train, "dim": a.dim, "threads": a.threads,
                   "machine": cpu_name(), "cores": cores, "git_commit": git_commit()}
