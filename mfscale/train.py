@@ -212,7 +212,8 @@ class Trainer:
     def _make_layout(self, mean: float, use_compile: bool) -> TableLayout:
         cfg, env = self.cfg, self.env
         common = dict(dim=cfg.model.dim, init_std=cfg.model.init_std, seed=cfg.train.seed, mean=mean,
-                      optimizer=cfg.optim.optimizer, lr=cfg.optim.lr, compile=use_compile,
+                      optimizer=cfg.optim.optimizer, lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2),
+                      compile=use_compile,
                       batch_size=self.batch_size)
         name = layout_choose(cfg.train.tables, env.world_size)
         if name == "blocks":

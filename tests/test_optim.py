@@ -161,13 +161,17 @@ def one_epoch(data, run_dir, **overrides) -> tuple[Trainer, dict[str, torch.Tens
 
 
 def test_fused_step_and_lazy_adam_equal_sparse_adam_after_one_epoch(small_data, tmp_path, float64):
-    """The issue's check: the fast path gives SparseAdam's parameters (float64, rounding-level tolerance)."""
-    ref_tr, ref = one_epoch(small_data, tmp_path / "ref", optim__optimizer="sparse_adam")
+    """The issue's check: the fast path gives SparseAdam's parameters (float64, rounding-level tolerance), with
+    --optim.beta1/beta2 reaching every path (neither torch's defaults nor mfscale's)."""
+    betas = {"optim__beta1": 0.8, "optim__beta2": 0.95}
+    ref_tr, ref = one_epoch(small_data, tmp_path / "ref", optim__optimizer="sparse_adam", **betas)
     assert isinstance(ref_tr.opt_sparse, torch.optim.SparseAdam) and not ref_tr.fused
+    assert ref_tr.opt_sparse.param_groups[0]["betas"] == (0.8, 0.95)
     for step, kernel in (("autograd", "off"), ("fused", "off"), ("fused", "on")):  # on: the C++ op
         tr, got = one_epoch(small_data, tmp_path / f"{step}-{kernel}", optim__optimizer="lazy_adam", train__step=step,
-                            train__cpu_kernel=kernel)
+                            train__cpu_kernel=kernel, **betas)
         assert isinstance(tr.opt_sparse, LazyAdam) and tr.fused == (step == "fused") and tr.kernel == (kernel == "on")
+        assert all(g["betas"] == (0.8, 0.95) for g in tr.opt_sparse.param_groups)
         for k, v in ref.items():
             # The global bias's gradient sums to nearly zero; Adam divides by its RMS, which magnifies
             # rounding in the sum, hence rtol 1e-8 rather than 1e-10.
@@ -194,6 +198,10 @@ def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer=name).validate()
     with pytest.raises(Exception, match="lazy_adam or sparse_adam"):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer="adagrad").validate()
+    assert (config.JobConfig().optim.beta1, config.JobConfig().optim.beta2) == (0.9, 0.98)
+    for beta in ({"optim__beta1": 1.0}, {"optim__beta2": -0.1}):
+        with pytest.raises(Exception, match=r"optim.beta1 and optim.beta2 must be in \[0, 1\)"):
+            config.replace(config.JobConfig(), data__path=".", **beta).validate()
 
 
 def test_dense_form_equals_row_form():

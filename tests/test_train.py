@@ -146,8 +146,10 @@ def assert_same_run(run_a: Path, run_b: Path, metrics_a: dict, metrics_b: dict) 
 # On small_data these settings overfit after epoch 1 (no L2, lr 0.02, 38 steps of 256 per epoch): the best
 # epoch is 1 and two worse epochs stop the run after epoch 3. A run resumed after epoch 1 ends must restore
 # the best weights (the test metrics come from them) and the count of bad epochs (when to stop).
+# No L2 and a high lr, with torch's beta2 (its oversized steps on rarely touched rows overfit sooner), so the run
+# stops early on weights older than its last epoch's.
 OVERFIT = {"train__epochs": 5, "train__batch_size": 256, "train__patience": 2, "optim__lr": 0.02,
-           "optim__reg_factor": 0.0, "optim__reg_bias": 0.0, "train__ranking_k": 0}
+           "optim__beta2": 0.999, "optim__reg_factor": 0.0, "optim__reg_bias": 0.0, "train__ranking_k": 0}
 
 
 def assert_exercises_best_weights(full: dict, resumed_at_step: int) -> None:
@@ -187,9 +189,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(small_data, tmp_path, mon
 
 def test_single_process_learns_structure_and_writes_run_dir(small_data, tmp_path):
     metrics = run(job(small_data, tmp_path / "r"))  # all defaults (20 epochs, only 10 steps each here)
-    # Planted rank-3 structure with noise 0.3 (floor about 0.33): MF reaches about 0.466 here, a biases-only
+    # Planted rank-3 structure with noise 0.3 (floor about 0.33): MF reaches about 0.482 here, a biases-only
     # model about 0.63, and the same run on unshuffled training rows 0.65 (those two with earlier defaults).
-    assert metrics["test_rmse"] < 0.48
+    # (beta2 0.999 gave 0.466: 200 steps in all leave this run short of converged, and 0.999's oversized steps
+    # on rarely touched rows act as a higher lr; on the MovieLens-sized sets 0.98 is better, RESULTS.)
+    assert metrics["test_rmse"] < 0.50
     run_dir = tmp_path / "r"
     saved = json.loads((run_dir / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(metrics))
