@@ -154,8 +154,8 @@ class TableLayout:
 
     # -- construction helpers ----------------------------------------------------------------------
     def _build(self, user_ids: np.ndarray, item_rows: int, item_ids: np.ndarray, dim: int, init_std: float,
-               seed: int, mean: float, optimizer: str, lr: float, compile: bool,
-               betas: tuple[float, float]) -> None:
+               seed: int, mean: float, optimizer: str, lr: float, betas: tuple[float, float],
+               compile: bool) -> None:
         """Model with ``len(user_ids)`` user rows and ``item_rows`` movie rows (the first ``item_ids`` filled)."""
         self.model = BiasedMF(len(user_ids), item_rows, dim, mean=mean, init_std=0.0).to(self.env.device)
         users_n, items_n = self.n_train_rows
@@ -314,11 +314,11 @@ class Replicated(TableLayout):
     name = "replicated"
 
     def __init__(self, env: DistEnv, data: Dataset, *, dim: int, init_std: float, seed: int, mean: float,
-                 optimizer: str, lr: float, compile: bool, batch_size: int, resident: str, workers: int,
-                 betas: tuple[float, float] = (0.9, 0.999)):
+                 optimizer: str, lr: float, betas: tuple[float, float], compile: bool, batch_size: int,
+                 resident: str, workers: int):
         super().__init__(env, data)
         self._build(np.arange(data.n_users), data.n_items, np.arange(data.n_items), dim, init_std, seed, mean,
-                    optimizer, lr, compile, betas)
+                    optimizer, lr, betas, compile)
         self.workers = workers
         self.resident = self._use_resident(resident, workers)
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
@@ -402,8 +402,8 @@ class Blocks(TableLayout):
     rows_complete = True  # user rows are owned, and a movie block is held by one rank at a time
 
     def __init__(self, env: DistEnv, data: Dataset, *, dim: int, init_std: float, seed: int, mean: float,
-                 optimizer: str, lr: float, compile: bool, batch_size: int, resident: str,
-                 betas: tuple[float, float] = (0.9, 0.999)):
+                 optimizer: str, lr: float, betas: tuple[float, float], compile: bool, batch_size: int,
+                 resident: str):
         super().__init__(env, data)
         w, r = env.world_size, env.rank
         if w > min(data.n_users, data.n_items):
@@ -417,7 +417,7 @@ class Blocks(TableLayout):
         self.item_local_idx, self.item_members = _local_index(self.item_block, w)
         self.item_rows = max(len(m) for m in self.item_members)  # every rank's buffer fits any movie block
         self._build(self.user_members[r], self.item_rows, self.item_members[r], dim, init_std, seed, mean,
-                    optimizer, lr, compile, betas)
+                    optimizer, lr, betas, compile)
         self.held = 0  # sub-epoch whose movie block this rank holds: block (rank + held) mod W
         self.dense_min = tuple(math.ceil(DENSE_SWEEP_MIN_FRACTION * n) for n in (len(self.user_members[r]),
                                                                                    self.item_rows))

@@ -25,8 +25,8 @@ CPU = torch.device("cpu")
 def layout_of(model: BiasedMF, data: Dataset, env: DistEnv, tables: str = "replicated") -> TableLayout:
     """A layout of the given kind holding ``model``'s weights (what evaluation reads): replicated, or this
     rank's blocks of it."""
-    kw = dict(dim=model.dim, init_std=0.0, seed=0, mean=0.0, optimizer="lazy_adam", lr=0.01, compile=False,
-              batch_size=1024)
+    kw = dict(dim=model.dim, init_std=0.0, seed=0, mean=0.0, optimizer="lazy_adam", lr=0.01, betas=(0.9, 0.98),
+              compile=False, batch_size=1024)
     if tables == "replicated":
         lay: TableLayout = Replicated(env, data, resident="off", workers=0, **kw)
         lay.model.load_state_dict(model.state_dict())

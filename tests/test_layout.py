@@ -164,7 +164,7 @@ def test_more_ranks_than_rows_is_one_clear_error(tmp_path):
     data = make_dataset(tmp_path / "d", n_users=3, n_items=40, per_user=10)
     with pytest.raises(ConfigError, match="4 ranks but the data has only 3 users"):
         Blocks(DistEnv(0, 4, 0, CPU), Dataset(data), dim=4, init_std=0.01, seed=0, mean=3.5,
-               optimizer="lazy_adam", lr=0.01, compile=False, batch_size=16, resident="off")
+               optimizer="lazy_adam", lr=0.01, betas=(0.9, 0.98), compile=False, batch_size=16, resident="off")
 
 
 def test_blocks_on_one_rank_trains_every_rating_once_per_epoch(small_data, tmp_path):
