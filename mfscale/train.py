@@ -352,6 +352,13 @@ class Trainer:
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self._load_tables(Path(path), state)
         _load_param_groups(self.opt_sparse, state["opt_sparse_groups"])
+        # The saved groups carry the betas the run started with (a run from before --optim.beta2 existed: torch's
+        # 0.999); the run keeps them, and its config says so, since config.toml and checkpoints record it.
+        betas = tuple(self.opt_sparse.param_groups[0]["betas"])
+        if betas != (self.cfg.optim.beta1, self.cfg.optim.beta2):
+            log.warning("resumed run keeps the Adam betas it started with, %s, not (%s, %s)", betas,
+                        self.cfg.optim.beta1, self.cfg.optim.beta2)
+            self.cfg.optim.beta1, self.cfg.optim.beta2 = betas
         self.opt_dense.load_state_dict(state["opt_dense"])
         for s, sd in zip(self.scheds, state["scheds"], strict=True):
             s.load_state_dict(sd)

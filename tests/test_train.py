@@ -424,3 +424,17 @@ def test_fused_step_reuses_its_gradient_buffers(small_data, tmp_path):
         kept = model.closed_form_grads(user, item, rating, 300, dense_min=dense_min, scratch={})
         for a, b in zip(plain[:2], kept[:2], strict=True):
             assert torch.equal(a.rows, b.rows) and torch.equal(a.counts, b.counts)
+
+
+def test_resumed_run_keeps_the_betas_it_started_with(small_data, tmp_path):
+    """A run started with other betas (or before --optim.beta2 existed, with torch's 0.999) keeps them on resume,
+    and its config.toml and checkpoints say so."""
+    run(job(small_data, tmp_path / "r", train__epochs=1, optim__beta2=0.999, train__ranking_k=0))
+    cfg = job(small_data, tmp_path / "r", train__epochs=2, train__ranking_k=0)
+    assert cfg.optim.beta2 == 0.98  # the default
+    tr = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
+    assert tr.resume() and tr.epoch == 1
+    assert all(g["betas"] == (0.9, 0.999) for g in tr.opt_sparse.param_groups)
+    assert (tr.cfg.optim.beta1, tr.cfg.optim.beta2) == (0.9, 0.999)
+    run(job(small_data, tmp_path / "r", train__epochs=2, train__ranking_k=0))
+    assert config.load_toml(tmp_path / "r" / "config.toml")["optim"]["beta2"] == 0.999
