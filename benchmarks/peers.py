@@ -27,6 +27,9 @@ scored on its test split, predictions clipped to the rating scale:
     training mean, which LIBMF does not do itself: 0.7635 at 0.05). The number of bins (20, LIBMF's README
     default, or 26) changes neither the RMSE nor, within this machine's noise, the speed at 2 threads.
 
+  LIBMF's scheduler has a known hang (cjlin1/libmf#12: fit() never returns, its threads idle). Seen here only
+  on a 9,600-rating set with 2 threads (about 1 run in 6; the tests use 1 thread), never on ml-10m.
+
   Predicted from ``p_factors()``/``q_factors()``: the binding's ``predict()`` reads its (n, 2) input
   column-major while ``fit()`` reads rows. Rows without training ratings are NaN in LIBMF; they are predicted
   as LIBMF's own ``mf_predict`` does, by the training mean ``b``.
@@ -37,8 +40,11 @@ ratings/s is (training ratings x epochs) / wall time of the fit call for the pee
 ``train_ratings_per_s`` (wall time of its training steps) for mfscale; our data conversion and prediction are
 outside it for everyone (LIBMF's fit call still includes its own setup: the binding's copy of the (n, 3)
 array into LIBMF's nodes, then LIBMF's copy, shuffle and grid of them, a few percent of the fit). The ratio
-column divides by the faster of the peers in this run: compare only ratios measured in one run, absolute
-numbers change with the machine.
+column divides by the faster of the peers in the same round: compare only ratios measured side by side,
+absolute numbers change with the machine. ``--repeat N`` runs N rounds of all trainers, the order rotated
+each round, and prints the medians; on a shared machine one round's ratio can swing by a third. mfscale's
+first turn runs before this process reads the train/test arrays; in later rounds this process holds them
+(12 bytes a rating) while mfscale trains.
 """
 
 from __future__ import annotations
@@ -225,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="rounds of all trainers, in rotating order; with more than one, medians are printed too")
     p.add_argument("--out-jsonl", type=Path, help="append one JSON line per trainer and round")
     a = p.parse_args(argv)
-    trainers = [t.strip() for t in a.trainers.split(",") if t.strip()]
+    trainers = list(dict.fromkeys(t.strip() for t in a.trainers.split(",") if t.strip()))  # each once
     if not trainers or any(t not in TRAINERS for t in trainers):
         p.error(f"--trainers: choose from {', '.join(TRAINERS)}")
     if a.repeat < 1:
@@ -242,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     a.n_users, a.n_items, a.scale, a.n_train = ds.n_users, ds.n_items, ds.rating_range, ds.split_rows("train")
     synthetic_best = (ds.manifest["source"].get("params") or {}).get("best_rmse")
     date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    cores = os.cpu_count() or 1
+    # run_id ties the lines of one invocation together in a shared JSONL file (date has minute resolution)
+    common = {"date": date, "run_id": f"{datetime.datetime.now():%Y%m%dT%H%M%S}-{os.getpid()}", "repeat": a.repeat,
+              "data": str(a.data), "n_train": a.n_train, "dim": a.dim, "threads": a.threads, "machine": cpu_name(),
+              "cores": cores, "git_commit": git_commit()}
     rows: list[dict[str, Any]] = []
     data: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None
     with tempfile.TemporaryDirectory(prefix="mfscale-peers-") as tmp:
@@ -266,8 +277,12 @@ def main(argv: list[str] | None = None) -> int:
                 r["vs_fastest_peer"] = r["train_ratings_per_s"] / fastest if fastest else None
                 r["test_rmse_over_best"] = (r["test_rmse"] / synthetic_best
                                             if synthetic_best and r["test_rmse"] else None)
-            rows.extend(sorted(rnd_rows, key=lambda r: trainers.index(r["trainer"])))
-    cores = os.cpu_count() or 1
+            rnd_rows.sort(key=lambda r: trainers.index(r["trainer"]))
+            rows.extend(rnd_rows)
+            if a.out_jsonl:  # each round as it ends: a failure later keeps what was measured
+                with open(a.out_jsonl, "a") as f:
+                    for r in rnd_rows:
+                        f.write(json.dumps({**common, **r}) + "\n")
     print(f"### mfscale beside LIBMF and cornac: {a.data} ({a.n_train:,} training ratings, "
           f"{ds.split_rows('test'):,} test), d={a.dim}, {a.epochs} epochs, {a.threads} threads\n")
     print("| round | trainer | model | train ratings/s | vs fastest peer | test RMSE | epochs | train s | wall s |")
@@ -302,12 +317,6 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         if r["round"] == 1:  # later rounds repeat these (mfscale with another run dir)
             print(f"- {r['trainer']}: `{r['command']}`")
-    if a.out_jsonl:
-        common = {"date": date, "data": str(a.data), "n_train": a.n_train, "dim": a.dim, "threads": a.threads,
-                  "machine": cpu_name(), "cores": cores, "git_commit": git_commit()}
-        with open(a.out_jsonl, "a") as f:
-            for r in rows:
-                f.write(json.dumps({**common, **r}) + "\n")
     return 0
 
 

@@ -264,7 +264,8 @@ class Trainer:
         # Sizes all different (9 ratings; 3 of 5 user rows, 4 of 7 movie rows touched), so that the kernels are
         # compiled for symbolic sizes and training reuses them: equal sizes here would be assumed equal later.
         scratch = BiasedMF(5, 7, self.cfg.model.dim).to(self.device)
-        opt = LazyAdam(scratch.sparse_parameters(), lr=1e-3, compile=True)
+        opt = LazyAdam(scratch.sparse_parameters(), lr=1e-3, betas=(self.cfg.optim.beta1, self.cfg.optim.beta2),
+                       compile=True)
         try:
             user = torch.tensor([0, 1, 2, 1, 0, 2, 1, 0, 2], device=self.device)
             item = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0], device=self.device)
@@ -352,13 +353,7 @@ class Trainer:
                 self.best_state = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         self._load_tables(Path(path), state)
         _load_param_groups(self.opt_sparse, state["opt_sparse_groups"])
-        # The saved groups carry the betas the run started with (a run from before --optim.beta2 existed: torch's
-        # 0.999); the run keeps them, and its config says so, since config.toml and checkpoints record it.
-        betas = tuple(self.opt_sparse.param_groups[0]["betas"])
-        if betas != (self.cfg.optim.beta1, self.cfg.optim.beta2):
-            log.warning("resumed run keeps the Adam betas it started with, %s, not (%s, %s)", betas,
-                        self.cfg.optim.beta1, self.cfg.optim.beta2)
-            self.cfg.optim.beta1, self.cfg.optim.beta2 = betas
+        self._keep_started_optim(state)
         self.opt_dense.load_state_dict(state["opt_dense"])
         for s, sd in zip(self.scheds, state["scheds"], strict=True):
             s.load_state_dict(sd)
@@ -372,6 +367,23 @@ class Trainer:
         random.setstate(state["rng"]["python"])
         log.info("resumed from %s at epoch %d step %d", path, self.epoch, self.step_in_epoch)
         return True
+
+    def _keep_started_optim(self, state: dict[str, Any]) -> None:
+        """After the saved param groups are loaded: the run keeps the betas it started with (a run from before
+        --optim.beta2 existed: torch's 0.999), and its config says so, since config.toml and checkpoints record it.
+        Other optimizer settings this job's flags change (e.g. a default that moved between versions) are named."""
+        o = self.cfg.optim
+        betas = tuple(self.opt_sparse.param_groups[0]["betas"])
+        changed = []
+        if betas != (o.beta1, o.beta2):
+            changed.append(f"keeps the Adam betas it started with, {betas}, not ({o.beta1}, {o.beta2})")
+            o.beta1, o.beta2 = betas
+        started = state.get("config", {}).get("optim", {})
+        for key in ("reg_factor", "reg_bias", "gravity", "dense_lr"):
+            if key in started and started[key] != getattr(o, key):
+                changed.append(f"continues with optim.{key} {getattr(o, key)} (it started with {started[key]})")
+        if changed and self.env.is_main:
+            log.warning("resumed run %s", "; ".join(changed))
 
     def _check_compatible(self, state: dict[str, Any], path: str) -> None:
         hint = "use a new --run-dir, or --checkpoint.resume never to start over"

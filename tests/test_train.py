@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -426,14 +427,22 @@ def test_fused_step_reuses_its_gradient_buffers(small_data, tmp_path):
             assert torch.equal(a.rows, b.rows) and torch.equal(a.counts, b.counts)
 
 
-def test_resumed_run_keeps_the_betas_it_started_with(small_data, tmp_path):
+def test_resumed_run_keeps_the_betas_it_started_with(small_data, tmp_path, caplog):
     """A run started with other betas (or before --optim.beta2 existed, with torch's 0.999) keeps them on resume,
-    and its config.toml and checkpoints say so."""
-    run(job(small_data, tmp_path / "r", train__epochs=1, optim__beta2=0.999, train__ranking_k=0))
+    and its config.toml and checkpoints say so; an L2 the flags change (a default that moved) is named."""
+    run(job(small_data, tmp_path / "r", train__epochs=1, optim__beta2=0.999, optim__reg_factor=0.04,
+            train__ranking_k=0))
     cfg = job(small_data, tmp_path / "r", train__epochs=2, train__ranking_k=0)
-    assert cfg.optim.beta2 == 0.98  # the default
+    assert (cfg.optim.beta2, cfg.optim.reg_factor) == (0.98, 0.03)  # the defaults
     tr = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
-    assert tr.resume() and tr.epoch == 1
+    mf_log = logging.getLogger("mfscale")  # run() above reset the root handlers (basicConfig(force=True))
+    mf_log.addHandler(caplog.handler)
+    try:
+        assert tr.resume() and tr.epoch == 1
+    finally:
+        mf_log.removeHandler(caplog.handler)
+    assert "keeps the Adam betas it started with, (0.9, 0.999)" in caplog.text
+    assert "continues with optim.reg_factor 0.03 (it started with 0.04)" in caplog.text
     assert all(g["betas"] == (0.9, 0.999) for g in tr.opt_sparse.param_groups)
     assert (tr.cfg.optim.beta1, tr.cfg.optim.beta2) == (0.9, 0.999)
     run(job(small_data, tmp_path / "r", train__epochs=2, train__ranking_k=0))
