@@ -28,7 +28,8 @@ scored on its test split, predictions clipped to the rating scale:
     default, or 26) changes neither the RMSE nor, within this machine's noise, the speed at 2 threads.
 
   LIBMF's scheduler has a known hang (cjlin1/libmf#12: fit() never returns, its threads idle). Seen here only
-  on a 9,600-rating set with 2 threads (about 1 run in 6; the tests use 1 thread), never on ml-10m.
+  on a 9,600-rating set with 2 threads (about 1 run in 6; the tests use 1 thread), never on ml-10m. Each peer
+  therefore runs in a spawned child process, stopped with a one-line error after ``--peer-timeout`` seconds.
 
   Predicted from ``p_factors()``/``q_factors()``: the binding's ``predict()`` reads its (n, 2) input
   column-major while ``fit()`` reads rows. Rows without training ratings are NaN in LIBMF; they are predicted
@@ -210,6 +211,46 @@ def run_cornac(a: argparse.Namespace, train: dict[str, np.ndarray], test: dict[s
             "command": call}
 
 
+def _peer_child(conn: Any, fit: Any, a: argparse.Namespace, train: dict[str, np.ndarray],
+                test: dict[str, np.ndarray]) -> None:
+    try:
+        conn.send(("ok", fit(a, train, test)))
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent in one line
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+def run_peer(name: str, fit: Any, a: argparse.Namespace, train: dict[str, np.ndarray],
+             test: dict[str, np.ndarray]) -> dict[str, Any]:
+    """``fit(a, train, test)`` in a child process (it times its own fit call), so a peer that never returns
+    (LIBMF's scheduler, cjlin1/libmf#12) ends this script with one line after ``--peer-timeout`` seconds instead
+    of hanging it. A spawned child, not a forked one: this process has run polars and torch thread pools, which
+    a fork would copy in an unknown state; the arrays travel pickled (12 bytes a rating, a fraction of a fit)."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_peer_child, args=(child, fit, a, train, test), daemon=True)
+    proc.start()
+    child.close()
+    try:
+        if not parent.poll(a.peer_timeout if a.peer_timeout > 0 else None):
+            raise SystemExit(f"peers.py: {name} did not finish in {a.peer_timeout:g} s and was stopped (LIBMF's "
+                             "scheduler can hang, cjlin1/libmf#12); rerun it, or use --threads 1")
+        status, value = parent.recv()
+    except EOFError:
+        proc.join(5)
+        raise SystemExit(f"peers.py: {name} died (exit code {proc.exitcode})") from None
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+    if status != "ok":
+        raise SystemExit(f"peers.py: {name} failed: {value}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset written by python -m mfscale.prepare")
@@ -227,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--libmf-eta", type=float, default=0.1, help="LIBMF's initial AdaGrad learning rate")
     p.add_argument("--libmf-bins", type=int, default=0,
                    help="LIBMF's bins per side of the rating grid (default 0: max(26, 2 x threads + 1))")
+    p.add_argument("--peer-timeout", type=float, default=1800,
+                   help="seconds a peer's fit and scoring may take before the script stops it with an error "
+                        "(0 = no limit; LIBMF's scheduler can hang)")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of all trainers, in rotating order; with more than one, medians are printed too")
     p.add_argument("--out-jsonl", type=Path, help="append one JSON line per trainer and round")
@@ -269,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if data is None:
                     data = ds.read_split("train"), ds.read_split("test")
-                rnd_rows.append((run_libmf if name == "libmf" else run_cornac)(a, *data))
+                rnd_rows.append(run_peer(name, run_libmf if name == "libmf" else run_cornac, a, *data))
             # The ratio within one round: trainers that ran minutes apart on the same machine
             fastest = max((r["train_ratings_per_s"] for r in rnd_rows if r["trainer"] in PEERS), default=None)
             for r in rnd_rows:

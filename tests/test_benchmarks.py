@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,19 @@ def test_peers_without_the_extra(small_data, tmp_path):
     assert proc.returncode != 0 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing libmf" in lines[0] and "pip install -e '.[bench]'" in lines[0], lines
+
+
+def test_peers_stops_a_peer_that_never_returns(small_data, tmp_path):
+    """LIBMF's scheduler can hang (cjlin1/libmf#12): --peer-timeout ends the run with one line, not never."""
+    fake = tmp_path / "libmf"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "mf.py").write_text("import time\n\n\nclass MF:\n    def __init__(self, **kw):\n        pass\n\n"
+                                "    def fit(self, x):\n        time.sleep(600)\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "libmf",
+                           "--peer-timeout", "3"], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("peers.py: libmf did not finish in 3 s") and "cjlin1/libmf#12" in last, proc.stderr
