@@ -66,9 +66,14 @@ class KernelStep:
     global bias is summed over ranks and stepped by Adam as in FusedStep.
     """
 
+    @staticmethod
+    def applies(env: DistEnv, layout: TableLayout) -> bool:
+        """CPU tables, LazyAdam, and a layout whose row gradients are local to the rank."""
+        return env.device.type == "cpu" and layout.rows_complete and isinstance(layout.opt, LazyAdam)
+
     def __init__(self, env: DistEnv, layout: TableLayout, opt_dense: torch.optim.Optimizer,
                  reg_weights: torch.Tensor):
-        if not layout.rows_complete or not isinstance(layout.opt, LazyAdam) or env.device.type != "cpu":
+        if not self.applies(env, layout):
             raise ValueError("KernelStep needs CPU tables, LazyAdam and a layout whose row gradients are local")
         if len({(tuple(g["betas"]), g["eps"]) for g in layout.opt.param_groups}) != 1:
             raise ValueError("KernelStep: the op takes one betas/eps for both tables")

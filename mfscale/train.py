@@ -239,8 +239,7 @@ class Trainer:
     def _use_cpu_kernel(self) -> bool:
         """Whether the fused step runs as the C++ op (``--train.cpu_kernel``); builds it on first use."""
         mode = self.cfg.train.cpu_kernel
-        applies = (self.device.type == "cpu" and self.layout.rows_complete and isinstance(self.opt_sparse, LazyAdam))
-        if mode == "off" or not applies:
+        if mode == "off" or not KernelStep.applies(self.env, self.layout):
             if mode == "on":
                 raise ConfigError("--train.cpu_kernel on needs a CPU device and one process or --train.tables "
                                   "blocks (the replicated layout exchanges gradient rows between the ranks)")
@@ -371,7 +370,8 @@ class Trainer:
     def _keep_started_optim(self, state: dict[str, Any]) -> None:
         """After the saved param groups are loaded: the run keeps the betas it started with (a run from before
         --optim.beta2 existed: torch's 0.999), and its config says so, since config.toml and checkpoints record it.
-        Other optimizer settings this job's flags change (e.g. a default that moved between versions) are named."""
+        The settings read from the config each step that this job's flags change (e.g. a default that moved between
+        versions) are named; the learning rates come back with the optimizers' and schedules' states."""
         o = self.cfg.optim
         betas = tuple(self.opt_sparse.param_groups[0]["betas"])
         changed = []
@@ -379,7 +379,7 @@ class Trainer:
             changed.append(f"keeps the Adam betas it started with, {betas}, not ({o.beta1}, {o.beta2})")
             o.beta1, o.beta2 = betas
         started = state.get("config", {}).get("optim", {})
-        for key in ("reg_factor", "reg_bias", "gravity", "dense_lr"):
+        for key in ("reg_factor", "reg_bias", "gravity"):
             if key in started and started[key] != getattr(o, key):
                 changed.append(f"continues with optim.{key} {getattr(o, key)} (it started with {started[key]})")
         if changed and self.env.is_main:
