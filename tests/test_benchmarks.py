@@ -96,8 +96,10 @@ def test_peers_smoke(small_data, tmp_path):
     assert sorted((r["round"], r["trainer"]) for r in lines) == [
         (rnd, t) for rnd in (1, 2) for t in ("cornac", "libmf", "mfscale")]
     assert len({r["run_id"] for r in lines}) == 1 and all(r["repeat"] == 2 for r in lines)
-    # each round has its own fresh mfscale run (a shared run dir would resume, training 0 epochs)
+    # each round has its own fresh mfscale run: a shared run dir would resume the finished run, train nothing
+    # and report the first round's restored timing again, bit for bit
     assert all(r["epochs"] >= 1 for r in lines)
+    assert len({r["train_ratings_per_s"] for r in lines if r["trainer"] == "mfscale"}) == 2
     for rnd in (1, 2):
         ratios = [r["vs_fastest_peer"] for r in lines if r["round"] == rnd and r["trainer"] != "mfscale"]
         assert max(ratios) == 1.0
