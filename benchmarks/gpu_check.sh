@@ -128,7 +128,7 @@ stage_prepare() {
 }
 
 auto_batch() {  # the trainer's auto batch for this data and one process (ML-32M's: 135,168)
-    "$PY" -c "import sys; from mfscale.shards import Dataset; from mfscale.train import auto_batch_size
+    "$PY" -c "import sys; from mfscale.shards import Dataset; from mfscale.layout import auto_batch_size
 print(auto_batch_size(Dataset(sys.argv[1]).split_rows('train'), 1))" "$DATA" 2>/dev/null || echo 135168
 }
 

@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> None:
                          train__precision=args.precision, train__device=args.device,
                          checkpoint__resume="never").validate()
     trainer = Trainer(cfg, env)
-    trainer.stream.set_epoch(0)
+    trainer.layout.stream.set_epoch(0)
     dev = env.device
     batches = [{k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
-               for b in itertools.islice(trainer.stream, PRELOAD_BATCHES)]
+               for b in itertools.islice(trainer.layout.stream, PRELOAD_BATCHES)]
     cycle = itertools.cycle(batches)
     for _ in range(args.warmup_steps):
         trainer.train_step(next(cycle))
@@ -75,9 +75,9 @@ def main(argv: list[str] | None = None) -> None:
         table = prof.key_averages().table(sort_by=sort_by, row_limit=args.rows)
     header = (f"profile: {args.steps} steps after {args.warmup_steps} warm-up, device {dev}"
               f"{' (' + torch.cuda.get_device_name(dev) + ')' if cuda else ''}, torch {torch.__version__}, "
-              f"data {args.data} ({trainer.n_train:,} training ratings), batch {trainer.batch_size:,}, dim {args.dim}, "
-              f"precision {args.precision}, step {'fused' if trainer.fused else 'autograd'}, "
-              f"kernels compiled: {getattr(trainer.opt_sparse, 'compile', False)}; "
+              f"data {args.data} ({trainer.layout.data.split_rows('train'):,} training ratings), "
+              f"batch {trainer.layout.batch_size:,}, dim {args.dim}, precision {args.precision}, "
+              f"step {trainer.step_fn.kind}; "
               f"sorted by {sort_by}")
     text = header + "\n" + table + "\n"
     print(text)

@@ -72,7 +72,7 @@ def unique_rows(user: np.ndarray, item: np.ndarray, batch: int, rng: np.random.G
 
 
 def auto_global_batch(n: float, steps_per_epoch: int) -> int:
-    """mfscale's auto batch (train.auto_batch_size, all ranks together): ~200 steps, 1Ki..256Ki ratings."""
+    """mfscale's auto batch (layout.auto_batch_size, all ranks together): ~200 steps, 1Ki..256Ki ratings."""
     return int(min(262_144, max(1024, n // steps_per_epoch // 1024 * 1024)))
 
 

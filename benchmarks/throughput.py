@@ -144,7 +144,7 @@ VARIANTS: dict[str, dict[str, str]] = {
     "fused-torch": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__cpu_kernel": "off"},
     "autograd": {"optim__optimizer": "lazy_adam", "train__step": "autograd"},  # backward() + LazyAdam
     "sparse_adam": {"optim__optimizer": "sparse_adam", "train__step": "autograd"},  # the reference
-    # table layouts (mfscale/layout.py), the fused step: compare them at --nprocs 1,2
+    # table layouts (mfscale/layout/), the fused step: compare them at --nprocs 1,2
     "fused-replicated": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__tables": "replicated"},
     "fused-blocks": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__tables": "blocks"},
 }
@@ -202,7 +202,7 @@ def timed_loop(env: DistEnv, warmup: int, steps: int, step: Callable[[], tuple[i
         ratings += n
         wait += w
     wall = time.perf_counter() - start
-    # Page faults per step: nonzero means the step's memory is mapped afresh each time (see train.py).
+    # Page faults per step: nonzero means the step's memory is mapped afresh each time (see step.keep_step_memory).
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0) / max(steps, 1)
     return {"rank": env.rank, "ratings": ratings, "wall_s": wall, "step_ms": [s * 1e3 for s in step_s],
             "wait_s": wait, "page_faults_per_step": faults}
@@ -261,8 +261,9 @@ def measure(args: argparse.Namespace, case: Case, env: DistEnv) -> dict[str, Any
                 return b["user"].numel(), wait
     res = timed_loop(env, args.warmup_steps, args.steps, step)
     if case.mode != "input":
+        # step: what mfscale.step.build chose for the variant's config (cpp, compiled, eager or autograd)
         res.update(tables=trainer.layout.name, table_bytes_sent=trainer.layout.bytes_sent,
-                   steps_per_epoch=trainer.steps_per_epoch)
+                   steps_per_epoch=trainer.layout.steps_per_epoch, step=trainer.step_fn.kind)
     res.update(unique_rows_per_rating=unique, peak_rss_mib=peak_rss_mib(),
                cuda_max_allocated_mib=torch.cuda.max_memory_allocated(dev) / 2**20 if pin else None)
     return res
@@ -483,7 +484,8 @@ def markdown(header: dict[str, Any], records: list[dict[str, Any]], baselines: l
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in records:
         c = r["config"]["bench"]
-        row = [c["mode"], str(c["nprocs"]), f"{c['batch_size']:,}", str(c["dim"]), c["variant"], c["precision"],
+        variant = c["variant"] + (f" ({r['step']})" if r.get("step") else "")  # the step build() chose
+        row = [c["mode"], str(c["nprocs"]), f"{c['batch_size']:,}", str(c["dim"]), variant, c["precision"],
                _num(r["ratings_per_s"]), " / ".join(_num(x) for x in r["ratings_per_s_per_rank"]),
                _num(r["p50_step_ms"], ".1f"), _num(r["p90_step_ms"], ".1f"),
                "-" if r["data_wait_pct"] is None else f"{r['data_wait_pct']:.1f}%",

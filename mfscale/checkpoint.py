@@ -32,12 +32,15 @@ import re
 import shutil
 import uuid
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .model import BiasedMF
 
 CKPT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
@@ -68,21 +71,54 @@ def part_name(step: int, k: int, n: int, prefix: str = "step") -> str:
     return f"{prefix}-{step:010d}.part-{k}-of-{n}.pt"
 
 
-def write_part(run_dir: Path, step: int, k: int, n: int, part: dict) -> None:
+TABLES = ("users", "items")  # the two tables, by the model's attribute names (also the keys on disk)
+
+
+@dataclass
+class TableRows:
+    """One table's rows in a checkpoint part: their global row ids, the rows, their Adam moments (None when
+    the part holds weights only) and the table's Adam step count. Rows a rank holds are written by it alone,
+    so the parts of one checkpoint hold every row of every table exactly once."""
+
+    ids: torch.Tensor
+    weight: torch.Tensor
+    exp_avg: torch.Tensor | None = None
+    exp_avg_sq: torch.Tensor | None = None
+    step: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"ids": self.ids, "weight": self.weight, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
+                "step": int(self.step)}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> TableRows:
+        if not isinstance(d, dict) or not isinstance(d.get("ids"), torch.Tensor) \
+                or not isinstance(d.get("weight"), torch.Tensor) or len(d["ids"]) != len(d["weight"]):
+            raise ValueError("a table of the part lacks matching ids and weight rows")
+        return cls(d["ids"], d["weight"], d.get("exp_avg"), d.get("exp_avg_sq"), int(d.get("step", 0)))
+
+
+# One rank's piece of a checkpoint: its rows of each table (TABLES).
+Part = dict[str, TableRows]
+
+
+def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> None:
     """Write part ``k`` of ``n`` of the checkpoint for ``step`` atomically (any rank, before the metadata)."""
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": part}, directory / part_name(step, k, n))
+    payload = {name: part[name].to_dict() for name in TABLES}
+    _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": payload}, directory / part_name(step, k, n))
 
 
-def load_part(path: Path, map_location: str | torch.device = "cpu") -> dict:
+def read_part(path: Path) -> Part:
+    """The one reader of checkpoint parts; DataError naming the file when it cannot be loaded."""
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        payload = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(payload, dict) or payload.get(FORMAT_KEY) != FORMAT_VERSION or "part" not in payload:
             raise ValueError("not an mfscale checkpoint part")
+        return {name: TableRows.from_dict(payload["part"].get(name)) for name in TABLES}
     except Exception as exc:
         raise DataError(f"cannot load checkpoint part {path}: {_reason(exc)}") from exc
-    return payload["part"]
 
 
 def part_paths(path: Path, state: dict, which: list[int] | None = None) -> list[Path]:
@@ -91,35 +127,58 @@ def part_paths(path: Path, state: dict, which: list[int] | None = None) -> list[
     return [Path(path).parent / names[k] for k in (range(len(names)) if which is None else which)]
 
 
+def check_complete(filled: dict[str, np.ndarray], where: object) -> None:
+    """The one completeness check: every row of each table (``filled[name]``, a mask) came from some part."""
+    for name, f in filled.items():
+        if not f.all():
+            raise DataError(f"checkpoint {where} is incomplete: {int((~f).sum()):,} rows of the {name} table are "
+                            "in none of its parts")
+
+
 def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torch.Tensor]:
     """Whole tables of a checkpoint, by global row id, from all its parts: ``users.weight``, ``items.weight``,
-    ``global_bias`` and, with ``optimizer``, ``users.exp_avg``, ``users.exp_avg_sq``, ... Rows that no part
-    holds are NaN (an incomplete checkpoint); the caller checks. Needs the whole tables in this process.
-    A checkpoint from before parts existed gives its weights (no optimizer state)."""
+    ``global_bias`` and, with ``optimizer``, ``users.exp_avg``, ``users.exp_avg_sq``, ... DataError when a
+    row is in no part. Needs the whole tables in this process. A checkpoint from before parts existed gives
+    its weights (no optimizer state)."""
     if "parts" not in state and "model" in state:  # written before table parts existed: whole tables inside
         return {k: v for k, v in state["model"].items()}
     shape = state["model_shape"]
     rows = {"users": shape["n_users"], "items": shape["n_items"]}
     keys = ("weight", "exp_avg", "exp_avg_sq") if optimizer else ("weight",)
     out: dict[str, torch.Tensor] = {}
+    filled = {name: np.zeros(n, dtype=bool) for name, n in rows.items()}
     for part_path in part_paths(path, state):
-        part = load_part(part_path)
+        part = read_part(part_path)
         for name, n in rows.items():
             t = part[name]
+            filled[name][t.ids.numpy()] = True
             for key in keys:
-                if t[key] is None:
+                value = getattr(t, key)
+                if value is None:
                     continue
-                full = out.setdefault(f"{name}.{key}", torch.full((n, shape["dim"] + 1), math.nan, dtype=t[key].dtype))
-                full[t["ids"]] = t[key]
+                full = out.setdefault(f"{name}.{key}", torch.full((n, shape["dim"] + 1), math.nan, dtype=value.dtype))
+                full[t.ids] = value
+    check_complete(filled, path)
     out["global_bias"] = state["global_bias"]
     return out
+
+
+def load_model(path: Path, state: dict) -> BiasedMF:
+    """The whole model of a checkpoint, on CPU, from its parts (each rank's rows, any layout).
+
+    The whole tables are built in this process's memory (without Adam state: (users + movies) x (dim + 1)
+    floats, 75 MB for ML-32M at dim 64); a model too large for one machine's memory cannot be loaded here.
+    """
+    shape = state["model_shape"]
+    model = BiasedMF(shape["n_users"], shape["n_items"], shape["dim"], init_std=0.0)
+    model.load_state_dict({k: v.to(torch.get_default_dtype()) for k, v in assemble(path, state).items()})
+    return model.eval().requires_grad_(False)
 
 
 def save_whole_model(run_dir: Path, state: dict, users: torch.Tensor, items: torch.Tensor,
                      global_bias: torch.Tensor, *, step: int, is_best: bool = False) -> Path:
     """A checkpoint of whole tables (no optimizer state) in one part: a model made outside training."""
-    part = {name: {"ids": torch.arange(len(w)), "weight": w, "exp_avg": None, "exp_avg_sq": None, "step": 0}
-            for name, w in (("users", users), ("items", items))}
+    part = {name: TableRows(torch.arange(len(w)), w) for name, w in (("users", users), ("items", items))}
     write_part(run_dir, step, 0, 1, part)
     return save_checkpoint(run_dir, {**state, "global_bias": global_bias}, step=step, is_best=is_best, n_parts=1)
 

@@ -78,7 +78,7 @@ class TrainConfig:
     log_every: int = 50  # steps between TensorBoard scalar points
     ranking_k: int = 10  # Recall/NDCG/MAP@K on test ratings >= 4 at the end (0 = skip)
     timeout_s: float = 600.0  # collective timeout: a rank stuck this long fails the job instead of hanging
-    # replicated | blocks | auto: how the tables are spread over ranks (mfscale/layout.py); auto = blocks on
+    # replicated | blocks | auto: how the tables are spread over ranks (mfscale/layout/); auto = blocks on
     # more than one rank, replicated on one
     tables: str = "auto"
 

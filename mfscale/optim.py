@@ -2,7 +2,7 @@
 
 SparseAdam coalesces every sparse gradient (a sort, and on CUDA a device-to-host sync) and then runs about a
 dozen sparse kernels (design notes, "Performance facts"). LazyAdam computes the same numbers: one dedupe of the
-batch's row ids per table (``sync.sum_rows``: an unsorted unique plus index_add_; skipped when the gradient is
+batch's row ids per table (``sum_rows``: an unsorted unique plus index_add_; skipped when the gradient is
 already unique), a gather of the touched rows of the moments, the elementwise update on those rows in the same
 operation order as ``torch.optim._functional.sparse_adam``, and a scatter back. Rows absent from a step are
 untouched; the step count (bias corrections) is per parameter, as in SparseAdam. The state layout
@@ -10,18 +10,46 @@ untouched; the step count (bias corrections) is per parameter, as in SparseAdam.
 
 Differences from SparseAdam: duplicate rows are summed in another order (index_add_ in batch order instead
 of coalesce's), so with duplicates the results agree to rounding, not bit for bit; no ``maximize``.
+
+**One update, four implementations.** For speed the same update exists four times: ``_adam_rows`` (eager torch
+ops), ``_adam_rows_fusable`` and ``_adam_dense_fusable`` (written for torch.compile: touched rows, or a masked
+sweep of the whole table) and ``csrc/fused_step.cpp`` (the C++ step). They share one contract, SparseAdam's:
+for each touched row, with g its summed gradient plus ``row_scale * col_weights * row`` (the per-rating L2),
+``m += (g - m)(1 - beta1)``, ``v += (g^2 - v)(1 - beta2)``, ``row -= step_size * m / (sqrt(v) + eps)``, where
+``step_size = lr * sqrt(1 - beta2^t) / (1 - beta1^t)`` and t counts the table's steps
+(``LazyAdam._begin_step``, the only place it is computed). Untouched rows and their moments are left alone.
+tests/test_optim.py checks each implementation against ``torch.optim.SparseAdam``.
+
+This module also owns the job's optimizers as a whole (:class:`Optimizers`): the tables' optimizer
+(:func:`build_tables`, called by the layout that holds the tables), the global bias's Adam, their learning-rate
+schedule and their checkpoint state; :func:`adam_state` is the one way to reach a table's Adam moments.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from .config import OptimConfig
 from .model import table_empty, table_like
-from .sync import sum_rows
+
+
+def sum_rows(idx: Tensor, vals: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """Unique row ids and the summed rows for each: the optimizer's input form of a row gradient."""
+    if vals.is_cuda:
+        # index_add_ on CUDA adds with atomics in no fixed order; coalesce sums in a fixed order, so
+        # every rank computes bit-identical rows and the replicas never drift apart.
+        g = torch.sparse_coo_tensor(idx.unsqueeze(0), vals, (n_rows, vals.shape[1])).coalesce()
+        return g._indices()[0], g._values()
+    # sorted=False is ~100x faster than a sorted unique on CPU (design notes); CPU index_add_ is sequential.
+    uniq, inv = torch.unique(idx, sorted=False, return_inverse=True)
+    summed = torch.zeros((uniq.numel(), vals.shape[1]), dtype=vals.dtype, device=vals.device)
+    summed.index_add_(0, inv, vals)
+    return uniq, summed
 
 
 def _adam_rows(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, rows: Tensor, grad: Tensor,
@@ -100,9 +128,8 @@ class LazyAdam(torch.optim.Optimizer):
 
     ``step()`` reads each parameter's ``.grad``: a sparse COO row gradient, duplicate rows allowed (summed
     here), or already coalesced (used as is); ``step(rows=...)`` takes unique rows instead (see there).
-    ``step_rows(param, rows, values)`` takes unique row ids and their summed gradient rows directly (what
-    ``sync.sync_sparse_rows`` returns) and does one step for that parameter (no optimizer step hooks run, and
-    LR schedulers do not see it as an optimizer step: prefer ``step(rows=...)`` inside a training loop).
+    ``compile``: run the update as the torch.compile'd kernels (set by ``mfscale.step`` where the step is
+    compiled; the math is the same).
     """
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3,
@@ -121,12 +148,7 @@ class LazyAdam(torch.optim.Optimizer):
                     raise ValueError("LazyAdam needs dense, real, 2-D (row table) parameters")
 
     def _state(self, p: Tensor) -> dict:
-        state = self.state[p]
-        if len(state) == 0:
-            state["step"] = 0
-            state["exp_avg"] = table_empty(tuple(p.shape), p.dtype, p.device).zero_()
-            state["exp_avg_sq"] = table_empty(tuple(p.shape), p.dtype, p.device).zero_()
-        return state
+        return adam_state(self, p)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As Optimizer.load_state_dict; the loaded moments are then moved to table memory (huge pages)."""
@@ -143,12 +165,6 @@ class LazyAdam(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         step = state["step"]
         return state, float(group["lr"]) * math.sqrt(1 - beta2**step) / (1 - beta1**step)
-
-    def _group(self, p: Tensor) -> dict:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise ValueError("LazyAdam: the parameter is not optimized by this optimizer")
 
     def _apply(self, group: dict, p: Tensor, rows: Tensor | None, values: Tensor,
                l2: tuple[Tensor, Tensor] | None = None) -> None:
@@ -222,7 +238,73 @@ class LazyAdam(torch.optim.Optimizer):
                 self._apply(group, p, ids, values)
         return loss
 
-    @torch.no_grad()
-    def step_rows(self, param: Tensor, rows: Tensor, values: Tensor) -> None:
-        """One step of ``param`` with unique ``rows`` and their summed gradient ``values`` (ignores .grad)."""
-        self._apply(self._group(param), param, rows, values)
+
+def adam_state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
+    """Table ``p``'s Adam state in ``opt`` (LazyAdam or SparseAdam: the same layout), created as zeros (in
+    table memory) when it has none yet: ``step``, ``exp_avg``, ``exp_avg_sq``."""
+    state = opt.state[p]
+    if len(state) == 0:
+        state["step"] = 0
+        state["exp_avg"] = table_empty(tuple(p.shape), p.dtype, p.device).zero_()
+        state["exp_avg_sq"] = table_empty(tuple(p.shape), p.dtype, p.device).zero_()
+    return state
+
+
+def build_tables(cfg: OptimConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+    """The embedding tables' optimizer from the config: LazyAdam, or SparseAdam (the reference)."""
+    betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "lazy_adam":
+        return LazyAdam(params, lr=cfg.lr, betas=betas)
+    return torch.optim.SparseAdam(params, lr=cfg.lr, betas=betas)
+
+
+def lr_lambda(schedule: str, total_steps: int, min_frac: float) -> Callable[[int], float]:
+    """The learning-rate multiplier at a step: constant, or cosine/linear decay to ``min_frac``."""
+    def f(step: int) -> float:
+        t = min(step, total_steps) / max(total_steps, 1)
+        if schedule == "cosine":
+            return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * t))
+        if schedule == "linear":
+            return 1 - (1 - min_frac) * t
+        return 1.0
+
+    return f
+
+
+class Optimizers:
+    """The job's optimizers: ``tables`` (built by the layout with :func:`build_tables`), ``dense`` (Adam on the
+    global bias) and one learning-rate schedule for both over ``total_steps``; with their checkpoint state."""
+
+    def __init__(self, cfg: OptimConfig, tables: torch.optim.Optimizer, dense_params: list[Tensor],
+                 total_steps: int):
+        self.tables = tables
+        self.dense = torch.optim.Adam(dense_params, lr=cfg.dense_lr)
+        lam = lr_lambda(cfg.schedule, total_steps, cfg.min_lr_frac)
+        self.schedules = [torch.optim.lr_scheduler.LambdaLR(opt, lam) for opt in (self.tables, self.dense)]
+
+    def schedule_step(self) -> None:
+        for s in self.schedules:
+            s.step()
+
+    @property
+    def lrs(self) -> tuple[float, float]:
+        """The current learning rates: (tables, dense)."""
+        return self.tables.param_groups[0]["lr"], self.dense.param_groups[0]["lr"]
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        """The tables' Adam betas (a resumed run keeps those it started with)."""
+        return tuple(self.tables.param_groups[0]["betas"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint's metadata holds; the tables' moments travel in the layout's parts."""
+        return {"opt_sparse_groups": self.tables.state_dict()["param_groups"], "opt_dense": self.dense.state_dict(),
+                "scheds": [s.state_dict() for s in self.schedules]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The tables' hyperparameters (lr, initial_lr, betas, ...) only: their moments came with the parts.
+        for group, saved in zip(self.tables.param_groups, state["opt_sparse_groups"], strict=True):
+            group.update({k: v for k, v in saved.items() if k != "params"})
+        self.dense.load_state_dict(state["opt_dense"])
+        for s, sd in zip(self.schedules, state["scheds"], strict=True):
+            s.load_state_dict(sd)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
 from . import checkpoint
 from .errors import DataError
@@ -58,22 +57,6 @@ class Run:
         return indptr, item[order]
 
 
-def assemble_model(path: Path, state: dict) -> BiasedMF:
-    """The whole model of a checkpoint, on CPU, from its parts (each rank's rows, any layout).
-
-    The whole tables are built in this process's memory (without Adam state: (users + movies) x (dim + 1)
-    floats, 75 MB for ML-32M at dim 64); a model too large for one machine's memory cannot be loaded here.
-    """
-    shape = state["model_shape"]
-    tables = checkpoint.assemble(path, state)
-    for name in ("users.weight", "items.weight"):
-        if name not in tables or tables[name].isnan().any(dim=1).any():
-            raise DataError(f"checkpoint {path} is incomplete: rows of {name} are in none of its parts")
-    model = BiasedMF(shape["n_users"], shape["n_items"], shape["dim"], init_std=0.0)
-    model.load_state_dict({k: v.to(torch.get_default_dtype()) for k, v in tables.items()})
-    return model.eval().requires_grad_(False)
-
-
 def _load_state(run_dir: Path) -> tuple[dict, Path]:
     # best.pt holds the weights early stopping kept; the newest step checkpoint is the fallback for a run
     # that has not validated yet (no val split, or stopped before the first epoch ended).
@@ -93,7 +76,7 @@ def load_run(run_dir: Path | str, data: Path | str | None = None) -> Run:
     try:
         shape = state["model_shape"]
         data_path = data if data is not None else state["config"]["data"]["path"]
-        model = assemble_model(path, state)
+        model = checkpoint.load_model(path, state)
     except (KeyError, TypeError) as exc:
         raise DataError(f"checkpoint {path} lacks {exc} (not written by mfscale.train?)") from None
     try:

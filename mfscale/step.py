@@ -1,87 +1,148 @@
-"""The training step variants: one optimizer step on this rank's batch, whatever the table layout.
+"""The training step: one optimizer step on this rank's batch, whatever the table layout.
 
-- :class:`FusedStep`: the loss's gradients in closed form (``BiasedMF.closed_form_grads``), no autograd; the
-  per-rating L2 term reaches LazyAdam as (ratings of the global batch touching each row) x (column weight).
-- :class:`KernelStep`: the same math as FusedStep in one C++ op (``mfscale.cpu_step``), on the CPU where a
-  rank's batch gradient is complete without an exchange (one process, or the blocks layout).
-- :class:`AutogradStep`: forward/backward through ``nn.Embedding(sparse=True)``; the reference, and what
-  dropout, gravity, mixed precision and SparseAdam need.
+:func:`build` chooses and builds the step for a job (the trainer only calls it). Every variant has the same
+call, ``step(user, item, rating, global_rows, global_step) -> summed squared error``, and a ``kind`` that logs,
+tests and benchmarks read:
 
-Both divide summed losses by the global batch's rating count, so W ranks compute the gradient of one process
+- ``cpp`` (:class:`CppStep`): closed-form gradients and LazyAdam's update of the touched rows in one C++ op
+  (``mfscale.cpu_step``), on a CPU where a rank's batch gradient is complete without an exchange (one
+  process, or the blocks layout). Built on first use; ``--train.cpu_kernel auto`` falls back to torch ops.
+- ``compiled`` / ``eager`` (:class:`ClosedFormStep`): the same math as torch ops
+  (``BiasedMF.closed_form_grads``: no autograd), the per-rating L2 term reaching LazyAdam as (ratings of the
+  global batch touching each row) x (column weight); its kernels under torch.compile or not.
+- ``autograd`` (:class:`AutogradStep`): forward/backward through ``nn.Embedding(sparse=True)``; the reference,
+  and what dropout, gravity, mixed precision and SparseAdam need (``JobConfig.fused_blockers``).
+
+All divide summed losses by the global batch's rating count, so W ranks compute the gradient of one process
 on the union of their batches. The layout (``mfscale.layout``) combines and applies the table gradients; the
 dense global bias is summed over ranks (DDP with a sum hook, or one all_reduce) and stepped by Adam here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import abc
+import ctypes
+import logging
+import platform
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import cpu_step
 from .config import JobConfig
 from .distributed import DistEnv
+from .errors import ConfigError
 from .layout import TableLayout
-from .model import batch_errors
-from .optim import LazyAdam
+from .model import SPARSE_TABLES, BiasedMF, batch_errors, compiled_batch_errors
+from .optim import LazyAdam, Optimizers
+
+log = logging.getLogger("mfscale")
+
+# Fused kernels are compiled (a one-off 10-60 s) only for data where an epoch takes longer than that.
+COMPILE_MIN_ROWS = 1_000_000
+
+# glibc malloc: requests up to this size come from the heap, and freed heap memory up to the trim threshold
+# stays mapped. By default glibc mmaps (and on free unmaps) blocks of 128 KiB and up until its adaptive
+# threshold has grown, so every step's multi-MB temporaries were fresh pages: ~2,400 page faults per step
+# at batch 42k, 1.3-1.5x slower steps (benchmarks/RESULTS.md). Same effect as MALLOC_MMAP_THRESHOLD_ /
+# MALLOC_TRIM_THRESHOLD_, which only work if set before the process starts.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MALLOC_MMAP_THRESHOLD = 32 << 20  # glibc's largest allowed value on 64-bit
+MALLOC_TRIM_THRESHOLD = 1 << 30
 
 
-def step_global_bias(env: DistEnv, model: torch.nn.Module, opt_dense: torch.optim.Optimizer,
-                     grad: torch.Tensor) -> None:
-    """The dense global bias: this rank's gradient summed over ranks, then one Adam step."""
-    if env.distributed:
-        dist.all_reduce(grad)
-    model.global_bias.grad = grad.reshape(()).to(model.global_bias.dtype)
-    opt_dense.step()
-    opt_dense.zero_grad(set_to_none=True)
+def keep_step_memory() -> bool:
+    """Tune glibc's malloc so a training step's temporaries reuse mapped memory (no-op elsewhere)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD,
+                                                                               MALLOC_TRIM_THRESHOLD))
 
 
-class FusedStep:
-    """Closed-form gradients into the layout's optimizer (LazyAdam)."""
+class Step(abc.ABC):
+    """One optimizer step of the tables and the global bias on this rank's batch."""
 
-    def __init__(self, env: DistEnv, layout: TableLayout, opt_dense: torch.optim.Optimizer,
-                 reg_weights: torch.Tensor, errors: Callable[..., torch.Tensor] = batch_errors,
-                 dense_min: tuple[int, int] | None = None):
-        self.env, self.layout, self.opt_dense, self.reg_weights = env, layout, opt_dense, reg_weights
-        self.errors, self.dense_min = errors, dense_min
+    kind = "?"
+
+    def __init__(self, env: DistEnv, layout: TableLayout, optims: Optimizers, reg_weights: torch.Tensor):
+        self.env, self.layout, self.optims, self.reg_weights = env, layout, optims, reg_weights
+
+    @abc.abstractmethod
+    def __call__(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
+                 global_step: int) -> torch.Tensor:
+        """One step on the batch; returns its summed squared error (a tensor: no sync on a GPU)."""
+
+    def state_dict(self) -> dict[str, Any] | None:
+        """The step's own checkpoint state (the fp16 GradScaler's), or None."""
+        return None
+
+    def load_state_dict(self, state: dict[str, Any] | None) -> None:
+        return None  # nothing of its own by default
+
+    def step_global_bias(self, grad: torch.Tensor) -> None:
+        """The dense global bias: this rank's gradient summed over ranks, then one Adam step."""
+        model, opt = self.layout.model, self.optims.dense
+        if self.env.distributed:
+            dist.all_reduce(grad)
+        model.global_bias.grad = grad.reshape(()).to(model.global_bias.dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+class ClosedFormStep(Step):
+    """Closed-form gradients as torch ops into the layout's optimizer (LazyAdam); ``compiled``: their kernels
+    and LazyAdam's under torch.compile (same math)."""
+
+    def __init__(self, env: DistEnv, layout: TableLayout, optims: Optimizers, reg_weights: torch.Tensor,
+                 compiled: bool = False):
+        super().__init__(env, layout, optims, reg_weights)
+        self.kind = "compiled" if compiled else "eager"
+        self.errors = compiled_batch_errors() if compiled else batch_errors
+        # the whole-table sweep only pays compiled (eagerly, gathering the touched rows is cheaper)
+        self.dense_min = layout.dense_min if compiled else None
+        layout.opt.compile = compiled  # LazyAdam runs its compiled kernels for this step
         self.scratch: dict[str, torch.Tensor] = {}  # gradient rows, reused every step (closed_form_grads)
 
-    def __call__(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int
-                 ) -> torch.Tensor:
+    def __call__(self, user, item, rating, global_rows, global_step):
         model = self.layout.model
         gu, gi, g_mean, sse = model.closed_form_grads(user, item, rating, global_rows, errors=self.errors,
                                                       dense_min=self.dense_min, scratch=self.scratch)
         dtype = gu.rows.dtype
         self.layout.apply_row_grads([(g.ids, g.rows, g.counts.to(dtype)) for g in (gu, gi)],
                                     self.reg_weights * (2.0 / global_rows))
-        step_global_bias(self.env, model, self.opt_dense, g_mean)
+        self.step_global_bias(g_mean)
         return sse
 
 
-class KernelStep:
-    """FusedStep's gradients and LazyAdam's update of the touched rows in one C++ op (``mfscale.cpu_step``).
+class CppStep(Step):
+    """ClosedFormStep's gradients and LazyAdam's update of the touched rows in one C++ op (``mfscale.cpu_step``).
 
     Only where ``layout.rows_complete`` (no row gradients to exchange) and the optimizer is LazyAdam; the
-    global bias is summed over ranks and stepped by Adam as in FusedStep.
+    global bias is summed over ranks and stepped by Adam as in ClosedFormStep.
     """
+
+    kind = "cpp"
 
     @staticmethod
     def applies(env: DistEnv, layout: TableLayout) -> bool:
         """CPU tables, LazyAdam, and a layout whose row gradients are local to the rank."""
         return env.device.type == "cpu" and layout.rows_complete and isinstance(layout.opt, LazyAdam)
 
-    def __init__(self, env: DistEnv, layout: TableLayout, opt_dense: torch.optim.Optimizer,
-                 reg_weights: torch.Tensor):
+    def __init__(self, env: DistEnv, layout: TableLayout, optims: Optimizers, reg_weights: torch.Tensor):
         if not self.applies(env, layout):
-            raise ValueError("KernelStep needs CPU tables, LazyAdam and a layout whose row gradients are local")
+            raise ValueError("CppStep needs CPU tables, LazyAdam and a layout whose row gradients are local")
         if len({(tuple(g["betas"]), g["eps"]) for g in layout.opt.param_groups}) != 1:
-            raise ValueError("KernelStep: the op takes one betas/eps for both tables")
-        self.env, self.layout, self.opt_dense, self.reg_weights = env, layout, opt_dense, reg_weights
+            raise ValueError("CppStep: the op takes one betas/eps for both tables")
+        super().__init__(env, layout, optims, reg_weights)
         self.scratch: dict[str, torch.Tensor] = {}  # the op's per-table marks and work memory
 
-    def __call__(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int
-                 ) -> torch.Tensor:
+    def __call__(self, user, item, rating, global_rows, global_step):
         model, opt = self.layout.model, self.layout.opt
         users, items = (p.detach() for p in model.sparse_parameters())
         group, scale = opt.param_groups[0], 2.0 / global_rows
@@ -97,37 +158,58 @@ class KernelStep:
 
         opt.step(update=update)
         g_sum, sse = out
-        step_global_bias(self.env, model, self.opt_dense, torch.tensor(g_sum, dtype=model.global_bias.dtype))
+        self.step_global_bias(torch.tensor(g_sum, dtype=model.global_bias.dtype))
         return torch.tensor(sse, dtype=torch.float64)
 
 
-class AutogradStep:
+def _sum_allreduce_hook(state, bucket):  # no annotations: DDP checks them and ours are strings (PEP 563)
+    """DDP comm hook that sums instead of averaging: losses are already divided by the global batch."""
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])
+
+
+class AutogradStep(Step):
     """Autograd through the (DDP-wrapped) model; sparse table gradients go to the layout."""
 
-    def __init__(self, cfg: JobConfig, env: DistEnv, layout: TableLayout, opt_dense: torch.optim.Optimizer,
-                 reg_weights: torch.Tensor, forward_model: torch.nn.Module, scaler: torch.amp.GradScaler | None,
-                 autocast_dtype: torch.dtype | None):
-        self.cfg, self.env, self.layout, self.opt_dense = cfg, env, layout, opt_dense
-        self.reg_weights, self.forward_model = reg_weights, forward_model
-        self.scaler, self.autocast_dtype = scaler, autocast_dtype
-        self.global_step = 0  # set by the trainer before each call (keys the dropout masks)
+    kind = "autograd"
 
-    def _dropout_mask(self, n: int) -> torch.Tensor | None:
+    def __init__(self, cfg: JobConfig, env: DistEnv, layout: TableLayout, optims: Optimizers,
+                 reg_weights: torch.Tensor):
+        super().__init__(env, layout, optims, reg_weights)
+        self.cfg = cfg
+        self.forward_model: torch.nn.Module = layout.model
+        if env.distributed:  # the dense global bias through DDP, the tables through the layout
+            DDP._set_params_and_buffers_to_ignore_for_model(layout.model, list(SPARSE_TABLES))
+            self.forward_model = DDP(layout.model, device_ids=[env.device.index] if env.device.type == "cuda"
+                                     else None, broadcast_buffers=False)
+            self.forward_model.register_comm_hook(None, _sum_allreduce_hook)
+        precision = cfg.train.precision
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def state_dict(self):
+        return self.scaler.state_dict() if self.scaler else None
+
+    def load_state_dict(self, state):
+        if self.scaler and state:
+            self.scaler.load_state_dict(state)
+
+    def _dropout_mask(self, n: int, global_step: int) -> torch.Tensor | None:
         p = self.cfg.model.dropout
         if p == 0:
             return None
         # Keyed by (seed, rank, step), so a resumed run draws the same masks without saving RNG streams.
         g = torch.Generator(device=self.env.device)
-        g.manual_seed(hash((self.cfg.train.seed, self.env.rank, self.global_step)) & 0x7FFF_FFFF_FFFF)
+        g.manual_seed(hash((self.cfg.train.seed, self.env.rank, global_step)) & 0x7FFF_FFFF_FFFF)
         keep = torch.rand((n, self.cfg.model.dim + 1), generator=g, device=self.env.device) >= p  # bias col unused
         return keep.to(torch.float32) / (1 - p)
 
-    def __call__(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int
-                 ) -> torch.Tensor:
+    def __call__(self, user, item, rating, global_rows, global_step):
         dev = self.env.device
+        opt_dense = self.optims.dense
         with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            pred, (u, v) = self.forward_model(user, item, self._dropout_mask(user.numel()))
+            pred, (u, v) = self.forward_model(user, item, self._dropout_mask(user.numel(), global_step))
             err = pred.to(torch.promote_types(pred.dtype, torch.float32)) - rating  # fp32 at least, f64 kept
             sse = err.square().sum()
             # Per-column weights (reg_factor on factors, reg_bias on the bias column) in one matmul each.
@@ -142,11 +224,11 @@ class AutogradStep:
             loss.backward()
         self.layout.apply_sparse_grads(self.scaler)
         if self.scaler:
-            self.scaler.step(self.opt_dense)
+            self.scaler.step(opt_dense)
             self.scaler.update()
         else:
-            self.opt_dense.step()
-        self.opt_dense.zero_grad(set_to_none=True)
+            opt_dense.step()
+        opt_dense.zero_grad(set_to_none=True)
         return sse.detach()
 
     def _gravity(self, p: torch.Tensor, q: torch.Tensor, global_rows: int) -> torch.Tensor:
@@ -162,3 +244,86 @@ class AutogradStep:
             dist.all_reduce(c_all)
         scale = self.cfg.optim.gravity / float(global_rows) ** 2
         return scale * ((a_local * c_all).sum() + (a_all * c_local).sum())
+
+
+# ---- choosing the step ---------------------------------------------------------------------------------
+def check_precision(precision: str, device: torch.device) -> None:
+    if precision == "fp32":
+        return
+    if device.type != "cuda":
+        raise ConfigError(f"--precision {precision} needs a CUDA device (mixed precision is autocast on CUDA); "
+                          "use --precision fp32 on CPU")
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("--precision bf16 is not supported by this GPU; use fp16 or fp32")
+
+
+def _cpp_step_builds(mode: str, env: DistEnv, layout: TableLayout) -> bool:
+    """Whether the closed-form step runs as the C++ op (``--train.cpu_kernel``); builds it on first use."""
+    if mode == "off" or not CppStep.applies(env, layout):
+        if mode == "on":
+            raise ConfigError("--train.cpu_kernel on needs a CPU device and one process or --train.tables "
+                              "blocks (the replicated layout exchanges gradient rows between the ranks)")
+        return False
+    try:
+        cpu_step.load()
+    except cpu_step.KernelUnavailable as exc:
+        if mode == "on":
+            raise ConfigError(f"--train.cpu_kernel on: the C++ step could not be built ({exc}); use "
+                              "--train.cpu_kernel off") from exc
+        log.warning("the C++ training step could not be built (%s); running the fused step as torch ops", exc)
+        return False
+    return True
+
+
+def _compiles(cfg: JobConfig, device: torch.device, required: bool) -> bool:
+    """Compile the closed-form kernels now, on a throwaway model, so a missing compiler shows up before
+    training; True when they compiled. With ``--train.compile auto`` a failure falls back to the same kernels
+    run eagerly (identical math)."""
+    # Sizes all different (9 ratings; 3 of 5 user rows, 4 of 7 movie rows touched), so that the kernels are
+    # compiled for symbolic sizes and training reuses them: equal sizes here would be assumed equal later.
+    scratch = BiasedMF(5, 7, cfg.model.dim).to(device)
+    opt = LazyAdam(scratch.sparse_parameters(), lr=1e-3, betas=(cfg.optim.beta1, cfg.optim.beta2), compile=True)
+    try:
+        user = torch.tensor([0, 1, 2, 1, 0, 2, 1, 0, 2], device=device)
+        item = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0], device=device)
+        w = torch.ones(cfg.model.dim + 1, device=device)
+        for dense_min in (None, (0, 0)):  # both kernel forms (rows, whole table)
+            gu, gi, _, _ = scratch.closed_form_grads(user, item, torch.ones(9, device=device), 9,
+                                                      errors=compiled_batch_errors(), dense_min=dense_min)
+            opt.step(rows=[(g.ids, g.rows, g.counts.to(w.dtype), w) for g in (gu, gi)])
+    except Exception as exc:  # compile errors come from many layers (dynamo, inductor, the C++ compiler)
+        if required:
+            raise ConfigError(f"--train.compile on: torch.compile failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); use --train.compile off") from exc
+        log.warning("torch.compile failed (%s); running the fused step without it", type(exc).__name__)
+        return False
+    return True
+
+
+def build(cfg: JobConfig, env: DistEnv, layout: TableLayout, optims: Optimizers) -> Step:
+    """The step for this job: closed form where it applies (the C++ op on a CPU that can build it, else torch
+    ops, compiled from ``COMPILE_MIN_ROWS`` training ratings), else autograd."""
+    t = cfg.train
+    check_precision(t.precision, env.device)
+    # Embedding rows stay in the tables' dtype under autocast (pytorch#98814), so these match them.
+    reg_weights = torch.full((cfg.model.dim + 1,), cfg.optim.reg_factor, device=env.device,
+                             dtype=layout.model.users.weight.dtype)
+    reg_weights[-1] = cfg.optim.reg_bias
+    closed_form = t.step == "fused" or (t.step == "auto" and not cfg.fused_blockers())
+    if not closed_form:
+        return _logged(AutogradStep(cfg, env, layout, optims, reg_weights))
+    if _cpp_step_builds(t.cpu_kernel, env, layout):
+        return _logged(CppStep(env, layout, optims, reg_weights))
+    compiled = t.compile == "on" or (t.compile == "auto" and layout.data.split_rows("train") >= COMPILE_MIN_ROWS)
+    compiled = compiled and _compiles(cfg, env.device, required=t.compile == "on")
+    return _logged(ClosedFormStep(env, layout, optims, reg_weights, compiled))
+
+
+_DESCRIPTION = {"cpp": "fused, one C++ op (mfscale/csrc/fused_step.cpp)", "compiled": "fused, kernels compiled",
+                "eager": "fused, torch ops", "autograd": "autograd"}
+
+
+def _logged(step: Step) -> Step:
+    log.info("training step: %s", _DESCRIPTION[step.kind])
+    return step
+

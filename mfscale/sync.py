@@ -3,7 +3,7 @@
 NCCL cannot all-reduce sparse tensors (pytorch/pytorch#22400), so the tables stay out of DDP's reducer
 and their gradients are combined here with all_gather, which runs the same on gloo and NCCL: every rank
 dedupes its batch's rows, the ranks exchange row counts, then padded row ids and rows, and each rank
-sums duplicates. Every rank ends with the same gradient: the sum over ranks (the loss is already
+sums duplicates (``optim.sum_rows``). Every rank ends with the same gradient: the sum over ranks (the loss is already
 normalized by the global batch size, so a sum equals one process training on the union of the batches).
 """
 
@@ -12,24 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-
-def sum_rows(idx: torch.Tensor, vals: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique row ids and the summed rows for each."""
-    if vals.is_cuda:
-        # index_add_ on CUDA adds with atomics in no fixed order; coalesce sums in a fixed order, so
-        # every rank computes bit-identical rows and the replicas never drift apart.
-        g = torch.sparse_coo_tensor(idx.unsqueeze(0), vals, (n_rows, vals.shape[1])).coalesce()
-        return g._indices()[0], g._values()
-    # sorted=False is ~100x faster than a sorted unique on CPU (design notes); CPU index_add_ is sequential.
-    uniq, inv = torch.unique(idx, sorted=False, return_inverse=True)
-    summed = torch.zeros((uniq.numel(), vals.shape[1]), dtype=vals.dtype, device=vals.device)
-    summed.index_add_(0, inv, vals)
-    return uniq, summed
-
-
-def dedupe_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Unique row ids and summed rows of an (uncoalesced) sparse row gradient."""
-    return sum_rows(grad._indices()[0], grad._values(), grad.shape[0])
+from .optim import sum_rows
 
 
 def _all_gather_padded(t: torch.Tensor, counts: list[int], world: int) -> list[torch.Tensor]:
@@ -77,7 +60,7 @@ def sync_sparse_rows(params: list[torch.nn.Parameter],
             local.append((torch.empty(0, dtype=torch.long, device=p.device),
                           torch.empty((0, p.shape[1]), dtype=p.dtype, device=p.device)))
         else:
-            local.append(dedupe_rows(p.grad))
+            local.append(sum_rows(p.grad._indices()[0], p.grad._values(), p.shape[0]))
     return all_sum_rows(local, [p.shape[0] for p in params], group)
 
 
@@ -85,7 +68,7 @@ def sync_sparse_grads(params: list[torch.nn.Parameter], group: dist.ProcessGroup
     """Replace each parameter's sparse gradient by the sum of all ranks' gradients (in place).
 
     The new gradients have unique rows (not necessarily sorted, so not flagged coalesced); an optimizer
-    that takes unique rows directly (optim.LazyAdam.step_rows) can use sync_sparse_rows and skip a dedupe.
+    that takes unique rows directly (optim.LazyAdam.step(rows=...)) can use sync_sparse_rows and skip a dedupe.
     """
     for p, (uniq, summed) in zip(params, sync_sparse_rows(params, group), strict=True):
         p.grad = torch.sparse_coo_tensor(uniq.unsqueeze(0), summed, p.shape)

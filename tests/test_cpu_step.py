@@ -16,7 +16,7 @@ from mfscale.distributed import DistEnv
 from mfscale.errors import ConfigError
 from mfscale.model import BiasedMF
 from mfscale.optim import LazyAdam
-from mfscale.step import FusedStep, KernelStep
+from mfscale.step import ClosedFormStep, CppStep
 from mfscale.train import Trainer
 
 from .test_optim import float64, one_epoch  # noqa: F401 (float64: a fixture)
@@ -170,17 +170,17 @@ def test_trainer_uses_the_kernel_where_rows_are_local_and_matches_torch_ops(smal
     """One epoch of the trainer (cosine LR every step, L2, the global bias) with the C++ op and with torch ops."""
     tr_k, got = one_epoch(small_data, tmp_path / "k", train__cpu_kernel="on")
     tr_t, ref = one_epoch(small_data, tmp_path / "t", train__cpu_kernel="off")
-    assert isinstance(tr_k.step, KernelStep) and isinstance(tr_t.step, FusedStep)
+    assert isinstance(tr_k.step_fn, CppStep) and isinstance(tr_t.step_fn, ClosedFormStep)
     for k, v in ref.items():
         torch.testing.assert_close(got[k], v, rtol=1e-9, atol=1e-12)
-    for p_k, p_t in zip(tr_k.opt_sparse.param_groups[0]["params"], tr_t.opt_sparse.param_groups[0]["params"],
-                        strict=True):
-        assert tr_k.opt_sparse.state[p_k]["step"] == tr_t.opt_sparse.state[p_t]["step"] == tr_k.steps_per_epoch
-        torch.testing.assert_close(tr_k.opt_sparse.state[p_k]["exp_avg_sq"], tr_t.opt_sparse.state[p_t]["exp_avg_sq"],
+    opt_k, opt_t = tr_k.optims.tables, tr_t.optims.tables
+    for p_k, p_t in zip(opt_k.param_groups[0]["params"], opt_t.param_groups[0]["params"], strict=True):
+        assert opt_k.state[p_k]["step"] == opt_t.state[p_t]["step"] == tr_k.layout.steps_per_epoch
+        torch.testing.assert_close(opt_k.state[p_k]["exp_avg_sq"], opt_t.state[p_t]["exp_avg_sq"],
                                    rtol=1e-9, atol=1e-15)
     # The LR schedule saw every step (LambdaLR counts optimizer steps): both end at the same learning rate.
-    assert tr_k.opt_sparse.param_groups[0]["lr"] == tr_t.opt_sparse.param_groups[0]["lr"]
-    assert math.isclose(tr_k.opt_sparse.param_groups[0]["lr"], tr_t.opt_sparse.param_groups[0]["lr"])
+    assert tr_k.optims.tables.param_groups[0]["lr"] == tr_t.optims.tables.param_groups[0]["lr"]
+    assert math.isclose(tr_k.optims.tables.param_groups[0]["lr"], tr_t.optims.tables.param_groups[0]["lr"])
 
 
 def test_trainer_falls_back_to_torch_ops_when_the_kernel_cannot_be_built(small_data, tmp_path, monkeypatch,
@@ -191,7 +191,7 @@ def test_trainer_falls_back_to_torch_ops_when_the_kernel_cannot_be_built(small_d
     monkeypatch.setattr(cpu_step, "load", broken)
     with caplog.at_level(logging.WARNING):
         tr = Trainer(job(small_data, tmp_path / "a"), DistEnv(0, 1, 0, CPU))
-    assert isinstance(tr.step, FusedStep) and "no C++ compiler" in caplog.text
+    assert isinstance(tr.step_fn, ClosedFormStep) and "no C++ compiler" in caplog.text
     with pytest.raises(ConfigError, match="--train.cpu_kernel on: .*no C\\+\\+ compiler"):
         Trainer(job(small_data, tmp_path / "b", train__cpu_kernel="on"), DistEnv(0, 1, 0, CPU))
 

@@ -88,12 +88,12 @@ def test_kernels_compiled_at_warm_up_serve_the_whole_epoch_on_cuda(small_data, t
     cfg = job(small_data, tmp_path, train__compile="on", train__batch_size=500, data__resident="on",
               train__device="cuda")
     tr = Trainer(cfg, DistEnv(0, 1, 0, CUDA))
-    assert tr.resident and tr.opt_sparse.compile and tr.errors is not batch_errors
-    tr.step.dense_min = (150, 100)  # users: dense when 150 of 300 rows are touched; movies: 100 of 200
+    assert tr.layout.resident and tr.optims.tables.compile and tr.step_fn.errors is not batch_errors
+    tr.step_fn.dense_min = (150, 100)  # users: dense when 150 of 300 rows are touched; movies: 100 of 200
     forms = set()
-    tr.stream.set_epoch(0)
+    tr.layout.stream.set_epoch(0)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for batch in tr.stream:
+        for batch in tr.layout.stream:
             assert batch["user"].is_cuda
             forms.add((batch["user"].unique().numel() >= 150, batch["item"].unique().numel() >= 100))
             tr.train_step(batch)
@@ -108,7 +108,7 @@ def test_fused_step_on_cuda_equals_cpu_float64_reference(small_data, tmp_path, c
     cfg = job(small_data, tmp_path, train__batch_size=BATCH, optim__lr=LR, train__compile=compile_,
               train__device="cuda")
     gpu = Trainer(cfg, DistEnv(0, 1, 0, CUDA))
-    assert gpu.fused and (gpu.errors is not batch_errors) == (compile_ == "on")
+    assert gpu.step_fn.kind != "autograd" and (gpu.step_fn.errors is not batch_errors) == (compile_ == "on")
     initial = {k: v.detach().cpu().clone() for k, v in gpu.model.state_dict().items()}
     ref = float64_reference(cfg, initial)
     for b in first_batches(small_data, BATCH, STEPS):
@@ -142,7 +142,7 @@ def test_mixed_precision_trains(small_data, tmp_path, precision):
     cfg = job(small_data, tmp_path / "run", train__precision=precision, train__device="cuda", train__epochs=8,
               optim__lr=LR, train__ranking_k=0)
     untrained = Trainer(cfg, DistEnv(0, 1, 0, CUDA))
-    assert not untrained.fused  # mixed precision is a fused-step blocker
+    assert untrained.step_fn.kind == "autograd"  # mixed precision is a fused-step blocker
     initial = evaluate(untrained.layout, "test", batch_size=4096)["rmse"]
     del untrained
     metrics = run(cfg)
@@ -195,7 +195,8 @@ def world_of_one(backend: str, device: torch.device, cfg: config.JobConfig, batc
             tr = Trainer(config.replace(cfg, train__device=device.type), ForcedWorld(0, 1, 0, device))
             for b in batches:
                 tr.train_step(b)
-            assert not tr._stop_requested()  # global_step 0: a step on which ranks compare stop flags
+            # global_step 0: a step on which ranks compare stop flags
+            assert not tr.stop.requested(tr.env, tr.progress.global_step)
             val = evaluate(tr.layout, "val", batch_size=1000)
             assert val is not None and math.isfinite(val["rmse"])
             sync(device)

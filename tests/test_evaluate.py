@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mfscale import distributed
+from mfscale import config, distributed
 from mfscale.distributed import DistEnv
 from mfscale.evaluate import evaluate, ranking_metrics
 from mfscale.layout import Blocks, Replicated, TableLayout
@@ -25,14 +25,14 @@ CPU = torch.device("cpu")
 def layout_of(model: BiasedMF, data: Dataset, env: DistEnv, tables: str = "replicated") -> TableLayout:
     """A layout of the given kind holding ``model``'s weights (what evaluation reads): replicated, or this
     rank's blocks of it."""
-    kw = dict(dim=model.dim, init_std=0.0, seed=0, mean=0.0, optimizer="lazy_adam", lr=0.01, betas=(0.9, 0.98),
-              compile=False, batch_size=1024)
+    cfg = config.replace(config.JobConfig(), data__path=str(data.root), data__resident="off", model__dim=model.dim,
+                         model__init_std=0.0)
     if tables == "replicated":
-        lay: TableLayout = Replicated(env, data, resident="off", workers=0, **kw)
+        lay: TableLayout = Replicated(cfg, env, data, batch_size=1024)
         lay.model.load_state_dict(model.state_dict())
         return lay
-    lay = Blocks(env, data, resident="off", **kw)
-    users, items = lay._held_ids(lay.position())
+    lay = Blocks(cfg, env, data, batch_size=1024)
+    users, items = lay.held_ids(lay.position())
     with torch.no_grad():
         lay.model.users.weight.copy_(model.users.weight[torch.from_numpy(users)])
         lay.model.items.weight[: len(items)] = model.items.weight[torch.from_numpy(items)]

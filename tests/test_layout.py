@@ -31,11 +31,11 @@ def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
     part = tr.layout.held_rows()
     out: dict[str, np.ndarray] = {}
     for name in ("users", "items"):
-        out[f"{name}.ids"] = part[name]["ids"].numpy()
+        out[f"{name}.ids"] = part[name].ids.numpy()
         for key in ("weight", "exp_avg", "exp_avg_sq"):
-            out[f"{name}.{key}"] = part[name][key].numpy()
+            out[f"{name}.{key}"] = getattr(part[name], key).numpy()
     out["global_bias"] = tr.model.global_bias.detach().numpy().copy()
-    dense = tr.opt_dense.state[tr.model.global_bias]
+    dense = tr.optims.dense.state[tr.model.global_bias]
     out["global_bias.exp_avg"] = dense["exp_avg"].numpy().copy()
     out["global_bias.exp_avg_sq"] = dense["exp_avg_sq"].numpy().copy()
     return out
@@ -55,7 +55,7 @@ def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) 
                 batches.append({"user": user, "item": item, "rating": batch["rating"].numpy().copy(),
                                 "global_rows": batch["global_rows"]})
                 tr.train_step(batch)
-            torch.save({"batches": batches, "tensors": trainer_tensors(tr), "steps": tr.steps_per_epoch,
+            torch.save({"batches": batches, "tensors": trainer_tensors(tr), "steps": tr.layout.steps_per_epoch,
                         "bytes_sent": tr.layout.bytes_sent}, Path(out) / f"cfg{k}-rank{rank}.pt")
     finally:
         distributed.destroy()
@@ -163,8 +163,8 @@ def test_rows_are_dealt_by_count_in_snake_order():
 def test_more_ranks_than_rows_is_one_clear_error(tmp_path):
     data = make_dataset(tmp_path / "d", n_users=3, n_items=40, per_user=10)
     with pytest.raises(ConfigError, match="4 ranks but the data has only 3 users"):
-        Blocks(DistEnv(0, 4, 0, CPU), Dataset(data), dim=4, init_std=0.01, seed=0, mean=3.5,
-               optimizer="lazy_adam", lr=0.01, betas=(0.9, 0.98), compile=False, batch_size=16, resident="off")
+        Blocks(job(data, tmp_path / "r", model__dim=4, data__resident="off"), DistEnv(0, 4, 0, CPU), Dataset(data),
+               batch_size=16)
 
 
 def test_blocks_on_one_rank_trains_every_rating_once_per_epoch(small_data, tmp_path):
@@ -174,7 +174,7 @@ def test_blocks_on_one_rank_trains_every_rating_once_per_epoch(small_data, tmp_p
     got = np.sort(np.concatenate([u * data.n_items + i for u, i in pairs]))
     train = data.read_split("train")
     assert np.array_equal(got, np.sort(train["user"].astype(np.int64) * data.n_items + train["item"]))
-    assert len(pairs) == tr.steps_per_epoch == -(-len(train["user"]) // 500)
+    assert len(pairs) == tr.layout.steps_per_epoch == -(-len(train["user"]) // 500)
 
 
 def _torchrun(args: list[str], nproc: int, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -203,7 +203,7 @@ def test_blocks_checkpoint_resumes_at_other_world_sizes_and_tools_read_it(small_
     for f in (two / "checkpoints").iterdir():
         os.link(f, one / "checkpoints" / f.name)
     tr = Trainer(job(small_data, one, train__batch_size=400, train__epochs=3), DistEnv(0, 1, 0, CPU))
-    assert tr.resume() and tr.epoch == 2 and tr.layout.name == "replicated"
+    assert tr.resume() and tr.progress.epoch == 2 and tr.layout.name == "replicated"
     loaded = trainer_tensors(tr)
     for name in ("users", "items"):
         for key in ("weight", "exp_avg", "exp_avg_sq"):
@@ -251,7 +251,7 @@ def _crashing_rank(rank: int, port: int, argv: list[str], crash_at: int) -> None
     original = Trainer.train_step
 
     def crashing(self, batch):
-        if self.global_step == crash_at:
+        if self.progress.global_step == crash_at:
             raise RuntimeError("simulated crash")
         return original(self, batch)
 

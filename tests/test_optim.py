@@ -12,8 +12,7 @@ import torch
 from mfscale import config
 from mfscale.distributed import DistEnv
 from mfscale.model import BiasedMF
-from mfscale.optim import LazyAdam
-from mfscale.sync import sum_rows
+from mfscale.optim import LazyAdam, sum_rows
 from mfscale.train import Trainer
 
 from .test_train import assert_two_ranks_equal_union, job
@@ -96,8 +95,8 @@ def test_bit_identical_to_sparse_adam_when_rows_are_unique():
 
 
 def test_pre_deduped_rows_equal_reading_grad():
-    a, b, c = tables(), tables(), tables()
-    opts = [LazyAdam(a, lr=0.01), LazyAdam(b, lr=0.01), LazyAdam(c, lr=0.01)]
+    a, b = tables(), tables()
+    opts = [LazyAdam(a, lr=0.01), LazyAdam(b, lr=0.01)]
     for s in range(6):
         grads = [g for g in sparse_grads(s) if g is not None and g._nnz()]
         deduped = [sum_rows(g._indices()[0], g._values(), g.shape[0]) for g in grads]
@@ -106,10 +105,8 @@ def test_pre_deduped_rows_equal_reading_grad():
         opts[0].step()
         opts[0].zero_grad()
         opts[1].step(rows=deduped + [None] * (2 - len(deduped)))
-        for p, (rows, vals) in zip(c, deduped, strict=False):
-            opts[2].step_rows(p, rows, vals)
-    for x, y, z in zip(a, b, c, strict=True):
-        assert torch.equal(x, y) and torch.equal(x, z)
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
 
 
 def test_state_dict_round_trip_then_continue_equals_uninterrupted():
@@ -154,8 +151,8 @@ def test_grad_scaler_unscales_sparse_grads_before_lazy_adam():
 def one_epoch(data, run_dir, **overrides) -> tuple[Trainer, dict[str, torch.Tensor]]:
     cfg = job(data, run_dir, train__batch_size=1024, optim__lr=0.02, **overrides)
     tr = Trainer(cfg, DistEnv(0, 1, 0, CPU))
-    tr.stream.set_epoch(0)
-    for batch in tr.stream:
+    tr.layout.stream.set_epoch(0)
+    for batch in tr.layout.stream:
         tr.train_step(batch)  # cosine schedule over the run: the LR changes every step
     return tr, tr.model.state_dict()
 
@@ -165,13 +162,14 @@ def test_fused_step_and_lazy_adam_equal_sparse_adam_after_one_epoch(small_data, 
     --optim.beta1/beta2 reaching every path (neither torch's defaults nor mfscale's)."""
     betas = {"optim__beta1": 0.8, "optim__beta2": 0.95}
     ref_tr, ref = one_epoch(small_data, tmp_path / "ref", optim__optimizer="sparse_adam", **betas)
-    assert isinstance(ref_tr.opt_sparse, torch.optim.SparseAdam) and not ref_tr.fused
-    assert ref_tr.opt_sparse.param_groups[0]["betas"] == (0.8, 0.95)
+    assert isinstance(ref_tr.optims.tables, torch.optim.SparseAdam) and ref_tr.step_fn.kind == "autograd"
+    assert ref_tr.optims.tables.param_groups[0]["betas"] == (0.8, 0.95)
     for step, kernel in (("autograd", "off"), ("fused", "off"), ("fused", "on")):  # on: the C++ op
         tr, got = one_epoch(small_data, tmp_path / f"{step}-{kernel}", optim__optimizer="lazy_adam", train__step=step,
                             train__cpu_kernel=kernel, **betas)
-        assert isinstance(tr.opt_sparse, LazyAdam) and tr.fused == (step == "fused") and tr.kernel == (kernel == "on")
-        assert all(g["betas"] == (0.8, 0.95) for g in tr.opt_sparse.param_groups)
+        assert isinstance(tr.optims.tables, LazyAdam) and (tr.step_fn.kind != "autograd") == (step == "fused") \
+            and (tr.step_fn.kind == "cpp") == (kernel == "on")
+        assert all(g["betas"] == (0.8, 0.95) for g in tr.optims.tables.param_groups)
         for k, v in ref.items():
             # The global bias's gradient sums to nearly zero; Adam divides by its RMS, which magnifies
             # rounding in the sum, hence rtol 1e-8 rather than 1e-10.
@@ -179,9 +177,9 @@ def test_fused_step_and_lazy_adam_equal_sparse_adam_after_one_epoch(small_data, 
 
 
 def test_fused_is_the_default_and_falls_back_where_it_does_not_apply(small_data, tmp_path):
-    assert Trainer(job(small_data, tmp_path / "a"), DistEnv(0, 1, 0, CPU)).fused
+    assert Trainer(job(small_data, tmp_path / "a"), DistEnv(0, 1, 0, CPU)).step_fn.kind != "autograd"
     for overrides in ({"model__dropout": 0.1}, {"optim__gravity": 0.01}, {"optim__optimizer": "sparse_adam"}):
-        assert not Trainer(job(small_data, tmp_path / "b", **overrides), DistEnv(0, 1, 0, CPU)).fused
+        assert Trainer(job(small_data, tmp_path / "b", **overrides), DistEnv(0, 1, 0, CPU)).step_fn.kind == "autograd"
         with pytest.raises(Exception, match="--train.step fused cannot be used with"):
             job(small_data, tmp_path / "c", train__step="fused", **overrides).validate()
 
@@ -189,7 +187,7 @@ def test_fused_is_the_default_and_falls_back_where_it_does_not_apply(small_data,
 def test_two_gloo_ranks_with_lazy_adam_equal_one_process(odd_data, tmp_path):
     cfg = job(odd_data, tmp_path / "run", optim__optimizer="lazy_adam", optim__lr=0.02, train__tables="replicated")
     single = assert_two_ranks_equal_union(odd_data, cfg, 90, tmp_path)
-    assert isinstance(single.opt_sparse, LazyAdam) and single.fused
+    assert isinstance(single.optims.tables, LazyAdam) and single.step_fn.kind != "autograd"
 
 
 def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):

@@ -11,12 +11,14 @@ import time
 import pytest
 import torch
 
-from mfscale import checkpoint, config, model, optim, stream, train
+from mfscale import checkpoint, config, model, optim, stream
+from mfscale import step as step_module
 from mfscale.distributed import DistEnv
+from mfscale.layout import auto_batch_size
 from mfscale.monitor import read_scalars
 from mfscale.runs import load_run
 from mfscale.shards import Dataset
-from mfscale.train import Trainer, auto_batch_size, main, run
+from mfscale.train import Trainer, main, run
 
 from .conftest import as_rank, free_port, write_lowrank_csv
 from .test_train import fail, job
@@ -26,7 +28,7 @@ CPU = torch.device("cpu")
 
 def trainer_is_resident(tr: Trainer) -> bool:
     """Whether the trainer holds the training split in memory (an internal: adapt here if it moves)."""
-    return tr.resident
+    return tr.layout.resident
 
 
 def test_mid_epoch_resume_with_another_batch_or_world_size_is_refused(odd_data, tmp_path, monkeypatch, capsys):
@@ -36,7 +38,7 @@ def test_mid_epoch_resume_with_another_batch_or_world_size_is_refused(odd_data, 
     original = Trainer.train_step
 
     def crashing(self, batch):
-        if self.global_step == 7:  # mid-epoch 0 (10 steps), after the step-5 checkpoint
+        if self.progress.global_step == 7:  # mid-epoch 0 (10 steps), after the step-5 checkpoint
             raise RuntimeError("simulated crash")
         return original(self, batch)
 
@@ -65,7 +67,7 @@ def _stalling_rank(rank: int, port: int, cfg_dict: dict, how: str) -> None:
     original = Trainer.train_step
 
     def faulty(self, batch):
-        if self.env.rank == 1 and self.global_step == 3:
+        if self.env.rank == 1 and self.progress.global_step == 3:
             if how == "dead":
                 os._exit(9)  # like a kill -9: no exception, no goodbye to the other rank
             time.sleep(3600)  # stuck
@@ -107,7 +109,7 @@ def test_compile_auto_falls_back_to_eager_when_compiling_fails(small_data, tmp_p
     monkeypatch.setattr(torch, "compile", broken_compile)
     monkeypatch.setattr(model, "_COMPILED", {})
     monkeypatch.setattr(optim, "_COMPILED", {})
-    monkeypatch.setattr(train, "COMPILE_MIN_ROWS", 1)  # auto compiles from this size: here, this small data
+    monkeypatch.setattr(step_module, "COMPILE_MIN_ROWS", 1)  # auto compiles from this size: here, this small data
     # the torch-ops step (the C++ op, where it applies, replaces the compiled kernels)
     changes = {"train__epochs": 2, "train__batch_size": 1024, "train__ranking_k": 0, "train__cpu_kernel": "off"}
     auto = run(job(small_data, tmp_path / "auto", train__compile="auto", **changes))

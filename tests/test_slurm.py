@@ -197,7 +197,7 @@ def test_signal_stop_then_resume_equals_uninterrupted(small_data, tmp_path, monk
     original = Trainer.train_step
 
     def signalled(self, batch):
-        if self.global_step == stop_at - 1:
+        if self.progress.global_step == stop_at - 1:
             os.kill(os.getpid(), signal.SIGUSR1)
         return original(self, batch)
 
@@ -216,7 +216,7 @@ def test_sigterm_also_stops_cleanly(small_data, tmp_path, monkeypatch):
     original = Trainer.train_step
 
     def signalled(self, batch):
-        if self.global_step == 3:
+        if self.progress.global_step == 3:
             os.kill(os.getpid(), signal.SIGTERM)
         return original(self, batch)
 
@@ -231,7 +231,7 @@ def _signalled_rank(rank: int, port: int, cfg_dict: dict, out: str) -> None:
     original = Trainer.train_step
 
     def signalled(self, batch):
-        if self.env.rank == 1 and self.global_step == 5:  # only rank 1 is told to stop
+        if self.env.rank == 1 and self.progress.global_step == 5:  # only rank 1 is told to stop
             os.kill(os.getpid(), signal.SIGUSR1)
         return original(self, batch)
 

@@ -45,7 +45,7 @@ def trainer_tensors(tr: Trainer) -> dict[str, torch.Tensor]:
     """
     out = dict(tr.model.state_dict())
     names = {id(p): n for n, p in tr.model.named_parameters()}
-    for opt in (tr.opt_sparse, tr.opt_dense):
+    for opt in (tr.optims.tables, tr.optims.dense):
         for p, state in opt.state.items():
             for key in ("exp_avg", "exp_avg_sq"):
                 out[f"{names[id(p)]}.{key}"] = state[key]
@@ -113,7 +113,7 @@ def assert_two_ranks_equal_union(data: Path, cfg: config.JobConfig, batch: int, 
 def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(odd_data, tmp_path):
     cfg = job(odd_data, tmp_path / "run", optim__gravity=0.5, optim__lr=0.02)  # gravity: the autograd step
     single = assert_two_ranks_equal_union(odd_data, cfg, 90, tmp_path)
-    assert not single.fused
+    assert single.step_fn.kind == "autograd"
 
 
 def latest_model(run_dir: Path) -> dict:
@@ -175,7 +175,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(small_data, tmp_path, mon
     original = Trainer.train_step
 
     def crashing(self, batch):
-        if self.global_step == crash_at:
+        if self.progress.global_step == crash_at:
             raise RuntimeError("simulated crash")
         return original(self, batch)
 
@@ -388,7 +388,7 @@ def test_resident_data_trains_exactly_like_streamed(small_data, tmp_path):
         cfg = job(small_data, tmp_path / mode, train__epochs=2, train__batch_size=2048, data__resident=mode,
                   train__ranking_k=0)
         tr = Trainer(cfg, DistEnv(0, 1, 0, CPU))
-        assert tr.resident == (mode == "on")
+        assert tr.layout.resident == (mode == "on")
         tr.fit()
         states[mode] = tr.model.state_dict()
     for k, v in states["on"].items():
@@ -409,12 +409,12 @@ def test_fused_step_reuses_its_gradient_buffers(small_data, tmp_path):
     for kernel, keys in (("off", {"users", "items"}), ("on", {"mark_users", "mark_items", "work"})):
         tr = Trainer(job(small_data, tmp_path / kernel, train__batch_size=4096, train__cpu_kernel=kernel),
                      DistEnv(0, 1, 0, CPU))
-        assert tr.fused
-        tr.stream.set_epoch(0, 0)
+        assert tr.step_fn.kind != "autograd"
+        tr.layout.stream.set_epoch(0, 0)
         ptrs = []
-        for batch in list(iter(tr.stream))[:3]:
+        for batch in list(iter(tr.layout.stream))[:3]:
             tr.train_step(batch)
-            ptrs.append({k: v.data_ptr() for k, v in tr.step.scratch.items()})
+            ptrs.append({k: v.data_ptr() for k, v in tr.step_fn.scratch.items()})
         assert ptrs[0] == ptrs[1] == ptrs[2] and set(ptrs[0]) == keys
     # Same gradients with and without scratch buffers.
     model = BiasedMF(50, 40, 8)
@@ -438,12 +438,12 @@ def test_resumed_run_keeps_the_betas_it_started_with(small_data, tmp_path, caplo
     mf_log = logging.getLogger("mfscale")  # run() above reset the root handlers (basicConfig(force=True))
     mf_log.addHandler(caplog.handler)
     try:
-        assert tr.resume() and tr.epoch == 1
+        assert tr.resume() and tr.progress.epoch == 1
     finally:
         mf_log.removeHandler(caplog.handler)
     assert "keeps the Adam betas it started with, (0.9, 0.999)" in caplog.text
     assert "continues with optim.reg_factor 0.03 (it started with 0.04)" in caplog.text
-    assert all(g["betas"] == (0.9, 0.999) for g in tr.opt_sparse.param_groups)
+    assert all(g["betas"] == (0.9, 0.999) for g in tr.optims.tables.param_groups)
     assert (tr.cfg.optim.beta1, tr.cfg.optim.beta2) == (0.9, 0.999)
     run(job(small_data, tmp_path / "r", train__epochs=2, train__ranking_k=0))
     assert config.load_toml(tmp_path / "r" / "config.toml")["optim"]["beta2"] == 0.999

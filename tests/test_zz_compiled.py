@@ -18,7 +18,7 @@ def test_compiled_fused_step_equals_eager(small_data, tmp_path):
     """torch.compile'd kernels (fused arithmetic, other rounding) track the eager fused step closely."""
     _, eager = one_epoch(small_data, tmp_path / "eager", train__compile="off", train__cpu_kernel="off")
     tr, compiled = one_epoch(small_data, tmp_path / "compiled", train__compile="on", train__cpu_kernel="off")
-    assert tr.opt_sparse.compile and tr.errors is not batch_errors
+    assert tr.optims.tables.compile and tr.step_fn.errors is not batch_errors
     for k, v in eager.items():
         torch.testing.assert_close(compiled[k], v, rtol=1e-4, atol=1e-6)
 
@@ -38,9 +38,9 @@ def test_kernels_compiled_at_warm_up_serve_the_whole_epoch(small_data, tmp_path)
     tr = Trainer(config.replace(cfg), DistEnv(0, 1, 0, torch.device("cpu")))
     tr.dense_min = (150, 100)  # users: dense when 150 of 300 rows are touched; movies: 100 of 200
     forms = set()
-    tr.stream.set_epoch(0, 0)
+    tr.layout.stream.set_epoch(0, 0)
     with torch._dynamo.config.patch(error_on_recompile=True):
-        for batch in tr.stream:
+        for batch in tr.layout.stream:
             forms.add((batch["user"].unique().numel() >= 150, batch["item"].unique().numel() >= 100))
             tr.train_step(batch)
     assert len(forms) >= 2

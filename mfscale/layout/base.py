@@ -1,0 +1,219 @@
+"""The interface every table layout implements (:class:`TableLayout`), and what all layouts share."""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import optim
+from ..checkpoint import TABLES, Part, TableRows, check_complete
+from ..config import JobConfig
+from ..distributed import DistEnv
+from ..model import BiasedMF
+from ..shards import Dataset
+from ..stream import resident_fits
+from .rows import init_rows, train_counts
+
+log = logging.getLogger("mfscale")
+
+# A masked sweep over a whole table costs the same whatever the share of rows a step touches; the
+# gather/scatter form costs per touched row. On the 2-core CPU (ml-10m synthetic, d=64) the sweep lost with
+# 17% of the user rows touched and won clearly with 34% (steps 7.6 vs 10.0 ms); measured in
+# benchmarks/RESULTS.md. Only where a rank's update is local (no rows exchanged).
+DENSE_SWEEP_MIN_FRACTION = 0.3
+
+
+@dataclass
+class EvalShare:
+    """The ratings of one split that this rank evaluates, with user ids local to ``TableLayout.eval_tables``."""
+
+    user: np.ndarray
+    item: np.ndarray  # global movie ids
+    rating: np.ndarray
+
+
+def train_mean(data: Dataset) -> float:
+    """The training split's mean rating (the global bias's start; older manifests: the mean of all ratings)."""
+    rating = data.manifest["rating"]
+    return float(rating.get("train_mean", rating["mean"]))
+
+
+def fits_on_device(n_rows: int, mode: str, env: DistEnv) -> bool:
+    """``--data.resident``: hold ``n_rows`` training ratings on the training device? (``auto``: if they fit)."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return mode == "on" or (mode == "auto" and resident_fits(n_rows, env.device, local_world))
+
+
+class TableLayout(abc.ABC):
+    """Where the rows of the user and movie tables live, how their gradients reach them, and how they are saved.
+
+    Four roles, each a group of methods below: the training batches of this rank (with local row ids), the
+    update of the tables from a step's gradients (with any exchange between ranks), the share of a split this
+    rank evaluates, and this rank's part of a checkpoint. A layout builds ``model`` (this rank's rows, in local
+    ids) and ``opt`` (the tables' optimizer, ``optim.build_tables``). ``bytes_sent`` counts what this rank sent
+    to others for the tables (gradient rows or blocks), for the benchmarks.
+    """
+
+    name = "?"
+    model: BiasedMF
+    opt: torch.optim.Optimizer
+    steps_per_epoch: int
+    resident: bool  # whether this rank's training ratings are held on the training device
+    # Per table, from how many touched rows a fused step sweeps the whole local table; None = never.
+    dense_min: tuple[int, int] | None = None
+    # Whether this rank's batch gradient of every row it touches is the whole gradient (no exchange between
+    # ranks), so gradients and the update can be fused in one pass (the C++ step).
+    rows_complete: bool = False
+
+    def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
+        self.cfg, self.env, self.data, self.batch_size = cfg, env, data, batch_size
+        self.bytes_sent = 0
+        self.n_train_rows = train_counts(data)  # training ratings per user row and per movie row
+
+    def _build(self, user_ids: np.ndarray, item_rows: int, item_ids: np.ndarray) -> None:
+        """Model with ``len(user_ids)`` user rows and ``item_rows`` movie rows (the first ``item_ids`` filled),
+        and the tables' optimizer."""
+        m = self.cfg.model
+        self.model = BiasedMF(len(user_ids), item_rows, m.dim, mean=train_mean(self.data), init_std=0.0
+                              ).to(self.env.device)
+        users_n, items_n = self.n_train_rows
+        with torch.no_grad():
+            for table, ids, n_train, k in ((self.model.users, user_ids, users_n, 0),
+                                           (self.model.items, item_ids, items_n, 1)):
+                rows = init_rows(ids, m.dim, m.init_std, self.cfg.train.seed, k)
+                # Rows without training ratings never get a gradient: zero factors make their prediction
+                # exactly the mean plus the other side's bias (cold start), not a random dot product.
+                rows[torch.from_numpy(n_train[ids] == 0)] = 0.0
+                table.weight[: len(ids)] = rows.to(self.env.device)
+        self.opt = optim.build_tables(self.cfg.optim, self.model.sparse_parameters())
+
+    # -- training batches --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def batches(self, epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
+        """This rank's batches of ``epoch`` from ``start_step`` on (local ids; ``global_rows``: the step's
+        ratings over all ranks)."""
+
+    @abc.abstractmethod
+    def global_ids(self, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """The global (user, movie) ids of a batch just yielded by ``batches`` (it carries local ids)."""
+
+    # -- the update --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def apply_row_grads(self, tables: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]],
+                        col_weights: torch.Tensor) -> None:
+        """One optimizer step from this rank's ``(ids, rows, counts)`` per table (``sum / global_rows`` form)."""
+
+    @abc.abstractmethod
+    def apply_sparse_grads(self, scaler: torch.amp.GradScaler | None = None) -> None:
+        """One optimizer step from the tables' sparse ``.grad`` (the autograd step); clears them."""
+
+    # -- evaluation --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def user_owner(self, user: np.ndarray) -> np.ndarray:
+        """The rank that evaluates each (global) user's ratings."""
+
+    @abc.abstractmethod
+    def user_local(self, user: np.ndarray) -> np.ndarray:
+        """Row of each owned (global) user in ``eval_tables()[0]``."""
+
+    @abc.abstractmethod
+    def eval_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(user rows of the users this rank evaluates, the whole movie table, global bias)."""
+
+    def eval_share(self, split: str) -> EvalShare:
+        """This rank's ratings of ``split`` (read once per call; splits are read whole, then filtered)."""
+        arrays = self.data.read_split(split)
+        user = arrays["user"].astype(np.int64)
+        mine = self.user_owner(user) == self.env.rank
+        return EvalShare(self.user_local(user[mine]), arrays["item"][mine].astype(np.int64),
+                         arrays["rating"][mine].astype(np.float32))
+
+    # -- checkpoint parts --------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def n_parts(self) -> int:
+        """How many parts a checkpoint of this layout has (ranks with rows of their own)."""
+
+    @abc.abstractmethod
+    def writes_part(self) -> bool:
+        """Whether this rank writes a part (False: a replica of rank 0's rows)."""
+
+    @abc.abstractmethod
+    def held_ids(self, position: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Global ids of the user and movie rows this rank holds at ``position``."""
+
+    def position(self) -> dict[str, Any]:
+        """Layout state a checkpoint needs besides the parts (e.g. which movie block each rank holds)."""
+        return {}
+
+    def set_position(self, position: dict[str, Any]) -> None:
+        """Take up a checkpoint's ``position`` before its rows are loaded (nothing to do without one)."""
+        return None
+
+    def held_rows(self) -> Part:
+        """This rank's rows now: per table the global row ids, the rows and their Adam moments (on CPU).
+
+        On a CPU these are views of the live tables, valid until the next step (a checkpoint serializes them
+        at once). Copying them first made the ~200 steps after every checkpoint up to 1.9x slower (ml-10m,
+        2-core CPU, benchmarks/RESULTS.md).
+        """
+        users, items = self.held_ids(self.position())
+        out: Part = {}
+        for name, ids, p in zip(TABLES, (users, items), self.model.sparse_parameters(), strict=True):
+            state = self.opt.state.get(p, {})
+            n = len(ids)
+            out[name] = TableRows(
+                ids=torch.from_numpy(ids), weight=p.detach()[:n].cpu(),
+                exp_avg=state["exp_avg"][:n].cpu() if "exp_avg" in state else None,
+                exp_avg_sq=state["exp_avg_sq"][:n].cpu() if "exp_avg_sq" in state else None,
+                step=int(state.get("step", 0)))
+        return out
+
+    def load_parts(self, parts: Iterable[Part], position: dict[str, Any], *, weights_only: bool = False,
+                   where: object = "") -> None:
+        """Fill this rank's rows (and Adam moments) from checkpoint parts of any layout and world size.
+
+        Each part is read once and only the rows this rank holds are kept, so no rank assembles whole tables.
+        """
+        self.set_position(position)
+        held = self.held_ids(self.position())
+        # global id -> local row by a sorted search (tables can be large: no dict of ids)
+        sorted_held = []
+        for ids in held:
+            order = np.argsort(ids, kind="stable")
+            sorted_held.append((ids[order], order))
+        filled = {name: np.zeros(len(ids), dtype=bool) for name, ids in zip(TABLES, held, strict=True)}
+        steps: set[int] = set()
+        for part in parts:
+            for k, (name, p) in enumerate(zip(TABLES, self.model.sparse_parameters(), strict=True)):
+                t = part[name]
+                gids = t.ids.numpy()
+                s_ids, order = sorted_held[k]
+                pos = np.searchsorted(s_ids, gids)
+                pos = np.minimum(pos, max(len(s_ids) - 1, 0))
+                hit = (s_ids[pos] == gids) if len(s_ids) else np.zeros(len(gids), dtype=bool)
+                if not hit.any():
+                    continue
+                local = torch.from_numpy(order[pos[hit]])
+                src = torch.from_numpy(np.flatnonzero(hit))
+                dev = p.device
+                with torch.no_grad():
+                    p[local.to(dev)] = t.weight[src].to(dev, p.dtype)
+                filled[name][order[pos[hit]]] = True
+                if weights_only or t.exp_avg is None:
+                    continue
+                state = optim.adam_state(self.opt, p)
+                state["exp_avg"][local.to(dev)] = t.exp_avg[src].to(dev, p.dtype)
+                state["exp_avg_sq"][local.to(dev)] = t.exp_avg_sq[src].to(dev, p.dtype)
+                steps.add(t.step)
+        check_complete(filled, where)
+        if not weights_only and steps:
+            for p in self.model.sparse_parameters():
+                optim.adam_state(self.opt, p)["step"] = max(steps)

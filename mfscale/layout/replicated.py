@@ -1,0 +1,101 @@
+"""Both whole tables on every rank; gradient rows all-gathered every step (the layout through 2026-11).
+
+Each step the ranks all-gather the gradient rows their batches touched (``sync.all_sum_rows``) and every rank
+applies the union. Traffic and optimizer work per rank grow with the global batch, so adding ranks adds no
+speed and no memory; on one process it is the default (the streamed input path, no exchange).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import JobConfig
+from ..distributed import DistEnv
+from ..errors import ConfigError
+from ..optim import LazyAdam
+from ..shards import Dataset
+from ..stream import RatingStream, make_loader
+from ..sync import all_sum_rows, sync_sparse_grads, sync_sparse_rows
+from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
+
+
+class Replicated(TableLayout):
+    """Both whole tables on every rank; gradient rows all-gathered every step."""
+
+    name = "replicated"
+
+    def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
+        super().__init__(cfg, env, data, batch_size)
+        self._build(np.arange(data.n_users), data.n_items, np.arange(data.n_items))
+        self.workers = cfg.data.workers
+        if cfg.data.resident == "on" and self.workers:
+            raise ConfigError("--data.resident on reads batches in the training process; use --workers 0")
+        # The whole training split on the device (batches cut there, identical to streamed ones)?
+        self.resident = not self.workers and fits_on_device(data.split_rows("train"), cfg.data.resident, env)
+        self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
+                                   seed=cfg.train.seed, resident=env.device if self.resident else None)
+        self.steps_per_epoch = self.stream.steps_per_epoch
+        self.rows_complete = not env.distributed
+        if not env.distributed:
+            self.dense_min = tuple(math.ceil(DENSE_SWEEP_MIN_FRACTION * n) for n in (data.n_users, data.n_items))
+
+    def batches(self, epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
+        self.stream.set_epoch(epoch, start_step)
+        if self.resident:
+            return iter(self.stream)
+        return iter(make_loader(self.stream, self.workers, pin_memory=self.env.device.type == "cuda"))
+
+    def global_ids(self, batch):
+        return batch["user"].cpu().numpy().astype(np.int64), batch["item"].cpu().numpy().astype(np.int64)
+
+    def apply_row_grads(self, tables, col_weights) -> None:
+        if self.env.distributed:
+            dim = tables[0][1].shape[1]
+            local = [(ids, torch.cat([rows, counts[:, None]], 1)) for ids, rows, counts in tables]
+            self.bytes_sent += sum(ids.numel() * (8 + (dim + 1) * rows.element_size()) for ids, rows in local) \
+                * (self.env.world_size - 1)
+            synced = all_sum_rows(local, [self.data.n_users, self.data.n_items])
+            tables = [(ids, v[:, :-1], v[:, -1]) for ids, v in synced]
+        self.opt.step(rows=[(ids, rows, counts, col_weights) for ids, rows, counts in tables])
+
+    def apply_sparse_grads(self, scaler=None) -> None:
+        params = self.model.sparse_parameters()
+        synced = None
+        if self.env.distributed:
+            sent = sum(p.grad._nnz() * (8 + p.shape[1] * p.element_size()) for p in params if p.grad is not None)
+            self.bytes_sent += sent * (self.env.world_size - 1)
+            if isinstance(self.opt, LazyAdam) and scaler is None:
+                synced = sync_sparse_rows(params)  # unique rows: no second dedupe
+            else:
+                sync_sparse_grads(params)
+        if scaler is not None:
+            scaler.step(self.opt)
+        elif synced is not None:
+            self.opt.step(rows=synced)
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def user_owner(self, user):
+        return user % self.env.world_size
+
+    def user_local(self, user):
+        return user
+
+    def eval_tables(self):
+        return self.model.users.weight.detach(), self.model.items.weight.detach(), self.model.global_bias.detach()
+
+    @property
+    def n_parts(self) -> int:
+        return 1
+
+    def writes_part(self) -> bool:
+        return self.env.is_main
+
+    def held_ids(self, position):
+        return np.arange(self.data.n_users), np.arange(self.data.n_items)

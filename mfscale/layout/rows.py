@@ -1,0 +1,88 @@
+"""Which rank holds which rows: initial rows by global id, training counts, dealing rows into balanced blocks.
+
+Rows are dealt to blocks by rating count (most-rated first, in a snake order 0..W-1, W-1..0, ...), which
+balances both the rows and the ratings per block; inside a block rows keep ascending global id order, so
+with W = 1 local ids are global ids. Initial rows come from :func:`init_rows`, keyed by (seed, table, chunk of
+rows), so every layout and every world size starts from the same tables without any rank materializing a
+whole table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+
+from ..shards import Dataset
+
+INIT_CHUNK_ROWS = 1 << 16
+
+
+def init_rows(ids: np.ndarray, dim: int, std: float, seed: int, table: int, dtype: torch.dtype | None = None
+              ) -> torch.Tensor:
+    """Initial rows ``[factors ~ N(0, std), bias 0]`` of the given global row ids of one table.
+
+    Drawn chunk by chunk (``INIT_CHUNK_ROWS`` rows per chunk, a generator per (seed, table, chunk)), so a rank
+    that owns scattered rows gets exactly the values a single process would, while holding one chunk at a time.
+    """
+    dtype = dtype or torch.get_default_dtype()
+    out = torch.zeros((len(ids), dim + 1), dtype=dtype)
+    if len(ids) == 0:
+        return out
+    ids = np.asarray(ids, dtype=np.int64)
+    order = np.argsort(ids, kind="stable")
+    sorted_ids = ids[order]
+    chunks = sorted_ids // INIT_CHUNK_ROWS
+    bounds = np.flatnonzero(np.diff(chunks)) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(ids)], strict=True):
+        c = int(chunks[lo])
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, table, c]).generate_state(1)[0]))
+        block = torch.randn((INIT_CHUNK_ROWS, dim), generator=g, dtype=dtype).mul_(std)
+        out[torch.from_numpy(order[lo:hi]), :dim] = block[torch.from_numpy(sorted_ids[lo:hi] - c * INIT_CHUNK_ROWS)]
+    return out
+
+
+def train_counts(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
+    """Training ratings per user row and per movie row (from users.parquet / movies.parquet)."""
+    out = []
+    # pyarrow, not polars: polars' thread pool deadlocks in a rank forked from a process that used it
+    for file, key in (("users.parquet", "user_idx"), ("movies.parquet", "item_idx")):
+        table = pq.read_table(data.root / file, columns=[key, "n_train"])
+        counts = np.zeros(len(table), dtype=np.int64)
+        counts[table.column(key).to_numpy()] = table.column("n_train").to_numpy()
+        out.append(counts)
+    return out[0], out[1]
+
+
+def deal_rows(counts: np.ndarray, world: int) -> np.ndarray:
+    """Block (0..world-1) of every row: rows sorted by count, most first, dealt in snake order."""
+    order = np.argsort(-np.asarray(counts, dtype=np.int64), kind="stable")
+    k = np.arange(len(order))
+    pos, lap = k % world, k // world
+    block = np.empty(len(order), dtype=np.int64)
+    block[order] = np.where(lap % 2 == 0, pos, world - 1 - pos)
+    return block
+
+
+def movie_block(rank: int | np.ndarray, sub_epoch: int, world: int) -> int | np.ndarray:
+    """The movie block rank ``rank`` holds in sub-epoch ``sub_epoch`` of the blocks layout (DSGD's rotation)."""
+    return (rank + sub_epoch) % world
+
+
+def stratum_balance(strata: np.ndarray) -> dict[str, float]:
+    """Of a W x W matrix of stratum sizes (ratings of user block r x movie block b): the largest stratum over
+    the mean (1.0 = perfect), and the ratings the equal step count of each sub-epoch pays for (W x its
+    largest stratum) over the ratings trained."""
+    w = strata.shape[0]
+    per_sub = [max(strata[q, movie_block(q, s, w)] for q in range(w)) for s in range(w)]
+    return {"max_over_mean": float(strata.max() / max(strata.mean(), 1e-12)),
+            "padded_over_actual": float(w * sum(per_sub) / max(strata.sum(), 1))}
+
+
+def local_index(block: np.ndarray, world: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Per row its index inside its block (ascending global id), and per block its global row ids."""
+    members = [np.flatnonzero(block == b) for b in range(world)]
+    local = np.empty(len(block), dtype=np.int64)
+    for m in members:
+        local[m] = np.arange(len(m))
+    return local, members
