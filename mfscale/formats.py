@@ -73,7 +73,13 @@ def find_movies_file(directory: Path) -> Path | None:
 
 
 def read_ratings(path: Path) -> pl.DataFrame:
-    """Read and validate a MovieLens ratings file of any format."""
+    """Read and validate a MovieLens ratings file of any format.
+
+    A ``.csv`` file is read as CSV proper (RFC 4180), as pyarrow, pandas, R and the csv module write it:
+    quoted or unquoted header and fields, a UTF-8 byte-order mark, LF or CRLF line ends, and other
+    columns beside the four (R's leading row-name column, pandas' index) are ignored. Columns are found
+    by name, in any order.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"ratings file not found: {path}")
@@ -82,59 +88,103 @@ def read_ratings(path: Path) -> pl.DataFrame:
     fmt = detect_format(path)
     if fmt == "csv":
         source: Path | bytes = path
-        header = _read_header(path)
-        if tuple(header[:4]) != _CSV_HEADER:
-            missing = [c for c in _CSV_HEADER if c not in header]
-            if missing:
-                raise DataError(
-                    f"{path}: missing column(s) {', '.join(missing)}; expected header "
-                    f"{','.join(_CSV_HEADER)}, found {','.join(header)}"
-                )
-        kwargs = {"has_header": True, "separator": ",", "columns": list(_CSV_HEADER)}
+        columns = _csv_columns(path)
+        # quote_char='"' (polars' default, spelled out): quoted headers and fields are ordinary CSV.
+        kwargs = {"has_header": True, "separator": ",", "quote_char": '"', "columns": columns}
         line_offset = 2
     else:
+        # ratings.dat and u.data are never quoted: a '"' there is data, not quoting.
+        raw = path.read_bytes()
         if fmt == "dat":
             # polars separators are single bytes: rewrite '::' once in memory (fine at ml-10m scale).
-            source = path.read_bytes().replace(b"::", b"\t")
+            source = raw.removeprefix(_BOM).replace(b"::", b"\t")
         else:
-            source = path
-        kwargs = {"has_header": False, "separator": "\t", "new_columns": list(_CSV_HEADER)}
+            source = raw.removeprefix(_BOM) if raw.startswith(_BOM) else path
+            del raw
+        columns = list(_CSV_HEADER)
+        kwargs = {"has_header": False, "separator": "\t", "quote_char": None, "new_columns": columns}
         line_offset = 1
-    schema = dict(zip(_CSV_HEADER, RATINGS_SCHEMA.values(), strict=True))
-    src = io.BytesIO(source) if isinstance(source, bytes) else source
+    schema = dict(zip(columns, RATINGS_SCHEMA.values(), strict=True))
     try:
-        df = pl.read_csv(src, schema_overrides=schema, quote_char=None, **kwargs)
+        df = pl.read_csv(_open(source), schema_overrides=schema, **kwargs)
     except pl.exceptions.PolarsError:
-        _raise_parse_error(source, path, kwargs, line_offset)
-        raise  # unreachable: _raise_parse_error always raises
+        df = _read_as_text(source, path, kwargs, columns, line_offset)
     if len(df.columns) < 4:
         raise DataError(f"{path}: expected 4 columns (user, movie, rating, timestamp), found {len(df.columns)}")
-    df = df.select(df.columns[:4]).rename(dict(zip(df.columns[:4], RATINGS_SCHEMA, strict=True)))
+    df = df.select(columns).rename(dict(zip(columns, RATINGS_SCHEMA, strict=True)))
     return validate_ratings(df.cast(RATINGS_SCHEMA), str(path), line_offset)
 
 
-def _read_header(path: Path) -> list[str]:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return [c.strip().strip('"') for c in f.readline().strip().split(",")]
+_BOM = b"\xef\xbb\xbf"
 
 
-def _raise_parse_error(source: Path | bytes, path: Path, kwargs: dict, line_offset: int) -> None:
-    """Re-read as text to name the first unparseable field; the fast typed read failed."""
-    src = io.BytesIO(source) if isinstance(source, bytes) else source
+def _open(source: Path | bytes) -> Path | io.BytesIO:
+    return io.BytesIO(source) if isinstance(source, bytes) else source
+
+
+def _csv_columns(path: Path) -> list[str]:
+    """The file's own names of userId, movieId, rating and timestamp, in that order.
+
+    The header is parsed by polars itself (quotes, BOM and CRLF handled exactly as in the read that
+    follows); names are then matched after trimming spaces and stray quotes (``"userId", "movieId"``).
+    """
     try:
-        raw = pl.read_csv(src, infer_schema=False, quote_char=None, truncate_ragged_lines=True, **kwargs)
+        names = pl.read_csv(path, has_header=True, n_rows=0, infer_schema=False, quote_char='"').columns
     except pl.exceptions.PolarsError as exc:
-        raise DataError(f"{path}: cannot parse as a MovieLens ratings file: {str(exc).splitlines()[0]}") from None
-    for name, dtype in zip(_CSV_HEADER, RATINGS_SCHEMA.values(), strict=True):
-        if name not in raw.columns:
+        raise DataError(f"{path}: cannot parse the CSV header: {str(exc).splitlines()[0]}") from None
+    found: dict[str, str] = {}
+    for name in names:
+        found.setdefault(name.strip().strip('"').strip(), name)
+    missing = [c for c in _CSV_HEADER if c not in found]
+    if missing:
+        shown = ",".join(name.strip().strip('"').strip() for name in names)
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; expected header "
+            f"{','.join(_CSV_HEADER)}, found {shown}"
+        )
+    return [found[c] for c in _CSV_HEADER]
+
+
+def _read_as_text(source: Path | bytes, path: Path, kwargs: dict, columns: list[str], line_offset: int
+                  ) -> pl.DataFrame:
+    """The fast typed read failed: re-read the four columns as text.
+
+    Whole numbers written as floats in the integer columns (``3.0`` from pandas when a column held a
+    NaN, ``1e+05`` from R's write.csv) are accepted. Anything else that is not a number is named with
+    its line, and rows with a wrong number of fields or broken quoting are refused.
+    """
+    try:
+        raw = pl.read_csv(_open(source), infer_schema=False, **kwargs)
+        well_formed = True
+    except pl.exceptions.PolarsError:
+        try:
+            raw = pl.read_csv(_open(source), infer_schema=False, truncate_ragged_lines=True, **kwargs)
+        except pl.exceptions.PolarsError as exc:
+            raise DataError(f"{path}: cannot parse as a MovieLens ratings file: {str(exc).splitlines()[0]}") \
+                from None
+        well_formed = False
+    parsed: dict[str, pl.Series] = {}
+    for name, column, dtype in zip(_CSV_HEADER, columns, RATINGS_SCHEMA.values(), strict=True):
+        if column not in raw.columns:
             continue
-        col = raw.get_column(name)
-        parsed = col.str.strip_chars().cast(dtype, strict=False)
-        bad = (parsed.is_null() & col.is_not_null()).arg_true()
+        text = raw.get_column(column)
+        stripped = text.str.strip_chars()
+        as_float = stripped.cast(pl.Float64, strict=False)
+        values = stripped.cast(dtype, strict=False)
+        if dtype == pl.Int64:
+            whole = as_float.is_finite() & (as_float == as_float.floor()) & (as_float.abs() < 2.0**53)
+            values = pl.select(
+                pl.when(values.is_null() & whole).then(as_float.cast(pl.Int64, strict=False)).otherwise(values)
+            ).to_series()
+        bad = (values.is_null() & text.is_not_null()).arg_true()
         if len(bad):
             i = int(bad[0])
-            raise DataError(f"{path} line {i + line_offset}: {name} {col[i]!r} is not a number")
-    raise DataError(f"{path}: malformed rows (wrong number of fields or bad quoting)")
+            what = "an integer" if as_float[i] is not None else "a number"
+            raise DataError(f"{path} line {i + line_offset}: {name} {text[i]!r} is not {what}")
+        parsed[column] = values.alias(column)
+    if not well_formed or len(parsed) < 4:
+        raise DataError(f"{path}: malformed rows (wrong number of fields or bad quoting)")
+    return pl.DataFrame(list(parsed.values()))
 
 
 def validate_ratings(df: pl.DataFrame, where: str, line_offset: int = 1) -> pl.DataFrame:

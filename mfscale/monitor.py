@@ -20,6 +20,26 @@ from typing import Any
 import torch
 
 HPARAM_TYPES = (bool, int, float, str)
+# Final metrics: callers name them ``hparam/<name>`` (add_hparams' documented convention); they are
+# written as ``~final/<name>`` so that they sort after the training curves (see Monitor.hparams).
+LEGACY_METRIC_PREFIX = "hparam/"
+FINAL_METRIC_PREFIX = "~final/"
+
+
+def final_metric_tag(name: str) -> str:
+    """The scalar tag a final metric is written under: ``hparam/test_rmse`` -> ``~final/test_rmse``."""
+    return FINAL_METRIC_PREFIX + str(name).removeprefix(LEGACY_METRIC_PREFIX)
+
+
+def _set_metric_display_names(experiment_summary: Any, names: Mapping[str, str]) -> None:
+    """Give the experiment's metrics readable names in the HPARAMS tab (the tag without ``~final/``)."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    value = experiment_summary.value[0]
+    data = HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.metric_infos:
+        info.display_name = names.get(info.name.tag, info.name.tag)
+    value.metadata.plugin_data.content = data.SerializeToString()
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -111,6 +131,7 @@ class Monitor:
         self.log_dir = Path(log_dir)
         self.enabled = bool(enabled)
         self._writer = None
+        self._last_step = int(purge_step or 0)  # the step Monitor.hparams writes at: the last one logged
         if not self.enabled:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -132,6 +153,7 @@ class Monitor:
             if value is None:
                 continue
             self._writer.add_scalar(tag, float(value), global_step=int(step))
+        self._last_step = max(self._last_step, int(step))
 
     def text_config(self, config: Mapping[str, Any]) -> None:
         """The resolved config as a TOML code block under tag ``config``."""
@@ -140,16 +162,42 @@ class Monitor:
         self._writer.add_text("config", "```toml\n" + config_to_toml(config) + "\n```", global_step=0)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
-        """Nested hparams are flattened with ``.``; values other than int/float/str/bool become strings.
+        """The run's config and final metrics for TensorBoard's HPARAMS tab.
 
-        ``metrics`` keys are tags such as ``hparam/test_rmse``. ``run_name="."`` keeps the record in this
-        run's own directory instead of a timestamped subdirectory.
+        Nested hparams are flattened with ``.``; values other than int/float/str/bool become strings.
+        ``metrics`` keys are names such as ``hparam/test_rmse`` (the ``hparam/`` prefix is optional); each
+        value is written as a scalar ``~final/test_rmse`` and shown as ``test_rmse`` in the HPARAMS tab.
+
+        Where the values go, and why. The hparams plugin reads a metric's value from an ordinary scalar
+        series of the session's run (or of a run below it), so the values must exist as scalars, and
+        every scalar under the log directory is a card in the Time Series view, whichever run it is in:
+        a sub-directory run (what ``SummaryWriter.add_hparams`` makes by default) would not remove the
+        cards, and with ``--logdir RUN/tb`` its metrics would not even belong to the ``.`` session.
+        What decides where the cards appear is their tag: the view groups cards by the part before the
+        first ``/`` and orders them by name, so ``hparam/*`` came before ``lr/``, ``train/`` and ``val/``.
+        ``~`` sorts after every letter and digit, so ``~final/*`` is always the last group, below the
+        curves; the plugin's display name drops the prefix again. Everything is written by this run's
+        own writer into its own event file, at the last step logged: one run per training run in the run
+        list and the HPARAMS table, and a resume that purges from an earlier step drops the metric values
+        a killed attempt wrote with the rest of its events. (The hparams values shown stay those of the
+        run's first record: TensorBoard keeps the first metadata of a tag, as with add_hparams before.)
         """
         if self._writer is None:
             return
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
         hp = {k: _hparam_value(v) for k, v in flatten(hparams).items()}
-        mt = {str(k): float(v) for k, v in metrics.items() if v is not None}
-        self._writer.add_hparams(hp, mt, run_name=".")
+        names = {final_metric_tag(k): str(k).removeprefix(LEGACY_METRIC_PREFIX)
+                 for k, v in metrics.items() if v is not None}
+        values = {final_metric_tag(k): float(v) for k, v in metrics.items() if v is not None}
+        exp, ssi, sei = hparams_summary(hp, values)
+        _set_metric_display_names(exp, names)
+        step = self._last_step
+        file_writer = self._writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary, step)
+        for tag, value in values.items():
+            self._writer.add_scalar(tag, value, global_step=step)
 
     def embeddings(
         self, vectors: torch.Tensor, labels: list[dict[str, object]], *, tag: str = "movies", step: int = 0

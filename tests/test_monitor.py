@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
-from mfscale.monitor import Monitor, config_to_toml, flatten, read_scalars
+from mfscale.monitor import Monitor, config_to_toml, final_metric_tag, flatten, read_scalars
 
 TAGS = ["train/loss", "val/rmse", "throughput/ratings_per_s", "time/step_ms", "time/data_wait_pct", "lr/sparse"]
 
@@ -59,9 +60,9 @@ def test_config_hparams_and_embeddings(tmp_path):
     mon.close()
 
     events = sorted(p.name for p in log.iterdir() if "tfevents" in p.name)
-    assert len(events) == 2  # main writer + the hparams record, both directly in the run dir
+    assert len(events) == 1  # the hparams record goes through the run's own writer, into its own file
     scalars = read_scalars(log)
-    assert scalars["hparam/test_rmse"] == [(0, 0.8100000023841858)]
+    assert scalars["~final/test_rmse"] == [(0, 0.8100000023841858)]
 
     pbtxt = (log / "projector_config.pbtxt").read_text()
     assert 'tensor_name: "movies:00000"' in pbtxt
@@ -113,3 +114,121 @@ def test_disabled_creates_nothing(tmp_path):
     mon.close()
     assert not log.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def _compare_tag_names(a: str, b: str) -> int:
+    """TensorBoard's Time Series card order (webapp/metrics/views/utils.ts compareTagNames): character
+    by character, digit runs as numbers, '/' before any other character."""
+    i = j = 0
+    while True:
+        if i == len(a):
+            return 0 if j == len(b) else -1
+        if j == len(b):
+            return 1
+        if a[i].isdigit() and b[j].isdigit():
+            i0, j0 = i, j
+            while i < len(a) and (a[i].isdigit() or a[i] == "."):
+                i += 1
+            while j < len(b) and (b[j].isdigit() or b[j] == "."):
+                j += 1
+            na, nb = float(a[i0:i].rstrip(".") or 0), float(b[j0:j].rstrip(".") or 0)
+            if na != nb:
+                return -1 if na < nb else 1
+            continue
+        brk_a, brk_b = a[i] == "/" or a[i].isdigit(), b[j] == "/" or b[j].isdigit()
+        if brk_a and not brk_b:
+            return -1
+        if brk_b and not brk_a:
+            return 1
+        if not brk_a and a[i] != b[j]:
+            return -1 if a[i] < b[j] else 1
+        i += 1
+        j += 1
+
+
+def time_series_groups(tags) -> list[str]:
+    """The card groups of TensorBoard's Time Series view, top to bottom: tags sorted as TensorBoard
+    sorts them, grouped by the part before the first '/'."""
+    import functools
+
+    groups: list[str] = []
+    for tag in sorted(tags, key=functools.cmp_to_key(_compare_tag_names)):
+        if tag.split("/", 1)[0] not in groups:
+            groups.append(tag.split("/", 1)[0])
+    return groups
+
+
+def _hparams_plugin_view(log: Path):
+    """What TensorBoard's HPARAMS tab gets: the experiment and the session groups, from the hparams
+    plugin's own backend reading ``log`` as ``tensorboard --logdir log`` does."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider
+    from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import api_pb2, backend_context, get_experiment, list_session_groups
+
+    mux = pem.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(log))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(log))
+    backend = backend_context.Context(base_plugin.TBContext(logdir=str(log), data_provider=provider,
+                                                            multiplexer=mux))
+    experiment = get_experiment.Handler(context.RequestContext(), backend, "", api_pb2.GetExperimentRequest()).run()
+    request = api_pb2.ListSessionGroupsRequest(start_index=0, slice_size=10,
+                                               allowed_statuses=[api_pb2.STATUS_SUCCESS, api_pb2.STATUS_UNKNOWN])
+    groups = list_session_groups.Handler(context.RequestContext(), backend, "", request).run().session_groups
+    return experiment, list(groups)
+
+
+def test_final_metrics_sort_after_the_curves_and_reach_the_hparams_tab(tmp_path):
+    """Issue 24: the final metrics were one-point ``hparam/*`` cards at the top of the Time Series view.
+    They must still fill the HPARAMS tab, but as cards only after every training curve."""
+    log = tmp_path / "tb"
+    curves = ["lr/dense", "lr/sparse", "throughput/ratings_per_s", "time/step_ms", "train/loss", "train/rmse",
+              "val/mae", "val/rmse"]
+    metrics = {"hparam/batch_size": 1024, "hparam/best_epoch": 1, "hparam/best_val_rmse": 0.97,
+               "hparam/test_rmse": 0.985, "hparam/ndcg@10": 0.12, "hparam/world_size": 1, "hparam/unset": None}
+    with Monitor(log, enabled=True) as mon:
+        for step in (10, 20):
+            mon.scalars(step, {tag: step / 100 for tag in curves})
+        mon.scalars(20, {"test/rmse": 0.985})
+        mon.hparams({"model": {"dim": 8}, "optim": {"lr": 0.01}, "data": Path("/d")}, metrics)
+
+    assert [p for p in log.rglob("*tfevents*") if p.parent != log] == []  # no sub-run
+    scalars = read_scalars(log)
+    final = {final_metric_tag(k): v for k, v in metrics.items() if v is not None}
+    assert set(scalars) == set(curves) | {"test/rmse"} | set(final)
+    assert not [t for t in scalars if t.startswith("hparam/")]
+    groups = time_series_groups(scalars)
+    assert groups == ["lr", "test", "throughput", "time", "train", "val", "~final"]
+    # ~ sorts after every letter, digit and '_' in TensorBoard's order: after any curve group at all
+    assert all(_compare_tag_names(f"{c}{name}/x", "~final/a") < 0 for c in "azAZ09_" for name in ("", "zz"))
+    for tag, value in final.items():  # one point each, at the last step logged
+        assert scalars[tag] == [(20, pytest.approx(value))]
+
+    experiment, session_groups = _hparams_plugin_view(log)
+    shown = {m.name.tag: m.display_name for m in experiment.metric_infos}
+    assert shown == {final_metric_tag(k): k.removeprefix("hparam/") for k, v in metrics.items() if v is not None}
+    assert {h.name for h in experiment.hparam_infos} == {"model.dim", "optim.lr", "data"}
+    assert len(session_groups) == 1 and session_groups[0].name == "."  # the run itself, no extra run
+    got = {m.name.tag: m.value for m in session_groups[0].metric_values}
+    assert got == pytest.approx(final)
+    assert session_groups[0].hparams["data"].string_value == "/d"
+    assert session_groups[0].hparams["model.dim"].number_value == 8
+
+
+def test_final_metrics_of_a_killed_attempt_are_purged_on_resume(tmp_path):
+    log = tmp_path / "tb"
+    with Monitor(log, enabled=True) as mon:
+        for step in range(1, 11):
+            mon.scalars(step, {"train/loss": float(step)})
+        mon.hparams({"a": 1}, {"hparam/test_rmse": 1.5})  # written, then the run was resumed from step 6
+    with Monitor(log, enabled=True, purge_step=6) as mon:
+        for step in range(6, 13):
+            mon.scalars(step, {"train/loss": 100.0 + step})
+        mon.hparams({"a": 2}, {"hparam/test_rmse": 0.5})
+    assert read_scalars(log)["~final/test_rmse"] == [(12, 0.5)]
+    _, groups = _hparams_plugin_view(log)
+    # The metric values are the resumed run's. (The hparams values shown stay the first record's:
+    # TensorBoard keeps a tag's first metadata, as it did with add_hparams(run_name=".") before.)
+    assert [[m.value for m in g.metric_values] for g in groups] == [[0.5]]
