@@ -26,6 +26,9 @@ class DataConfig:
     path: str = ""  # prepared dataset directory (python -m mfscale.prepare --out ...)
     workers: int = 0  # DataLoader worker processes per rank; 0 reads in the training process (fastest on CPU)
     resident: str = "auto"  # on | off | auto: hold the training split on the device when it is small enough
+    # on | off | auto: check the shards against the manifest at start-up (mfscale.shards.Dataset.verify): sizes
+    # and row counts always, sha256 with on, or with auto where a rank reads whole files anyway
+    verify: str = "auto"
 
 
 @dataclass
@@ -120,6 +123,7 @@ class JobConfig:
             (self.data.path != "", "--data is required (a directory written by python -m mfscale.prepare)"),
             (self.data.workers >= 0, "data.workers must be >= 0"),
             (self.data.resident in ("auto", "on", "off"), "data.resident must be auto, on or off"),
+            (self.data.verify in ("auto", "on", "off"), "data.verify must be auto, on or off"),
             (self.model.dim >= 1, "model.dim must be >= 1"),
             (self.model.init_std >= 0, "model.init_std must be >= 0"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),

@@ -2,7 +2,8 @@
 
 The output directory is built under a temporary name next to it and renamed into place, so it exists
 complete or not at all; an existing one is only replaced with ``--overwrite`` (the old one is removed
-after the new one is in place).
+after the new one is in place). A full disk (or quota) is one line naming the directory, the bytes the
+dataset needs (an estimate) and the bytes free; the partial output is removed and an existing one is kept.
 
 Rules that shape the data:
 - Duplicate (user, movie) pairs keep the rating with the latest timestamp (the last one in the file on a
@@ -16,6 +17,8 @@ Rules that shape the data:
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import shutil
 import sys
 import tempfile
@@ -31,6 +34,8 @@ from .errors import ConfigError, DataError, cli_entry
 from .shards import (
     FORMAT_VERSION,
     MANIFEST,
+    MIN_GROUPS,
+    ROW_GROUP_ROWS,
     SPLITS,
     file_digest,
     install_dir,
@@ -40,6 +45,45 @@ from .shards import (
 )
 
 PROG = "mfscale.prepare"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def estimate_bytes(n_ratings: int, n_users: int, n_items: int) -> int:
+    """About how many bytes a prepared dataset takes: 16 per rating in the shards (plain, uncompressed), ~128
+    per row group (page headers, footer), ~48 per user and movie (users.parquet, movies.parquet), 16 KiB more."""
+    groups = len(SPLITS) * MIN_GROUPS + n_ratings // ROW_GROUP_ROWS
+    return 16 * n_ratings + 128 * groups + 48 * (n_users + n_items) + (16 << 10)
+
+
+def disk_full_errno(exc: BaseException) -> int | None:
+    """ENOSPC or EDQUOT when ``exc`` (or what caused it) says the disk or the quota is full, else None.
+
+    Python and pyarrow raise OSError with the errno; polars raises ComputeError that only says it in words
+    ("... No space left on device (os error 28)").
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in DISK_FULL:
+            return cur.errno
+        text = str(cur)
+        for code in DISK_FULL:
+            if f"(os error {code})" in text or os.strerror(code) in text:
+                return code
+        cur = cur.__cause__ or cur.__context__
+    return None
+
+
+def disk_full_error(code: int, directory: Path, need: int | None, what: str) -> DataError:
+    """The one line for a full disk: the directory, the bytes ``what`` needs (when known) and the bytes free."""
+    try:
+        free = f"{shutil.disk_usage(directory).free:,} bytes are free"
+    except OSError:
+        free = "free space unknown"
+    full = "disk quota exceeded" if code == errno.EDQUOT else "no space left"
+    needs = f"{what} needs about {need:,} bytes" if need is not None else f"{what} did not fit"
+    return DataError(f"{full} in {directory}: {needs}, {free}; free some space or write elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +155,16 @@ def _resolve_ratings_path(path: Path, scratch: Path) -> tuple[Path, Path | None]
                 for member in zf.namelist():
                     if download.unsafe_member(member):
                         raise DataError(f"{path}: unsafe path {member!r} in zip")
-                zf.extractall(scratch)
+                try:
+                    zf.extractall(scratch)
+                except OSError as exc:
+                    code = disk_full_errno(exc)
+                    if code is None:
+                        raise
+                    shutil.rmtree(scratch, ignore_errors=True)  # the partial extraction: count free space
+                    scratch.mkdir(exist_ok=True)  # without it (the temporary directory removes itself later)
+                    raise disk_full_error(code, scratch.parent, sum(i.file_size for i in zf.infolist()),
+                                          f"extracting {path.name}") from None
         except zipfile.BadZipFile as exc:
             raise DataError(f"{path}: bad zip file: {exc}") from None
         path = scratch
@@ -194,21 +247,27 @@ def prepare(args: argparse.Namespace) -> dict:
         tmp = staging_dir(out)
     except OSError as exc:
         raise DataError(f"cannot write output directory {args.out}: {exc.strerror or exc}") from None
+    need: dict[str, int] = {}  # _prepare_into fills in "bytes" once it knows the size of the data
     try:
         with tempfile.TemporaryDirectory(prefix="mfscale-prepare-") as scratch:
-            manifest = _prepare_into(args, tmp, Path(scratch))
+            manifest = _prepare_into(args, tmp, Path(scratch), need)
         manifest["prepare_seconds"] = round(time.perf_counter() - t0, 2)
         write_json_atomic(tmp / MANIFEST, manifest)
         install_dir(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        # Writes into the staging directory (beside --out) that ran out of space. The free bytes are counted
+        # after the partial output is removed: what this directory has for a new try.
+        code = disk_full_errno(exc) if isinstance(exc, Exception) and not isinstance(exc, DataError) else None
+        if code is not None:
+            raise disk_full_error(code, out.parent, need.get("bytes"), "the prepared dataset") from None
         raise
     _log(args, f"wrote {out} in {manifest['prepare_seconds']:.1f} s: {manifest['counts']['train']:,} train / "
                f"{manifest['counts']['val']:,} val / {manifest['counts']['test']:,} test ratings")
     return manifest
 
 
-def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path) -> dict:
+def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path, need: dict[str, int]) -> dict:
     ratings, movies, source = load_source(args, scratch)
     n_input = ratings.height
     if args.test_input is not None:
@@ -242,6 +301,7 @@ def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path) -> dict:
         labels, split_spec = split.time_split(timestamp, args.val_frac, args.test_frac)
 
     n_users, n_items = len(user_ids), len(movie_ids)
+    need["bytes"] = estimate_bytes(n, n_users, n_items)
     train_mask = labels == split.TRAIN
     if not train_mask.any():
         raise DataError("the split leaves no training ratings")

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DataError
+from .errors import ConfigError, DataError, one_line
+
+log = logging.getLogger("mfscale")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -37,15 +43,32 @@ MIN_GROUPS, MIN_GROUP_ROWS = 64, 1024
 SHARD_SCHEMA = pa.schema(
     [("user", pa.int32()), ("item", pa.int32()), ("rating", pa.float32()), ("timestamp", pa.int32())]
 )
+VERIFY_MODES = ("auto", "on", "off")
+HASH_BLOCK = 8 << 20  # bytes per read when hashing (hashlib releases the GIL on blocks this large)
+# Errors pyarrow raises on a damaged file: ArrowInvalid ("Parquet magic bytes not found in footer", "Couldn't
+# deserialize thrift"), ArrowIOError (an OSError), ...
+READ_ERRORS = (pa.ArrowException, OSError)
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """Hex digest of a file, read in 1 MiB blocks."""
+    """Hex digest of a file, read in ``HASH_BLOCK`` blocks into one reused buffer."""
     h = hashlib.new(algorithm, usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    buf = bytearray(HASH_BLOCK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(view[:n])
     return h.hexdigest()
+
+
+def rebuild_hint(root: Path) -> str:
+    return f"re-run python -m mfscale.prepare to rebuild {root}"
+
+
+def damaged(path: Path, detail: str, root: Path | None = None) -> DataError:
+    """The one line for a shard that does not match its manifest entry or cannot be read."""
+    root = path.parent.parent if root is None else root  # shards live in ROOT/SPLIT/
+    return DataError(f"{path} is damaged ({detail}); {rebuild_hint(root)}")
 
 
 def write_split(
@@ -85,6 +108,7 @@ def write_split(
                 "file": f"{directory.name}/{path.name}",
                 "rows": stop - start,
                 "row_groups": pq.ParquetFile(path).num_row_groups,
+                "bytes": path.stat().st_size,
                 "sha256": file_digest(path),
             }
         )
@@ -101,9 +125,18 @@ class RowGroup:
 
 
 class Dataset:
-    """A prepared dataset directory: manifest plus shard access."""
+    """A prepared dataset directory: manifest plus shard access.
 
-    def __init__(self, root: Path | str):
+    ``verify`` (``--data.verify``) is how much the shards are checked against the manifest; see ``verify()``.
+    Checks that passed are remembered, so each file is checked and hashed at most once per Dataset.
+    """
+
+    def __init__(self, root: Path | str, verify: str = "auto"):
+        if verify not in VERIFY_MODES:
+            raise ConfigError(f"data.verify must be auto, on or off, got {verify!r}")
+        self.verify_mode = verify
+        self._checked: set[str] = set()  # shard files whose size, row count and row groups matched
+        self._hashed: set[str] = set()  # shard files whose sha256 matched
         self.root = Path(root)
         path = self.root / MANIFEST
         if not self.root.is_dir():
@@ -123,7 +156,8 @@ class Dataset:
         for split in SPLITS:
             for entry in self.manifest["shards"].get(split, []):
                 if not (self.root / entry["file"]).is_file():
-                    raise DataError(f"{self.root}: shard {entry['file']} listed in the manifest is missing")
+                    raise DataError(f"{self.root / entry['file']} is missing (the manifest lists it); "
+                                    f"{rebuild_hint(self.root)}")
 
     @property
     def n_users(self) -> int:
@@ -151,10 +185,13 @@ class Dataset:
         return int(sum(e["rows"] for e in self.manifest["shards"].get(split, [])))
 
     def row_groups(self, split: str) -> list[RowGroup]:
+        """The split's row groups, from the shards' footers; each shard's size, row count and row groups are
+        checked against the manifest on the way (unless ``verify`` is off), so every training path, which
+        starts here, gets those checks."""
         groups = []
         for entry in self.manifest["shards"].get(split, []):
             path = self.root / entry["file"]
-            meta = pq.ParquetFile(path, memory_map=True).metadata
+            meta = self._footer(entry, check=self.verify_mode != "off")
             for i in range(meta.num_row_groups):
                 rows = meta.row_group(i).num_rows
                 if rows:
@@ -162,19 +199,133 @@ class Dataset:
         return groups
 
     def read_split(self, split: str) -> dict[str, np.ndarray]:
-        """A whole split as numpy arrays (validation/test sets, tests, in-memory fast paths)."""
+        """A whole split as numpy arrays (validation/test sets, tests, in-memory fast paths).
+
+        The files are read whole, so they are verified first as ``verify(whole=True)`` does (their sha256 too,
+        unless ``verify`` is off; once per Dataset).
+        """
+        self.verify((split,), whole=True)
         files = [self.root / e["file"] for e in self.manifest["shards"].get(split, [])]
         if not files:
             return {name: np.empty(0, dtype=t.to_pandas_dtype()) for name, t in
                     zip(SHARD_SCHEMA.names, SHARD_SCHEMA.types, strict=True)}
-        tables = [pq.read_table(f, memory_map=True) for f in files]
+        tables = []
+        for f in files:
+            try:
+                tables.append(pq.read_table(f, memory_map=True))
+            except READ_ERRORS as exc:
+                raise damaged(f, f"cannot read it: {one_line(exc)}", self.root) from None
         table = pa.concat_tables(tables)
         return {name: table.column(name).to_numpy() for name in SHARD_SCHEMA.names}
 
+    # -- integrity ---------------------------------------------------------------------------------
+    def verify(self, splits: Iterable[str] = ("train",), mode: str | None = None, *, whole: bool = True) -> dict:
+        """Check the shards of ``splits`` against the manifest; raise DataError naming the first damaged one.
+
+        ``mode`` (default: the Dataset's ``verify``, i.e. ``--data.verify``):
+
+        - ``off``: no checks.
+        - ``auto``: every shard's byte size (a stat) and its Parquet footer's row count, row groups and columns
+          (a footer read); plus the sha256 of every shard when ``whole`` says this process reads the files
+          whole anyway (a resident training split, the blocks layout, validation/test sets), so the hash costs
+          CPU time only: the data is in the page cache right before or after.
+        - ``on``: all of that and the sha256 of every shard, whatever ``whole`` says.
+
+        A manifest written before mfscale recorded shard sizes (or without sha256s) skips that check, logged once.
+        Files already checked by this Dataset are not checked again, so calling this at start-up and reading
+        later costs one check. Returns what was done: ``{"mode", "files", "bytes", "hashed", "seconds"}``.
+
+        The trainer calls it at start-up, before any rank reads training data (``mfscale.train.Trainer``);
+        ``row_groups`` (every training path) and the whole-file readers (``read_split``, the resident stream)
+        also check what they read, so a damaged shard is one line even where this is not called.
+        """
+        mode = self.verify_mode if mode is None else mode
+        if mode not in VERIFY_MODES:
+            raise ConfigError(f"data.verify must be auto, on or off, got {mode!r}")
+        t0 = time.perf_counter()
+        done = {"mode": mode, "files": 0, "bytes": 0, "hashed": 0, "seconds": 0.0}
+        if mode == "off":
+            return done
+        entries = [e for s in splits for e in self.manifest["shards"].get(s, [])]
+        for entry in entries:
+            if entry["file"] not in self._checked:
+                self._footer(entry, check=True)
+            done["files"] += 1
+        if mode == "on" or whole:
+            todo = [e for e in entries if e["file"] not in self._hashed]
+            if any("sha256" not in e for e in todo):
+                self._note_missing("sha256")
+            todo = [e for e in todo if "sha256" in e]
+            with ThreadPoolExecutor(max(1, min(len(todo), _hash_threads()))) as pool:
+                digests = list(pool.map(lambda e: file_digest(self.root / e["file"]), todo))
+            for entry, digest in zip(todo, digests, strict=True):
+                if digest != entry["sha256"]:
+                    raise damaged(self.root / entry["file"], f"sha256 {digest[:16]}..., the manifest says "
+                                  f"{entry['sha256'][:16]}...", self.root)
+                self._hashed.add(entry["file"])
+                done["hashed"] += 1
+                done["bytes"] += (self.root / entry["file"]).stat().st_size
+        done["seconds"] = time.perf_counter() - t0
+        return done
+
+    def _footer(self, entry: dict, check: bool) -> pq.FileMetaData:
+        """A shard's Parquet footer; with ``check``, its size and contents against its manifest entry."""
+        path = self.root / entry["file"]
+        if check and entry["file"] not in self._checked:
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise DataError(f"{path} is missing (the manifest lists it); {rebuild_hint(self.root)}") from None
+            except OSError as exc:
+                raise damaged(path, f"cannot read it: {exc.strerror or exc}", self.root) from None
+            if "bytes" not in entry:
+                self._note_missing("byte size")
+            elif size != entry["bytes"]:
+                raise damaged(path, f"size {size:,} bytes, the manifest says {entry['bytes']:,}", self.root)
+        try:
+            meta = pq.ParquetFile(path, memory_map=True).metadata
+        except READ_ERRORS as exc:
+            raise damaged(path, f"not a readable Parquet file: {one_line(exc)}", self.root) from None
+        if check and entry["file"] not in self._checked:
+            if (meta.num_rows, meta.num_row_groups) != (entry["rows"], entry["row_groups"]):
+                raise damaged(path, f"{meta.num_rows:,} rows in {meta.num_row_groups} row groups, the manifest "
+                              f"says {entry['rows']:,} in {entry['row_groups']}", self.root)
+            try:
+                schema = meta.schema.to_arrow_schema()
+            except READ_ERRORS as exc:
+                raise damaged(path, f"unreadable schema: {one_line(exc)}", self.root) from None
+            if schema.names != SHARD_SCHEMA.names or schema.types != SHARD_SCHEMA.types:
+                raise damaged(path, f"columns {', '.join(f'{f.name} {f.type}' for f in schema)}, expected "
+                              f"{', '.join(f'{f.name} {f.type}' for f in SHARD_SCHEMA)}", self.root)
+            self._checked.add(entry["file"])
+        return meta
+
+    def _note_missing(self, what: str) -> None:
+        key = (str(self.root.resolve()), what)
+        if key not in _NOTED:
+            _NOTED.add(key)
+            log.info("%s: the manifest records no %s for some shards (prepared by an older mfscale); that check "
+                     "is skipped (re-run python -m mfscale.prepare to get it)", self.root, what)
+
+
+_NOTED: set[tuple[str, str]] = set()  # (dataset, check) pairs already logged as skipped
+
+
+def _hash_threads() -> int:
+    """Files hashed in parallel: this process's CPUs shared among the ranks on this machine."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
 
 def read_row_group(group: RowGroup) -> dict[str, np.ndarray]:
-    """Read one row group through a memory map."""
-    table = pq.ParquetFile(group.path, memory_map=True).read_row_group(group.index)
+    """Read one row group through a memory map; a damaged shard is a DataError naming it."""
+    try:
+        table = pq.ParquetFile(group.path, memory_map=True).read_row_group(group.index)
+    except READ_ERRORS as exc:
+        raise damaged(group.path, f"cannot read row group {group.index}: {one_line(exc)}") from None
     return {name: table.column(name).to_numpy() for name in SHARD_SCHEMA.names}
 
 

@@ -181,6 +181,10 @@ class RatingStream(IterableDataset):
             self._load_resident(torch.device(resident))
 
     def _load_resident(self, device: torch.device) -> None:
+        # The whole split is read: check it first, sha256 included (Dataset.verify, whole=True), so a damaged
+        # shard is one line here instead of wrong ids or ratings in training. Once per Dataset; off with
+        # --data.verify off.
+        self.data.verify((self.split,), whole=True)
         parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
         for g in self.groups:
             arrays = read_row_group(g)
