@@ -108,10 +108,8 @@ def final(cfg: JobConfig, env: DistEnv, layout: TableLayout, monitor: Monitor, r
     if env.is_main:
         write_json_atomic(Path(cfg.run_dir) / "metrics.json", metrics)
         step = metrics["steps"]
-        if test:
-            monitor.scalars(step, {"test/rmse": test["rmse"], "test/mae": test["mae"]})
-        if ranking:
-            monitor.scalars(step, {f"test/{k}": v for k, v in ranking.items() if "@" in k})
+        # The test and ranking metrics are scalars of the hparams record (``~final/test_rmse``, ...), the last
+        # group of TensorBoard's Time Series view: as ``test/*`` they were one-point cards above the curves.
         monitor.hparams(cfg.to_dict(), {f"hparam/{k}": v for k, v in metrics.items()
                                         if isinstance(v, int | float) and v is not None})
         _projector(cfg, layout, monitor, tables[1], step)

@@ -235,7 +235,7 @@ class Dataset:
         Files already checked by this Dataset are not checked again, so calling this at start-up and reading
         later costs one check. Returns what was done: ``{"mode", "files", "bytes", "hashed", "seconds"}``.
 
-        The trainer calls it at start-up, before any rank reads training data (``mfscale.train.Trainer``);
+        The job calls it at start-up, before any rank reads training data (``mfscale.layout.build``);
         ``row_groups`` (every training path) and the whole-file readers (``read_split``, the resident stream)
         also check what they read, so a damaged shard is one line even where this is not called.
         """

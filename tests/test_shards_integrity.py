@@ -104,12 +104,14 @@ def test_damaged_shard_is_one_line_from_verify(data, kind):
     assert str(exc.value) == expected
 
 
+@pytest.mark.parametrize("tables", ["replicated", "blocks"])
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_train_on_damaged_shard_exits_2_with_one_line(data, tmp_path, kind):
-    """The real job, default flags: the damage is found at start-up (no run directory is even created)."""
+def test_train_on_damaged_shard_exits_2_with_one_line(data, tmp_path, kind, tables):
+    """The real job, default flags (one process: the resident stream; or the blocks layout, the default on
+    several ranks, which reads the split itself): the damage is found at start-up (no checkpoint written)."""
     expected = DAMAGE[kind](shard(data))
     run_dir = tmp_path / "run"
-    proc = cli("mfscale.train", "--data", data, "--run-dir", run_dir, "--epochs", "1")
+    proc = cli("mfscale.train", "--data", data, "--run-dir", run_dir, "--epochs", "1", "--train.tables", tables)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"mfscale.train: error: {expected}", proc.stderr
     assert proc.returncode == 2

@@ -218,8 +218,9 @@ def test_single_process_learns_structure_and_writes_run_dir(small_data, tmp_path
     assert (run_dir / "checkpoints" / "best.pt").is_file()
     tags = set(read_scalars(run_dir / "tb"))
     for tag in ("train/loss", "train/rmse", "val/rmse", "val/mae", "lr/sparse", "throughput/ratings_per_s",
-                "time/step_ms", "time/data_wait_pct", "test/rmse", "test/ndcg@10"):
+                "time/step_ms", "time/data_wait_pct", "~final/test_rmse", "~final/ndcg@10"):
         assert tag in tags, tag
+    assert not any(t.startswith(("test/", "hparam/")) for t in tags)  # no one-point cards above the curves
     projector = list((run_dir / "tb").rglob("metadata.tsv"))
     assert projector and projector[0].read_text().startswith("title\tyear\tgenres")
 

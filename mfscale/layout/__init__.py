@@ -54,6 +54,9 @@ def build(cfg: JobConfig, env: DistEnv, data: Dataset) -> TableLayout:
     n_train = data.split_rows("train")
     if n_train == 0:
         raise DataError(f"{cfg.data.path}: the training split is empty")
+    # Shard sizes and row counts against the manifest before any rank reads (--data.verify on: sha256 too);
+    # the layouts that read whole files hash them as they read (Dataset.verify(whole=True)).
+    data.verify(("train",), whole=False)
     batch_size = cfg.train.batch_size or auto_batch_size(n_train, env.world_size)
     if choose(cfg.train.tables, env.world_size) == "replicated":
         return Replicated(cfg, env, data, batch_size)

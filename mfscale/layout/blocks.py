@@ -58,6 +58,7 @@ class Blocks(TableLayout):
     def _load_strata(self, resident: str) -> None:
         """This rank's training ratings (its user block), grouped by movie block; 12 bytes per rating."""
         w, r = self.env.world_size, self.env.rank
+        self.data.verify(("train",), whole=True)  # every rank reads the whole split: sha256 too (--data.verify)
         parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": []}
         for g in self.data.row_groups("train"):
             a = read_row_group(g)
