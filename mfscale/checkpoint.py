@@ -98,15 +98,23 @@ class TableRows:
         return cls(d["ids"], d["weight"], d.get("exp_avg"), d.get("exp_avg_sq"), int(d.get("step", 0)))
 
 
-# One rank's piece of a checkpoint: its rows of each table (TABLES).
-Part = dict[str, TableRows]
+@dataclass
+class Part:
+    """One rank's piece of a checkpoint: its rows of each table (``tables``, keyed by TABLES) and, where the
+    ranks keep their own copies of the global bias between sub-epoch ends (blocks), this rank's global bias
+    and its Adam state (``dense``: ``value``, ``step``, ``exp_avg``, ``exp_avg_sq``); None elsewhere."""
+
+    tables: dict[str, TableRows]
+    dense: dict[str, torch.Tensor] | None = None
 
 
 def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> None:
     """Write part ``k`` of ``n`` of the checkpoint for ``step`` atomically (any rank, before the metadata)."""
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {name: part[name].to_dict() for name in TABLES}
+    payload: dict[str, Any] = {name: part.tables[name].to_dict() for name in TABLES}
+    if part.dense is not None:
+        payload["dense"] = part.dense
     _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": payload}, directory / part_name(step, k, n))
 
 
@@ -116,7 +124,8 @@ def read_part(path: Path) -> Part:
         payload = torch.load(path, map_location="cpu", weights_only=False)
         if not isinstance(payload, dict) or payload.get(FORMAT_KEY) != FORMAT_VERSION or "part" not in payload:
             raise ValueError("not an mfscale checkpoint part")
-        return {name: TableRows.from_dict(payload["part"].get(name)) for name in TABLES}
+        body = payload["part"]
+        return Part({name: TableRows.from_dict(body.get(name)) for name in TABLES}, body.get("dense"))
     except Exception as exc:
         raise DataError(f"cannot load checkpoint part {path}: {_reason(exc)}") from exc
 
@@ -150,7 +159,7 @@ def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torc
     for part_path in part_paths(path, state):
         part = read_part(part_path)
         for name, n in rows.items():
-            t = part[name]
+            t = part.tables[name]
             filled[name][t.ids.numpy()] = True
             for key in keys:
                 value = getattr(t, key)
@@ -178,7 +187,7 @@ def load_model(path: Path, state: dict) -> BiasedMF:
 def save_whole_model(run_dir: Path, state: dict, users: torch.Tensor, items: torch.Tensor,
                      global_bias: torch.Tensor, *, step: int, is_best: bool = False) -> Path:
     """A checkpoint of whole tables (no optimizer state) in one part: a model made outside training."""
-    part = {name: TableRows(torch.arange(len(w)), w) for name, w in (("users", users), ("items", items))}
+    part = Part({name: TableRows(torch.arange(len(w)), w) for name, w in (("users", users), ("items", items))})
     write_part(run_dir, step, 0, 1, part)
     return save_checkpoint(run_dir, {**state, "global_bias": global_bias}, step=step, is_best=is_best, n_parts=1)
 

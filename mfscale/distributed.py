@@ -147,15 +147,12 @@ def synchronize(env: DistEnv) -> None:
 
 
 # Stop on a signal (SLURM's --signal=B:USR1@T, relayed by srun and torchrun; SIGTERM from scancel, a time
-# limit or torchrun's own shutdown): the handler only records it; at the next step boundary every rank
-# agrees (StopSignal.requested), rank 0 checkpoints and the job exits 0 without metrics.json: a
-# clean stop, not a failure, so torchrun does not restart workers that the scheduler is about to stop.
-# The launcher (launch/slurm/train.sbatch) requeues, and the next run resumes from that checkpoint.
+# limit or torchrun's own shutdown): the handler only records it; at the next sync point of the loop
+# (TableLayout.sync_point: every 10th step with replicated tables, each sub-epoch's end with blocks, every step
+# on one process) every rank agrees (StopSignal.requested), rank 0 checkpoints and the job exits 0 without
+# metrics.json: a clean stop, not a failure, so torchrun does not restart workers that the scheduler is about
+# to stop. The launcher (launch/slurm/train.sbatch) requeues, and the next run resumes from that checkpoint.
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-# Ranks compare flags every this many global steps (all ranks share global_step, so they check together):
-# one tiny all_reduce took ~0.2 ms against ~6-8 ms steps with 2 gloo ranks on 2 CPU cores; every 10th
-# step makes that ~0.3%, and stopping a few steps later is nothing against a 300 s warning.
-STOP_CHECK_EVERY = 10
 
 
 class StopSignal:
@@ -180,12 +177,11 @@ class StopSignal:
             signal.signal(s, h)
         self._previous = {}
 
-    def requested(self, env: DistEnv, global_step: int) -> bool:
-        """Whether any rank got a stop signal. A collective when distributed, so all stop at the same step."""
+    def requested(self, env: DistEnv) -> bool:
+        """Whether any rank got a stop signal. A collective when distributed (call it where every rank does, at
+        the same step), so all stop at the same step."""
         if not env.distributed:
             return self.signum != 0
-        if global_step % STOP_CHECK_EVERY:
-            return False
         flag = torch.tensor([self.signum], dtype=torch.int32, device=env.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

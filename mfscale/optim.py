@@ -301,6 +301,17 @@ class Optimizers:
         return {"opt_sparse_groups": self.tables.state_dict()["param_groups"], "opt_dense": self.dense.state_dict(),
                 "scheds": [s.state_dict() for s in self.schedules]}
 
+    def dense_rank_state(self) -> dict[str, Tensor]:
+        """This rank's global bias and its Adam state (ranks keep their own copies between sync points)."""
+        p = self.dense.param_groups[0]["params"][0]
+        return {"value": p.detach().clone(), **{k: v.clone() for k, v in self.dense.state[p].items()}}
+
+    def load_dense_rank_state(self, saved: dict[str, Tensor]) -> None:
+        p = self.dense.param_groups[0]["params"][0]
+        with torch.no_grad():
+            p.copy_(saved["value"])
+        self.dense.state[p].update({k: v.clone() for k, v in saved.items() if k != "value"})
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The tables' hyperparameters (lr, initial_lr, betas, ...) only: their moments came with the parts.
         for group, saved in zip(self.tables.param_groups, state["opt_sparse_groups"], strict=True):

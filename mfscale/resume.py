@@ -85,22 +85,31 @@ class Checkpoints:
         """Every rank with rows of its own writes its part in parallel; rank 0 then writes the metadata."""
         n = self.layout.n_parts
         if self.layout.writes_part():
-            checkpoint.write_part(self.run_dir, progress.global_step, self.env.rank if n > 1 else 0, n,
-                                  self.layout.held_rows())
+            part = self.layout.held_rows()
+            if self.step.local_bias:  # between sync points each rank's global bias is its own
+                part.dense = self.optims.dense_rank_state()
+            checkpoint.write_part(self.run_dir, progress.global_step, self.env.rank if n > 1 else 0, n, part)
         if self.env.distributed:
             dist.barrier()  # all parts on disk before the metadata that makes the checkpoint valid
         if self.env.is_main:
             checkpoint.save_checkpoint(self.run_dir, self._state(progress), step=progress.global_step,
                                        keep_last=self.cfg.checkpoint.keep_last, is_best=is_best, n_parts=n)
+        if self.env.distributed:
+            # No rank starts its next part before rank 0 is done: save_checkpoint removes leftover temp files,
+            # and with no collective per step (blocks) a fast rank could be writing its next part by then.
+            dist.barrier()
 
-    def _load_tables(self, path: Path, state: dict[str, Any], weights_only: bool = False) -> None:
+    def _load_tables(self, path: Path, state: dict[str, Any], weights_only: bool = False) -> dict | None:
+        """This rank's rows from the checkpoint's parts, and rank 0's global bias; returns this rank's own
+        global-bias state where its part has one (same layout and world size, between sync points)."""
         same = state.get("layout") == self.layout.name and state.get("world_size") == self.env.world_size
         which = [self.env.rank if self.layout.n_parts > 1 else 0] if same else None
-        parts = (checkpoint.read_part(p) for p in checkpoint.part_paths(path, state, which))
+        parts = [checkpoint.read_part(p) for p in checkpoint.part_paths(path, state, which)]
         position = state.get("layout_position", {}) if same else {}
         self.layout.load_parts(parts, position, weights_only=weights_only, where=path)
         with torch.no_grad():
             self.layout.model.global_bias.copy_(state["global_bias"])
+        return parts[0].dense if same and len(parts) == 1 else None
 
     def _chosen(self, found: tuple[dict, Path] | None) -> tuple[dict, Path] | None:
         """Rank 0's find on every rank (the others load the file rank 0 chose)."""
@@ -125,8 +134,10 @@ class Checkpoints:
             if best is not None:
                 self._load_tables(best[1], best[0], weights_only=True)
                 best_weights = {k: v.detach().cpu().clone() for k, v in self.layout.model.state_dict().items()}
-        self._load_tables(path, state)
+        own_bias = self._load_tables(path, state)
         self.optims.load_state_dict(state)
+        if own_bias is not None:
+            self.optims.load_dense_rank_state(own_bias)
         self._keep_started_settings(state)
         self.step.load_state_dict(state["scaler"])
         progress.load_state_dict(state)

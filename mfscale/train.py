@@ -23,12 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from . import config, distributed, layout, report, step
 from .config import JobConfig
-from .distributed import STOP_CHECK_EVERY, DistEnv, StopSignal
+from .distributed import DistEnv, StopSignal
 from .errors import cli_entry
 from .evaluate import evaluate
 from .monitor import Monitor
@@ -36,7 +35,7 @@ from .optim import Optimizers
 from .resume import Checkpoints, Progress
 from .shards import Dataset, write_text_atomic
 
-__all__ = ["STOP_CHECK_EVERY", "StopSignal", "Trainer", "main", "run"]
+__all__ = ["StopSignal", "Trainer", "main", "run"]
 
 PROG = "mfscale.train"
 log = logging.getLogger("mfscale")
@@ -131,17 +130,20 @@ class Trainer:
             p.global_step += 1
             p.step_in_epoch += 1
             bar.update(1)
-            if window.steps == cfg.train.log_every or p.step_in_epoch == steps:
+            # Where the ranks meet (sync_point) they reconcile, sum the loss and vote on stopping; between those
+            # points no collective of the loop's own holds a rank back.
+            sync = self.layout.sync_point(p.step_in_epoch)
+            if sync:
+                self.step_fn.reconcile()
+            if sync and (window.steps >= cfg.train.log_every or p.step_in_epoch == steps):
                 log_window()
             if cfg.checkpoint.every_steps and p.global_step % cfg.checkpoint.every_steps == 0 \
                     and p.step_in_epoch < steps:
                 self.checkpoints.save(p)
-            if self.stop.requested(self.env, p.global_step):
+            if sync and self.stop.requested(self.env):
                 if window.steps:
                     log_window()  # count the partial window's time and ratings
-                self.checkpoints.save(p)
-                if self.env.distributed:
-                    dist.barrier()  # no rank exits (and lets the launcher tear down) before the file is written
+                self.checkpoints.save(p)  # ends with a barrier: no rank exits before the files are written
                 self.stopped_on_signal = True
                 log.info("stopping on signal at step %d, checkpoint saved; requeue to continue", p.global_step)
                 break

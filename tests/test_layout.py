@@ -31,9 +31,9 @@ def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
     part = tr.layout.held_rows()
     out: dict[str, np.ndarray] = {}
     for name in ("users", "items"):
-        out[f"{name}.ids"] = part[name].ids.numpy()
+        out[f"{name}.ids"] = part.tables[name].ids.numpy()
         for key in ("weight", "exp_avg", "exp_avg_sq"):
-            out[f"{name}.{key}"] = getattr(part[name], key).numpy()
+            out[f"{name}.{key}"] = getattr(part.tables[name], key).numpy()
     out["global_bias"] = tr.model.global_bias.detach().numpy().copy()
     dense = tr.optims.dense.state[tr.model.global_bias]
     out["global_bias.exp_avg"] = dense["exp_avg"].numpy().copy()
@@ -49,14 +49,18 @@ def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) 
         torch.set_default_dtype(torch.float64)  # the comparison is about the algorithm, not summation order
         for k, cfg in enumerate(cfgs):
             tr = Trainer(config.from_dict(cfg), env)
-            batches = []
-            for batch in tr.layout.batches(0, 0):  # to the end of the epoch: the last, uneven steps included
+            batches, sync_steps = [], []
+            for j, batch in enumerate(tr.layout.batches(0, 0), start=1):  # to the end of the epoch
                 user, item = tr.layout.global_ids(batch)
                 batches.append({"user": user, "item": item, "rating": batch["rating"].numpy().copy(),
                                 "global_rows": batch["global_rows"]})
                 tr.train_step(batch)
+                if tr.layout.sync_point(j):  # as the loop does (train.Trainer._train_epoch)
+                    tr.step_fn.reconcile()
+                    sync_steps.append(j)
             torch.save({"batches": batches, "tensors": trainer_tensors(tr), "steps": tr.layout.steps_per_epoch,
-                        "bytes_sent": tr.layout.bytes_sent}, Path(out) / f"cfg{k}-rank{rank}.pt")
+                        "bytes_sent": tr.layout.bytes_sent, "sync_steps": sync_steps,
+                        "local_bias": tr.step_fn.local_bias}, Path(out) / f"cfg{k}-rank{rank}.pt")
     finally:
         distributed.destroy()
 
@@ -107,6 +111,75 @@ def assert_union_equal(ranks: list[dict], cfg: config.JobConfig, data: Dataset) 
             np.testing.assert_allclose(r["tensors"][key], want[key], rtol=1e-9, atol=0, err_msg=key)
 
 
+def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str, np.ndarray]) -> dict[str, list]:
+    """The blocks layout's closed-form step written out in NumPy (float64) from the config alone, fed each step the
+    ranks' batches: squared error / G plus the per-rating L2, LazyAdam on the touched rows of each table (one step
+    count per table), and per rank a copy of the global bias stepped by torch's Adam on W x its batch's gradient,
+    the copies and their moments averaged at the ranks' sync points. Constant learning rates (schedule none)."""
+    o, d, w = cfg.optim, cfg.model.dim, len(ranks)
+    assert o.schedule == "none"
+    reg = np.full(d + 1, o.reg_factor)
+    reg[d] = o.reg_bias
+    tables = {"users": initial["users.weight"].copy(), "items": initial["items.weight"].copy()}
+    moments = {k: (np.zeros_like(t), np.zeros_like(t)) for k, t in tables.items()}
+    bias = np.full(w, float(initial["global_bias"]))
+    bias_m, bias_v = np.zeros(w), np.zeros(w)
+    sync = set(ranks[0]["sync_steps"])
+    assert all(set(r["sync_steps"]) == sync for r in ranks)
+    for t, step in enumerate(zip(*(r["batches"] for r in ranks), strict=True), start=1):
+        g_rows = step[0]["global_rows"]
+        grads = {k: np.zeros_like(v) for k, v in tables.items()}
+        counts = {k: np.zeros(len(v)) for k, v in tables.items()}
+        p, q = tables["users"], tables["items"]
+        g_bias = np.zeros(w)
+        for r, b in enumerate(step):
+            u, i, y = b["user"], b["item"], b["rating"].astype(np.float64)
+            coef = 2 * (bias[r] + (p[u, :d] * q[i, :d]).sum(1) + p[u, d] + q[i, d] - y) / g_rows
+            np.add.at(grads["users"], u, coef[:, None] * np.c_[q[i, :d], np.ones(len(i))])
+            np.add.at(grads["items"], i, coef[:, None] * np.c_[p[u, :d], np.ones(len(u))])
+            np.add.at(counts["users"], u, 1)
+            np.add.at(counts["items"], i, 1)
+            g_bias[r] = w * coef.sum()
+        size = o.lr * np.sqrt(1 - o.beta2**t) / (1 - o.beta1**t)
+        for k, x in tables.items():
+            m, v = moments[k]
+            rows = counts[k] > 0
+            g = grads[k][rows] + (counts[k][rows, None] * reg * 2 / g_rows) * x[rows]
+            m[rows] += (g - m[rows]) * (1 - o.beta1)
+            v[rows] += (g * g - v[rows]) * (1 - o.beta2)
+            x[rows] -= size * m[rows] / (np.sqrt(v[rows]) + 1e-8)
+        b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults (the global bias)
+        bias_m = b1 * bias_m + (1 - b1) * g_bias
+        bias_v = b2 * bias_v + (1 - b2) * g_bias**2
+        bias -= o.dense_lr / (1 - b1**t) * bias_m / (np.sqrt(bias_v) / np.sqrt(1 - b2**t) + 1e-8)
+        if t in sync:
+            bias, bias_m, bias_v = (np.full(w, x.mean()) for x in (bias, bias_m, bias_v))
+    return {"tables": tables, "moments": moments, "bias": [bias, bias_m, bias_v]}
+
+
+def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Dataset) -> None:
+    """Each rank's rows, their Adam moments and its global bias (with its Adam moments) equal the NumPy
+    reference's."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        initial = Trainer(config.replace(cfg, train__tables="replicated"), DistEnv(0, 1, 0, CPU)).model
+    finally:
+        torch.set_default_dtype(torch.float32)
+    want = numpy_reference(ranks, cfg, {k: v.detach().numpy() for k, v in initial.state_dict().items()})
+    assert len(want["tables"]["users"]) == data.n_users
+    for r, rank in enumerate(ranks):
+        t = rank["tensors"]
+        for name in ("users", "items"):
+            ids = t[f"{name}.ids"]
+            for key, ref in zip(("weight", "exp_avg", "exp_avg_sq"),
+                                (want["tables"][name], *want["moments"][name]), strict=True):
+                np.testing.assert_allclose(t[f"{name}.{key}"], ref[ids], rtol=1e-6, atol=1e-10,
+                                           err_msg=f"rank {r} {name}.{key}")
+        for key, ref in zip(("global_bias", "global_bias.exp_avg", "global_bias.exp_avg_sq"), want["bias"],
+                            strict=True):
+            np.testing.assert_allclose(t[key], ref[r], rtol=1e-9, atol=0, err_msg=f"rank {r} {key}")
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, world):
     """Fused and autograd steps (the latter with gravity, whose Gram matrices are summed over ranks), through
@@ -118,7 +191,12 @@ def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, 
     results = run_ranks(cfgs, world, tmp_path)
     data = Dataset(small_data)
     for cfg, ranks in zip(cfgs, results, strict=True):
-        assert_union_equal(ranks, cfg, data)
+        if ranks[0]["local_bias"]:  # the closed-form step: each rank's own global bias between sync points
+            assert cfg.train.step != "autograd" and all(r["sync_steps"][-1] == r["steps"] for r in ranks)
+            assert len(ranks[0]["sync_steps"]) == world  # the sub-epoch ends: W collectives per epoch
+            assert_numpy_reference(ranks, cfg, data)
+        else:  # autograd: DDP sums the global bias's gradient every step
+            assert_union_equal(ranks, cfg, data)
         # exactly once: the epoch's batches over all ranks are the training split, as a multiset
         train = data.read_split("train")
         got = np.sort(np.concatenate([b["user"] * data.n_items + b["item"] for r in ranks for b in r["batches"]]))

@@ -115,8 +115,8 @@ def test_similar_to_finds_a_planted_near_copy(trained, tmp_path, capsys):
     state, path = checkpoint.load_best(copy)
     (part_path,) = checkpoint.part_paths(path, state)  # one process: one part, rows in global id order
     part = checkpoint.read_part(part_path)
-    w = part["items"].weight
-    assert torch.equal(part["items"].ids, torch.arange(len(w)))
+    w = part.tables["items"].weight
+    assert torch.equal(part.tables["items"].ids, torch.arange(len(w)))
     dim = state["model_shape"]["dim"]
     src, twin = 10, 150  # make movie row 150 a near-copy (scaled, slightly perturbed) of movie row 10
     w[twin, :dim] = 2.0 * w[src, :dim] + 1e-4 * torch.randn(dim)

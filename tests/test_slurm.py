@@ -19,10 +19,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from mfscale import checkpoint, config, distributed
-from mfscale.train import STOP_CHECK_EVERY, Trainer, run
+from mfscale.layout import deal_rows, train_counts
+from mfscale.shards import Dataset
+from mfscale.train import Trainer, run
 
 from .conftest import RESTART_ARGS, as_rank, free_port, spawn_ranks
 from .test_train import OVERFIT, assert_exercises_best_weights, assert_same_run
@@ -244,10 +247,18 @@ def test_ranks_agree_to_stop_at_the_same_step(small_data, tmp_path):
     cfg = job(small_data, tmp_path / "r", train__epochs=2, train__batch_size=64)
     assert spawn_ranks(_signalled_rank, 2, (free_port(), cfg.to_dict(), str(tmp_path)), 60, method="fork") == [0, 0]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    # Both stop together at the first check after the signal (the check runs every STOP_CHECK_EVERY steps).
-    assert STOP_CHECK_EVERY == 10
-    assert results[0] == results[1] == {"stopped_on_signal": True, "steps": 10, "world_size": 2}
-    assert checkpoint.step_path(tmp_path / "r", 10).is_file()
+    # Both stop together at the first sync point after the signal: under blocks (2 ranks' default), the end of
+    # the first sub-epoch, whose steps are its larger stratum over the batch size (the vote is no per-step
+    # collective).
+    data = Dataset(small_data)
+    train = data.read_split("train")
+    blocks = [deal_rows(n, 2) for n in train_counts(data)]
+    strata = np.zeros((2, 2), dtype=np.int64)
+    np.add.at(strata, (blocks[0][train["user"]], blocks[1][train["item"]]), 1)
+    first_sub_epoch = -(-max(strata[0, 0], strata[1, 1]) // 64)
+    assert first_sub_epoch > 6  # the signal comes at step 6
+    assert results[0] == results[1] == {"stopped_on_signal": True, "steps": int(first_sub_epoch), "world_size": 2}
+    assert checkpoint.step_path(tmp_path / "r", int(first_sub_epoch)).is_file()
 
 
 def test_threads_per_process_default_to_the_tasks_cpus(tmp_path, small_data):
@@ -309,7 +320,9 @@ def test_usr1_during_startup_waits_for_training_then_stops_cleanly(small_data, t
     job_id = "5252"
     env = slurm_env(tmp_path, small_data, job_id)
     run_dir = tmp_path / "runs" / f"mftest-{job_id}"
-    proc = sbatch(["--epochs", "3", "--workers", "0", "--batch-size", "16", "--train.patience", "0"], env, tmp_path)
+    # Epochs enough that the signal lands mid-training: the ranks stop at their next sync point (a sub-epoch's
+    # end under blocks), and 3 epochs of this tiny set could end first.
+    proc = sbatch(["--epochs", "50", "--workers", "0", "--batch-size", "16", "--train.patience", "0"], env, tmp_path)
     try:
         deadline = time.monotonic() + 30
         log = tmp_path / "slurm-calls.log"

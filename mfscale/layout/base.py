@@ -105,6 +105,16 @@ class TableLayout(abc.ABC):
         """The global (user, movie) ids of a batch just yielded by ``batches`` (it carries local ids)."""
 
     # -- the update --------------------------------------------------------------------------------
+    # Whether the ranks meet every step anyway (an exchange of gradient rows), so a per-step collective of the
+    # global bias costs no extra wait; where not (blocks), the step keeps a copy per rank between sync points.
+    meets_every_step: bool = False
+
+    @abc.abstractmethod
+    def sync_point(self, step_in_epoch: int) -> bool:
+        """Whether the ranks meet after this step of the epoch (its last step always): there the loop votes on
+        stopping and sums the training loss, and the step reconciles what the ranks kept apart. On one
+        process every step (nothing to wait for)."""
+
     @abc.abstractmethod
     def apply_row_grads(self, tables: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]],
                         col_weights: torch.Tensor) -> None:
@@ -165,7 +175,7 @@ class TableLayout(abc.ABC):
         2-core CPU, benchmarks/RESULTS.md).
         """
         users, items = self.held_ids(self.position())
-        out: Part = {}
+        out: dict[str, TableRows] = {}
         for name, ids, p in zip(TABLES, (users, items), self.model.sparse_parameters(), strict=True):
             state = self.opt.state.get(p, {})
             n = len(ids)
@@ -174,7 +184,7 @@ class TableLayout(abc.ABC):
                 exp_avg=state["exp_avg"][:n].cpu() if "exp_avg" in state else None,
                 exp_avg_sq=state["exp_avg_sq"][:n].cpu() if "exp_avg_sq" in state else None,
                 step=int(state.get("step", 0)))
-        return out
+        return Part(out)
 
     def load_parts(self, parts: Iterable[Part], position: dict[str, Any], *, weights_only: bool = False,
                    where: object = "") -> None:
@@ -193,7 +203,7 @@ class TableLayout(abc.ABC):
         steps: set[int] = set()
         for part in parts:
             for k, (name, p) in enumerate(zip(TABLES, self.model.sparse_parameters(), strict=True)):
-                t = part[name]
+                t = part.tables[name]
                 gids = t.ids.numpy()
                 s_ids, order = sorted_held[k]
                 pos = np.searchsorted(s_ids, gids)

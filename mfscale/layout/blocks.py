@@ -96,6 +96,11 @@ class Blocks(TableLayout):
                           for s in range(w)]
         self.steps_per_epoch = sum(self.sub_steps)
         self.sub_start = np.r_[0, np.cumsum(self.sub_steps)]
+        self._sub_ends = set(self.sub_start[1:].tolist())
+
+    def sync_point(self, step_in_epoch: int) -> bool:
+        """The end of each sub-epoch, where the ranks pass their movie blocks on anyway (W per epoch)."""
+        return not self.env.distributed or step_in_epoch in self._sub_ends
 
     def _sizes(self, n: int, steps: int) -> np.ndarray:
         return np.array([n // steps + (1 if j < n % steps else 0) for j in range(steps)], dtype=np.int64)
