@@ -8,7 +8,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,13 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    # Collectives this rank has joined, by kind (benchmarks and metrics.json: how many per epoch).
+    collectives: Counter = field(default_factory=Counter, compare=False, repr=False)
+
+    def count(self, kind: str, n: int = 1) -> None:
+        """Record ``n`` collectives (or send/recv exchanges) of ``kind`` joined by this rank."""
+        if self.world_size > 1:
+            self.collectives[kind] += n
 
     @property
     def is_main(self) -> bool:
@@ -127,6 +135,7 @@ def wait_for_idle_threads(timeout_s: float = 5.0, poll_s: float = 0.01, quiet_po
 
 def all_reduce_sum(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
     if env.distributed:
+        env.count("all_reduce")
         dist.all_reduce(t)
     return t
 
@@ -136,6 +145,7 @@ def broadcast_object(env: DistEnv, obj: object) -> object:
     if not env.distributed:
         return obj
     box = [obj]
+    env.count("broadcast")
     dist.broadcast_object_list(box, src=0)
     return box[0]
 
@@ -183,5 +193,6 @@ class StopSignal:
         if not env.distributed:
             return self.signum != 0
         flag = torch.tensor([self.signum], dtype=torch.int32, device=env.device)
+        env.count("all_reduce")
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())

@@ -89,6 +89,7 @@ class Checkpoints:
             if self.step.local_bias:  # between sync points each rank's global bias is its own
                 part.dense = self.optims.dense_rank_state()
             checkpoint.write_part(self.run_dir, progress.global_step, self.env.rank if n > 1 else 0, n, part)
+        self.env.count("barrier", 2)
         if self.env.distributed:
             dist.barrier()  # all parts on disk before the metadata that makes the checkpoint valid
         if self.env.is_main:

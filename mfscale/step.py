@@ -101,6 +101,7 @@ class Step(abc.ABC):
         if self.local_bias:
             grad = grad * self.env.world_size
         elif self.env.distributed:
+            self.env.count("all_reduce")
             dist.all_reduce(grad)
         model.global_bias.grad = grad.reshape(()).to(model.global_bias.dtype)
         opt.step()
@@ -116,6 +117,7 @@ class Step(abc.ABC):
             return
         keys = ("exp_avg", "exp_avg_sq")
         buf = torch.stack([p.detach().reshape(())] + [state[k].reshape(()) for k in keys])
+        self.env.count("all_reduce")
         dist.all_reduce(buf)
         buf /= self.env.world_size
         with torch.no_grad():
@@ -252,6 +254,7 @@ class AutogradStep(Step):
             self.scaler.scale(loss).backward()
         else:
             loss.backward()
+        self.env.count("all_reduce")  # DDP's bucket of the global bias (no-op count on one process)
         self.layout.apply_sparse_grads(self.scaler)
         if self.scaler:
             self.scaler.step(opt_dense)
@@ -270,6 +273,7 @@ class AutogradStep(Step):
         a_local, c_local = p.T @ p, q.T @ q
         a_all, c_all = a_local.detach().clone(), c_local.detach().clone()
         if self.env.distributed:
+            self.env.count("all_reduce", 2)
             dist.all_reduce(a_all)
             dist.all_reduce(c_all)
         scale = self.cfg.optim.gravity / float(global_rows) ** 2

@@ -59,6 +59,7 @@ class Trainer:
         self.checkpoints = Checkpoints(cfg, env, self.layout, self.optims, self.step_fn)
         self.progress = Progress()
         self.best_weights: dict[str, torch.Tensor] | None = None
+        self.epoch_collectives: int | None = None  # the last epoch's, in this process (metrics.json)
         self.stopped_on_signal = False
 
     def resume(self) -> bool:
@@ -103,7 +104,7 @@ class Trainer:
             "best_val_rmse": p.best_val if math.isfinite(p.best_val) else None, "best_epoch": p.best_epoch,
             "epochs": p.epoch, "steps": p.global_step,
             "train_ratings_per_s": p.train_ratings / p.train_seconds if p.train_seconds else None,
-            "history": p.history})
+            "collectives_per_epoch": self.epoch_collectives if env.distributed else 0, "history": p.history})
         monitor.close()
         return metrics
 
@@ -113,6 +114,7 @@ class Trainer:
         bar = tqdm(total=steps, initial=p.step_in_epoch, desc=f"epoch {p.epoch}", unit="step", dynamic_ncols=True,
                    disable=not (self.env.is_main and sys.stderr.isatty()))
         window = report.Window(self.env)
+        self._collectives_at_start = self.env.collectives.total()
 
         def log_window() -> None:
             seconds, ratings = window.log(p.global_step, self.optims, monitor, bar)
@@ -154,6 +156,8 @@ class Trainer:
         p = self.progress
         val = evaluate(self.layout, "val", batch_size=self.cfg.train.eval_batch_size)
         record: dict[str, Any] = {"epoch": p.epoch}
+        # this epoch's training steps and validation in this process (not its checkpoint's 2 barriers)
+        self.epoch_collectives = self.env.collectives.total() - self._collectives_at_start
         p.epoch += 1
         p.step_in_epoch = 0
         is_best = False

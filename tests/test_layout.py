@@ -381,3 +381,23 @@ def test_checkpoint_from_before_parts_is_refused_for_training_and_read_by_the_to
         Trainer(job(small_data, tmp_path / "old", model__dim=4), DistEnv(0, 1, 0, CPU)).resume()
     run_ = load_run(tmp_path / "old")
     assert torch.equal(run_.model.items.weight, model.items.weight) and run_.step == 7
+
+
+def test_blocks_collectives_per_epoch_grow_with_ranks_not_steps(small_data, tmp_path):
+    """Under blocks the ranks meet only at sub-epoch ends: per epoch W sync points (reconcile the global bias,
+    sum the loss (log_every 1: at each of them), vote on stopping), W block rotations, and validation's 2;
+    whatever the number of steps. Each rank's start-up read is counted in metrics.json too (today: the whole
+    training split on every rank)."""
+    got = {}
+    for batch in (50, 200):
+        run_dir = tmp_path / f"b{batch}"
+        r = _torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--batch-size", str(batch),
+                       "--epochs", "2", "--train.ranking_k", "0", "--train.tables", "blocks",
+                       "--train.log_every", "1"], 2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        got[batch] = json.loads((run_dir / "metrics.json").read_text())
+    assert got[50]["steps"] > 3 * got[200]["steps"]
+    for m in got.values():
+        assert m["collectives_per_epoch"] == 4 * 2 + 2
+        assert m["collectives_by_kind"]["send_recv"] == 2 * 2  # W rotations per epoch
+        assert m["decoded_bytes_per_rank"] == [Dataset(small_data).split_rows("train") * 16] * 2

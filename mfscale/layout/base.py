@@ -58,7 +58,8 @@ class TableLayout(abc.ABC):
     update of the tables from a step's gradients (with any exchange between ranks), the share of a split this
     rank evaluates, and this rank's part of a checkpoint. A layout builds ``model`` (this rank's rows, in local
     ids) and ``opt`` (the tables' optimizer, ``optim.build_tables``). ``bytes_sent`` counts what this rank sent
-    to others for the tables (gradient rows or blocks), for the benchmarks.
+    to others for the tables (gradient rows or blocks), ``decoded_bytes`` what it decoded of the training split
+    at start-up; both for metrics.json and the benchmarks.
     """
 
     name = "?"
@@ -75,6 +76,7 @@ class TableLayout(abc.ABC):
     def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
         self.cfg, self.env, self.data, self.batch_size = cfg, env, data, batch_size
         self.bytes_sent = 0
+        self.decoded_bytes = 0  # of the training split, by this rank at start-up
         self.n_train_rows = train_counts(data)  # training ratings per user row and per movie row
 
     def _build(self, user_ids: np.ndarray, item_rows: int, item_ids: np.ndarray) -> None:

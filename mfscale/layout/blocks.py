@@ -69,6 +69,7 @@ class Blocks(TableLayout):
         parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": []}
         for g in self.data.row_groups("train"):
             a = read_row_group(g)
+            self.decoded_bytes += sum(v.nbytes for v in a.values())
             mine = self.user_block[a["user"]] == r
             parts["user"].append(self.user_local_idx[a["user"][mine]].astype(np.int32))
             parts["item"].append(a["item"][mine].astype(np.int64))
@@ -85,6 +86,7 @@ class Blocks(TableLayout):
         mine = torch.tensor(counts, dtype=torch.long, device=self.env.device)
         if self.env.distributed:
             rows = [torch.empty_like(mine) for _ in range(w)]
+            self.env.count("all_gather")
             dist.all_gather(rows, mine)
             mine = torch.stack(rows)
         self.strata = mine.reshape(w, w).cpu().numpy()  # strata[rank, movie block] = ratings
@@ -155,6 +157,7 @@ class Blocks(TableLayout):
         send = torch.stack([p.detach(), state["exp_avg"], state["exp_avg_sq"]])
         recv = torch.empty_like(send)
         ops = [dist.P2POp(dist.isend, send, (r - 1) % w), dist.P2POp(dist.irecv, recv, (r + 1) % w)]
+        self.env.count("send_recv")
         for req in dist.batch_isend_irecv(ops):
             req.wait()
         self.bytes_sent += send.numel() * send.element_size()
@@ -194,6 +197,7 @@ class Blocks(TableLayout):
         blocks = [p]
         if self.env.distributed:
             blocks = [torch.empty_like(p) for _ in range(w)]
+            self.env.count("all_gather")
             dist.all_gather(blocks, p.contiguous())
         for q, rows in enumerate(blocks):
             m = torch.from_numpy(self.item_members[movie_block(q, self.held, w)]).to(p.device)

@@ -18,7 +18,7 @@ from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
 from ..optim import LazyAdam
-from ..shards import Dataset
+from ..shards import SHARD_SCHEMA, Dataset
 from ..stream import RatingStream, make_loader
 from ..sync import all_sum_rows, sync_sparse_grads, sync_sparse_rows
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
@@ -27,6 +27,7 @@ from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
 # training loss) run every this many steps: one tiny all_reduce took ~0.2 ms against ~6-8 ms steps with 2
 # gloo ranks on 2 CPU cores, so every 10th step makes that ~0.3%.
 SYNC_EVERY = 10
+SHARD_ROW_BYTES = sum(f.type.byte_width for f in SHARD_SCHEMA)
 
 
 class Replicated(TableLayout):
@@ -42,6 +43,8 @@ class Replicated(TableLayout):
             raise ConfigError("--data.resident on reads batches in the training process; use --workers 0")
         # The whole training split on the device (batches cut there, identical to streamed ones)?
         self.resident = not self.workers and fits_on_device(data.split_rows("train"), cfg.data.resident, env)
+        if self.resident:  # every row group, all columns (streamed: read as the epochs go, nothing at start-up)
+            self.decoded_bytes = data.split_rows("train") * SHARD_ROW_BYTES
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
                                    seed=cfg.train.seed, resident=env.device if self.resident else None)
         self.steps_per_epoch = self.stream.steps_per_epoch
@@ -68,6 +71,7 @@ class Replicated(TableLayout):
             local = [(ids, torch.cat([rows, counts[:, None]], 1)) for ids, rows, counts in tables]
             self.bytes_sent += sum(ids.numel() * (8 + (dim + 1) * rows.element_size()) for ids, rows in local) \
                 * (self.env.world_size - 1)
+            self.env.count("all_gather", 3)  # sizes, ids, rows
             synced = all_sum_rows(local, [self.data.n_users, self.data.n_items])
             tables = [(ids, v[:, :-1], v[:, -1]) for ids, v in synced]
         self.opt.step(rows=[(ids, rows, counts, col_weights) for ids, rows, counts in tables])
@@ -78,6 +82,7 @@ class Replicated(TableLayout):
         if self.env.distributed:
             sent = sum(p.grad._nnz() * (8 + p.shape[1] * p.element_size()) for p in params if p.grad is not None)
             self.bytes_sent += sent * (self.env.world_size - 1)
+            self.env.count("all_gather", 3)  # sizes, ids, rows
             if isinstance(self.opt, LazyAdam) and scaler is None:
                 synced = sync_sparse_rows(params)  # unique rows: no second dedupe
             else:
