@@ -18,6 +18,13 @@ name. The payload wraps the caller's ``state`` in a small record (``{"mfscale_ch
 ..., "state": ...}``); a file that fails to load or lacks the record (truncated by a full disk,
 garbage, a foreign file) is reported and skipped, and :func:`load_latest` falls back to the previous one.
 
+**Nothing is unpickled.** Every file is read with ``torch.load(weights_only=True)``: tensors, numbers,
+strings, lists, tuples and dicts only, so a crafted file cannot run code; a file that holds anything else is
+refused (:class:`UnsafeCheckpoint`). Checkpoints written before December 2026 hold NumPy's RNG state as an array
+and are refused the same way; ``python -m mfscale.checkpoint convert RUN_DIR`` rewrites them, for files the
+user trusts. Each part's sha256 is in its metadata (``parts_sha256``), so a damaged part is found before it is
+used.
+
 Whether a run resumes is decided only by what is on disk here, never by the launcher's restart count
 (``TORCHELASTIC_RESTART_COUNT``): a first attempt may find checkpoints of an earlier job and a restart
 may find none. These functions are called by rank 0 only; the caller broadcasts or barriers.
@@ -25,11 +32,16 @@ may find none. These functions are called by rank 0 only; the caller broadcasts 
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import hashlib
+import io
 import math
 import os
+import pickle
 import re
 import shutil
+import sys
 import uuid
 import warnings
 from dataclasses import dataclass
@@ -39,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, cli_entry
 from .model import BiasedMF
 
 CKPT_DIR = "checkpoints"
@@ -53,6 +65,36 @@ _PART_RE = re.compile(r"^(step|best)-(\d+)\.part-\d+-of-\d+\.pt$")
 
 class CorruptCheckpointWarning(UserWarning):
     """A checkpoint file could not be loaded and was skipped."""
+
+
+class UnsafeCheckpoint(DataError):
+    """A file holds Python objects other than tensors and plain data: loading it could run code."""
+
+
+def _safe_load(source: Path | bytes, name: Path) -> Any:
+    """``torch.load`` with ``weights_only=True``; a file that needs more is refused (UnsafeCheckpoint)."""
+    try:
+        return torch.load(io.BytesIO(source) if isinstance(source, bytes) else source, map_location="cpu",
+                          weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # garbage or a truncated file, not a disallowed object
+            raise ValueError("not a torch file, or a damaged one") from None
+        raise UnsafeCheckpoint(
+            f"{name} holds Python objects besides tensors and plain data, and mfscale does not unpickle them (that "
+            f"could run code); if mfscale wrote it before 2026-12 and you trust it: python -m mfscale.checkpoint "
+            f"convert {_run_dir_of(name)}") from None
+
+
+def _run_dir_of(path: Path) -> Path:
+    return Path(path).parent.parent if Path(path).parent.name == CKPT_DIR else Path(path).parent
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -108,32 +150,59 @@ class Part:
     dense: dict[str, torch.Tensor] | None = None
 
 
-def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> None:
-    """Write part ``k`` of ``n`` of the checkpoint for ``step`` atomically (any rank, before the metadata)."""
+def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> str:
+    """Write part ``k`` of ``n`` of the checkpoint for ``step`` atomically (any rank, before the metadata);
+    returns the file's sha256, for the metadata."""
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     payload: dict[str, Any] = {name: part.tables[name].to_dict() for name in TABLES}
     if part.dense is not None:
         payload["dense"] = part.dense
-    _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": payload}, directory / part_name(step, k, n))
+    final = directory / part_name(step, k, n)
+    _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": payload}, final)
+    return sha256_of(final)  # just written: read back from the page cache
 
 
-def read_part(path: Path) -> Part:
-    """The one reader of checkpoint parts; DataError naming the file when it cannot be loaded."""
+def verify_part(path: Path, sha256: str | None) -> bytes:
+    """The part file's bytes, checked against its recorded sha256 (None: a checkpoint from before checksums)."""
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=False)
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot load checkpoint part {path}: {_reason(exc)}") from exc
+    if sha256 is not None and (got := hashlib.sha256(data).hexdigest()) != sha256:
+        raise DataError(f"checkpoint part {path} is damaged (sha256 {got[:16]}..., its checkpoint says "
+                        f"{sha256[:16]}...)")
+    return data
+
+
+def read_part(path: Path, sha256: str | None = None) -> Part:
+    """The one reader of checkpoint parts, checked against ``sha256`` where given; DataError naming the file
+    when it cannot be loaded (UnsafeCheckpoint when it holds more than tensors and plain data)."""
+    data = verify_part(path, sha256)
+    try:
+        payload = _safe_load(data, path)
         if not isinstance(payload, dict) or payload.get(FORMAT_KEY) != FORMAT_VERSION or "part" not in payload:
             raise ValueError("not an mfscale checkpoint part")
         body = payload["part"]
         return Part({name: TableRows.from_dict(body.get(name)) for name in TABLES}, body.get("dense"))
+    except UnsafeCheckpoint:
+        raise
     except Exception as exc:
         raise DataError(f"cannot load checkpoint part {path}: {_reason(exc)}") from exc
 
 
-def part_paths(path: Path, state: dict, which: list[int] | None = None) -> list[Path]:
-    """The part files of the checkpoint whose metadata ``state`` was loaded from ``path`` (``which``: some)."""
+def part_sha256(state: dict, k: int) -> str | None:
+    """The recorded sha256 of the checkpoint's k-th part (None for a checkpoint from before checksums)."""
+    digests = state.get("parts_sha256")
+    return digests[k] if digests else None
+
+
+def part_paths(path: Path, state: dict, which: list[int] | None = None) -> list[tuple[Path, str | None]]:
+    """The part files (with their recorded sha256) of the checkpoint whose metadata ``state`` was loaded from
+    ``path`` (``which``: some)."""
     names = state.get("parts", [])
-    return [Path(path).parent / names[k] for k in (range(len(names)) if which is None else which)]
+    return [(Path(path).parent / names[k], part_sha256(state, k))
+            for k in (range(len(names)) if which is None else which)]
 
 
 def check_complete(filled: dict[str, np.ndarray], where: object) -> None:
@@ -156,8 +225,8 @@ def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torc
     keys = ("weight", "exp_avg", "exp_avg_sq") if optimizer else ("weight",)
     out: dict[str, torch.Tensor] = {}
     filled = {name: np.zeros(n, dtype=bool) for name, n in rows.items()}
-    for part_path in part_paths(path, state):
-        part = read_part(part_path)
+    for part_path, digest in part_paths(path, state):
+        part = read_part(part_path, digest)
         for name, n in rows.items():
             t = part.tables[name]
             filled[name][t.ids.numpy()] = True
@@ -188,8 +257,9 @@ def save_whole_model(run_dir: Path, state: dict, users: torch.Tensor, items: tor
                      global_bias: torch.Tensor, *, step: int, is_best: bool = False) -> Path:
     """A checkpoint of whole tables (no optimizer state) in one part: a model made outside training."""
     part = Part({name: TableRows(torch.arange(len(w)), w) for name, w in (("users", users), ("items", items))})
-    write_part(run_dir, step, 0, 1, part)
-    return save_checkpoint(run_dir, {**state, "global_bias": global_bias}, step=step, is_best=is_best, n_parts=1)
+    digest = write_part(run_dir, step, 0, 1, part)
+    return save_checkpoint(run_dir, {**state, "global_bias": global_bias}, step=step, is_best=is_best, n_parts=1,
+                           parts_sha256=[digest])
 
 
 def _step_of(path: Path) -> int | None:
@@ -258,7 +328,7 @@ def _atomic_copy(src: Path, final: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, state: dict, *, step: int, keep_last: int = 3, is_best: bool = False,
-                    n_parts: int = 0) -> Path:
+                    n_parts: int = 0, parts_sha256: list[str] | None = None) -> Path:
     """Write ``state`` as ``checkpoints/step-{step:010d}.pt`` atomically and return its path.
 
     ``n_parts``: how many parts (``write_part``) of this step were written before; their names go into the
@@ -283,7 +353,10 @@ def save_checkpoint(run_dir: Path, state: dict, *, step: int, keep_last: int = 3
 
     n = int(n_parts)
     if n:
-        state = {**state, "parts": [part_name(step, k, n) for k in range(n)]}
+        state = {**{k: v for k, v in state.items() if k != "parts_sha256"},
+                 "parts": [part_name(step, k, n) for k in range(n)]}
+        if parts_sha256 is not None:  # best parts are hard links of these: the same digests
+            state["parts_sha256"] = list(parts_sha256)
     missing = [p for p in state.get("parts", []) if not (directory / p).is_file()]
     if missing:
         raise FileNotFoundError(f"checkpoint parts not written: {', '.join(missing)}")
@@ -312,7 +385,7 @@ def _prune_parts(directory: Path, best_step: int | None) -> None:
     parts other than the current best's."""
     if best_step is None and (directory / BEST_NAME).is_file():
         try:
-            best_step = torch.load(directory / BEST_NAME, map_location="cpu", weights_only=False)["step"]
+            best_step = _safe_load(directory / BEST_NAME, directory / BEST_NAME)["step"]
         except Exception:
             best_step = None  # an unreadable best.pt keeps its parts; load_best reports it
     for p in directory.iterdir():
@@ -336,11 +409,7 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _load(path: Path, map_location: str | torch.device, expect_step: int | None) -> dict:
-    # weights_only=False: the state holds plain Python objects besides tensors (config dict, Python/NumPy
-    # RNG states, stream position, optimizer param groups) that the restricted weights-only unpickler
-    # rejects. These are files this package wrote into the user's own run directory; never point
-    # load_latest/load_best at checkpoints from an untrusted source (unpickling can run code).
-    payload = torch.load(path, map_location=map_location, weights_only=False)
+    payload = _safe_load(path, path)
     if not isinstance(payload, dict) or payload.get(FORMAT_KEY) != FORMAT_VERSION:
         raise ValueError("not an mfscale checkpoint (integrity record missing)")
     state = payload.get("state")
@@ -372,9 +441,25 @@ def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tupl
     for path in reversed(list_checkpoints(run_dir)):
         try:
             return _load(path, map_location, _step_of(path)), path
-        except Exception as exc:  # truncated zip, unpickling error, EOF, missing record ...
+        except UnsafeCheckpoint:
+            raise  # refused, not skipped: an older mfscale's checkpoint (convert it) or a crafted one
+        except Exception as exc:  # truncated zip, EOF, missing record ...
             _warn_corrupt(path, exc)
     return None
+
+
+def load_all(run_dir: Path) -> list[tuple[dict, Path]]:
+    """Every step checkpoint whose metadata loads, newest first, as ``(state, path)`` (for a vote among ranks on
+    the parts); a corrupt metadata file is skipped with a warning, an unsafe one refused (UnsafeCheckpoint)."""
+    out = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            out.append((_load(path, "cpu", _step_of(path)), path))
+        except UnsafeCheckpoint:
+            raise
+        except Exception as exc:
+            _warn_corrupt(path, exc)
+    return out
 
 
 def load_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") -> dict:
@@ -385,6 +470,8 @@ def load_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") -
     path = Path(path)
     try:
         return _load(path, map_location, _step_of(path))
+    except UnsafeCheckpoint:
+        raise
     except Exception as exc:
         raise DataError(f"cannot load checkpoint {path}: {_reason(exc)}") from exc
 
@@ -396,6 +483,68 @@ def load_best(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[
         return None
     try:
         return _load(path, map_location, None), path
+    except UnsafeCheckpoint:
+        raise
     except Exception as exc:
         _warn_corrupt(path, exc)
         return None
+
+
+# ---- converting checkpoints of older mfscale versions (trusted files only) -------------------------------
+def _plain(obj: Any) -> Any:
+    """``obj`` with NumPy arrays and scalars as tensors and Python numbers (what weights_only loads)."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.astype(np.int64) if obj.dtype == np.uint32 else obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def convert(run_dir: Path) -> list[Path]:
+    """Rewrite the checkpoints of ``run_dir`` written by an older mfscale so that they load without unpickling:
+    NumPy values become tensors and numbers, and each part's sha256 goes into its metadata. Loads them with full
+    unpickling: only for files the user trusts. Returns the files rewritten."""
+    directory = checkpoint_dir(run_dir)
+    if not directory.is_dir():
+        raise DataError(f"no checkpoints to convert: {directory} does not exist")
+    done = []
+    for path in sorted(directory.glob("*.pt")):
+        if _PART_RE.match(path.name):
+            continue
+        try:
+            _safe_load(path, path)
+            continue  # loads as it is
+        except UnsafeCheckpoint:
+            pass
+        payload = _plain(torch.load(path, map_location="cpu", weights_only=False))  # trusted by the user
+        state = payload.get("state", {}) if isinstance(payload, dict) else {}
+        if state.get("parts"):
+            state["parts_sha256"] = [sha256_of(directory / name) for name in state["parts"]]
+        _atomic_torch_save(payload, path)
+        _safe_load(path, path)  # now loads without unpickling
+        done.append(path)
+    return done
+
+
+@cli_entry("mfscale.checkpoint")
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m mfscale.checkpoint", description="Checkpoint maintenance.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="rewrite an older mfscale's checkpoints so that they load without "
+                                       "unpickling (run it only on checkpoints you trust)")
+    c.add_argument("run_dir", type=Path, help="the run directory (its checkpoints/ are rewritten in place)")
+    args = p.parse_args(argv)
+    done = convert(args.run_dir)
+    print(f"converted {len(done)} checkpoint file(s) in {checkpoint_dir(args.run_dir)}" +
+          "".join(f"\n  {d.name}" for d in done))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

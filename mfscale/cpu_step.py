@@ -62,7 +62,9 @@ CFLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]  # no errno che
 
 def _build_name() -> str:
     """The op's cache directory name: one build per source, flags, torch/Python build and CPU."""
-    key = "|".join([SOURCE.read_text(encoding="utf-8"), " ".join(CFLAGS), torch.__version__, str(torch.version.cuda),
+    # The source's path too: ninja's build file names it, so two checkouts sharing a build would rebuild in turn.
+    key = "|".join([str(SOURCE.resolve()), SOURCE.read_text(encoding="utf-8"), " ".join(CFLAGS), torch.__version__,
+                    str(torch.version.cuda),
                     platform.python_implementation(), platform.python_version(), _cpu_key()])
     return f"mfscale_fused_step_{hashlib.sha256(key.encode()).hexdigest()[:12]}"
 

@@ -22,12 +22,24 @@ import torch.distributed as dist
 from . import checkpoint, distributed
 from .config import JobConfig
 from .distributed import DistEnv
-from .errors import ConfigError
+from .errors import ConfigError, DataError
 from .layout import TableLayout
 from .optim import Optimizers
+from .report import gather as report_gather
 from .step import Step
 
 log = logging.getLogger("mfscale")
+
+
+def _numpy_rng_state() -> tuple:
+    """NumPy's global RNG state with its key array as a tensor (checkpoints hold no NumPy objects)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def _set_numpy_rng_state(state: tuple) -> None:
+    name, keys, *rest = state
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
 
 
 @dataclass
@@ -78,60 +90,100 @@ class Checkpoints:
             "scaler": self.step.state_dict(),
             **progress.state_dict(),
             "batch_size": lay.batch_size, "world_size": self.env.world_size,
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "rng": {"torch": torch.get_rng_state(), "numpy": _numpy_rng_state(), "python": random.getstate()},
         }
 
     def save(self, progress: Progress, is_best: bool = False) -> None:
         """Every rank with rows of its own writes its part in parallel; rank 0 then writes the metadata."""
         n = self.layout.n_parts
+        digest = None
         if self.layout.writes_part():
             part = self.layout.held_rows()
             if self.step.local_bias:  # between sync points each rank's global bias is its own
                 part.dense = self.optims.dense_rank_state()
-            checkpoint.write_part(self.run_dir, progress.global_step, self.env.rank if n > 1 else 0, n, part)
-        self.env.count("barrier", 2)
-        if self.env.distributed:
-            dist.barrier()  # all parts on disk before the metadata that makes the checkpoint valid
+            digest = checkpoint.write_part(self.run_dir, progress.global_step, self.env.rank if n > 1 else 0, n,
+                                           part)
+        # every part on disk, and its digest with rank 0, before the metadata that makes the checkpoint valid
+        digests = [d for d in report_gather(self.env, digest) if d is not None]
+        self.env.count("barrier")
         if self.env.is_main:
             checkpoint.save_checkpoint(self.run_dir, self._state(progress), step=progress.global_step,
-                                       keep_last=self.cfg.checkpoint.keep_last, is_best=is_best, n_parts=n)
+                                       keep_last=self.cfg.checkpoint.keep_last, is_best=is_best, n_parts=n,
+                                       parts_sha256=digests)
         if self.env.distributed:
             # No rank starts its next part before rank 0 is done: save_checkpoint removes leftover temp files,
             # and with no collective per step (blocks) a fast rank could be writing its next part by then.
             dist.barrier()
 
+    def _my_parts(self, path: Path, state: dict[str, Any]) -> list[tuple[Path, str | None]]:
+        """The parts of a checkpoint this rank reads (its own where layout and world size are the same)."""
+        same = state.get("layout") == self.layout.name and state.get("world_size") == self.env.world_size
+        return checkpoint.part_paths(path, state, [self.env.rank if self.layout.n_parts > 1 else 0] if same else None)
+
     def _load_tables(self, path: Path, state: dict[str, Any], weights_only: bool = False) -> dict | None:
         """This rank's rows from the checkpoint's parts, and rank 0's global bias; returns this rank's own
         global-bias state where its part has one (same layout and world size, between sync points)."""
         same = state.get("layout") == self.layout.name and state.get("world_size") == self.env.world_size
-        which = [self.env.rank if self.layout.n_parts > 1 else 0] if same else None
-        parts = [checkpoint.read_part(p) for p in checkpoint.part_paths(path, state, which)]
+        parts = [checkpoint.read_part(p, digest) for p, digest in self._my_parts(path, state)]
         position = state.get("layout_position", {}) if same else {}
         self.layout.load_parts(parts, position, weights_only=weights_only, where=path)
         with torch.no_grad():
             self.layout.model.global_bias.copy_(state["global_bias"])
         return parts[0].dense if same and len(parts) == 1 else None
 
-    def _chosen(self, found: tuple[dict, Path] | None) -> tuple[dict, Path] | None:
-        """Rank 0's find on every rank (the others load the file rank 0 chose)."""
-        path = distributed.broadcast_object(self.env, str(found[1]) if found else None)
-        if path is None:
-            return None
-        return found or (checkpoint.load_checkpoint_file(Path(path)), Path(path))
+    def _agreed(self, found: list[tuple[dict, Path]]) -> tuple[dict, Path] | None:
+        """The first of rank 0's ``found`` checkpoints (newest first) whose parts every rank can read and verify:
+        the ranks vote on each in turn (one collective per checkpoint tried), so none resumes from one checkpoint
+        while another falls back to an older one. A skipped checkpoint is named in a warning."""
+        paths = distributed.broadcast_object(self.env, [str(p) for _, p in found])
+        tried = []
+        for k, name in enumerate(paths):
+            path = Path(name)
+            why = ""
+            try:
+                state = found[k][0] if self.env.is_main else checkpoint.load_checkpoint_file(path)
+                for part, digest in self._my_parts(path, state):
+                    checkpoint.verify_part(part, digest)
+            except checkpoint.UnsafeCheckpoint:
+                raise
+            except DataError as exc:
+                why = str(exc)
+            ok = torch.tensor([0 if why else 1], dtype=torch.int32)
+            if self.env.distributed:
+                self.env.count("all_reduce")
+                dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+            if ok.item():
+                if tried:
+                    log.warning("resuming from %s: skipped the newer %s (a rank could not load it)", path.name,
+                                ", ".join(tried))
+                return state, path
+            if why:
+                log.warning("rank %d cannot use checkpoint %s: %s", self.env.rank, path.name, why)
+            tried.append(path.name)
+        if tried:
+            raise DataError(f"no checkpoint in {checkpoint.checkpoint_dir(self.run_dir)} can be loaded by every rank "
+                            f"(tried {', '.join(tried)}; the reasons are in the warnings above); use "
+                            "--checkpoint.resume never or a new --run-dir to start over")
+        return None
 
     def resume(self, progress: Progress) -> Resumed | None:
-        """Load the newest valid checkpoint that rank 0 finds into the layout, optimizers, step and
+        """Load the newest checkpoint that every rank can load into the layout, optimizers, step and
         ``progress``; every rank reads the rows it holds from it. None when there is none (or resume never)."""
         if self.cfg.checkpoint.resume == "never":
             return None
-        chosen = self._chosen(checkpoint.load_latest(self.run_dir) if self.env.is_main else None)
+        chosen = self._agreed(checkpoint.load_all(self.run_dir) if self.env.is_main else [])
         if chosen is None:
             return None
         state, path = chosen
         self._check_compatible(state, path)
         best_weights = None
         if state["best_epoch"] >= 0:  # the best weights first: the latest state is loaded over them
-            best = self._chosen(checkpoint.load_best(self.run_dir) if self.env.is_main else None)
+            best = checkpoint.load_best(self.run_dir) if self.env.is_main else None
+            try:
+                best = self._agreed([best] if best else [])
+            except DataError as exc:  # the run goes on; only the best weights (early stopping) are lost
+                log.warning("the best weights cannot be restored (%s); early stopping keeps the latest", exc)
+                best = None
             if best is not None:
                 self._load_tables(best[1], best[0], weights_only=True)
                 best_weights = {k: v.detach().cpu().clone() for k, v in self.layout.model.state_dict().items()}
@@ -143,7 +195,7 @@ class Checkpoints:
         self.step.load_state_dict(state["scaler"])
         progress.load_state_dict(state)
         torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        _set_numpy_rng_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         log.info("resumed from %s at epoch %d step %d", path, progress.epoch, progress.step_in_epoch)
         return Resumed(path, best_weights)

@@ -23,7 +23,7 @@ def make_state(step: int) -> dict:
         "model": emb.state_dict(),
         "optimizer": opt.state_dict(),
         "rng": {"python": random.getstate(), "torch": torch.get_rng_state()},
-        "config": {"dim": 4, "lr": {"sparse": 0.01}, "data": Path("/tmp/x")},
+        "config": {"dim": 4, "lr": {"sparse": 0.01}, "data": "/tmp/x"},  # plain data: loaded without unpickling
         "epoch": 1,
         "step": step,
         "stream": {"epoch": 1, "group": 7, "offset": 1024},

@@ -113,15 +113,15 @@ def test_similar_to_finds_a_planted_near_copy(trained, tmp_path, capsys):
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
     state, path = checkpoint.load_best(copy)
-    (part_path,) = checkpoint.part_paths(path, state)  # one process: one part, rows in global id order
+    ((part_path, _),) = checkpoint.part_paths(path, state)  # one process: one part, rows in global id order
     part = checkpoint.read_part(part_path)
     w = part.tables["items"].weight
     assert torch.equal(part.tables["items"].ids, torch.arange(len(w)))
     dim = state["model_shape"]["dim"]
     src, twin = 10, 150  # make movie row 150 a near-copy (scaled, slightly perturbed) of movie row 10
     w[twin, :dim] = 2.0 * w[src, :dim] + 1e-4 * torch.randn(dim)
-    checkpoint.write_part(copy, 10**6, 0, 1, part)
-    checkpoint.save_checkpoint(copy, state, step=10**6, is_best=True, n_parts=1)
+    digest = checkpoint.write_part(copy, 10**6, 0, 1, part)
+    checkpoint.save_checkpoint(copy, state, step=10**6, is_best=True, n_parts=1, parts_sha256=[digest])
 
     run = load_run(copy)
     table = similar_movies(run, src, 5)

@@ -1,0 +1,156 @@
+"""Damaged and hostile checkpoints against the real job (issue 21): every rank agrees on the newest checkpoint all
+of them can load and verify, a damaged part is found by its sha256, nothing in a run directory is unpickled,
+and a checkpoint of an older mfscale is refused in one line until converted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mfscale import checkpoint
+
+from .test_train import torchrun
+
+COMMON = ["--batch-size", "50", "--train.ranking_k", "0", "--checkpoint.every_steps", "25",
+          "--checkpoint.keep_last", "4", "--train.patience", "0"]
+
+
+def tables(run_dir: Path) -> dict[str, torch.Tensor]:
+    state, path = checkpoint.load_latest(run_dir)
+    return checkpoint.assemble(path, state, optimizer=True)
+
+
+@pytest.fixture(scope="module")
+def reference(small_data, tmp_path_factory) -> Path:
+    """2 ranks, 2 epochs, uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("ckfaults") / "full"
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], run_dir.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[:100]))
+    else:  # one bit in the middle: the file may still load; only its sha256 tells
+        data[len(data) // 2] ^= 0x10
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["truncated", "bit_flipped"])
+def test_a_damaged_newest_part_falls_back_to_the_checkpoint_every_rank_can_load(small_data, tmp_path, reference,
+                                                                                  how):
+    run_dir = tmp_path / "run"
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    # keep the checkpoints up to mid-epoch 1 and damage rank 1's part of the newest of them
+    newest_kept = ckpts[-2]
+    for p in ckpts[-1:]:
+        p.unlink()
+    (run_dir / "metrics.json").unlink()
+    state = checkpoint.load_checkpoint_file(newest_kept)
+    assert state["step_in_epoch"] > 0
+    damage(newest_kept.parent / state["parts"][1], how)
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"rank 1 cannot use checkpoint {newest_kept.name}" in proc.stderr
+    assert f"skipped the newer {newest_kept.name}" in proc.stderr
+    if how == "bit_flipped":
+        assert "is damaged (sha256" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # resuming from the older checkpoint retraces the uninterrupted run exactly
+    want, got = tables(reference), tables(run_dir)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_no_loadable_checkpoint_is_the_same_one_line_on_every_rank(small_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "1", *COMMON], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for p in checkpoint.list_checkpoints(run_dir):
+        state = checkpoint.load_checkpoint_file(p)
+        damage(p.parent / state["parts"][0], "truncated")
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+    assert proc.returncode != 0  # torchrun's own exit status when its workers exit 2
+    lines = [ln for ln in proc.stderr.splitlines() if "mfscale.train: error:" in ln]
+    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
+    assert "can be loaded by every rank" in lines[0] and "--checkpoint.resume never" in lines[0]
+    assert "Traceback" not in proc.stderr.split("mfscale.train: error:")[0]
+
+
+class _Touch:
+    """Unpickling this runs ``touch PATH``."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.path}",))
+
+
+def test_a_crafted_pickle_is_refused_and_never_runs(small_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "1", *COMMON], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pwned = tmp_path / "pwned"
+    best = checkpoint.best_path(run_dir)
+    payload = torch.load(best, weights_only=True)
+    payload["state"]["config"]["evil"] = _Touch(str(pwned))
+    torch.save(payload, best)
+    for cmd in (["mfscale.recommend", "--run", str(run_dir), "--user", "1"],
+                ["mfscale.export", "--run", str(run_dir), "--out", str(tmp_path / "exp")]):
+        p = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr
+        assert p.stderr.strip().splitlines()[-1].startswith(f"{cmd[0]}: error: {best} holds Python objects")
+        assert "Traceback" not in p.stderr and not pwned.exists()
+    # a crafted part: refused when the job resumes, on the rank that reads it
+    state, path = checkpoint.load_latest(run_dir)
+    part = path.parent / state["parts"][0]
+    payload = torch.load(part, weights_only=True)
+    payload["part"]["evil"] = _Touch(str(pwned))
+    torch.save(payload, part)
+    with pytest.raises(checkpoint.UnsafeCheckpoint):
+        checkpoint.read_part(part)
+    assert not pwned.exists()
+
+
+def test_an_older_mfscale_checkpoint_is_refused_until_converted(small_data, tmp_path, reference):
+    """Before 2026-12 the metadata held NumPy's RNG state as an array (loadable only by unpickling) and no part
+    checksums: refused in one line naming the conversion, which makes it resume as it would have."""
+    run_dir = tmp_path / "run"
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = checkpoint.list_checkpoints(run_dir)
+    for p in ckpts[-1:]:
+        p.unlink()
+    (run_dir / "metrics.json").unlink()
+    for p in [*checkpoint.list_checkpoints(run_dir), checkpoint.best_path(run_dir)]:  # the old format, by hand
+        payload = torch.load(p, weights_only=True)
+        name, keys, *rest = payload["state"]["rng"]["numpy"]
+        payload["state"]["rng"]["numpy"] = (name, keys.numpy().astype(np.uint32), *rest)
+        del payload["state"]["parts_sha256"]
+        torch.save(payload, p)
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+    assert proc.returncode != 0
+    assert f"python -m mfscale.checkpoint convert {run_dir}" in proc.stderr.strip().splitlines()[-1] or \
+        f"python -m mfscale.checkpoint convert {run_dir}" in proc.stderr, proc.stderr[-3000:]
+    conv = subprocess.run([sys.executable, "-m", "mfscale.checkpoint", "convert", str(run_dir)], capture_output=True,
+                          text=True, timeout=120)
+    assert conv.returncode == 0 and conv.stdout.startswith("converted "), conv.stderr
+    assert "parts_sha256" in checkpoint.load_latest(run_dir)[0]
+    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = tables(reference), tables(run_dir)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert json.loads((run_dir / "metrics.json").read_text())["test_rmse"] == \
+        json.loads((reference / "metrics.json").read_text())["test_rmse"]
