@@ -185,3 +185,43 @@ def test_a_node_that_never_comes_back_fails_the_job_in_time(small_preset, tmp_pa
     assert code is not None, f"node 0 still running {bound} s after node 1 was {fault}\n{logs(tmp_path)}"
     assert code != 0 and took < bound
     assert not (run_dir / "metrics.json").exists()
+
+
+BENCH = netns.ROOT / "benchmarks" / "nodes.py"
+
+
+def test_nodes_benchmark_end_to_end(small_data, tmp_path):
+    """benchmarks/nodes.py on tiny data: 1 process, 1 node x 2, 2 nodes x 1 behind a 1 Gbit/s cap; the table,
+    one JSON line per run and (with matplotlib) the PNG."""
+    try:
+        import matplotlib  # noqa: F401
+        has_mpl = True
+    except ImportError:
+        has_mpl = False
+    jsonl, png = tmp_path / "nodes.jsonl", tmp_path / "nodes.png"
+    cmd = [sys.executable, str(BENCH), "--data", str(small_data), "--epochs", "1", "--rates", "1gbit",
+           "--out-jsonl", str(jsonl)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(netns.ROOT), os.environ.get("PYTHONPATH")]))}
+    if not has_mpl:  # refused at once, in one line, before any run
+        proc = subprocess.run([*cmd, "--plot", str(png)], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode != 0 and proc.stderr.strip().count("\n") == 0, proc.stderr
+        assert "needs matplotlib" in proc.stderr and not jsonl.exists()
+    t0 = time.monotonic()
+    proc = subprocess.run([*cmd, *(["--plot", str(png)] if has_mpl else [])], capture_output=True, text=True,
+                          timeout=240, env=env)
+    print(f"benchmarks/nodes.py on tiny data: {time.monotonic() - t0:.1f} s\n{proc.stdout}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].startswith("| configuration | ranks |") and "vs 1 node x W" in rows[0]
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| 1 process", "| 1 node x 2", "| 2 nodes x 1 @ 1gbit"]
+    records = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert [(r["nodes"], r["procs_per_node"], r["rate"]) for r in records] == [(1, 1, None), (1, 2, None),
+                                                                                 (2, 1, "1gbit")]
+    assert all(r["train_ratings_per_s"] > 0 and r["test_rmse"] > 0 for r in records)
+    assert records[0]["vs_1_process"] == 1.0 and records[1]["vs_1_node"] == 1.0
+    assert records[2]["veth_bytes_node0"] >= records[2]["table_bytes_sent"] > 0
+    assert records[1]["test_rmse"] == records[2]["test_rmse"]  # the same 2-rank job, wherever its ranks ran
+    if has_mpl:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    tag = re.search(r"--rdzv-id=(\S+)", records[2]["command"]).group(1)  # the nodes' names carry it
+    assert tag.startswith(netns.PREFIX) and not netns.our_namespaces(tag)  # the script removed its nodes
