@@ -59,7 +59,7 @@ def unavailable_reason() -> str | None:
     """Why simulated nodes cannot be made here, or None when they probably can (creating one decides)."""
     if os.geteuid() != 0:
         return "simulated nodes need root (network namespaces, veth pairs)"
-    missing = [b for b in ("ip", "tc", "unshare", "sysctl", "hostname") if _which(b) is None]
+    missing = [b for b in ("ip", "tc", "unshare", "nsenter", "sysctl", "hostname") if _which(b) is None]
     if missing:
         return f"simulated nodes need iproute2 and util-linux (missing {', '.join(missing)}): apt-get install iproute2"
     return None
@@ -150,23 +150,37 @@ class Node:
     addr: str  # its 127.x.y.z address on that veth
     procs: list[subprocess.Popen] = field(default_factory=list, repr=False)
 
-    def command(self, argv: Sequence[str]) -> list[str]:
-        """``argv`` run in this node: its network namespace, a UTS namespace with its hostname."""
-        return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--", "sh", "-c",
-                'hostname "$0" && exec "$@"', self.hostname, *argv]
+    def command(self, argv: Sequence[str], host_mounts: bool = False) -> list[str]:
+        """``argv`` run in this node: its network namespace, a UTS namespace with its hostname.
 
-    def launch(self, argv: Sequence[str], env: Mapping[str, str] | None = None, **popen_kw) -> subprocess.Popen:
+        By default through ``ip netns exec``, which gives the process a /sys of the node's own namespace (and
+        so no /sys/fs/cgroup) and binds /etc/netns/NS/hosts over /etc/hosts. ``host_mounts``: through
+        ``nsenter --net`` instead, keeping this machine's mounts (slurmd needs its cgroup file system), with
+        only the node's hosts file bound over /etc/hosts in a private mount namespace.
+        """
+        if not host_mounts:
+            return ["ip", "netns", "exec", self.netns, "unshare", "--uts", "--", "sh", "-c",
+                    'hostname "$0" && exec "$@"', self.hostname, *argv]
+        hosts = _HOSTS_DIR / self.netns / "hosts"
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "unshare", "--uts", "--mount", "--", "sh", "-c",
+                'hostname "$0" && { [ ! -f "$1" ] || mount --bind "$1" /etc/hosts; } && shift && exec "$@"',
+                self.hostname, str(hosts), *argv]
+
+    def launch(self, argv: Sequence[str], env: Mapping[str, str] | None = None, host_mounts: bool = False,
+               **popen_kw) -> subprocess.Popen:
         """Start ``argv`` on this node (in a new session, so its process group is its own); ``env`` is added
         to this process's environment. The process is killed when the nodes are removed."""
         full_env = {**os.environ, **(env or {})}
         popen_kw.setdefault("start_new_session", True)
-        proc = subprocess.Popen(self.command(argv), env=full_env, **popen_kw)
+        proc = subprocess.Popen(self.command(argv, host_mounts), env=full_env, **popen_kw)
         self.procs.append(proc)
         return proc
 
-    def run(self, argv: Sequence[str], timeout: float = 30, **kw) -> subprocess.CompletedProcess:
+    def run(self, argv: Sequence[str], timeout: float = 30, host_mounts: bool = False,
+            **kw) -> subprocess.CompletedProcess:
         """Run a short command on this node and wait for it (output captured as text)."""
-        return subprocess.run(self.command(argv), capture_output=True, text=True, timeout=timeout, **kw)
+        return subprocess.run(self.command(argv, host_mounts), capture_output=True, text=True, timeout=timeout,
+                              **kw)
 
     def pids(self) -> list[int]:
         """Every process running in this node's namespace, whoever started it (e.g. torchrun's workers)."""

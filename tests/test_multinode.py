@@ -12,9 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -186,6 +189,138 @@ def test_a_node_that_never_comes_back_fails_the_job_in_time(small_preset, tmp_pa
     assert code != 0 and took < bound
     assert not (run_dir / "metrics.json").exists()
 
+
+# --- real SLURM across the two nodes -----------------------------------------------------------------------------
+
+SBATCH = netns.ROOT / "launch" / "slurm" / "train.sbatch"
+SLURM_FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _sbin(name: str) -> str | None:
+    return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+
+
+_no_slurm = [b for b in ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "srun") if _sbin(b) is None]
+
+
+@contextmanager
+def slurm_cluster(nodes: netns.Nodes, root: Path) -> Iterator[dict[str, str]]:
+    """A SLURM cluster of the simulated nodes: slurmctld and a slurmd on node 0, a slurmd on node 1 (``-N
+    nodeK``, SLURM's NodeAddr = the node's address), one munged for both (its socket is a file, reachable
+    from every namespace). Yields the environment for the SLURM clients, which must run on a node (the
+    controller listens on node 0's address). Everything stops when the block ends."""
+    root.mkdir()
+    root.chmod(0o711)  # munged wants its socket's directory reachable by every user
+    for d in ("state", "jobs", *(f"spool-{n.hostname}" for n in nodes)):
+        (root / d).mkdir()
+    (root / "munge.key").write_bytes(os.urandom(1024))
+    (root / "munge.key").chmod(0o400)
+    cpus = os.cpu_count() or 1
+    node_lines = "".join(f"NodeName={n.hostname} NodeAddr={n.addr} CPUs={cpus} RealMemory=1000 State=UNKNOWN\n"
+                         for n in nodes)
+    (root / "slurm.conf").write_text(f"""\
+ClusterName=mfnodes
+SlurmctldHost={nodes[0].hostname}({nodes[0].addr})
+SlurmctldPort=6817
+SlurmdPort=6818
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={root}/munge.sock
+CredType=cred/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool-%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobRequeue=1
+ReturnToService=2
+MpiDefault=none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=3600
+{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+""")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env["SLURM_CONF"] = str(root / "slurm.conf")
+    with open(root / "munged.out", "w") as out:  # in this namespace; killed below
+        munged = subprocess.Popen([_sbin("munged"), "-F", "--force", f"--key-file={root}/munge.key",
+                                   f"--socket={root}/munge.sock", f"--pid-file={root}/munged.pid",
+                                   f"--log-file={root}/munged.log", f"--seed-file={root}/munged.seed"],
+                                  env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while not (root / "munge.sock").exists():
+            assert munged.poll() is None and time.monotonic() < deadline, (root / "munged.out").read_text()
+            time.sleep(0.1)
+        daemons = [(nodes[0], "slurmctld", [_sbin("slurmctld"), "-D", "-i", "-f", str(root / "slurm.conf")])]
+        daemons += [(n, f"slurmd-{n.hostname}", [_sbin("slurmd"), "-D", "-f", str(root / "slurm.conf"), "-N",
+                                                 n.hostname]) for n in nodes]
+        for node, name, argv in daemons:
+            with open(root / f"{name}.out", "w") as out:
+                node.launch(argv, env=env, host_mounts=True, stdout=out, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while (idle := nodes[0].run(["sinfo", "-h", "-N", "-o", "%N %t"], env=env, host_mounts=True).stdout
+               ).count(" idle") < len(nodes):
+            assert time.monotonic() < deadline, f"nodes not idle: {idle}\n{slurm_logs(root)}"
+            time.sleep(0.5)
+        yield env
+    finally:
+        for node in reversed(list(nodes)):  # slurmd and their job steps, slurmctld; the nodes' cleanup would too
+            node.kill_all()
+        munged.kill()
+        munged.wait()
+
+
+def slurm_logs(root: Path) -> str:
+    files = sorted(root.glob("*.log")) + sorted(root.glob("*.out")) + sorted((root / "jobs").glob("*.out"))
+    return "\n".join(f"--- {f.name}\n{f.read_text()[-2500:]}" for f in files)
+
+
+@pytest.mark.skipif(bool(_no_slurm), reason=f"SLURM not installed (missing {', '.join(_no_slurm)}): "
+                                            "apt-get install slurm-wlm munge")
+def test_real_slurm_runs_train_sbatch_on_two_nodes(small_preset, one_node, tmp_path):
+    """``sbatch --nodes=2 launch/slurm/train.sbatch`` on a real SLURM whose two nodes are the simulated ones:
+    srun starts one torchrun per node, the rendezvous is on the first node by its hostname, gloo goes over
+    the veth (hostnames resolve to the nodes' addresses). The same tables as 1 node x 2 processes."""
+    t0 = time.monotonic()
+    with netns.simulated_nodes(2, hosts=True) as nodes, slurm_cluster(nodes, tmp_path / "slurm") as env:
+        jobs = tmp_path / "slurm" / "jobs"
+        job_env = {**env, "DATA": str(small_preset), "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join(filter(None, [str(netns.ROOT), env.get("PYTHONPATH")])),
+                   "PATH": os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])}
+        before = nodes[0].counters()
+        proc = nodes[0].run(["sbatch", "--parsable", "--nodes=2", f"--cpus-per-task={os.cpu_count() or 1}",
+                             str(SBATCH), *JOB], env=job_env, cwd=jobs, host_mounts=True)
+        assert proc.returncode == 0, proc.stderr
+        job_id = proc.stdout.strip().split(";")[0]
+        deadline = time.monotonic() + 180
+        while True:
+            info = dict(re.findall(r"(\w+)=(\S*)", nodes[0].run(["scontrol", "show", "job", job_id], env=env,
+                                                                 host_mounts=True).stdout))
+            if info.get("JobState") in SLURM_FINAL:
+                break
+            assert time.monotonic() < deadline, f"job {job_id}: {info.get('JobState')}\n{slurm_logs(jobs.parent)}"
+            time.sleep(0.5)
+        after = nodes[0].counters()
+        out = (jobs / f"mfscale-{job_id}.out").read_text()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", slurm_logs(jobs.parent)
+        assert info["NodeList"] == "node[0-1]" and info["NumNodes"] == "2", info
+    print(f"SLURM job on 2 nodes: {time.monotonic() - t0:.1f} s in all")
+    assert "2 node(s) x 1 process(es) x 1 thread(s), rendezvous node0:" in out, out
+    assert "warning" not in out and "error" not in out, out
+    run_dir = jobs / "runs" / f"mfscale-{job_id}"
+    m = json.loads((run_dir / "metrics.json").read_text())
+    ref_dir, ref = one_node
+    assert_same_metrics(m, ref)
+    assert_same_tables(run_dir, ref_dir)
+    assert after["tx_bytes"] - before["tx_bytes"] >= m["table_bytes_sent"] > 0
 
 BENCH = netns.ROOT / "benchmarks" / "nodes.py"
 
