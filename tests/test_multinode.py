@@ -107,6 +107,55 @@ def wait_for_checkpoint(run_dir: Path, agents: list[subprocess.Popen], base: Pat
     return found[0]
 
 
+def test_nodes_are_removed_with_their_processes_also_when_the_body_raises():
+    """Three nodes behind 1 Gbit/s caps reach each other by address and have their own hostnames; an
+    exception in the body still removes every namespace and process."""
+    with pytest.raises(RuntimeError, match="body failed"), netns.simulated_nodes(3, rate="1gbit") as nodes:
+        tag = nodes.tag
+        server = nodes[2].launch(["python3", "-c", "import socket; s = socket.socket(); "
+                                  f"s.bind(('{nodes[2].addr}', 5000)); s.listen(); c, _ = s.accept(); "
+                                  "print(c.recv(16).decode(), flush=True)"], stdout=subprocess.PIPE, text=True)
+        client = ("import socket, time\nfor _ in range(100):\n    try:\n"
+                  f"        socket.create_connection(('{nodes[2].addr}', 5000), timeout=5).sendall(b'hi'); break\n"
+                  "    except ConnectionRefusedError:\n        time.sleep(0.05)")
+        assert nodes[0].run(["python3", "-c", client]).returncode == 0
+        assert server.communicate(timeout=10)[0].strip() == "hi"
+        assert nodes[1].run(["hostname"]).stdout.strip() == "node1"
+        assert "tbf" in nodes[1].run(["tc", "qdisc", "show", "dev", nodes[1].ifname]).stdout
+        assert nodes[0].counters()["tx_bytes"] > 0
+        sleeper = nodes[1].launch(["sh", "-c", "sleep 300 & sleep 300"])  # a child outside its process group too
+        deadline = time.monotonic() + 10
+        while len(nodes[1].pids()) < 3:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        pids = nodes[1].pids()
+        raise RuntimeError("body failed")
+    assert not netns.our_namespaces(tag)
+    assert sleeper.poll() is not None
+    assert not [p for p in pids if Path(f"/proc/{p}").exists() and "Z" not in _state(p)]
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_nodes_skip_with_the_reason_when_they_cannot_be_made(monkeypatch):
+    def fail(*args, **kwargs):
+        raise subprocess.CalledProcessError(2, ["ip", "netns", "add", "x"], "", "Operation not permitted")
+
+    monkeypatch.setattr(netns, "_setup", fail)
+    with pytest.raises(pytest.skip.Exception, match="ip netns add x: Operation not permitted"), \
+            netns.simulated_nodes(2):
+        pass
+    with pytest.raises(netns.NodesUnavailable), netns.simulated_nodes(2, skip=False):
+        pass
+    monkeypatch.setattr(netns.os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="need root"), netns.simulated_nodes(2):
+        pass
+
 def test_two_nodes_train_the_tables_of_one_node(small_preset, one_node, tmp_path):
     """2 nodes x 1 process over the veth: the same tables, bit for bit, as 1 node x 2 processes; the table
     traffic crossed the veth."""
