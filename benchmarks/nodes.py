@@ -131,7 +131,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.set_ylabel("train ratings/s (millions)")
     ax.set_title(title, fontsize=10)
     ax.margins(y=0.2)
-    ax.legend(fontsize=8, loc="upper right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(kinds))  # clear of the bars
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -17,8 +17,10 @@ result; where the model is fed a measured number (the stratum balance, unique ro
 - Replicated: every step all-gathers each rank's unique gradient rows (4 * (d + 2) bytes + an 8-byte id per
   row, to W - 1 peers) and every rank applies all ranks' rows (7 row passes of 4 * (d + 1) bytes in HBM).
 - Blocks: every sub-epoch ends with one movie block (rows + two Adam moments) sent to the next rank; the
-  sub-epoch lasts as long as its largest stratum.
-- Both: a per-step latency for the dense bias all_reduce (and, replicated, the gathers).
+  sub-epoch lasts as long as its largest stratum. No collective between sub-epoch ends (since 2026-12: each
+  rank keeps its copy of the global bias between them, mfscale.step); at each of the W sub-epoch ends three
+  small collectives (reconcile the global bias, the training loss, the stop vote).
+- Replicated: a per-step latency for the dense bias all_reduce and the gathers.
 - Links: ``--nvlink-gbs`` per GPU and direction inside a node of ``--gpus-per-node``; ``--ib-gbs`` per GPU
   between nodes (one 400 Gb/s NIC per GPU, as in a DGX H100). A rotation crosses nodes when W > gpus/node.
 """
@@ -91,7 +93,8 @@ def predict(n: float, n_items: int, dim: int, w: int, bal: dict, uniq_per_rank: 
     # blocks: sub-epochs last as long as their largest stratum; W rotations of a movie block per epoch
     block_bytes = 3 * bal["item_rows_max"] * row
     rotate = w * (block_bytes / (link * 1e9) + lat) if w > 1 else 0.0
-    t_blk = compute * bal["padded_over_actual"] + rotate + steps * (lat if w > 1 else 0.0)
+    syncs = w * 3 * lat if w > 1 else 0.0  # W sync points per epoch, 3 small collectives each; none per step
+    t_blk = compute * bal["padded_over_actual"] + rotate + syncs
     return {"replicated": n / t_rep, "blocks": n / t_blk, "rotate_s": rotate, "gather_s": steps * gather,
             "block_mb": block_bytes / 1e6}
 
