@@ -158,9 +158,8 @@ def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> str:
     payload: dict[str, Any] = {name: part.tables[name].to_dict() for name in TABLES}
     if part.dense is not None:
         payload["dense"] = part.dense
-    final = directory / part_name(step, k, n)
-    _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": payload}, final)
-    return sha256_of(final)  # just written: read back from the page cache
+    return _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": payload},
+                              directory / part_name(step, k, n))
 
 
 def verify_part(path: Path, sha256: str | None) -> bytes:
@@ -296,11 +295,29 @@ def _remove_stale_tmp(directory: Path) -> None:
             _unlink_quietly(p)
 
 
-def _atomic_torch_save(obj: Any, final: Path) -> None:
+class _HashingWriter(io.RawIOBase):
+    """A write-only file that hashes what passes through it (torch.save writes a zip sequentially)."""
+
+    def __init__(self, f: Any):
+        super().__init__()
+        self.f, self.h = f, hashlib.sha256()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.h.update(b)
+        return self.f.write(b)
+
+
+def _atomic_torch_save(obj: Any, final: Path) -> str:
+    """Write ``obj`` atomically; returns the file's sha256, hashed as it is written (no second read)."""
     tmp = _tmp_path(final.parent, final.name)
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            writer = _HashingWriter(f)
+            torch.save(obj, writer)
+            digest = writer.h.hexdigest()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
@@ -308,6 +325,7 @@ def _atomic_torch_save(obj: Any, final: Path) -> None:
         _unlink_quietly(tmp)
         raise
     _fsync_dir(final.parent)
+    return digest
 
 
 def _atomic_copy(src: Path, final: Path) -> None:
