@@ -26,6 +26,7 @@ import torch
 from mfscale import checkpoint, prepare
 
 from . import netns
+from .test_slurm_real import slurm_conf
 
 pytestmark = pytest.mark.skipif(netns.unavailable_reason() is not None, reason=str(netns.unavailable_reason()))
 
@@ -264,38 +265,8 @@ def slurm_cluster(nodes: netns.Nodes, root: Path) -> Iterator[dict[str, str]]:
         (root / d).mkdir()
     (root / "munge.key").write_bytes(os.urandom(1024))
     (root / "munge.key").chmod(0o400)
-    cpus = os.cpu_count() or 1
-    node_lines = "".join(f"NodeName={n.hostname} NodeAddr={n.addr} CPUs={cpus} RealMemory=1000 State=UNKNOWN\n"
-                         for n in nodes)
-    (root / "slurm.conf").write_text(f"""\
-ClusterName=mfnodes
-SlurmctldHost={nodes[0].hostname}({nodes[0].addr})
-SlurmctldPort=6817
-SlurmdPort=6818
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={root}/munge.sock
-CredType=cred/munge
-StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool-%n
-SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd-%n.pid
-SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd-%n.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-JobRequeue=1
-ReturnToService=2
-MpiDefault=none
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=3600
-{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-""")
+    (root / "slurm.conf").write_text(slurm_conf(root, "mfnodes", (nodes[0].hostname, nodes[0].addr), (6817, 6818),
+                                                [(n.hostname, n.addr) for n in nodes]))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
     env["SLURM_CONF"] = str(root / "slurm.conf")
     with open(root / "munged.out", "w") as out:  # in this namespace; killed below

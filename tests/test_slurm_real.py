@@ -31,6 +31,44 @@ FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 
+
+def slurm_conf(root: Path, cluster: str, control: tuple[str, str], ports: tuple[int, int],
+               nodes: list[tuple[str, str]]) -> str:
+    """slurm.conf of a test cluster kept under ``root``: ``control`` = (host, address) of slurmctld, ``nodes`` =
+    (name, address) of each slurmd (one spool, pid and log file per node: %n). Also tests/test_multinode.py."""
+    cpus = os.cpu_count() or 1
+    node_lines = "".join(f"NodeName={name} NodeAddr={addr} CPUs={cpus} RealMemory=1000 State=UNKNOWN\n"
+                         for name, addr in nodes)
+    return f"""\
+ClusterName={cluster}
+SlurmctldHost={control[0]}({control[1]})
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={root}/munge.sock
+CredType=cred/munge
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool-%n
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd-%n.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+JobRequeue=1
+ReturnToService=2
+MpiDefault=none
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+MinJobAge=3600
+{node_lines}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
 def _sbin(name: str) -> str | None:
     """The daemons live in /usr/sbin, which a non-login PATH may lack."""
     return shutil.which(name, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
@@ -58,40 +96,12 @@ class Cluster:
     def start(self) -> None:
         r = self.root
         r.chmod(0o711)  # munged wants its socket's directory reachable by every user
-        for d in ("state", "spool", "jobs"):
+        for d in ("state", f"spool-{self.host}", "jobs"):
             (r / d).mkdir()
         (r / "munge.key").write_bytes(os.urandom(1024))
         (r / "munge.key").chmod(0o400)
-        conf = f"""\
-ClusterName=mftest
-SlurmctldHost={self.host}(127.0.0.1)
-SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
-SlurmUser=root
-SlurmdUser=root
-AuthType=auth/munge
-AuthInfo=socket={r}/munge.sock
-CredType=cred/munge
-StateSaveLocation={r}/state
-SlurmdSpoolDir={r}/spool
-SlurmctldPidFile={r}/slurmctld.pid
-SlurmdPidFile={r}/slurmd.pid
-SlurmctldLogFile={r}/slurmctld.log
-SlurmdLogFile={r}/slurmd.log
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-JobRequeue=1
-ReturnToService=2
-MpiDefault=none
-AccountingStorageType=accounting_storage/none
-JobAcctGatherType=jobacct_gather/none
-JobCompType=jobcomp/none
-MinJobAge=3600
-NodeName={self.host} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} RealMemory=1000 State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
-"""
+        conf = slurm_conf(r, "mftest", (self.host, "127.0.0.1"), (free_port(), free_port()),
+                          [(self.host, "127.0.0.1")])
         (r / "slurm.conf").write_text(conf)
         self._spawn("munged", [str(_sbin("munged")), "-F", "--force", f"--key-file={r}/munge.key",
                                f"--socket={r}/munge.sock", f"--pid-file={r}/munged.pid",
