@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -71,7 +72,78 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        _record_peers(rank, world)
     return DistEnv(rank, world, local, dev)
+
+
+# Every rank's host and pid, gathered once when the group is formed, so that a rank whose collective failed because
+# a peer went away can name it (errors.cli_entry's one line; torchrun's summary lists pids).
+_PEERS: list[tuple[str, int]] = []
+_RANK: int | None = None
+
+
+def _record_peers(rank: int, world: int) -> None:
+    global _RANK
+    mine = (socket.gethostname(), os.getpid())
+    everyone: list[Any] = [None] * world
+    dist.all_gather_object(everyone, mine)  # one collective at start-up, not counted in DistEnv.collectives
+    _PEERS[:] = [(str(host), int(pid)) for host, pid in everyone]
+    _RANK = rank
+
+
+def this_rank() -> int | None:
+    """This process's rank in the last process group it joined through init(), None before."""
+    return _RANK
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host is running (a zombie, one that has exited, is not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError:
+            pass
+        return True
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def _named(rank: int) -> str:
+    host, pid = _PEERS[rank]
+    return f"rank {rank} (pid {pid} on {host})"
+
+
+def describe_peer(address: str | None = None, wait_s: float = 0.5) -> str | None:
+    """Which rank went away, as far as this process can tell, e.g. ``rank 1 (pid 4242 on node7)``; None if unknown.
+
+    With two ranks it is the other one. With more: the ranks on this host whose process has ended (waiting up to
+    ``wait_s`` for one to: a peer's sockets close a moment before its process is gone), else, for a loopback
+    ``address``, the other ranks on this host as candidates. A peer on another host is named only by the address
+    the backend gave.
+    """
+    if _RANK is None or len(_PEERS) < 2:
+        return None
+    others = [r for r in range(len(_PEERS)) if r != _RANK]
+    if len(others) == 1:
+        return _named(others[0])
+    host = _PEERS[_RANK][0]
+    local = [r for r in others if _PEERS[r][0] == host]
+    deadline = time.monotonic() + wait_s
+    while local:
+        dead = [r for r in local if not _pid_alive(_PEERS[r][1])]
+        if dead:
+            return ", ".join(_named(r) for r in dead)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.05)
+    if address and local and (address.startswith("127.") or address == "::1"):
+        return f"a rank on this host ({host}: one of ranks {', '.join(map(str, local))})"
+    return None
 
 
 def destroy() -> None:
@@ -91,8 +163,14 @@ def destroy() -> None:
         return
     clean_exit = sys.exc_info()[0] is None and dist.get_world_size() > 1
     if clean_exit:
-        dist.barrier()
-    dist.destroy_process_group()
+        dist.barrier()  # a peer that went away after its last collective fails here: errors.cli_entry's one line
+    try:
+        dist.destroy_process_group()
+    except Exception:
+        if clean_exit:
+            raise
+        # An error is already on its way out (often a peer that went away): leaving a broken group must not add a
+        # second traceback to that error's one line.
     if clean_exit:
         wait_for_idle_threads()
 

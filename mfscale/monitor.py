@@ -6,18 +6,26 @@ no-ops that touch nothing on disk (TensorBoard is not even imported for it).
 A run keeps one stable log directory. On resume it is reopened with ``purge_step`` set to the step the
 checkpoint was taken at: TensorBoard then discards the events a killed attempt wrote at or after that
 step, so curves do not fold back on themselves.
+
+A full disk or quota while writing (events, the projector's files) ends the job with one line, like a full disk
+anywhere else in the run directory: see ``Monitor`` and ``_quiet_writer_thread_disk_full``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import shutil
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .errors import disk_full, is_disk_full
 
 HPARAM_TYPES = (bool, int, float, str)
 # Final metrics: callers name them ``hparam/<name>`` (add_hparams' documented convention); they are
@@ -124,8 +132,37 @@ def _wait_for_later_event_file_name(log_dir: Path) -> None:
         time.sleep(min(0.05, max(0.0, newest + 1 - time.time())) or 0.01)
 
 
+def _quiet_writer_thread_disk_full() -> None:
+    """Keep the default threading.excepthook from printing the traceback of TensorBoard's writer thread when it
+    dies of a full disk (only then): Monitor reports that error as one line at its next call, where it surfaces."""
+    previous = threading.excepthook
+    if getattr(previous, "mfscale_quiet_disk_full", False):
+        return
+
+    def hook(args: Any) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and args.exc_value is not None \
+                and is_disk_full(args.exc_value):
+            return
+        previous(args)
+
+    hook.mfscale_quiet_disk_full = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class Monitor:
-    """TensorBoard writer for rank 0; a no-op object when ``enabled`` is False."""
+    """TensorBoard writer for rank 0; a no-op object when ``enabled`` is False.
+
+    A full disk or quota: SummaryWriter writes events from a background thread, one record at a time as soon as it
+    is queued. On a full disk that thread dies (its traceback, printed by Python's threading.excepthook, is
+    dropped: see ``_quiet_writer_thread_disk_full``) and the error surfaces at the writer's next call (the next
+    scalars, flush or close). Whichever call it surfaces in, and a projector file written by the calling thread, raise
+    one DataError instead: ``no space left in RUN/tb: writing TensorBoard events does not fit in the N bytes that
+    are free; ...`` (exit code 2 from the job), and the writer is dropped. The job stops rather than going on
+    without its curves: the checkpoints go to the same disk, so the next one would fail anyway (losing the work in
+    between), and a run that ends normally has all of its outputs. The events written before stay readable (the
+    file ends in a partial record, which TensorBoard skips); a projector's partial files are removed and its
+    ``projector_config.pbtxt`` is put back as it was.
+    """
 
     def __init__(self, log_dir: Path, *, enabled: bool, purge_step: int | None = None):
         self.log_dir = Path(log_dir)
@@ -136,9 +173,29 @@ class Monitor:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        _wait_for_later_event_file_name(self.log_dir)
-        self._writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
+        _quiet_writer_thread_disk_full()
+        with self._writing():
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            _wait_for_later_event_file_name(self.log_dir)
+            self._writer = SummaryWriter(str(self.log_dir), purge_step=purge_step)
+
+    @contextlib.contextmanager
+    def _writing(self, what: str = "writing TensorBoard events", undo: Any = None):
+        """Turn a full disk inside the block into one DataError, after dropping the writer and calling ``undo``."""
+        try:
+            yield
+        except Exception as exc:
+            if not is_disk_full(exc, self.log_dir if self.log_dir.is_dir() else None):
+                raise
+            writer, self._writer = self._writer, None
+            if writer is not None:
+                with contextlib.suppress(Exception):  # its flush fails the same way: nothing more to write
+                    writer.close()
+            if undo is not None:
+                with contextlib.suppress(Exception):
+                    undo()
+            where = self.log_dir if self.log_dir.is_dir() else self.log_dir.parent
+            raise disk_full(where, None, what, exc=exc) from None
 
     def __enter__(self) -> Monitor:
         return self
@@ -149,17 +206,19 @@ class Monitor:
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer is None:
             return
-        for tag, value in values.items():
-            if value is None:
-                continue
-            self._writer.add_scalar(tag, float(value), global_step=int(step))
+        with self._writing():
+            for tag, value in values.items():
+                if value is None:
+                    continue
+                self._writer.add_scalar(tag, float(value), global_step=int(step))
         self._last_step = max(self._last_step, int(step))
 
     def text_config(self, config: Mapping[str, Any]) -> None:
         """The resolved config as a TOML code block under tag ``config``."""
         if self._writer is None:
             return
-        self._writer.add_text("config", "```toml\n" + config_to_toml(config) + "\n```", global_step=0)
+        with self._writing():
+            self._writer.add_text("config", "```toml\n" + config_to_toml(config) + "\n```", global_step=0)
 
     def hparams(self, hparams: Mapping[str, Any], metrics: Mapping[str, float]) -> None:
         """The run's config and final metrics for TensorBoard's HPARAMS tab.
@@ -193,11 +252,12 @@ class Monitor:
         exp, ssi, sei = hparams_summary(hp, values)
         _set_metric_display_names(exp, names)
         step = self._last_step
-        file_writer = self._writer._get_file_writer()
-        for summary in (exp, ssi, sei):
-            file_writer.add_summary(summary, step)
-        for tag, value in values.items():
-            self._writer.add_scalar(tag, value, global_step=step)
+        with self._writing():
+            file_writer = self._writer._get_file_writer()
+            for summary in (exp, ssi, sei):
+                file_writer.add_summary(summary, step)
+            for tag, value in values.items():
+                self._writer.add_scalar(tag, value, global_step=step)
 
     def embeddings(
         self, vectors: torch.Tensor, labels: list[dict[str, object]], *, tag: str = "movies", step: int = 0
@@ -220,16 +280,36 @@ class Monitor:
                 if k not in header:
                     header.append(k)
         self._merge_existing_projector_config(f"{tag}:{str(int(step)).zfill(5)}")
-        if not header:
-            self._writer.add_embedding(mat, global_step=int(step), tag=tag)
-        elif len(header) == 1:  # the projector reads single-column metadata without a header line
-            meta = [_clean_label(row.get(header[0])) for row in labels]
-            self._writer.add_embedding(mat, metadata=meta, global_step=int(step), tag=tag)
-        else:
-            rows = [[_clean_label(row.get(k)) for k in header] for row in labels]
-            self._writer.add_embedding(
-                mat, metadata=rows, metadata_header=[_clean_label(k) for k in header], global_step=int(step), tag=tag
-            )
+        with self._writing("writing the TensorBoard projector's files", self._projector_undo(tag, int(step))):
+            if not header:
+                self._writer.add_embedding(mat, global_step=int(step), tag=tag)
+            elif len(header) == 1:  # the projector reads single-column metadata without a header line
+                meta = [_clean_label(row.get(header[0])) for row in labels]
+                self._writer.add_embedding(mat, metadata=meta, global_step=int(step), tag=tag)
+            else:
+                rows = [[_clean_label(row.get(k)) for k in header] for row in labels]
+                self._writer.add_embedding(mat, metadata=rows, metadata_header=[_clean_label(k) for k in header],
+                                           global_step=int(step), tag=tag)
+
+    def _projector_undo(self, tag: str, step: int) -> Any:
+        """What puts the projector back as it was if add_embedding(tag, step) fails part way: its new directory
+        removed, ``projector_config.pbtxt`` (which add_embedding rewrites in place) restored."""
+        new_dir = self.log_dir / str(step).zfill(5) / self._writer._encode(tag)
+        existed = new_dir.exists()
+        config = self.log_dir / "projector_config.pbtxt"
+        old = config.read_bytes() if config.is_file() else None
+
+        def undo() -> None:
+            if not existed:
+                shutil.rmtree(new_dir, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    new_dir.parent.rmdir()  # the step's directory, if it holds nothing else
+            if old is None:
+                config.unlink(missing_ok=True)
+            elif not config.is_file() or config.read_bytes() != old:
+                config.write_bytes(old)
+
+        return undo
 
     def _merge_existing_projector_config(self, tensor_name: str) -> None:
         """SummaryWriter rewrites projector_config.pbtxt from its own in-memory list. After a resume keep
@@ -257,11 +337,13 @@ class Monitor:
 
     def flush(self) -> None:
         if self._writer is not None:
-            self._writer.flush()
+            with self._writing():
+                self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            with self._writing():
+                self._writer.close()
             self._writer = None
 
 

@@ -14,6 +14,7 @@ groups (``ROW_GROUP_ROWS`` rows) are the unit the stream deals to ranks and work
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ConfigError, DataError, one_line
+from .errors import ConfigError, DataError, disk_full, is_disk_full, one_line
 
 log = logging.getLogger("mfscale")
 
@@ -330,10 +331,24 @@ def read_row_group(group: RowGroup) -> dict[str, np.ndarray]:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside ``path``, then rename: readers see the old or the new file, whole."""
+    """Write UTF-8 to a temporary file beside ``path``, flush it to disk, then rename: readers see the old or the new
+    file, whole. On any failure the temporary file is removed and the old file stays; a full disk or quota is one
+    line (errors.disk_full: the directory, the bytes this file needs, the bytes free)."""
+    path = Path(path)
+    data = text.encode("utf-8")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk or quota can show only here (delayed allocation, NFS)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and is_disk_full(exc):
+            raise disk_full(path.parent, len(data), f"writing {path.name}", exc=exc) from None
+        raise
 
 
 def write_json_atomic(path: Path, obj: object) -> None:
