@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError, cli_entry
+from .errors import ConfigError, DataError, cli_entry, disk_full, is_disk_full
 from .model import BiasedMF
 
 CKPT_DIR = "checkpoints"
@@ -310,8 +310,20 @@ class _HashingWriter(io.RawIOBase):
         return self.f.write(b)
 
 
+def _nbytes(obj: Any) -> int:
+    """The tensor bytes in ``obj`` (what a checkpoint file needs, give or take its small metadata)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
 def _atomic_torch_save(obj: Any, final: Path) -> str:
-    """Write ``obj`` atomically; returns the file's sha256, hashed as it is written (no second read)."""
+    """Write ``obj`` atomically; returns the file's sha256, hashed as it is written (no second read). A full
+    disk is one line (errors.disk_full) with the bytes needed and free; the temp file goes, the old files stay."""
     tmp = _tmp_path(final.parent, final.name)
     try:
         with open(tmp, "wb") as f:
@@ -321,8 +333,12 @@ def _atomic_torch_save(obj: Any, final: Path) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as exc:
+        full = isinstance(exc, Exception) and is_disk_full(exc, final.parent)  # asked before the file goes
         _unlink_quietly(tmp)
+        if full:
+            raise disk_full(final.parent, _nbytes(obj) + 4096, f"writing {final.name}", exc=exc, about=True
+                            ) from None
         raise
     _fsync_dir(final.parent)
     return digest

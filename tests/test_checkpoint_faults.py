@@ -5,6 +5,7 @@ and a checkpoint of an older mfscale is refused in one line until converted."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from mfscale import checkpoint
 
+from .test_faults import fill
 from .test_train import torchrun
 
 COMMON = ["--batch-size", "50", "--train.ranking_k", "0", "--checkpoint.every_steps", "25",
@@ -154,3 +156,44 @@ def test_an_older_mfscale_checkpoint_is_refused_until_converted(small_data, tmp_
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert json.loads((run_dir / "metrics.json").read_text())["test_rmse"] == \
         json.loads((reference / "metrics.json").read_text())["test_rmse"]
+
+
+@pytest.fixture
+def tmpfs_16m(tmp_path):
+    """A 16 MiB tmpfs (unmounted afterwards): room for a small run, then filled to the brim."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(small_data, tmpfs_16m):
+    run_dir = tmpfs_16m / "run"
+    args = [sys.executable, "-m", "mfscale.train", "--data", str(small_data), "--run-dir", str(run_dir),
+            *COMMON, "--checkpoint.every_steps", "5"]
+    first = subprocess.run([*args, "--epochs", "2", "--train.epochs", "1"], capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    kept, _ = checkpoint.load_latest(run_dir)
+    filler = fill(tmpfs_16m, leave=64 << 10)  # a checkpoint part of this model is ~400 KB
+    full = subprocess.run([*args, "--epochs", "2"], capture_output=True, text=True, timeout=300)
+    last = full.stderr.strip().splitlines()[-1]
+    assert full.returncode == 2, full.stderr[-3000:]
+    assert last.startswith(f"mfscale.train: error: no space left in {run_dir / 'checkpoints'}: writing step-"), last
+    assert "bytes are free" in last and "Traceback" not in full.stderr
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    filler.unlink()
+    state, _ = checkpoint.load_latest(run_dir)  # what was valid stays valid, and resumes
+    assert state["global_step"] == kept["global_step"]
+    again = subprocess.run([*args, "--epochs", "2"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
