@@ -82,9 +82,13 @@ def test_no_loadable_checkpoint_is_the_same_one_line_on_every_rank(small_data, t
         damage(p.parent / state["parts"][0], "truncated")
     proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
     assert proc.returncode != 0  # torchrun's own exit status when its workers exit 2
-    lines = [ln for ln in proc.stderr.splitlines() if "mfscale.train: error:" in ln]
-    assert len(lines) == 2 and lines[0] == lines[1], proc.stderr[-3000:]
-    assert "can be loaded by every rank" in lines[0] and "--checkpoint.resume never" in lines[0]
+    # The ranks share one stderr, so their lines may interleave: count the message, not lines; only the workers'
+    # part, before torchrun's own traceback (its summary repeats each rank's line).
+    workers = proc.stderr.split("Traceback (most recent call last)")[0]
+    message = (f"mfscale.train: error: no checkpoint in {run_dir / 'checkpoints'} can be loaded by every rank (tried "
+               f"{', '.join(p.name for p in reversed(checkpoint.list_checkpoints(run_dir)))}; the reasons are in the "
+               "warnings above); use --checkpoint.resume never or a new --run-dir to start over")
+    assert workers.count(message) == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr.split("mfscale.train: error:")[0]
 
 
