@@ -30,8 +30,8 @@ from .test_slurm_real import slurm_conf
 
 pytestmark = pytest.mark.skipif(netns.unavailable_reason() is not None, reason=str(netns.unavailable_reason()))
 
-TIMEOUT_S = 20  # --train.timeout_s: a collective waiting this long fails
-JOIN_TIMEOUT_S = 20  # torchrun's c10d rendezvous: a restarted agent waits this long for the other node
+TIMEOUT_S = 12  # --train.timeout_s: a collective waiting this long fails
+JOIN_TIMEOUT_S = 12  # torchrun's c10d rendezvous: a restarted agent waits this long for the other node
 # The small preset (85,000 training ratings), 2 epochs of 333 steps at 2 x 128, a checkpoint every 20 steps.
 JOB = ["--epochs", "2", "--batch-size", "128", "--train.patience", "0", "--checkpoint.every_steps", "20",
        "--train.timeout_s", str(TIMEOUT_S)]
