@@ -218,6 +218,16 @@ def all_reduce_sum(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def gather(env: DistEnv, mine: Any) -> list[Any]:
+    """Every rank's value of ``mine`` (a picklable object), in rank order."""
+    if not env.distributed:
+        return [mine]
+    out: list[Any] = [None] * env.world_size
+    env.count("all_gather")
+    dist.all_gather_object(out, mine)
+    return out
+
+
 def broadcast_object(env: DistEnv, obj: object) -> object:
     """Rank 0's value on every rank."""
     if not env.distributed:

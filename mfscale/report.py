@@ -15,7 +15,6 @@ from typing import Any
 
 import polars as pl
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from . import distributed
@@ -67,19 +66,9 @@ class Window:
         return out
 
 
-def gather(env: DistEnv, mine: Any) -> list[Any]:
-    """Every rank's value of ``mine``, in rank order."""
-    if not env.distributed:
-        return [mine]
-    out: list[Any] = [None] * env.world_size
-    env.count("all_gather")
-    dist.all_gather_object(out, mine)
-    return out
-
-
 def peak_rss_per_rank(env: DistEnv) -> list[float]:
     """Each rank's peak resident memory so far, in MiB (Linux reports ru_maxrss in KiB)."""
-    return gather(env, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return distributed.gather(env, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def _fmt(v: object, spec: str = ".4f") -> str:
@@ -102,7 +91,7 @@ def final(cfg: JobConfig, env: DistEnv, layout: TableLayout, monitor: Monitor, r
         "tables": layout.name,
         "table_bytes_sent": layout.bytes_sent,  # by rank 0, in this process, for the tables
         "peak_rss_mib_per_rank": peak_rss_per_rank(env),
-        "decoded_bytes_per_rank": gather(env, layout.decoded_bytes),  # of the training split, at start-up
+        "decoded_bytes_per_rank": distributed.gather(env, layout.decoded_bytes),  # of the training split, at start-up
         "collectives_by_kind": dict(env.collectives),  # rank 0's, the whole job so far
         "batch_size": layout.batch_size,
         "device": str(env.device),

@@ -25,7 +25,6 @@ from .distributed import DistEnv
 from .errors import ConfigError, DataError
 from .layout import TableLayout
 from .optim import Optimizers
-from .report import gather as report_gather
 from .step import Step
 
 log = logging.getLogger("mfscale")
@@ -104,7 +103,7 @@ class Checkpoints:
             digest = checkpoint.write_part(self.run_dir, progress.global_step, self.env.rank if n > 1 else 0, n,
                                            part)
         # every part on disk, and its digest with rank 0, before the metadata that makes the checkpoint valid
-        digests = [d for d in report_gather(self.env, digest) if d is not None]
+        digests = [d for d in distributed.gather(self.env, digest) if d is not None]
         self.env.count("barrier")
         if self.env.is_main:
             checkpoint.save_checkpoint(self.run_dir, self._state(progress), step=progress.global_step,
@@ -148,7 +147,7 @@ class Checkpoints:
                 raise
             except DataError as exc:
                 why = str(exc)
-            ok = torch.tensor([0 if why else 1], dtype=torch.int32)
+            ok = torch.tensor([0 if why else 1], dtype=torch.int32, device=self.env.device)  # NCCL: on the GPU
             if self.env.distributed:
                 self.env.count("all_reduce")
                 dist.all_reduce(ok, op=dist.ReduceOp.MIN)
