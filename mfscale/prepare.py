@@ -17,8 +17,6 @@ Rules that shape the data:
 from __future__ import annotations
 
 import argparse
-import errno
-import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +28,7 @@ import numpy as np
 import polars as pl
 
 from . import download, formats, split
-from .errors import ConfigError, DataError, cli_entry
+from .errors import ConfigError, DataError, cli_entry, disk_full, is_disk_full
 from .shards import (
     FORMAT_VERSION,
     MANIFEST,
@@ -45,7 +43,6 @@ from .shards import (
 )
 
 PROG = "mfscale.prepare"
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def estimate_bytes(n_ratings: int, n_users: int, n_items: int) -> int:
@@ -53,37 +50,6 @@ def estimate_bytes(n_ratings: int, n_users: int, n_items: int) -> int:
     per row group (page headers, footer), ~48 per user and movie (users.parquet, movies.parquet), 16 KiB more."""
     groups = len(SPLITS) * MIN_GROUPS + n_ratings // ROW_GROUP_ROWS
     return 16 * n_ratings + 128 * groups + 48 * (n_users + n_items) + (16 << 10)
-
-
-def disk_full_errno(exc: BaseException) -> int | None:
-    """ENOSPC or EDQUOT when ``exc`` (or what caused it) says the disk or the quota is full, else None.
-
-    Python and pyarrow raise OSError with the errno; polars raises ComputeError that only says it in words
-    ("... No space left on device (os error 28)").
-    """
-    seen: set[int] = set()
-    cur: BaseException | None = exc
-    while cur is not None and id(cur) not in seen:
-        seen.add(id(cur))
-        if isinstance(cur, OSError) and cur.errno in DISK_FULL:
-            return cur.errno
-        text = str(cur)
-        for code in DISK_FULL:
-            if f"(os error {code})" in text or os.strerror(code) in text:
-                return code
-        cur = cur.__cause__ or cur.__context__
-    return None
-
-
-def disk_full_error(code: int, directory: Path, need: int | None, what: str) -> DataError:
-    """The one line for a full disk: the directory, the bytes ``what`` needs (when known) and the bytes free."""
-    try:
-        free = f"{shutil.disk_usage(directory).free:,} bytes are free"
-    except OSError:
-        free = "free space unknown"
-    full = "disk quota exceeded" if code == errno.EDQUOT else "no space left"
-    needs = f"{what} needs about {need:,} bytes" if need is not None else f"{what} did not fit"
-    return DataError(f"{full} in {directory}: {needs}, {free}; free some space or write elsewhere")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,13 +124,12 @@ def _resolve_ratings_path(path: Path, scratch: Path) -> tuple[Path, Path | None]
                 try:
                     zf.extractall(scratch)
                 except OSError as exc:
-                    code = disk_full_errno(exc)
-                    if code is None:
+                    if not is_disk_full(exc):
                         raise
                     shutil.rmtree(scratch, ignore_errors=True)  # the partial extraction: count free space
                     scratch.mkdir(exist_ok=True)  # without it (the temporary directory removes itself later)
-                    raise disk_full_error(code, scratch.parent, sum(i.file_size for i in zf.infolist()),
-                                          f"extracting {path.name}") from None
+                    raise disk_full(scratch.parent, sum(i.file_size for i in zf.infolist()), f"extracting {path.name}",
+                                    exc=exc, about=True) from None
         except zipfile.BadZipFile as exc:
             raise DataError(f"{path}: bad zip file: {exc}") from None
         path = scratch
@@ -258,9 +223,8 @@ def prepare(args: argparse.Namespace) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         # Writes into the staging directory (beside --out) that ran out of space. The free bytes are counted
         # after the partial output is removed: what this directory has for a new try.
-        code = disk_full_errno(exc) if isinstance(exc, Exception) and not isinstance(exc, DataError) else None
-        if code is not None:
-            raise disk_full_error(code, out.parent, need.get("bytes"), "the prepared dataset") from None
+        if isinstance(exc, Exception) and not isinstance(exc, DataError) and is_disk_full(exc):
+            raise disk_full(out.parent, need.get("bytes"), "the prepared dataset", exc=exc, about=True) from None
         raise
     _log(args, f"wrote {out} in {manifest['prepare_seconds']:.1f} s: {manifest['counts']['train']:,} train / "
                f"{manifest['counts']['val']:,} val / {manifest['counts']['test']:,} test ratings")

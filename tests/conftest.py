@@ -6,8 +6,11 @@ import json
 import multiprocessing as mp
 import os
 import socket
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -144,3 +147,28 @@ def reference_run(small_data, tmp_path_factory) -> tuple[Path, dict, list[list[s
     assert spawn_ranks(_reference_rank, 2, (free_port(), argv, str(base)), 300) == [0, 0]
     ranks = [json.loads((base / f"rank{r}.json").read_text()) for r in range(2)]
     return base / "run", ranks[0]["metrics"], [r["writes"] for r in ranks]
+
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of ``size`` (mount's syntax: 1m, 16m) mounted at ``path``, unmounted afterwards; skips the test
+    with the reason without root or when mounting fails. For tests of a full disk."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if proc.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip() or proc.returncode}")
+    try:
+        yield path
+    finally:
+        if subprocess.run(["umount", str(path)], check=False).returncode:
+            subprocess.run(["umount", "-l", str(path)], check=False)  # a file left open: detach it anyway
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (unmounted afterwards)."""
+    with tmpfs(tmp_path / "mnt", "1m") as mnt:
+        yield mnt

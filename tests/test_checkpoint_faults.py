@@ -16,6 +16,7 @@ import torch
 
 from mfscale import checkpoint
 
+from .conftest import tmpfs
 from .test_faults import fill
 from .test_train import torchrun
 
@@ -99,7 +100,6 @@ class _Touch:
         self.path = path
 
     def __reduce__(self):
-        import os
 
         return (os.system, (f"touch {self.path}",))
 
@@ -164,20 +164,9 @@ def test_an_older_mfscale_checkpoint_is_refused_until_converted(small_data, tmp_
 
 @pytest.fixture
 def tmpfs_16m(tmp_path):
-    """A 16 MiB tmpfs (unmounted afterwards): room for a small run, then filled to the brim."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip() or proc.returncode}")
-    try:
+    """A 16 MiB tmpfs: room for a small run, then filled to the brim."""
+    with tmpfs(tmp_path / "mnt", "16m") as mnt:
         yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], check=False).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(small_data, tmpfs_16m):

@@ -133,8 +133,10 @@ def test_known_error_on_one_rank_is_its_line_and_the_peer_line_on_the_other(tiny
     assert stderr[1].strip() == own
     assert re.fullmatch(PEER_GONE.format(peer=1, me=0), last_line(stderr[0])), stderr[0][-3000:]
     assert "Traceback" not in stderr[0]
-    root_cause = proc.stderr.split("Root Cause (first observed failure):")[1]
-    assert "rank      : 1 (local_rank: 1)" in root_cause and f"traceback : {own}" in root_cause, proc.stderr[-3000:]
+    # torchrun's summary carries rank 1's line (its error file); which rank it calls the root cause depends on
+    # which exit it observed first, within the same second: a race, not asserted.
+    summary = proc.stderr.split("Traceback (most recent call last)")[-1]  # torchrun's own, then its summary
+    assert "Root Cause (first observed failure):" in summary and f"traceback : {own}" in summary, proc.stderr[-3000:]
 
 
 def test_stuck_peer_is_a_timeout_line(tiny, tmp_path):
@@ -202,24 +204,6 @@ def test_peer_failure_reads_what_the_backends_say():
 
 
 # -- a full disk ------------------------------------------------------------------------------------------------
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs (unmounted afterwards)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mnt
-    finally:
-        if subprocess.run(["umount", str(mnt)], check=False).returncode:
-            subprocess.run(["umount", "-l", str(mnt)], check=False)  # a file left open: detach it anyway
-
-
 def fill(directory: Path, leave: int = 0) -> Path:
     """Fill ``directory``'s file system until ``leave`` bytes (a multiple of its 4 KiB pages) are free."""
     filler = directory / "filler"

@@ -22,7 +22,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from mfscale import config, prepare
+from mfscale import config, errors, prepare
 from mfscale.errors import ConfigError, DataError
 from mfscale.shards import Dataset, read_row_group
 
@@ -217,29 +217,12 @@ def test_each_file_is_checked_once_per_dataset(data):
 
 # -- a full disk while prepare writes shards ---------------------------------------------------------------
 def test_disk_full_detection():
-    assert prepare.disk_full_errno(OSError(errno.ENOSPC, "Error writing bytes to file.")) == errno.ENOSPC
-    assert prepare.disk_full_errno(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))) == errno.EDQUOT
+    assert errors.disk_full_errno(OSError(errno.ENOSPC, "Error writing bytes to file.")) == errno.ENOSPC
+    assert errors.disk_full_errno(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))) == errno.EDQUOT
     polars_like = RuntimeError("parquet: File out of specification: underlying IO error: No space left on "
                                "device (os error 28)")
-    assert prepare.disk_full_errno(polars_like) == errno.ENOSPC
-    assert prepare.disk_full_errno(OSError(errno.EACCES, "Permission denied")) is None
-
-
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A 1 MiB tmpfs: the tiny preset fits in it, the small one (1.6 MB of shards) does not."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True,
-                          text=True)
-    if proc.returncode:
-        pytest.skip(f"cannot mount a tmpfs: {proc.stderr.strip() or proc.returncode}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=False)
+    assert errors.disk_full_errno(polars_like) == errno.ENOSPC
+    assert errors.disk_full_errno(OSError(errno.EACCES, "Permission denied")) is None
 
 
 def test_disk_full_in_prepare_is_one_line_and_keeps_the_old_dataset(small_tmpfs, tmp_path):
