@@ -85,13 +85,7 @@ def run_nodes(world: int, rate: str | None, train_args: list[str], run_dir: Path
         logs = [run_dir.parent / f"{run_dir.name}-node{k}.log" for k in range(world)]
         agents = [netns.launch_agent(nodes, k, args, logs[k], env=netns.agent_env(nodes[k], threads=threads))
                   for k in range(world)]
-        deadline = time.monotonic() + timeout
-        codes = []
-        for p in agents:
-            try:
-                codes.append(p.wait(max(0.1, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                codes.append(None)
+        codes = netns.wait_all(agents, timeout)
         wall = time.perf_counter() - t0
         after = nodes[0].counters()
         command = shlex.join(netns.agent_command(nodes, 0, args))

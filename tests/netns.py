@@ -355,3 +355,15 @@ def launch_agent(nodes: Nodes, k: int, train_args: Sequence[str], log: Path, *, 
     with open(log, "a") as out:
         return node.launch(agent_command(nodes, k, train_args, **kw), env=env or agent_env(node),
                            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
+    """Exit codes, None for an agent still running at the deadline (the nodes' cleanup kills it)."""
+    deadline = time.monotonic() + timeout
+    codes = []
+    for p in procs:
+        try:
+            codes.append(p.wait(max(0.1, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            codes.append(None)
+    return codes

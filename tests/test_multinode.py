@@ -83,18 +83,6 @@ def assert_same_metrics(a: dict, b: dict) -> None:
         assert a[key] == b[key], key
 
 
-def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
-    """Exit codes, None for an agent still running at the deadline (the nodes' cleanup kills it)."""
-    deadline = time.monotonic() + timeout
-    codes = []
-    for p in procs:
-        try:
-            codes.append(p.wait(max(0.1, deadline - time.monotonic())))
-        except subprocess.TimeoutExpired:
-            codes.append(None)
-    return codes
-
-
 def logs(base: Path) -> str:
     return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(base.glob("node*.log")))
 
@@ -166,7 +154,7 @@ def test_two_nodes_train_the_tables_of_one_node(small_preset, one_node, tmp_path
         before = [n.counters() for n in nodes]
         agents = [netns.launch_agent(nodes, k, job(small_preset, run_dir), tmp_path / f"node{k}.log")
                   for k in range(2)]
-        assert wait_all(agents, 150) == [0, 0], logs(tmp_path)
+        assert netns.wait_all(agents, 150) == [0, 0], logs(tmp_path)
         after = [n.counters() for n in nodes]
     print(f"2 nodes x 1 process: {time.monotonic() - t0:.1f} s")
     m = json.loads((run_dir / "metrics.json").read_text())
@@ -201,7 +189,7 @@ def test_a_killed_node_comes_back_and_the_job_ends_as_if_uninterrupted(small_pre
         assert not (run_dir / "metrics.json").exists()
         t_kill = time.monotonic()
         agents[1] = netns.launch_agent(nodes, 1, args, tmp_path / "node1-again.log", **ELASTIC)
-        assert wait_all(agents, 150) == [0, 0], logs(tmp_path)
+        assert netns.wait_all(agents, 150) == [0, 0], logs(tmp_path)
     print(f"killed node 1 after {first.name}; recovered and finished {time.monotonic() - t_kill:.1f} s later; "
           f"{time.monotonic() - t0:.1f} s in all")
     out0 = (tmp_path / "node0.log").read_text()
@@ -231,7 +219,7 @@ def test_a_node_that_never_comes_back_fails_the_job_in_time(small_preset, tmp_pa
         else:
             subprocess.run(["ip", "-n", nodes[1].netns, "link", "set", "dev", nodes[1].ifname, "down"], check=True)
         bound = TIMEOUT_S + JOIN_TIMEOUT_S + 15
-        code = wait_all(agents[:1], bound)[0]
+        code = netns.wait_all(agents[:1], bound)[0]
         took = time.monotonic() - t_fault
     tail = [line for line in (tmp_path / "node0.log").read_text().splitlines() if line.strip()][-3:]
     print(f"node 1 {fault}: node 0's agent exited {code} after {took:.1f} s; its last lines:\n" + "\n".join(tail))
