@@ -53,6 +53,7 @@ import torch
 
 from .errors import ConfigError, DataError, cli_entry, disk_full, is_disk_full
 from .model import BiasedMF
+from .shards import file_digest
 
 CKPT_DIR = "checkpoints"
 BEST_NAME = "best.pt"
@@ -87,14 +88,6 @@ def _safe_load(source: Path | bytes, name: Path) -> Any:
 
 def _run_dir_of(path: Path) -> Path:
     return Path(path).parent.parent if Path(path).parent.name == CKPT_DIR else Path(path).parent
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checkpoint_dir(run_dir: Path) -> Path:
@@ -559,7 +552,7 @@ def convert(run_dir: Path) -> list[Path]:
         payload = _plain(torch.load(path, map_location="cpu", weights_only=False))  # trusted by the user
         state = payload.get("state", {}) if isinstance(payload, dict) else {}
         if state.get("parts"):
-            state["parts_sha256"] = [sha256_of(directory / name) for name in state["parts"]]
+            state["parts_sha256"] = [file_digest(directory / name) for name in state["parts"]]
         _atomic_torch_save(payload, path)
         _safe_load(path, path)  # now loads without unpickling
         done.append(path)
