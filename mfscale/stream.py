@@ -181,15 +181,15 @@ class RatingStream(IterableDataset):
             self._load_resident(torch.device(resident))
 
     def _load_resident(self, device: torch.device) -> None:
-        # The whole split is read: check it first, sha256 included (Dataset.verify, whole=True), so a damaged
+        # The whole split is read: it is checked, sha256 included, as it is read (Dataset.reading), so a damaged
         # shard is one line here instead of wrong ids or ratings in training. Once per Dataset; off with
         # --data.verify off.
-        self.data.verify((self.split,), whole=True)
         parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
-        for g in self.groups:
-            arrays = read_row_group(g)
-            for c in COLUMNS:
-                parts[c].append(arrays[c].astype(_DTYPES[c], copy=False))
+        with self.data.reading((self.split,)):
+            for g in self.groups:
+                arrays = read_row_group(g)
+                for c in COLUMNS:
+                    parts[c].append(arrays[c].astype(_DTYPES[c], copy=False))
         self.resident = {c: torch.from_numpy(np.concatenate(parts[c])).to(device) for c in COLUMNS}
         self._group_start = np.concatenate([[0], np.cumsum([g.rows for g in self.groups])]).astype(np.int64)
 

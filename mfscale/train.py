@@ -49,7 +49,7 @@ class Trainer:
         self.stop = stop or StopSignal()  # not installed: only run() owns the process's signal handlers
         self.run_dir = Path(cfg.run_dir)
         step.keep_step_memory()  # host memory: CPU steps, and the stream's batches on any device
-        data = Dataset(cfg.data.path, verify=cfg.data.verify)
+        data = Dataset(cfg.data.path, verify=cfg.data.verify, hash_share=(env.local_rank, env.local_world_size))
         torch.manual_seed(cfg.train.seed)
         self.layout = layout.build(cfg, env, data)
         self.model = self.layout.model
