@@ -237,7 +237,8 @@ class Dataset:
         return {name: table.column(name).to_numpy() for name in SHARD_SCHEMA.names}
 
     # -- integrity ---------------------------------------------------------------------------------
-    def verify(self, splits: Iterable[str] = ("train",), mode: str | None = None, *, whole: bool = True) -> dict:
+    def verify(self, splits: Iterable[str] = ("train",), mode: str | None = None, *, whole: bool = True,
+               all_shares: bool = False) -> dict:
         """Check the shards of ``splits`` against the manifest; raise DataError naming the first damaged one.
 
         ``mode`` (default: the Dataset's ``verify``, i.e. ``--data.verify``):
@@ -257,6 +258,9 @@ class Dataset:
         time, whatever ``VERIFIED`` says. An unwritable dataset directory only means hashing every time.
 
         A manifest written before mfscale recorded shard sizes (or without sha256s) skips that check, logged once.
+        ``all_shares``: hash every file, not only this process's ``hash_share`` (a read that failed: the damage
+        may be in a file a sibling process hashes).
+
         Files already checked by this Dataset are not checked again, so calling this at start-up and reading
         later costs one check. Returns what was done: ``{"mode", "files", "bytes", "hashed", "cached",
         "seconds"}`` (``cached``: shards ``VERIFIED`` vouched for, unhashed).
@@ -278,7 +282,7 @@ class Dataset:
                 self._footer(entry, check=True)
             done["files"] += 1
         if mode == "on" or whole:
-            todo = [e for e in self._my_share(entries) if e["file"] not in self._hashed]
+            todo = [e for e in (entries if all_shares else self._my_share(entries)) if e["file"] not in self._hashed]
             if any("sha256" not in e for e in todo):
                 self._note_missing("sha256")
             todo = [e for e in todo if "sha256" in e]
@@ -325,7 +329,7 @@ class Dataset:
             yield
         except Exception:
             try:
-                self.verify(splits, whole=True)
+                self.verify(splits, whole=True, all_shares=True)
             except DataError as damage:
                 raise damage from None
             raise

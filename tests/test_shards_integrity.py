@@ -285,6 +285,9 @@ def test_processes_on_one_host_hash_disjoint_shares(data):
         Dataset(data, verify="on", hash_share=(0, 2)).verify(splits)
     assert str(exc.value) == expected
     assert Dataset(data, verify="on", hash_share=(1, 2)).verify(splits)["hashed"] == 2
+    with pytest.raises(DataError) as exc, Dataset(data, hash_share=(1, 2)).reading(("train",)):
+        raise IndexError("index 16500 is out of bounds")  # a read broken by a shard of a sibling's share
+    assert str(exc.value) == expected
 
 
 # -- a full disk while prepare writes shards ---------------------------------------------------------------
