@@ -20,9 +20,10 @@ from ..shards import Dataset
 from .base import EvalShare, TableLayout
 from .blocks import Blocks
 from .replicated import Replicated
-from .rows import deal_rows, init_rows, movie_block, stratum_balance, train_counts
+from .rows import auto_strata, deal_rows, init_rows, movie_block, stratum_balance, train_counts
 
-__all__ = ["Blocks", "EvalShare", "Replicated", "TableLayout", "auto_batch_size", "build", "choose", "deal_rows",
+__all__ = ["Blocks", "EvalShare", "Replicated", "TableLayout", "auto_batch_size", "auto_strata", "build", "choose",
+           "deal_rows",
            "init_rows", "movie_block", "stratum_balance", "train_counts"]
 
 log = logging.getLogger("mfscale")
@@ -66,6 +67,9 @@ def build(cfg: JobConfig, env: DistEnv, data: Dataset) -> TableLayout:
                               "workers); use --workers 0")
         if cfg.data.workers:
             log.warning("--workers %d ignored: blocks tables hold each rank's ratings in memory", cfg.data.workers)
+        if cfg.train.strata != 1:
+            raise ConfigError("--train.strata applies to the replicated layout (blocks tables train strata of "
+                              "their own); use --train.tables replicated or --train.strata 1")
         built = Blocks(cfg, env, data, batch_size)
     # Evaluation reads the validation and test splits whole (sha256 too): hash them while the rest of start-up
     # and the first epoch go on, so the first evaluation only collects the verdict.
