@@ -104,10 +104,10 @@ def renorm_rows_(table: torch.Tensor, ids: torch.Tensor, max_norm: float) -> Non
     d = table.shape[1] - 1
     f = table[rows, :d]
     norm = torch.linalg.vector_norm(f, dim=1)
-    over = norm > max_norm
-    rows, f, norm = rows[over], f[over], norm[over]
-    if rows.numel():
-        table[rows, :d] = f * (max_norm / (norm + RENORM_EPS))[:, None]
+    # Every touched row written back, scaled by 1 where under the bound (exact): no data-dependent selection, so
+    # no host sync on a GPU besides unique's.
+    scale = torch.where(norm > max_norm, max_norm / (norm + RENORM_EPS), torch.ones_like(norm))
+    table[rows, :d] = f * scale[:, None]
 
 
 def predict_rows(users: torch.Tensor, items: torch.Tensor, global_bias: torch.Tensor, user: torch.Tensor,
