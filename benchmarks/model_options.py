@@ -28,6 +28,7 @@ import torch
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "defaults": ("biased MF, L2 (all defaults)", []),
     "plain": ("plain MF: no biases, L2", ["--model.biases", "off"]),
+    "plain_60": ("plain MF, L2, up to 60 epochs (converged)", ["--model.biases", "off", "--epochs", "60"]),
     "plain_no_l2": ("plain MF, no L2 (a notebook's MSE alone)", ["--model.biases", "off", "--optim.reg_factor", "0"]),
     "max_norm": ("biased MF, L2 and max_norm 1", ["--model.max_norm", "1"]),
     "max_norm_no_l2": ("biased MF, max_norm 1 instead of L2 on the factors",
@@ -89,13 +90,20 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--workdir", default="/tmp/mfscale-options", help="run directories go here")
     p.add_argument("--extra", default="", help="more mfscale.train flags for every run, one string")
-    p.add_argument("--out-jsonl", help="one JSON line per run")
+    p.add_argument("--out-jsonl", help="one JSON line per run (appended)")
+    p.add_argument("--table-only", action="store_true",
+                   help="run nothing: print the table of the runs in --out-jsonl (the last run of each variant/seed)")
     args = p.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(VARIANTS)}")
+    if args.table_only:
+        if not args.out_jsonl:
+            raise SystemExit("--table-only reads --out-jsonl")
+        print(table([json.loads(line) for line in Path(args.out_jsonl).read_text().splitlines()], variants, seeds))
+        return
     rows = []
     for seed in seeds:
         for v in variants:
