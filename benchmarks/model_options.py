@@ -33,6 +33,9 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "max_norm": ("biased MF, L2 and max_norm 1", ["--model.max_norm", "1"]),
     "max_norm_no_l2": ("biased MF, max_norm 1 instead of L2 on the factors",
                        ["--model.max_norm", "1", "--optim.reg_factor", "0"]),
+    "max_norm_2": ("biased MF, L2 and max_norm 2", ["--model.max_norm", "2"]),
+    "max_norm_2_no_l2": ("biased MF, max_norm 2 instead of L2 on the factors",
+                         ["--model.max_norm", "2", "--optim.reg_factor", "0"]),
     "plain_max_norm_no_l2": ("plain MF, max_norm 1, no L2 (a notebook with max_norm=1)",
                              ["--model.biases", "off", "--model.max_norm", "1", "--optim.reg_factor", "0"]),
 }
