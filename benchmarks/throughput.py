@@ -147,6 +147,9 @@ VARIANTS: dict[str, dict[str, str]] = {
     # table layouts (mfscale/layout/), the fused step: compare them at --nprocs 1,2
     "fused-replicated": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__tables": "replicated"},
     "fused-blocks": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__tables": "blocks"},
+    # issue 24's model options on the default path: plain MF (no biases), nn.Embedding's max_norm 1
+    "fused-plain": {"optim__optimizer": "lazy_adam", "train__step": "fused", "model__biases": "off"},
+    "fused-max_norm": {"optim__optimizer": "lazy_adam", "train__step": "fused", "model__max_norm": "1"},
 }
 
 
@@ -666,7 +669,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training-step variants: fused (the default path), fused-kernel (CPU: the C++ op), "
                         "fused-torch (CPU: torch ops), fused-compiled, fused-eager, autograd (backward + LazyAdam), "
                         "sparse_adam (backward + torch.optim.SparseAdam, the reference), fused-replicated, "
-                        "fused-blocks")
+                        "fused-blocks, fused-plain (--model.biases off), fused-max_norm (--model.max_norm 1)")
     p.add_argument("--resident", choices=["auto", "on", "off"], default="auto",
                    help="data.resident for training modes; input mode measures the resident stream only with on")
     p.add_argument("--precisions", type=_csv(str), default=["fp32"], help="fp32,bf16,fp16 (mixed: CUDA only)")

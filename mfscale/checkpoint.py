@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, cli_entry, disk_full, is_disk_full
-from .model import BiasedMF
+from .model import BiasedMF, capped
 from .shards import file_digest
 
 CKPT_DIR = "checkpoints"
@@ -238,10 +238,26 @@ def load_model(path: Path, state: dict) -> BiasedMF:
 
     The whole tables are built in this process's memory (without Adam state: (users + movies) x (dim + 1)
     floats, 75 MB for ML-32M at dim 64); a model too large for one machine's memory cannot be loaded here.
+
+    The model options saved with the run's config (issue 24) apply: without biases (``model.biases`` false) the
+    bias columns and the global bias are 0, whatever the file holds; with ``model.max_norm`` every factor vector
+    is renormalized as ``nn.Embedding(max_norm=...)``'s lookup would before use, so the tools (recommend, analyze,
+    export) see the vectors the run's predictions use.
     """
     shape = state["model_shape"]
-    model = BiasedMF(shape["n_users"], shape["n_items"], shape["dim"], init_std=0.0)
+    opts = (state.get("config") or {}).get("model") or {}  # checkpoints from before issue 24: biases, no bound
+    model = BiasedMF(shape["n_users"], shape["n_items"], shape["dim"], init_std=0.0,
+                     biases=bool(opts.get("biases", True)))
     model.load_state_dict({k: v.to(torch.get_default_dtype()) for k, v in assemble(path, state).items()})
+    with torch.no_grad():
+        if not model.biases:
+            model.global_bias.zero_()
+            for table in model.sparse_parameters():
+                table[:, -1] = 0.0
+        max_norm = float(opts.get("max_norm", 0.0) or 0.0)
+        if max_norm:
+            for table in model.sparse_parameters():
+                table.copy_(capped(table, max_norm))
     return model.eval().requires_grad_(False)
 
 

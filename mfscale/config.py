@@ -8,6 +8,7 @@ The resolved config is written to the run directory, into every checkpoint and i
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -36,6 +37,12 @@ class ModelConfig:
     dim: int = 64  # latent factors per user and movie
     init_std: float = 0.01  # factor init; biases start at 0 so unseen rows predict the mean
     dropout: float = 0.0  # dropout on factor vectors during training
+    # on: rating ~ mean + b_u + b_i + <p_u, q_i>; off: plain MF, <p_u, q_i> alone (no global mean, ratings not
+    # centred), as a notebook's two nn.Embedding tables. Off keeps the tables' shape (bias columns held at 0).
+    biases: bool = True
+    # > 0: nn.Embedding(max_norm=X)'s bound: the factor vectors p_u, q_i a batch touches are renormalized in place
+    # to norm <= X before they are used (predictions too); 0 = off
+    max_norm: float = 0.0
 
 
 @dataclass
@@ -131,6 +138,8 @@ class JobConfig:
             (self.model.dim >= 1, "model.dim must be >= 1"),
             (self.model.init_std >= 0, "model.init_std must be >= 0"),
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
+            (self.model.max_norm >= 0 and math.isfinite(self.model.max_norm),
+             "model.max_norm must be a finite number >= 0 (0 = off)"),
             (self.optim.optimizer in ("lazy_adam", "sparse_adam"), "optim.optimizer must be lazy_adam or sparse_adam"),
             (self.optim.lr > 0 and self.optim.dense_lr >= 0, "optim.lr must be > 0 and optim.dense_lr >= 0"),
             (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),

@@ -121,12 +121,15 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
                moments_i: tuple[torch.Tensor, torch.Tensor], user: torch.Tensor, item: torch.Tensor,
                rating: torch.Tensor, global_bias: float, scale: float, col_weights: torch.Tensor,
                step_sizes: tuple[float, float], betas: tuple[float, float], eps: float,
-               scratch: dict[str, torch.Tensor]) -> tuple[float, float]:
+               scratch: dict[str, torch.Tensor], *, max_norm: float = 0.0, biases: bool = True
+               ) -> tuple[float, float]:
     """One step in place on both tables and their Adam moments; returns (sum of coef, sum of squared errors).
 
     coef = (prediction - rating) * ``scale``; the global bias's gradient is the first return value.
     ``col_weights``: the L2 weight per column times ``scale``. ``scratch``: a dict kept by the caller between
-    steps (per-table marks and the op's work memory, allocated once and grown when needed).
+    steps (per-table marks and the op's work memory, allocated once and grown when needed). ``max_norm`` > 0:
+    the touched rows' factor vectors are first renormalized in place (``nn.Embedding(max_norm=...)``);
+    ``biases`` False: the bias column gets a zero gradient (plain MF; the first return value is then unused).
     """
     load()
     for name, table in (("users", users), ("items", items)):
@@ -139,6 +142,6 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
     out = torch.ops.mfscale.fused_step(
         users, items, moments_u[0], moments_u[1], moments_i[0], moments_i[1], user, item, rating, global_bias,
         scale, col_weights, step_sizes[0], step_sizes[1], betas[0], betas[1], eps, scratch["mark_users"],
-        scratch["mark_items"], work)
+        scratch["mark_items"], work, float(max_norm), bool(biases))
     coef_sum, sse = out.tolist()
     return coef_sum, sse

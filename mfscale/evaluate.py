@@ -1,7 +1,9 @@
 """Held-out RMSE and MAE with global sums (all-reduced), never a mean of per-rank means; top-K ranking metrics.
 
 Both work from any table layout (``mfscale.layout``): each rank evaluates the ratings of the users it owns
-(``TableLayout.eval_share``) against ``TableLayout.eval_tables()``, and the sums are all-reduced.
+(``TableLayout.eval_share``) against ``TableLayout.eval_tables()``, and the sums are all-reduced. With
+``--model.max_norm`` the factor vectors are capped as ``nn.Embedding(max_norm=...)``'s lookup caps them (without
+changing the tables); without biases the bias columns and the global bias are 0, so the scores are <p_u, q_i>.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import torch
 
 from .distributed import all_reduce_sum
-from .model import predict_rows
+from .model import capped, predict_rows
 
 if TYPE_CHECKING:
     from .layout import TableLayout
@@ -43,7 +45,8 @@ def evaluate(layout: TableLayout, split: str, *, batch_size: int, tables: Tables
         user = torch.from_numpy(share.user[start : start + batch_size]).to(dev)
         item = torch.from_numpy(share.item[start : start + batch_size]).to(dev)
         rating = torch.from_numpy(share.rating[start : start + batch_size]).to(dev)
-        err = (predict_rows(users, items, global_bias, user, item).float().clamp(lo, hi) - rating).double()
+        pred = predict_rows(users, items, global_bias, user, item, layout.cfg.model.max_norm)
+        err = (pred.float().clamp(lo, hi) - rating).double()
         sums[0] += err.square().sum()
         sums[1] += err.abs().sum()
     sums[2] = float(len(share.user))
@@ -97,13 +100,14 @@ def ranking_metrics(layout: TableLayout, split: str, *, k: int = 10, relevant_mi
     # One score buffer for all batches: a fresh (batch, n_items) block per batch (128 MiB by default) would
     # be mapped and faulted in anew each time on CPU (ML-32M: ~400 batches, over a minute of system time).
     buf = torch.empty(min(batch, max(len(users_all), 1)), n_items, device=dev)
-    items_t = item_tab.float().T  # rows [q_i, b_i] as columns
+    max_norm = layout.cfg.model.max_norm
+    items_t = capped(item_tab, max_norm).float().T  # rows [q_i, b_i] as columns
     for start in range(0, len(users_all), batch):
         users = users_all[start : start + batch]
         # The user bias and global mean do not change a user's ranking; the item bias does: with the user's
         # bias column set to 1, [p_u, 1] . [q_i, b_i] = p_u . q_i + b_i in one matrix product.
-        u = user_tab[users].float()
-        u[:, -1] = 1.0
+        u = capped(user_tab[users], max_norm).float()
+        u[:, -1] = 1.0  # an item's bias column is 0 without biases: the scores are then p_u . q_i
         scores = torch.mm(u, items_t, out=buf[: len(users)])
         row, col = _rows_of(seen_ptr, seen_items, users)
         scores[row, col] = -math.inf

@@ -30,8 +30,7 @@ README = """\
 mfscale model export (format {fmt})
 ==================================
 
-Model: biased matrix factorization, rating(u, i) ~ global_mean + user_bias[u] + item_bias[i]
-       + dot(user_factors[u], item_factors[i]), clipped to the rating scale [{lo:g}, {hi:g}].
+{model}
 
 Files (row r of every user file is the same user, row r of every movie file the same movie):
   user_ids.npy      int64 (n_users,)       original MovieLens userId of each row
@@ -66,6 +65,19 @@ np.stack(table["factors"].to_numpy(zero_copy_only=False)).
 """
 
 
+MODEL_TEXT = {
+    True: "Model: biased matrix factorization, rating(u, i) ~ global_mean + user_bias[u] + item_bias[i]\n"
+          "       + dot(user_factors[u], item_factors[i]), clipped to the rating scale [{lo:g}, {hi:g}].",
+    # plain MF (--model.biases off): the bias files are kept, all zeros, so one reader serves both kinds
+    False: "Model: plain matrix factorization (trained without biases), rating(u, i) ~ dot(user_factors[u],\n"
+           "       item_factors[i]), clipped to the rating scale [{lo:g}, {hi:g}]. user_bias, item_bias and\n"
+           "       global_mean are all 0, so the formulas below give the same numbers.",
+}
+MAX_NORM_TEXT = ("\nThe factor vectors are the ones the model predicts with: trained with\n"
+                 "--model.max_norm {max_norm:g} (nn.Embedding(max_norm=...)), each is already renormalized to norm\n"
+                 "<= {max_norm:g}.\n")
+
+
 def _fixed_list(matrix: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), matrix.shape[1])
 
@@ -93,11 +105,14 @@ def write_export(run: Run, directory: Path) -> dict:
 
     lo, hi = run.rating_range
     dim = p.shape[1]
+    biases = run.model.biases
     meta = {
         "format": "mfscale-export", "format_version": EXPORT_FORMAT,
-        "model": "biased matrix factorization",
-        "prediction": "clip(global_mean + user_bias[u] + item_bias[i] + dot(user_factors[u], item_factors[i]), "
-                      "rating_min, rating_max)",
+        "model": "biased matrix factorization" if biases else "matrix factorization without biases",
+        "prediction": ("clip(global_mean + user_bias[u] + item_bias[i] + dot(user_factors[u], item_factors[i]), "
+                       "rating_min, rating_max)" if biases else
+                       "clip(dot(user_factors[u], item_factors[i]), rating_min, rating_max)"),
+        "biases": biases, "max_norm": run.max_norm or None,
         "dim": dim, "n_users": len(user_ids), "n_movies": len(movie_ids),
         "global_mean": float(mean), "rating_min": lo, "rating_max": hi,
         "run_dir": str(run.run_dir.resolve()), "checkpoint": str(run.checkpoint_path.resolve()), "step": run.step,
@@ -105,7 +120,9 @@ def write_export(run: Run, directory: Path) -> dict:
         "files": sorted([f"{n}.npy" for n in arrays] + ["users.parquet", "movies.parquet", "README.txt"]),
     }
     (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    (directory / "README.txt").write_text(README.format(fmt=EXPORT_FORMAT, lo=lo, hi=hi, dim=dim))
+    model = MODEL_TEXT[biases].format(lo=lo, hi=hi) + (MAX_NORM_TEXT.format(max_norm=run.max_norm)
+                                                       if run.max_norm else "")
+    (directory / "README.txt").write_text(README.format(fmt=EXPORT_FORMAT, lo=lo, hi=hi, dim=dim, model=model))
     return meta
 
 

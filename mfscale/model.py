@@ -1,10 +1,16 @@
-"""Biased matrix factorization: ``rating ~ mean + b_user + b_item + <p_user, q_item>``.
+"""Biased matrix factorization: ``rating ~ mean + b_user + b_item + <p_user, q_item>``, or plain MF without biases.
 
 Each side is one sparse ``nn.Embedding`` of width ``dim + 1``: the factors and, in the last column, the
 bias. A user's factors and bias are always touched together, so one table per side halves the sparse
 gradients to synchronize and the optimizer's per-table work. Only the global bias is a dense parameter
 (it goes through DDP). Biases start at zero and factors near zero, so a user or movie never seen in
 training predicts the global mean plus whatever bias is known.
+
+Two options for what notebooks do (issue 24): ``biases=False`` is plain MF, ``<p_u, q_i>`` alone. The tables keep
+their shape (checkpoints, layouts and the C++ op see one shape) but the bias columns and the global bias are held
+at exactly 0: every step gives them a zero gradient, and Adam leaves a zero with zero moments at zero.
+``max_norm`` is ``nn.Embedding(max_norm=X)``'s bound on the factor vectors (the bias column is not part of the
+vector): :func:`renorm_rows_` before a step, :func:`capped` where predictions read rows.
 """
 
 from __future__ import annotations
@@ -69,12 +75,52 @@ def table_like(t: torch.Tensor) -> torch.Tensor:
     return table_empty(tuple(t.shape), t.dtype, t.device).copy_(t)
 
 
+RENORM_EPS = 1e-7  # nn.Embedding's: scale = max_norm / (norm + 1e-7) (ATen's embedding_renorm_)
+
+
+def capped(rows: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """``rows`` ``[factors, bias]`` with each factor vector renormalized as ``nn.Embedding(max_norm=...)`` would
+    before using it (a copy where any row is over; ``rows`` itself otherwise, or when ``max_norm`` is 0)."""
+    if not max_norm:
+        return rows
+    d = rows.shape[1] - 1
+    norm = torch.linalg.vector_norm(rows[:, :d], dim=1)
+    over = norm > max_norm
+    if not bool(over.any()):
+        return rows
+    scale = torch.where(over, max_norm / (norm + RENORM_EPS), torch.ones_like(norm))
+    out = rows.clone()
+    out[:, :d] *= scale[:, None]
+    return out
+
+
+@torch.no_grad()
+def renorm_rows_(table: torch.Tensor, ids: torch.Tensor, max_norm: float) -> None:
+    """``nn.Embedding(max_norm=...)``'s in-place renormalization of the rows ``ids`` touch (duplicates once):
+    factor vectors with norm > max_norm are scaled by max_norm / (norm + 1e-7); the bias column is left alone."""
+    if not max_norm or ids.numel() == 0:
+        return
+    rows = torch.unique(ids.long())
+    d = table.shape[1] - 1
+    f = table[rows, :d]
+    norm = torch.linalg.vector_norm(f, dim=1)
+    # Every touched row written back, scaled by 1 where under the bound (exact): no data-dependent selection, so
+    # no host sync on a GPU besides unique's.
+    scale = torch.where(norm > max_norm, max_norm / (norm + RENORM_EPS), torch.ones_like(norm))
+    table[rows, :d] = f * scale[:, None]
+
+
 def predict_rows(users: torch.Tensor, items: torch.Tensor, global_bias: torch.Tensor, user: torch.Tensor,
-                 item: torch.Tensor) -> torch.Tensor:
-    """mean + b_u + b_i + <p_u, q_i> from table rows ``[factors, bias]`` (no (batch, dim+1) product kept)."""
+                 item: torch.Tensor, max_norm: float = 0.0) -> torch.Tensor:
+    """mean + b_u + b_i + <p_u, q_i> from table rows ``[factors, bias]`` (no (batch, dim+1) product kept).
+
+    Without biases the bias columns and the global bias are 0, so this is <p_u, q_i> exactly. ``max_norm``:
+    the gathered factor vectors capped as ``nn.Embedding(max_norm=...)``'s lookup caps them (evaluation; the
+    training steps renormalize the tables in place instead).
+    """
     d = users.shape[1] - 1
-    u = users[user]
-    v = items[item]
+    u = capped(users[user], max_norm)
+    v = capped(items[item], max_norm)
     return global_bias + (u[:, :d] * v[:, :d]).sum(1) + u[:, d] + v[:, d]
 
 
@@ -105,7 +151,7 @@ def compiled_batch_errors() -> Callable[..., torch.Tensor]:
 
 
 def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, coef: torch.Tensor,
-               n_rows: int, dense_min: int, scratch: torch.Tensor | None = None) -> TableGrad:
+               n_rows: int, dense_min: int, scratch: torch.Tensor | None = None, biases: bool = True) -> TableGrad:
     """sum over the batch's ratings of coef * [other factors, 1], grouped by this side's row.
 
     A stable sort groups the ratings by row (keeping batch order inside a row), and the grouped sums are one
@@ -113,6 +159,8 @@ def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, 
     the rows come out unique, so no scatter-add or coalesce() is needed afterwards. Where the batch touches
     at least ``dense_min`` of the table's ``n_rows`` rows, the CSR matrix gets one (possibly empty) row per
     table row, giving the dense form of ``TableGrad``. ``scratch``, (n_rows, dim+1): memory for the rows.
+    Without ``biases`` the bias column's gradient is left as the product gives it: ``other``'s bias column is 0
+    (plain MF holds it there), so it is 0 too.
     """
     d = other.shape[1] - 1
     sorted_ids, perm = torch.sort(ids, stable=True)
@@ -134,22 +182,29 @@ def _side_grad(ids: torch.Tensor, other_ids: torch.Tensor, other: torch.Tensor, 
         # zeroed buffer and copies it: 2.4 vs 0.65 ms for the 70k-row dense form at batch 42k).
         rows = other.new_empty(counts.numel(), other.shape[1]) if scratch is None else scratch[:counts.numel()]
         torch.addmm(rows, a, other, beta=0, out=rows)
-        # bincount adds in batch order, which is the stable sort's order within a row: the same sums as
-        # segment_reduce's, ~10x faster.
-        bias = torch.bincount(ids, weights=coef_batch_order, minlength=n_rows)
-        rows[:, d] = bias if uniq is None else bias[uniq]
+        if biases:
+            # bincount adds in batch order, which is the stable sort's order within a row: the same sums as
+            # segment_reduce's, ~10x faster.
+            bias = torch.bincount(ids, weights=coef_batch_order, minlength=n_rows)
+            rows[:, d] = bias if uniq is None else bias[uniq]
     else:
         # cuSPARSE, with a fresh result (cheap with the caching allocator); segment_reduce, since CUDA
         # bincount's atomic adds would make the order (and the rounding) vary from run to run.
         rows = a @ other
-        rows[:, d] = torch.segment_reduce(coef, "sum", lengths=counts)
+        if biases:
+            rows[:, d] = torch.segment_reduce(coef, "sum", lengths=counts)
     return TableGrad(uniq, counts, rows)
 
 
 class BiasedMF(nn.Module):
-    def __init__(self, n_users: int, n_items: int, dim: int, *, mean: float = 3.5, init_std: float = 0.01):
+    """Both tables ``[factors, bias]`` and the global bias; ``biases=False``: plain MF (module docstring)."""
+
+    def __init__(self, n_users: int, n_items: int, dim: int, *, mean: float = 3.5, init_std: float = 0.01,
+                 biases: bool = True):
         super().__init__()
         self.dim = dim
+        self.biases = biases
+        mean = float(mean) if biases else 0.0  # plain MF: ratings are not centred
         self.users = nn.Embedding(n_users, dim + 1, sparse=True, _weight=table_empty((n_users, dim + 1)))
         self.items = nn.Embedding(n_items, dim + 1, sparse=True, _weight=table_empty((n_items, dim + 1)))
         self.global_bias = nn.Parameter(torch.tensor(float(mean)))
@@ -182,6 +237,10 @@ class BiasedMF(nn.Module):
         uv = u * v
         if dropout_mask is not None:  # dropout on the factor interactions, scaled by 1/(1-p) in the mask
             uv = uv * dropout_mask
+        if not self.biases:
+            # The global bias stays in the graph (DDP needs a parameter with a gradient) with a zero gradient, and
+            # the bias columns get none: [p, 0] . [q, 0] has a zero derivative in the bias column.
+            return self.global_bias * 0.0 + uv @ self.factor_cols, (u, v)
         pred = self.global_bias + uv @ self.factor_cols + (u + v) @ self.bias_col
         return pred, (u, v)
 
@@ -194,11 +253,11 @@ class BiasedMF(nn.Module):
 
         Returns the user and item table gradients (``TableGrad``), the global bias's gradient and the batch's
         summed squared error. With e = prediction - rating, d/dp_u = 2 e q_i / G, d/db_u = 2 e / G, and
-        symmetrically for the item; d/dmean = sum 2 e / G. ``errors`` computes e (``batch_errors``, possibly
-        compiled). The per-rating L2 term is left to the optimizer (``LazyAdam`` with ``l2``): its gradient
-        is count * 2 * reg * row / G, so only the counts are needed. ``dense_min``: per table, from how many
-        touched rows on the gradient comes in dense form (worth it when a batch touches a large share of the
-        rows: the optimizer then sweeps the table contiguously); 0 = always, None = never.
+        symmetrically for the item; d/dmean = sum 2 e / G (both 0 without biases). ``errors`` computes e
+        (``batch_errors``, possibly compiled). The per-rating L2 term is left to the optimizer (``LazyAdam`` with
+        ``l2``): its gradient is count * 2 * reg * row / G, so only the counts are needed. ``dense_min``: per
+        table, from how many touched rows on the gradient comes in dense form (worth it when a batch touches a
+        large share of the rows: the optimizer then sweeps the table contiguously); 0 = always, None = never.
 
         ``scratch``: a dict the caller keeps between calls; on CPU the gradient rows are then written into
         table-sized buffers kept there, so the returned rows are only valid until the next call. Allocating
@@ -222,9 +281,10 @@ class BiasedMF(nn.Module):
                 if buf is None or buf.shape != table.shape or buf.dtype != table.dtype or buf.device != table.device:
                     buf = scratch[name] = torch.empty_like(table)
                 bufs[k] = buf
-        return (_side_grad(user, item, items, coef, users.shape[0], dense_min[0], bufs[0]),
-                _side_grad(item, user, users, coef, items.shape[0], dense_min[1], bufs[1]), coef.sum(),
-                e.square().sum())
+        b = self.biases
+        return (_side_grad(user, item, items, coef, users.shape[0], dense_min[0], bufs[0], b),
+                _side_grad(item, user, users, coef, items.shape[0], dense_min[1], bufs[1], b),
+                coef.sum() if b else coef.new_zeros(()), e.square().sum())
 
     @torch.no_grad()
     def predict(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

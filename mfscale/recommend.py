@@ -48,8 +48,12 @@ class Recommender:
         p, bu, q, bi = run.model.factors()
         self.p, self.bu, self.q = p.detach(), bu.detach(), q.detach()
         # Item bias plus global bias once, and -inf for movies never trained, so they can never be picked.
+        # A run trained without biases (--model.biases off) scores <p_u, q_i> alone.
+        offset = bi.detach() + run.model.global_bias.detach()
+        if not run.model.biases:
+            self.bu, offset = torch.zeros_like(self.bu), torch.zeros_like(offset)
         trained = torch.from_numpy(run.movies["n_train"].to_numpy() > 0)
-        self.item_offset = torch.where(trained, bi.detach() + run.model.global_bias.detach(), -torch.inf)
+        self.item_offset = torch.where(trained, offset, -torch.inf)
         self.indptr, self.seen = run.train_pairs()
         self.lo, self.hi = run.rating_range
 

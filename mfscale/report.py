@@ -22,6 +22,7 @@ from .config import JobConfig
 from .distributed import DistEnv
 from .evaluate import evaluate, ranking_metrics
 from .layout import TableLayout
+from .model import capped
 from .monitor import Monitor
 from .optim import Optimizers
 from .shards import write_json_atomic
@@ -119,7 +120,7 @@ def _projector(cfg: JobConfig, layout: TableLayout, monitor: Monitor, movie_tabl
     movies = pl.read_parquet(layout.data.root / "movies.parquet")
     top = movies.sort("n_train", descending=True).head(10_000)
     idx = torch.tensor(top["item_idx"].to_list(), dtype=torch.long)
-    q = movie_table[:, : cfg.model.dim]
+    q = capped(movie_table, cfg.model.max_norm)[:, : cfg.model.dim]  # as predictions see them (max_norm)
     labels = [{"title": r["title"] or f"movie {r['movie_id']}", "year": r["year"], "genres": r["genres"],
                "movie_id": r["movie_id"], "ratings": r["n_train"]} for r in top.iter_rows(named=True)]
     monitor.embeddings(q.detach()[idx.to(q.device)].cpu(), labels, tag="movies", step=step)

@@ -215,6 +215,9 @@ class Checkpoints:
         for key in ("reg_factor", "reg_bias", "gravity"):
             if key in started and started[key] != getattr(o, key):
                 changed.append(f"continues with optim.{key} {getattr(o, key)} (it started with {started[key]})")
+        started_norm = state.get("config", {}).get("model", {}).get("max_norm", 0.0)
+        if started_norm != self.cfg.model.max_norm:
+            changed.append(f"continues with model.max_norm {self.cfg.model.max_norm} (it started with {started_norm})")
         if changed and self.env.is_main:
             log.warning("resumed run %s", "; ".join(changed))
 
@@ -225,6 +228,12 @@ class Checkpoints:
             raise ConfigError(f"checkpoint {path} was written by an older mfscale (whole tables in one file); {hint}")
         if state["data_fingerprint"] != data.fingerprint:
             raise ConfigError(f"checkpoint {path} was trained on a different dataset; {hint}")
+        # Biases on and off are different models (off holds the bias columns at 0): no run switches midway.
+        started = bool(state.get("config", {}).get("model", {}).get("biases", True))
+        if started != self.cfg.model.biases:
+            on_off = {True: "on", False: "off"}
+            raise ConfigError(f"checkpoint {path} was trained with --model.biases {on_off[started]}, this run has "
+                              f"--model.biases {on_off[self.cfg.model.biases]}; {hint}")
         shape = {"n_users": data.n_users, "n_items": data.n_items, "dim": self.cfg.model.dim}
         if state["model_shape"] != shape:
             raise ConfigError(f"checkpoint {path} has model shape {state['model_shape']}, this run {shape}; {hint}")

@@ -31,6 +31,8 @@ class Run:
     users: pl.DataFrame  # sorted by user_idx: user_idx, user_id, n_train, n_ratings
     movies: pl.DataFrame  # sorted by item_idx: item_idx, movie_id, n_train, n_ratings, title, genres, year
 
+    max_norm: float = 0.0  # the run's --model.max_norm (0: none); the model's vectors are already capped
+
     @property
     def rating_range(self) -> tuple[float, float]:
         return self.data.rating_range
@@ -90,8 +92,9 @@ def load_run(run_dir: Path | str, data: Path | str | None = None) -> Run:
                         "was trained on")
     users = pl.read_parquet(dataset.root / "users.parquet").sort("user_idx")
     movies = pl.read_parquet(dataset.root / "movies.parquet").sort("item_idx")
+    max_norm = float(((state.get("config") or {}).get("model") or {}).get("max_norm", 0.0) or 0.0)
     return Run(run_dir=run_dir, checkpoint_path=path, step=int(state.get("global_step", 0) or 0), model=model,
-               data=dataset, users=users, movies=movies)
+               data=dataset, users=users, movies=movies, max_norm=max_norm)
 
 
 def movie_label(row: dict) -> str:

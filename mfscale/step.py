@@ -13,6 +13,10 @@ tests and benchmarks read:
 - ``autograd`` (:class:`AutogradStep`): forward/backward through ``nn.Embedding(sparse=True)``; the reference,
   and what dropout, gravity, mixed precision and SparseAdam need (``JobConfig.fused_blockers``).
 
+Every variant implements both model options (issue 24): without biases (``--model.biases off``) the bias columns'
+and the global bias's gradients are 0, so they stay 0; with ``--model.max_norm`` the rows a batch touches are
+renormalized in place before the step uses them (``TableLayout.renorm_touched``; inside the C++ op for ``cpp``).
+
 All divide summed losses by the global batch's rating count, so W ranks compute the gradient of one process
 on the union of their batches. The layout (``mfscale.layout``) combines and applies the table gradients; the
 dense global bias is summed over ranks (DDP with a sum hook, or one all_reduce) and stepped by Adam here.
@@ -81,6 +85,7 @@ class Step(abc.ABC):
     def __init__(self, env: DistEnv, layout: TableLayout, optims: Optimizers, reg_weights: torch.Tensor):
         self.env, self.layout, self.optims, self.reg_weights = env, layout, optims, reg_weights
         self.local_bias = env.distributed and not layout.meets_every_step
+        self.max_norm = layout.cfg.model.max_norm  # 0 = off
 
     @abc.abstractmethod
     def __call__(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
@@ -142,6 +147,8 @@ class ClosedFormStep(Step):
 
     def __call__(self, user, item, rating, global_rows, global_step):
         model = self.layout.model
+        if self.max_norm:
+            self.layout.renorm_touched(user, item, self.max_norm)
         gu, gi, g_mean, sse = model.closed_form_grads(user, item, rating, global_rows, errors=self.errors,
                                                       dense_min=self.dense_min, scratch=self.scratch)
         dtype = gu.rows.dtype
@@ -185,11 +192,11 @@ class CppStep(Step):
                 users, items, (su["exp_avg"], su["exp_avg_sq"]), (si["exp_avg"], si["exp_avg_sq"]),
                 user.to(torch.int64), item.to(torch.int64), rating.to(users.dtype),
                 float(model.global_bias.detach()), scale, self.reg_weights * scale, (size_u, size_i),
-                group["betas"], group["eps"], self.scratch))
+                group["betas"], group["eps"], self.scratch, max_norm=self.max_norm, biases=model.biases))
 
         opt.step(update=update)
         g_sum, sse = out
-        self.step_global_bias(torch.tensor(g_sum, dtype=model.global_bias.dtype))
+        self.step_global_bias(torch.tensor(g_sum if model.biases else 0.0, dtype=model.global_bias.dtype))
         return torch.tensor(sse, dtype=torch.float64)
 
 
@@ -239,6 +246,8 @@ class AutogradStep(Step):
     def __call__(self, user, item, rating, global_rows, global_step):
         dev = self.env.device
         opt_dense = self.optims.dense
+        if self.max_norm:  # as nn.Embedding(max_norm=...)'s forward: in place, outside the graph
+            self.layout.renorm_touched(user, item, self.max_norm)
         with torch.autocast(dev.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
             pred, (u, v) = self.forward_model(user, item, self._dropout_mask(user.numel(), global_step))
@@ -342,7 +351,7 @@ def build(cfg: JobConfig, env: DistEnv, layout: TableLayout, optims: Optimizers)
     # Embedding rows stay in the tables' dtype under autocast (pytorch#98814), so these match them.
     reg_weights = torch.full((cfg.model.dim + 1,), cfg.optim.reg_factor, device=env.device,
                              dtype=layout.model.users.weight.dtype)
-    reg_weights[-1] = cfg.optim.reg_bias
+    reg_weights[-1] = cfg.optim.reg_bias if cfg.model.biases else 0.0  # plain MF: no bias to regularize
     closed_form = t.step == "fused" or (t.step == "auto" and not cfg.fused_blockers())
     if not closed_form:
         return _logged(AutogradStep(cfg, env, layout, optims, reg_weights))

@@ -51,6 +51,21 @@ def all_sum_rows(local: list[tuple[torch.Tensor, torch.Tensor]], n_rows: list[in
     return out
 
 
+def all_gather_ids(local: list[torch.Tensor], group: dist.ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Per table, every rank's row ids concatenated (rank order), from 1-D id tensors on each rank: for replicas
+    that must all change the rows any rank touches (``--model.max_norm``). All tables in one message."""
+    world = dist.get_world_size(group)
+    sizes = torch.tensor([t.numel() for t in local], dtype=torch.long, device=local[0].device)
+    all_sizes = [torch.empty_like(sizes) for _ in range(world)]
+    dist.all_gather(all_sizes, sizes, group=group)
+    per_rank = [s.tolist() for s in all_sizes]
+    ids = _all_gather_padded(torch.cat([t.long() for t in local]), [sum(s) for s in per_rank], world)
+    out = []
+    for k in range(len(local)):
+        out.append(torch.cat([ids[r][sum(per_rank[r][:k]) : sum(per_rank[r][: k + 1])] for r in range(world)]))
+    return out
+
+
 def sync_sparse_rows(params: list[torch.nn.Parameter],
                      group: dist.ProcessGroup | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The sum of all ranks' sparse gradients of each parameter, as unique row ids and summed rows."""

@@ -115,8 +115,11 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     """The blocks layout's closed-form step written out in NumPy (float64) from the config alone, fed each step the
     ranks' batches: squared error / G plus the per-rating L2, LazyAdam on the touched rows of each table (one step
     count per table), and per rank a copy of the global bias stepped by torch's Adam on W x its batch's gradient,
-    the copies and their moments averaged at the ranks' sync points. Constant learning rates (schedule none)."""
+    the copies and their moments averaged at the ranks' sync points. Constant learning rates (schedule none).
+    The model options (issue 24): without biases no global bias and no bias columns (their gradient is 0); with
+    max_norm the factor vectors of the step's touched rows (all ranks') renormalized first, as nn.Embedding does."""
     o, d, w = cfg.optim, cfg.model.dim, len(ranks)
+    ones = 1.0 if cfg.model.biases else 0.0  # the bias column's derivative
     assert o.schedule == "none"
     reg = np.full(d + 1, o.reg_factor)
     reg[d] = o.reg_bias
@@ -131,15 +134,21 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
         grads = {k: np.zeros_like(v) for k, v in tables.items()}
         counts = {k: np.zeros(len(v)) for k, v in tables.items()}
         p, q = tables["users"], tables["items"]
+        if cfg.model.max_norm:
+            for x, key in ((p, "user"), (q, "item")):
+                rows = np.unique(np.concatenate([b[key] for b in step]))
+                norm = np.linalg.norm(x[rows, :d], axis=1)
+                over = rows[norm > cfg.model.max_norm]
+                x[over, :d] *= (cfg.model.max_norm / (norm[norm > cfg.model.max_norm] + 1e-7))[:, None]
         g_bias = np.zeros(w)
         for r, b in enumerate(step):
             u, i, y = b["user"], b["item"], b["rating"].astype(np.float64)
             coef = 2 * (bias[r] + (p[u, :d] * q[i, :d]).sum(1) + p[u, d] + q[i, d] - y) / g_rows
-            np.add.at(grads["users"], u, coef[:, None] * np.c_[q[i, :d], np.ones(len(i))])
-            np.add.at(grads["items"], i, coef[:, None] * np.c_[p[u, :d], np.ones(len(u))])
+            np.add.at(grads["users"], u, coef[:, None] * np.c_[q[i, :d], np.full(len(i), ones)])
+            np.add.at(grads["items"], i, coef[:, None] * np.c_[p[u, :d], np.full(len(u), ones)])
             np.add.at(counts["users"], u, 1)
             np.add.at(counts["items"], i, 1)
-            g_bias[r] = w * coef.sum()
+            g_bias[r] = w * coef.sum() * ones
         size = o.lr * np.sqrt(1 - o.beta2**t) / (1 - o.beta1**t)
         for k, x in tables.items():
             m, v = moments[k]

@@ -10,6 +10,10 @@
 // added to the gradient before the moments. Sums run in a fixed order for a given thread count (the minor
 // side's gradient is summed per thread, then over threads in order), so runs repeat bit for bit; another
 // thread count changes the last bits of the minor side's gradient sums.
+//
+// Two model options (issue 24): without biases the bias column's gradient is 0 (plain MF: the caller holds the
+// bias columns and the global bias at 0, so Adam leaves them there), and with max_norm > 0 every touched row's
+// factor vector is renormalized in place before the step reads it, as nn.Embedding(max_norm=...) does.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -104,6 +108,23 @@ inline void prefetch_update(const T* p, const T* m, const T* v, int64_t offset, 
   prefetch_row(v + offset, w, 1);
 }
 
+// nn.Embedding(max_norm=...)'s renorm (ATen's embedding_renorm_) of the factor vectors (the first w - 1
+// columns) of ``rows``: a vector with norm > max_norm is scaled by max_norm / (norm + 1e-7), computed in double.
+template <typename T>
+void renorm_rows(T* table, const std::vector<int64_t>& rows, int64_t w, double max_norm) {
+  const int64_t d = w - 1;
+  at::parallel_for(0, static_cast<int64_t>(rows.size()), 256, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      T* p = table + rows[j] * w;
+      const double norm = std::sqrt(static_cast<double>(dot(p, p, d)));
+      if (norm > max_norm) {
+        const T scale = static_cast<T>(max_norm / (norm + 1e-7));
+        for (int64_t c = 0; c < d; ++c) p[c] *= scale;
+      }
+    }
+  });
+}
+
 struct AdamArgs {
   double step_size, beta1, beta2, eps;
 };
@@ -144,7 +165,7 @@ struct Side {
 template <typename T>
 std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_users, int64_t n_items, int64_t w,
                               int64_t n, const T* r, double global_bias, double scale, const T* cw,
-                              int32_t* mark_u, int32_t* mark_i, at::Tensor& work) {
+                              int32_t* mark_u, int32_t* mark_i, at::Tensor& work, double max_norm, bool biases) {
   const int64_t d = w - 1;
   Groups gu, gi;
   at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {  // the two sides at once (their own marks)
@@ -153,6 +174,11 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       else gi = index_rows(item_side.ids, n, mark_i, n_items);
     }
   });
+  if (max_norm > 0) {  // before anything reads the rows: the step sees the renormalized vectors only
+    renorm_rows(user_side.p, gu.rows, w, max_norm);
+    renorm_rows(item_side.p, gi.rows, w, max_norm);
+  }
+  const T bias_grad = biases ? T(1) : T(0);  // plain MF: the bias column's gradient is exactly 0
   const bool users_major = gu.rows.size() >= gi.rows.size();
   Groups& gmaj = users_major ? gu : gi;
   const Groups& gmin = users_major ? gi : gu;
@@ -208,7 +234,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
           err[k] = x - r[k];
           const T a = err[k] * sc;
           for (int64_t c = 0; c < d; ++c) acc[c] += a * q[c];
-          acc[d] += a;
+          acc[d] += a * bias_grad;
           const int32_t mj = gmin.slot[k];
           T* g = buf + mj * w;
           if (!mine[mj]) {
@@ -216,7 +242,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
             for (int64_t c = 0; c < w; ++c) g[c] = 0;
           }
           for (int64_t c = 0; c < d; ++c) g[c] += a * p[c];
-          g[d] += a;
+          g[d] += a * bias_grad;
         }
         const T count = static_cast<T>(end - gmaj.start[j]);
         adam_row(p, maj.m + gmaj.rows[j] * w, maj.v + gmaj.rows[j] * w, acc.data(), count, cw, w, maj.adam);
@@ -264,7 +290,8 @@ void check_ids(const at::Tensor& ids, int64_t n_rows, const char* what) {
 at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Tensor v_u, at::Tensor m_i,
                       at::Tensor v_i, at::Tensor user, at::Tensor item, at::Tensor rating, double global_bias,
                       double scale, at::Tensor col_w, double step_size_u, double step_size_i, double beta1,
-                      double beta2, double eps, at::Tensor mark_u, at::Tensor mark_i, at::Tensor work) {
+                      double beta2, double eps, at::Tensor mark_u, at::Tensor mark_i, at::Tensor work,
+                      double max_norm, bool biases) {
   const auto dtype = users.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "fused_step: tables must be float32 or float64");
   for (const at::Tensor* t : {&users, &items, &m_u, &v_u, &m_i, &v_i, &rating, &col_w, &work}) {
@@ -297,7 +324,7 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
                       item.data_ptr<int64_t>(), {step_size_i, beta1, beta2, eps}};
     out = step_impl<scalar_t>(su, si, users.size(0), items.size(0), w, n, rating.data_ptr<scalar_t>(), global_bias,
                               scale, col_w.data_ptr<scalar_t>(), mark_u.data_ptr<int32_t>(),
-                              mark_i.data_ptr<int32_t>(), work);
+                              mark_i.data_ptr<int32_t>(), work, max_norm, biases);
   });
   return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
 }
@@ -309,6 +336,6 @@ TORCH_LIBRARY(mfscale, m) {
       "fused_step(Tensor(a!) users, Tensor(b!) items, Tensor(c!) m_u, Tensor(d!) v_u, Tensor(e!) m_i, "
       "Tensor(f!) v_i, Tensor user, Tensor item, Tensor rating, float global_bias, float scale, Tensor col_w, "
       "float step_size_u, float step_size_i, float beta1, float beta2, float eps, Tensor(g!) mark_u, "
-      "Tensor(h!) mark_i, Tensor(i!) work) -> Tensor");
+      "Tensor(h!) mark_i, Tensor(i!) work, float max_norm, bool biases) -> Tensor");
   m.impl("fused_step", c10::DispatchKey::CPU, &fused_step);
 }

@@ -15,7 +15,7 @@ from .. import optim
 from ..checkpoint import TABLES, Part, TableRows, check_complete
 from ..config import JobConfig
 from ..distributed import DistEnv
-from ..model import BiasedMF
+from ..model import BiasedMF, renorm_rows_
 from ..shards import Dataset
 from ..stream import resident_fits
 from .rows import init_rows, train_counts
@@ -81,8 +81,8 @@ class TableLayout(abc.ABC):
         """Model with ``len(user_ids)`` user rows and ``item_rows`` movie rows (the first ``item_ids`` filled),
         and the tables' optimizer."""
         m = self.cfg.model
-        self.model = BiasedMF(len(user_ids), item_rows, m.dim, mean=train_mean(self.data), init_std=0.0
-                              ).to(self.env.device)
+        self.model = BiasedMF(len(user_ids), item_rows, m.dim, mean=train_mean(self.data), init_std=0.0,
+                              biases=m.biases).to(self.env.device)
         users_n, items_n = self.n_train_rows
         with torch.no_grad():
             for table, ids, n_train, k in ((self.model.users, user_ids, users_n, 0),
@@ -119,6 +119,13 @@ class TableLayout(abc.ABC):
     def apply_row_grads(self, tables: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]],
                         col_weights: torch.Tensor) -> None:
         """One optimizer step from this rank's ``(ids, rows, counts)`` per table (``sum / global_rows`` form)."""
+
+    def renorm_touched(self, user: torch.Tensor, item: torch.Tensor, max_norm: float) -> None:
+        """``--model.max_norm``: renormalize, in place, the factor vectors of the rows of this step's batch (local
+        ids) before the step reads them, as ``nn.Embedding(max_norm=...)``'s lookup does. Where this rank's rows
+        are its own (one process, blocks) its batch's rows are all there is to do; replicas override this."""
+        renorm_rows_(self.model.users.weight.detach(), user, max_norm)
+        renorm_rows_(self.model.items.weight.detach(), item, max_norm)
 
     @abc.abstractmethod
     def apply_sparse_grads(self, scaler: torch.amp.GradScaler | None = None) -> None:

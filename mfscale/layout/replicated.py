@@ -20,7 +20,7 @@ from ..errors import ConfigError
 from ..optim import LazyAdam
 from ..shards import SHARD_SCHEMA, Dataset
 from ..stream import RatingStream, make_loader
-from ..sync import all_sum_rows, sync_sparse_grads, sync_sparse_rows
+from ..sync import all_gather_ids, all_sum_rows, sync_sparse_grads, sync_sparse_rows
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
 from .rows import auto_strata, deal_rows, train_counts
 
@@ -91,6 +91,16 @@ class Replicated(TableLayout):
             synced = all_sum_rows(local, [self.data.n_users, self.data.n_items])
             tables = [(ids, v[:, :-1], v[:, -1]) for ids, v in synced]
         self.opt.step(rows=[(ids, rows, counts, col_weights) for ids, rows, counts in tables])
+
+    def renorm_touched(self, user, item, max_norm) -> None:
+        """Every replica renormalizes the rows any rank's batch touches (the union), so the replicas stay equal
+        and equal one process on the union: one all_gather of the batches' unique row ids per step."""
+        if self.env.distributed:
+            local = [torch.unique(user.long()), torch.unique(item.long())]
+            self.bytes_sent += sum(t.numel() * 8 for t in local) * (self.env.world_size - 1)
+            self.env.count("all_gather", 2)  # sizes, ids
+            user, item = all_gather_ids(local)
+        super().renorm_touched(user, item, max_norm)
 
     def apply_sparse_grads(self, scaler=None) -> None:
         params = self.model.sparse_parameters()
