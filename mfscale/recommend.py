@@ -70,9 +70,11 @@ def fold_in(run: Run, ratings: pl.DataFrame, where: str = "ratings") -> FoldIn:
     y_i = r_ui - mean - b_i. A run without biases drops the bias column and the mean (y_i = r_ui); a run with
     --model.max_norm caps |p| afterwards as nn.Embedding does. Movies with no training ratings are left out
     (their factors are untrained); a user left with none gets p = 0, b = 0. Raises DataError for a user who
-    is in the training data or a movie the dataset does not have.
+    has training ratings or a movie the dataset does not have.
     """
-    ids = run.users["user_id"].to_numpy()
+    # A user the dataset lists without training ratings (seen only in its val/test splits) has untrained
+    # factors: fold-in is for them too.
+    ids = run.users.filter(pl.col("n_train") > 0)["user_id"].to_numpy()
     known = np.isin(ratings["user_id"].to_numpy(), ids)
     if known.any():
         uid = int(ratings["user_id"].to_numpy()[known][0])

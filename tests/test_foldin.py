@@ -174,3 +174,22 @@ def test_the_exports_numpy_recipe_folds_in_the_same_user(trained, tmp_path):
     exec(code, space)  # noqa: S102 - the export's own documentation, run as a user would
     assert np.allclose(space["p_new"], folded.p[0].double().numpy(), atol=1e-5)
     assert space["b_new"] == pytest.approx(float(folded.bu[0]), abs=1e-5)
+
+
+def test_foldin_benchmark_smoke(tmp_path):
+    """benchmarks/foldin.py end to end on the tiny preset (1 epoch): both runs, both RMSEs, the times."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "foldin.py"
+    out = tmp_path / "f.jsonl"
+    proc = subprocess.run([sys.executable, str(script), "--synthetic", "tiny", "--work", str(tmp_path / "w"),
+                           "--train-args", "--epochs 1 --dim 8", "--out-jsonl", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert set(row["rmse"]) == {"trained in", "folded in"} and all(0 < v < 5 for v in row["rmse"].values())
+    assert row["held_users"] > 0 and row["fold_seconds"] > 0
+    assert "fold-in minus trained-in" in proc.stdout
