@@ -91,6 +91,10 @@ class TrainConfig:
     # replicated | blocks | auto: how the tables are spread over ranks (mfscale/layout/); auto = blocks on
     # more than one rank, replicated on one
     tables: str = "auto"
+    # k > 1: batches drawn from k x k strata (user block x movie block) in turn, so a batch's rows stay in the
+    # CPU caches (replicated layout, resident split): ~2x faster steps, worse RMSE (benchmarks/RESULTS.md,
+    # issue 22); 1 = one global shuffle (default); 0 = k sized to the cache (layout.rows.auto_strata)
+    strata: int = 1
 
 
 @dataclass
@@ -145,6 +149,7 @@ class JobConfig:
             (0 <= self.optim.min_lr_frac <= 1, "optim.min_lr_frac must be in [0, 1]"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.train.batch_size >= 0, "train.batch_size must be >= 0 (0 = auto)"),
+            (self.train.strata >= 0, "train.strata must be >= 0 (1 = one global shuffle, 0 = sized to the cache)"),
             (self.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
             (self.train.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
             (self.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),

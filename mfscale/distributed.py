@@ -26,6 +26,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1  # processes of this job on this host (torchrun's LOCAL_WORLD_SIZE)
     # Collectives this rank has joined, by kind (benchmarks and metrics.json: how many per epoch).
     collectives: Counter = field(default_factory=Counter, compare=False, repr=False)
 
@@ -65,6 +66,7 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
     that died or hangs into an error on the others instead of a hang.
     """
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    local_world = _env_int("LOCAL_WORLD_SIZE", 1)
     dev = pick_device(device, local)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
@@ -73,7 +75,7 @@ def init(device: str = "auto", timeout_s: float = 600.0) -> DistEnv:
         kwargs = {"device_id": dev} if backend == "nccl" else {}
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
         _record_peers(rank, world)
-    return DistEnv(rank, world, local, dev)
+    return DistEnv(rank, world, local, dev, local_world)
 
 
 # Every rank's host and pid, gathered once when the group is formed, so that a rank whose collective failed because

@@ -62,7 +62,27 @@ Predict with NumPy only:
 
 With pyarrow: pyarrow.parquet.read_table(f"{{d}}/movies.parquet"); the factors column converts with
 np.stack(table["factors"].to_numpy(zero_copy_only=False)).
-"""
+
+Fold in a new user (not in training) from their ratings, without retraining: the training objective with
+the movies fixed, a ridge regression (mfscale.recommend --ratings does exactly this). reg_factor and reg_bias
+are in meta.json ("fold_in"); movies with n_train = 0 are best left out (their factors are untrained):
+
+    import json
+    meta = json.load(open(f"{{d}}/meta.json"))
+    lam_f, lam_b = meta["fold_in"]["reg_factor"], meta["fold_in"]["reg_bias"]
+    rows = np.array([mrow[m] for m in NEW_USER_MOVIE_IDS])       # the movies they rated
+    r = np.array(NEW_USER_RATINGS, dtype=np.float64)
+    X = np.hstack([Q[rows], np.ones((len(rows), 1))])            # [q_i, 1]
+    y = r - mu - bi[rows]
+    lam = np.r_[np.full(Q.shape[1], lam_f), lam_b] * len(rows)   # per-rating L2, n ratings
+    w = np.linalg.solve(X.T @ X + np.diag(lam), X.T @ y)
+    p_new, b_new = w[:-1], w[-1]
+    scores = np.clip(mu + b_new + bi + Q @ p_new, {lo:g}, {hi:g})
+{fold_in_note}"""
+_NO_BIASES = "This model has no biases: drop the ones column and lam_b (X = Q[rows], y = r), and b_new = 0.\n"
+_CAPPED = "This model caps factor vectors at norm {max_norm:g}: scale p_new down to that norm if it is longer.\n"
+FOLD_IN_NOTES = {(True, False): "", (False, False): "\n" + _NO_BIASES, (True, True): "\n" + _CAPPED,
+                 (False, True): "\n" + _NO_BIASES + _CAPPED}
 
 
 MODEL_TEXT = {
@@ -113,6 +133,8 @@ def write_export(run: Run, directory: Path) -> dict:
                        "rating_min, rating_max)" if biases else
                        "clip(dot(user_factors[u], item_factors[i]), rating_min, rating_max)"),
         "biases": biases, "max_norm": run.max_norm or None,
+        # the training objective's per-rating L2 weights: what a fold-in of a new user solves with (README.txt)
+        "fold_in": {"reg_factor": run.reg_factor, "reg_bias": run.reg_bias if biases else 0.0},
         "dim": dim, "n_users": len(user_ids), "n_movies": len(movie_ids),
         "global_mean": float(mean), "rating_min": lo, "rating_max": hi,
         "run_dir": str(run.run_dir.resolve()), "checkpoint": str(run.checkpoint_path.resolve()), "step": run.step,
@@ -122,7 +144,9 @@ def write_export(run: Run, directory: Path) -> dict:
     (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     model = MODEL_TEXT[biases].format(lo=lo, hi=hi) + (MAX_NORM_TEXT.format(max_norm=run.max_norm)
                                                        if run.max_norm else "")
-    (directory / "README.txt").write_text(README.format(fmt=EXPORT_FORMAT, lo=lo, hi=hi, dim=dim, model=model))
+    note = FOLD_IN_NOTES[(biases, bool(run.max_norm))].format(max_norm=run.max_norm)
+    (directory / "README.txt").write_text(README.format(fmt=EXPORT_FORMAT, lo=lo, hi=hi, dim=dim, model=model,
+                                                        fold_in_note=note))
     return meta
 
 

@@ -72,8 +72,11 @@ def find_movies_file(directory: Path) -> Path | None:
     return None
 
 
-def read_ratings(path: Path) -> pl.DataFrame:
+def read_ratings(path: Path, *, timestamp_optional: bool = False) -> pl.DataFrame:
     """Read and validate a MovieLens ratings file of any format.
+
+    ``timestamp_optional``: a ``.csv`` file may lack the timestamp column (``userId,movieId,rating``, as a
+    new user's ratings for ``mfscale.recommend --ratings``); it is then 0.
 
     A ``.csv`` file is read as CSV proper (RFC 4180), as pyarrow, pandas, R and the csv module write it:
     quoted or unquoted header and fields, a UTF-8 byte-order mark, LF or CRLF line ends, and other
@@ -88,6 +91,13 @@ def read_ratings(path: Path) -> pl.DataFrame:
     fmt = detect_format(path)
     if fmt == "csv":
         source: Path | bytes = path
+        if timestamp_optional:
+            try:
+                _csv_columns(path)
+            except DataError:
+                three = _csv_columns(path, _CSV_HEADER[:3])  # the one line names what else is missing
+                df = read_ratings_columns(path, three)
+                return validate_ratings(df.with_columns(timestamp=pl.lit(0, pl.Int64)), str(path), 2)
         columns = _csv_columns(path)
         # quote_char='"' (polars' default, spelled out): quoted headers and fields are ordinary CSV.
         kwargs = {"has_header": True, "separator": ",", "quote_char": '"', "columns": columns}
@@ -118,12 +128,25 @@ def read_ratings(path: Path) -> pl.DataFrame:
 _BOM = b"\xef\xbb\xbf"
 
 
+def read_ratings_columns(path: Path, columns: list[str]) -> pl.DataFrame:
+    """``userId, movieId, rating`` of a CSV without timestamps, as ``user_id, movie_id, rating``."""
+    kwargs = {"has_header": True, "separator": ",", "quote_char": '"', "columns": columns}
+    schema = dict(zip(columns, list(RATINGS_SCHEMA.values())[:3], strict=True))
+    try:
+        df = pl.read_csv(path, schema_overrides=schema, **kwargs)
+    except pl.exceptions.PolarsError:
+        df = _read_as_text(path, path, kwargs, columns, 2)
+    names = list(RATINGS_SCHEMA)[:3]
+    return df.select(columns).rename(dict(zip(columns, names, strict=True))).cast(
+        {n: RATINGS_SCHEMA[n] for n in names})
+
+
 def _open(source: Path | bytes) -> Path | io.BytesIO:
     return io.BytesIO(source) if isinstance(source, bytes) else source
 
 
-def _csv_columns(path: Path) -> list[str]:
-    """The file's own names of userId, movieId, rating and timestamp, in that order.
+def _csv_columns(path: Path, wanted: tuple[str, ...] = _CSV_HEADER) -> list[str]:
+    """The file's own names of ``wanted`` (userId, movieId, rating and timestamp), in that order.
 
     The header is parsed by polars itself (quotes, BOM and CRLF handled exactly as in the read that
     follows); names are then matched after trimming spaces and stray quotes (``"userId", "movieId"``).
@@ -135,14 +158,34 @@ def _csv_columns(path: Path) -> list[str]:
     found: dict[str, str] = {}
     for name in names:
         found.setdefault(name.strip().strip('"').strip(), name)
-    missing = [c for c in _CSV_HEADER if c not in found]
+    missing = [c for c in wanted if c not in found]
     if missing:
         shown = ",".join(name.strip().strip('"').strip() for name in names)
         raise DataError(
             f"{path}: missing column(s) {', '.join(missing)}; expected header "
-            f"{','.join(_CSV_HEADER)}, found {shown}"
+            f"{','.join(wanted)}, found {shown}"
         )
-    return [found[c] for c in _CSV_HEADER]
+    return [found[c] for c in wanted]
+
+
+def read_pairs(path: Path) -> pl.DataFrame:
+    """A CSV of ``userId,movieId`` pairs (a header, any other columns ignored) as ``user_id, movie_id``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"pairs file not found: {path}")
+    columns = _csv_columns(path, _CSV_HEADER[:2])
+    try:
+        df = pl.read_csv(path, has_header=True, columns=columns, quote_char='"',
+                         schema_overrides=dict.fromkeys(columns, pl.Int64))
+    except pl.exceptions.PolarsError as exc:
+        raise DataError(f"{path}: cannot read userId,movieId pairs: {str(exc).splitlines()[0]}") from None
+    df = df.select(columns).rename(dict(zip(columns, ("user_id", "movie_id"), strict=True)))
+    if df.height == 0:
+        raise DataError(f"{path}: no pairs")
+    nulls = df["user_id"].is_null() | df["movie_id"].is_null()
+    if nulls.any():
+        raise DataError(f"{path} line {int(nulls.arg_true()[0]) + 2}: missing userId or movieId")
+    return df
 
 
 def _read_as_text(source: Path | bytes, path: Path, kwargs: dict, columns: list[str], line_offset: int
@@ -164,7 +207,8 @@ def _read_as_text(source: Path | bytes, path: Path, kwargs: dict, columns: list[
                 from None
         well_formed = False
     parsed: dict[str, pl.Series] = {}
-    for name, column, dtype in zip(_CSV_HEADER, columns, RATINGS_SCHEMA.values(), strict=True):
+    n = len(columns)  # 4, or 3 for a file without timestamps (read_ratings_columns)
+    for name, column, dtype in zip(_CSV_HEADER[:n], columns, list(RATINGS_SCHEMA.values())[:n], strict=True):
         if column not in raw.columns:
             continue
         text = raw.get_column(column)
@@ -182,7 +226,7 @@ def _read_as_text(source: Path | bytes, path: Path, kwargs: dict, columns: list[
             what = "an integer" if as_float[i] is not None else "a number"
             raise DataError(f"{path} line {i + line_offset}: {name} {text[i]!r} is not {what}")
         parsed[column] = values.alias(column)
-    if not well_formed or len(parsed) < 4:
+    if not well_formed or len(parsed) < n:
         raise DataError(f"{path}: malformed rows (wrong number of fields or bad quoting)")
     return pl.DataFrame(list(parsed.values()))
 

@@ -37,6 +37,7 @@ from .shards import (
     SPLITS,
     file_digest,
     install_dir,
+    record_written,
     staging_dir,
     write_json_atomic,
     write_split,
@@ -217,6 +218,7 @@ def prepare(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory(prefix="mfscale-prepare-") as scratch:
             manifest = _prepare_into(args, tmp, Path(scratch), need)
         manifest["prepare_seconds"] = round(time.perf_counter() - t0, 2)
+        record_written(tmp, manifest)
         write_json_atomic(tmp / MANIFEST, manifest)
         install_dir(tmp, out)
     except BaseException as exc:

@@ -4,6 +4,9 @@
 * ``--similar-to MOVIE``: the nearest movies by cosine similarity of the item factor vectors.
 * ``--all-users --out FILE.parquet``: top-N for every user, scored a batch of users at a time (never the
   whole users x movies matrix), written as ``user_id, rank, movie_id, score``.
+* ``--ratings FILE``: users who were not in training, from their ratings (``ratings.csv`` format, the
+  timestamp optional), folded in without retraining (``fold_in``), then their top-N; with
+  ``--predict PAIRS.csv`` (``userId,movieId``) their predicted ratings instead, as CSV (``--out`` or stdout).
 
 Ids are the original MovieLens ids. Scores are predicted ratings clipped to the rating scale; ranking uses
 the unclipped prediction, so order among clipped ties still follows the model. Movies without a single
@@ -13,8 +16,10 @@ training rating are never recommended: their factors are the random initializati
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +30,9 @@ import pyarrow.parquet as pq
 import torch
 
 from .errors import ConfigError, DataError, cli_entry
+from .formats import read_pairs, read_ratings
 from .runs import Run, load_run, movie_label
+from .shards import write_text_atomic
 
 PROG = "mfscale.recommend"
 SCORE_BUDGET = 1 << 25  # floats in one batch's score matrix (128 MiB): bounds memory whatever the catalog size
@@ -38,6 +45,82 @@ class Recommendations:
 
     items: np.ndarray
     scores: np.ndarray
+
+
+@dataclass
+class FoldIn:
+    """New users' rows, solved against the run's fixed movie side (``fold_in``); row r is ``user_ids[r]``."""
+
+    user_ids: np.ndarray  # original ids, ascending
+    p: torch.Tensor  # (n, dim) factors
+    bu: torch.Tensor  # (n,) biases (0 for a run without biases)
+    indptr: np.ndarray  # CSR over the rows: the movie rows each user rated in the file (excluded from top-N)
+    seen: np.ndarray
+    skipped: int  # ratings of movies without training ratings (untrained factors): not used in the solve
+
+
+def fold_in(run: Run, ratings: pl.DataFrame, where: str = "ratings") -> FoldIn:
+    """Factors and a bias for each user in ``ratings`` (``user_id, movie_id, rating``), none of whom was in
+    training, by the training objective with every movie row fixed: for user u with n rated movies,
+
+        minimize over p, b:  sum_i (r_ui - mean - b_i - b - p . q_i)^2 + n (reg_factor |p|^2 + reg_bias b^2)
+
+    (mfscale's per-rating L2: each rating adds reg x |row|^2 for the rows it touches). That is a ridge
+    regression on x_i = [q_i, 1]: w = [p, b] = (X^T X + n diag(reg_factor, ..., reg_bias))^-1 X^T y with
+    y_i = r_ui - mean - b_i. A run without biases drops the bias column and the mean (y_i = r_ui); a run with
+    --model.max_norm caps |p| afterwards as nn.Embedding does. Movies with no training ratings are left out
+    (their factors are untrained); a user left with none gets p = 0, b = 0. Raises DataError for a user who
+    has training ratings or a movie the dataset does not have.
+    """
+    # A user the dataset lists without training ratings (seen only in its val/test splits) has untrained
+    # factors: fold-in is for them too.
+    ids = run.users.filter(pl.col("n_train") > 0)["user_id"].to_numpy()
+    known = np.isin(ratings["user_id"].to_numpy(), ids)
+    if known.any():
+        uid = int(ratings["user_id"].to_numpy()[known][0])
+        raise DataError(f"{where}: user {uid} is in the training data already (use --user {uid}); fold-in is "
+                        "for users the model has not seen")
+    movie_ids = run.movies["movie_id"].to_numpy()
+    mid = ratings["movie_id"].to_numpy()
+    pos = np.clip(np.searchsorted(movie_ids, mid), 0, len(movie_ids) - 1)  # ids are encoded in sorted order
+    unknown = movie_ids[pos] != mid
+    if unknown.any():
+        raise DataError(f"{where}: movie {int(mid[unknown][0])} is not in {run.data.root} "
+                        f"({len(movie_ids):,} movies)")
+    _, _, q, bi = (t.detach().to(torch.float64).numpy() for t in run.model.factors())
+    mean = float(run.model.global_bias.detach())
+    biases = run.model.biases
+    trained = run.movies["n_train"].to_numpy()[pos] > 0
+    user = ratings["user_id"].to_numpy()
+    rating = ratings["rating"].to_numpy().astype(np.float64)
+    new_ids, row = np.unique(user, return_inverse=True)
+    d = q.shape[1]
+    width = d + 1 if biases else d
+    reg = np.full(width, run.reg_factor)
+    if biases:
+        reg[-1] = run.reg_bias
+    w = np.zeros((len(new_ids), width))
+    order = np.argsort(row, kind="stable")
+    bounds = np.searchsorted(row[order], np.arange(len(new_ids) + 1))
+    for r in range(len(new_ids)):
+        take = order[bounds[r]:bounds[r + 1]]
+        take = take[trained[take]]
+        if not len(take):
+            continue
+        x = q[pos[take]]
+        y = rating[take]
+        if biases:
+            x = np.hstack([x, np.ones((len(take), 1))])
+            y = y - mean - bi[pos[take]]
+        w[r] = np.linalg.solve(x.T @ x + len(take) * np.diag(reg), x.T @ y)
+    p = w[:, :d]
+    if run.max_norm:
+        norm = np.linalg.norm(p, axis=1, keepdims=True)
+        p = np.where(norm > run.max_norm, p * (run.max_norm / (norm + 1e-7)), p)
+    bu = w[:, d] if biases else np.zeros(len(new_ids))
+    dtype = run.model.factors()[2].dtype  # the model's own (float32, or float64 in tests)
+    return FoldIn(user_ids=new_ids, p=torch.from_numpy(p).to(dtype), bu=torch.from_numpy(bu).to(dtype),
+                  indptr=bounds.astype(np.int64), seen=pos[order].astype(np.int64), skipped=int((~trained).sum()))
 
 
 class Recommender:
@@ -54,22 +137,38 @@ class Recommender:
             self.bu, offset = torch.zeros_like(self.bu), torch.zeros_like(offset)
         trained = torch.from_numpy(run.movies["n_train"].to_numpy() > 0)
         self.item_offset = torch.where(trained, offset, -torch.inf)
-        self.indptr, self.seen = run.train_pairs()
         self.lo, self.hi = run.rating_range
+
+    @functools.cached_property
+    def _train_pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.run.train_pairs()  # reads the training split: only when a trained user is scored
+
+    @property
+    def indptr(self) -> np.ndarray:
+        return self._train_pairs[0]
+
+    @property
+    def seen(self) -> np.ndarray:
+        return self._train_pairs[1]
 
     def batch_size(self) -> int:
         return max(1, min(4096, SCORE_BUDGET // max(1, self.q.shape[0])))
 
-    def top_k(self, users: np.ndarray, k: int) -> Recommendations:
-        """Top ``k`` unseen movies for the user rows ``users`` (one batch: caller bounds its size)."""
+    def top_k(self, users: np.ndarray, k: int, folded: FoldIn | None = None) -> Recommendations:
+        """Top ``k`` unseen movies for the user rows ``users`` (one batch: caller bounds its size); rows of
+        ``folded`` (its movies from the file unseen) instead of the model's users when given."""
         users = np.asarray(users, dtype=np.int64)
         u = torch.from_numpy(users)
-        scores = self.p[u] @ self.q.T + self.bu[u, None] + self.item_offset[None, :]
+        p, bu, indptr, seen = ((self.p, self.bu, self.indptr, self.seen) if folded is None else
+                               (folded.p, folded.bu, folded.indptr, folded.seen))
+        if not self.run.model.biases:
+            bu = torch.zeros_like(bu)
+        scores = p[u].to(self.q.dtype) @ self.q.T + bu[u, None].to(self.q.dtype) + self.item_offset[None, :]
         # Mask the training movies of these users: CSR slices concatenated, with their row in the batch.
-        starts, stops = self.indptr[users], self.indptr[users + 1]
+        starts, stops = indptr[users], indptr[users + 1]
         counts = stops - starts
         rows = np.repeat(np.arange(len(users)), counts)
-        cols = self.seen[np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())]
+        cols = seen[np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())]
         scores[torch.from_numpy(rows), torch.from_numpy(cols)] = -torch.inf
         k = min(k, scores.shape[1])
         top, idx = torch.topk(scores, k, dim=1)  # sorted descending
@@ -83,6 +182,26 @@ class Recommender:
         rec = self.top_k(np.array([self.run.user_index(user_id)]), k)
         keep = rec.items[0] >= 0
         return _with_movies(self.run, rec.items[0][keep], {"score": rec.scores[0][keep]})
+
+    def predict_folded(self, folded: FoldIn, pairs: pl.DataFrame, where: str = "pairs") -> np.ndarray:
+        """Predicted ratings (clipped to the scale) of ``pairs`` (``user_id, movie_id``) for folded-in users."""
+        uid, mid = pairs["user_id"].to_numpy(), pairs["movie_id"].to_numpy()
+        urow = np.clip(np.searchsorted(folded.user_ids, uid), 0, len(folded.user_ids) - 1)
+        if (folded.user_ids[urow] != uid).any():
+            bad = int(uid[folded.user_ids[urow] != uid][0])
+            raise DataError(f"{where}: user {bad} has no ratings in the --ratings file")
+        movie_ids = self.run.movies["movie_id"].to_numpy()
+        irow = np.clip(np.searchsorted(movie_ids, mid), 0, len(movie_ids) - 1)
+        if (movie_ids[irow] != mid).any():
+            bad = int(mid[movie_ids[irow] != mid][0])
+            raise DataError(f"{where}: movie {bad} is not in {self.run.data.root} ({len(movie_ids):,} movies)")
+        p, bu = folded.p.to(self.q.dtype), folded.bu.to(self.q.dtype)
+        u, i = torch.from_numpy(urow), torch.from_numpy(irow)
+        pred = (p[u] * self.q[i]).sum(1)
+        if self.run.model.biases:  # untrained movies too: the model's own prediction, as evaluation makes it
+            _, _, _, bi = self.run.model.factors()
+            pred = pred + bu[u] + bi.detach()[i] + self.run.model.global_bias.detach()
+        return pred.clamp(self.lo, self.hi).numpy()
 
     def write_all(self, out: Path, k: int, batch_users: int = 0) -> int:
         """Top ``k`` for every user into ``out`` (Parquet, one row group per batch); returns rows written."""
@@ -180,8 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--user", type=int, metavar="ID", help="MovieLens user id to recommend for")
     what.add_argument("--similar-to", metavar="MOVIE", help="movie id or title text: list its nearest movies")
     what.add_argument("--all-users", action="store_true", help="top-N for every user into --out")
+    what.add_argument("--ratings", type=Path, metavar="FILE",
+                      help="new users' ratings (ratings.csv format: userId,movieId,rating[,timestamp]): fold them "
+                           "in without retraining, then their top-N (or --predict)")
+    p.add_argument("--predict", type=Path, metavar="PAIRS.csv",
+                   help="--ratings: predicted ratings of these userId,movieId pairs instead of top-N, as CSV "
+                        "userId,movieId,rating to --out (default: stdout)")
     p.add_argument("-k", "--top", type=int, default=10, dest="k", help="movies per list (default 10)")
-    p.add_argument("--out", type=Path, metavar="FILE.parquet", help="--all-users: output file")
+    p.add_argument("--out", type=Path, metavar="FILE",
+                   help="--all-users: output Parquet file; --predict: output CSV file")
     p.add_argument("--batch-users", type=int, default=0,
                    help="--all-users: users scored at once (default: auto, about 128 MiB of scores)")
     return p
@@ -194,11 +320,20 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"-k must be >= 1, got {args.k}")
     if args.batch_users < 0:
         raise ConfigError(f"--batch-users must be >= 0, got {args.batch_users}")
-    if args.all_users != (args.out is not None):
-        raise ConfigError("--out FILE.parquet goes with --all-users (and --all-users needs it)")
+    if args.predict is not None and args.ratings is None:
+        raise ConfigError("--predict PAIRS.csv goes with --ratings FILE (the new users to predict for)")
+    if args.all_users and args.out is None:
+        raise ConfigError("--all-users needs --out FILE.parquet")
+    if args.out is not None and not (args.all_users or args.predict is not None):
+        raise ConfigError("--out goes with --all-users (Parquet) or --predict (CSV)")
     if args.out is not None and not args.out.parent.is_dir():
         raise DataError(f"output directory not found: {args.out.parent}")
+    if args.ratings is not None:  # read before the model: a bad file is one line at once
+        ratings = read_ratings(args.ratings, timestamp_optional=True)
+        pairs = read_pairs(args.predict) if args.predict is not None else None
     run = load_run(args.run, args.data)
+    if args.ratings is not None:
+        return _fold_in_cli(run, args, ratings, pairs)
     if args.similar_to is not None:
         item = find_movie(run, args.similar_to)
         row = run.movies.row(item, named=True)
@@ -215,6 +350,37 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Top {table.height} for user {args.user} ({n_seen} movies rated in training excluded), "
           f"predicted rating on a {rec.lo:g}-{rec.hi:g} scale:")
     print(format_table(table, "score"))
+    return 0
+
+
+def _fold_in_cli(run: Run, args: argparse.Namespace, ratings: pl.DataFrame, pairs: pl.DataFrame | None) -> int:
+    t0 = time.perf_counter()
+    folded = fold_in(run, ratings, str(args.ratings))
+    rec = Recommender(run)
+    if folded.skipped:
+        print(f"{PROG}: note: {folded.skipped} rating(s) of movies without training ratings left out of the "
+              "fold-in (their factors are untrained)", file=sys.stderr)
+    if pairs is not None:
+        pred = rec.predict_folded(folded, pairs, str(args.predict))
+        out = pl.DataFrame({"userId": pairs["user_id"], "movieId": pairs["movie_id"],
+                            "rating": pred.astype(np.float64)})
+        if args.out is None:
+            sys.stdout.write(out.write_csv())
+        else:
+            write_text_atomic(args.out, out.write_csv())
+            print(f"wrote {out.height:,} predictions for {len(folded.user_ids):,} folded-in users to {args.out}")
+        return 0
+    rows = np.arange(len(folded.user_ids))
+    rec_all = rec.top_k(rows, args.k, folded)
+    seconds = time.perf_counter() - t0
+    for r, uid in enumerate(folded.user_ids):
+        keep = rec_all.items[r] >= 0
+        table = _with_movies(run, rec_all.items[r][keep], {"score": rec_all.scores[r][keep]})
+        n_seen = int(folded.indptr[r + 1] - folded.indptr[r])
+        print(f"Top {table.height} for new user {uid} (folded in from {n_seen} ratings, which are excluded), "
+              f"predicted rating on a {rec.lo:g}-{rec.hi:g} scale:")
+        print(format_table(table, "score"))
+    print(f"({len(folded.user_ids)} user(s) folded in and scored in {seconds:.3f} s)", file=sys.stderr)
     return 0
 
 

@@ -76,13 +76,17 @@ def _fmt(v: object, spec: str = ".4f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def final(cfg: JobConfig, env: DistEnv, layout: TableLayout, monitor: Monitor, run: dict[str, Any]) -> dict[str, Any]:
+def final(cfg: JobConfig, env: DistEnv, layout: TableLayout, monitor: Monitor, run: dict[str, Any], *,
+          test: bool = True) -> dict[str, Any]:
     """Test and ranking metrics of the layout's (best) tables, with ``run``'s numbers (progress, throughput),
-    into ``metrics.json``, TensorBoard and the projector; returns the metrics."""
+    into ``metrics.json``, TensorBoard and the projector; returns the metrics. ``test`` False: the test split is
+    not read (its metrics are None)."""
     data = layout.data
     tables = layout.eval_tables()  # once for all three uses (under blocks an all_gather of movies)
-    test = evaluate(layout, "test", batch_size=cfg.train.eval_batch_size, tables=tables)
-    ranking = ranking_metrics(layout, "test", k=cfg.train.ranking_k, tables=tables) if cfg.train.ranking_k else None
+    scored = evaluate(layout, "test", batch_size=cfg.train.eval_batch_size, tables=tables) if test else None
+    ranking = (ranking_metrics(layout, "test", k=cfg.train.ranking_k, tables=tables)
+               if cfg.train.ranking_k and test else None)
+    test = scored
     metrics = {
         "test_rmse": test["rmse"] if test else None,
         "test_mae": test["mae"] if test else None,

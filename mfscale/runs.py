@@ -14,6 +14,7 @@ import numpy as np
 import polars as pl
 
 from . import checkpoint
+from .config import OptimConfig
 from .errors import DataError
 from .model import BiasedMF
 from .shards import Dataset
@@ -32,6 +33,9 @@ class Run:
     movies: pl.DataFrame  # sorted by item_idx: item_idx, movie_id, n_train, n_ratings, title, genres, year
 
     max_norm: float = 0.0  # the run's --model.max_norm (0: none); the model's vectors are already capped
+    # the run's per-rating L2 weights (--optim.reg_factor, --optim.reg_bias): the fold-in solves the same objective
+    reg_factor: float = 0.0
+    reg_bias: float = 0.0
 
     @property
     def rating_range(self) -> tuple[float, float]:
@@ -92,9 +96,14 @@ def load_run(run_dir: Path | str, data: Path | str | None = None) -> Run:
                         "was trained on")
     users = pl.read_parquet(dataset.root / "users.parquet").sort("user_idx")
     movies = pl.read_parquet(dataset.root / "movies.parquet").sort("item_idx")
-    max_norm = float(((state.get("config") or {}).get("model") or {}).get("max_norm", 0.0) or 0.0)
+    cfg = state.get("config") or {}
+    max_norm = float((cfg.get("model") or {}).get("max_norm", 0.0) or 0.0)
+    defaults = OptimConfig()
+    optim = cfg.get("optim") or {}
     return Run(run_dir=run_dir, checkpoint_path=path, step=int(state.get("global_step", 0) or 0), model=model,
-               data=dataset, users=users, movies=movies, max_norm=max_norm)
+               data=dataset, users=users, movies=movies, max_norm=max_norm,
+               reg_factor=float(optim.get("reg_factor", defaults.reg_factor)),
+               reg_bias=float(optim.get("reg_bias", defaults.reg_bias)))
 
 
 def movie_label(row: dict) -> str:

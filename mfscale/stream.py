@@ -35,6 +35,11 @@ collation (use ``make_loader``, which sets ``batch_size=None``).
 per rating) and each batch is cut from them by the same rule, so the batches are identical to the streamed
 ones; nothing is decoded or copied to the device during training. Every rank holds the whole split, since
 a rank's range of the virtual sequence moves every epoch. ``resident_fits`` says when that is reasonable.
+
+**Strata** (``strata=(user_block, movie_block)``, resident mode only): the rows are regrouped once, at load,
+by stratum (a user block x a movie block), and the strata take the row groups' place in rule 1: permuted and
+rotated every epoch. Batches then touch a 1/k share of each table (``RatingStream._regroup``). Rules 2-5 are
+unchanged: exactly once per epoch, the same steps on every rank, resumable.
 """
 
 from __future__ import annotations
@@ -62,7 +67,7 @@ class _Epoch:
 
     def __init__(self, stream: RatingStream, epoch: int):
         n, w, b = stream.total_rows, stream.world_size, stream.batch_size
-        n_groups = len(stream.groups)
+        n_groups = len(stream.units)
         if stream.shuffle:
             rng = np.random.default_rng([stream.seed, epoch])
             self.order = rng.permutation(n_groups)
@@ -70,7 +75,7 @@ class _Epoch:
         else:
             self.order = np.arange(n_groups)
             self.rotation = 0
-        rows = np.array([stream.groups[i].rows for i in self.order], dtype=np.int64)
+        rows = stream.units[self.order]
         # starts[k] = where the k-th group of the permuted order begins in the unrotated concatenation.
         self.starts = np.concatenate([[0], np.cumsum(rows)])
 
@@ -153,6 +158,7 @@ class RatingStream(IterableDataset):
         lanes: int = 8,
         shuffle: bool = True,
         resident: torch.device | str | None = None,
+        strata: tuple[np.ndarray, np.ndarray] | None = None,
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -170,28 +176,52 @@ class RatingStream(IterableDataset):
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.lanes, self.shuffle = seed, lanes, shuffle
         self.groups = self.data.row_groups(split)
-        self.total_rows = sum(g.rows for g in self.groups)
+        # The units the virtual sequence permutes: row groups, or strata of a resident split (below).
+        self.units = np.array([g.rows for g in self.groups], dtype=np.int64)
+        self.total_rows = int(self.units.sum())
         if self.total_rows == 0:
             raise DataError(f"{self.data.root}: split {split!r} has no rows")
         self.epoch, self.start_step = 0, 0
         self._layout: _Epoch | None = None
         self._layout_epoch = -1
         self.resident: dict[str, torch.Tensor] | None = None
+        if strata is not None and resident is None:
+            raise ConfigError("strata need a resident split (the rows are regrouped in memory)")
         if resident is not None:
-            self._load_resident(torch.device(resident))
+            self._load_resident(torch.device(resident), strata)
 
-    def _load_resident(self, device: torch.device) -> None:
-        # The whole split is read: check it first, sha256 included (Dataset.verify, whole=True), so a damaged
+    def _load_resident(self, device: torch.device, strata: tuple[np.ndarray, np.ndarray] | None) -> None:
+        # The whole split is read: it is checked, sha256 included, as it is read (Dataset.reading), so a damaged
         # shard is one line here instead of wrong ids or ratings in training. Once per Dataset; off with
         # --data.verify off.
-        self.data.verify((self.split,), whole=True)
         parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
-        for g in self.groups:
-            arrays = read_row_group(g)
-            for c in COLUMNS:
-                parts[c].append(arrays[c].astype(_DTYPES[c], copy=False))
-        self.resident = {c: torch.from_numpy(np.concatenate(parts[c])).to(device) for c in COLUMNS}
-        self._group_start = np.concatenate([[0], np.cumsum([g.rows for g in self.groups])]).astype(np.int64)
+        with self.data.reading((self.split,)):
+            for g in self.groups:
+                arrays = read_row_group(g)
+                for c in COLUMNS:
+                    parts[c].append(arrays[c].astype(_DTYPES[c], copy=False))
+        cols = {c: np.concatenate(parts[c]) for c in COLUMNS}
+        if strata is not None:
+            cols = self._regroup(cols, *strata)
+        self.resident = {c: torch.from_numpy(v).to(device) for c, v in cols.items()}
+        self._group_start = np.concatenate([[0], np.cumsum(self.units)]).astype(np.int64)
+
+    def _regroup(self, cols: dict[str, np.ndarray], user_block: np.ndarray,
+                 item_block: np.ndarray) -> dict[str, np.ndarray]:
+        """Sort the rows by stratum (user block x movie block) and make the strata the sequence's units.
+
+        A batch is a contiguous run of the sequence, so it then holds the ratings of one stratum (two where
+        it straddles a boundary): the user and movie rows it touches are a 1/k share of each table, and the
+        rows of consecutive batches stay in the CPU's caches (LIBMF's FPSGD trains one block at a time for
+        the same reason; benchmarks/RESULTS.md). Inside a stratum the rows keep their file order, which
+        prepare shuffled; the strata are permuted and the sequence rotated every epoch as row groups were.
+        """
+        k_items = int(item_block.max()) + 1 if len(item_block) else 1
+        key = user_block[cols["user"]].astype(np.int64) * k_items + item_block[cols["item"]]
+        order = np.argsort(key, kind="stable")
+        units = np.bincount(key, minlength=(int(user_block.max()) + 1 if len(user_block) else 1) * k_items)
+        self.units = units[units > 0].astype(np.int64)
+        return {c: v[order] for c, v in cols.items()}
 
     @property
     def steps_per_epoch(self) -> int:

@@ -19,6 +19,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,12 +45,17 @@ log = logging.getLogger("mfscale")
 class Trainer:
     """The training loop over parts that other modules build; it never asks which layout, step or device."""
 
-    def __init__(self, cfg: JobConfig, env: DistEnv, stop: StopSignal | None = None):
+    def __init__(self, cfg: JobConfig, env: DistEnv, stop: StopSignal | None = None, *,
+                 on_epoch_end: Callable[[int, float | None], None] | None = None, final_test: bool = True):
+        """``on_epoch_end(epochs done, val RMSE or None)`` after each epoch's validation and checkpoint (the tuner
+        reports to its pruner there; an exception it raises ends ``fit``); ``final_test`` False: the test split
+        is never read (the tuner's trials)."""
         self.cfg, self.env = cfg, env
+        self.on_epoch_end, self.final_test = on_epoch_end, final_test
         self.stop = stop or StopSignal()  # not installed: only run() owns the process's signal handlers
         self.run_dir = Path(cfg.run_dir)
         step.keep_step_memory()  # host memory: CPU steps, and the stream's batches on any device
-        data = Dataset(cfg.data.path, verify=cfg.data.verify)
+        data = Dataset(cfg.data.path, verify=cfg.data.verify, hash_share=(env.local_rank, env.local_world_size))
         torch.manual_seed(cfg.train.seed)
         self.layout = layout.build(cfg, env, data)
         self.model = self.layout.model
@@ -92,15 +98,21 @@ class Trainer:
                  f"{data.split_rows('train'):,}", data.n_users, data.n_items, self.layout.batch_size,
                  env.world_size, self.layout.steps_per_epoch, env.device)
         stopped_early = False
-        while p.epoch < cfg.train.epochs and not stopped_early:
-            self._train_epoch(monitor)
-            if self.stopped_on_signal:  # checkpointed mid-epoch; a requeued job resumes from there
-                monitor.close()
-                return {"stopped_on_signal": True, "steps": p.global_step, "world_size": env.world_size}
-            stopped_early = self._end_epoch(monitor)
+        try:
+            while p.epoch < cfg.train.epochs and not stopped_early:
+                self._train_epoch(monitor)
+                if self.stopped_on_signal:  # checkpointed mid-epoch; a requeued job resumes from there
+                    monitor.close()
+                    return {"stopped_on_signal": True, "steps": p.global_step, "world_size": env.world_size}
+                stopped_early = self._end_epoch(monitor)
+                if self.on_epoch_end is not None:
+                    self.on_epoch_end(p.epoch, p.history[-1].get("val_rmse"))
+        except BaseException:
+            monitor.close()
+            raise
         if self.best_weights is not None:
             self.model.load_state_dict({k: v.to(env.device) for k, v in self.best_weights.items()})
-        metrics = report.final(cfg, env, self.layout, monitor, {
+        metrics = report.final(cfg, env, self.layout, monitor, test=self.final_test, run={
             "best_val_rmse": p.best_val if math.isfinite(p.best_val) else None, "best_epoch": p.best_epoch,
             "epochs": p.epoch, "steps": p.global_step,
             "train_ratings_per_s": p.train_ratings / p.train_seconds if p.train_seconds else None,

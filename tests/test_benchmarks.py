@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark scripts: throughput.py, profile_step.py, gpu_summary.py, peers.py.
+"""Smoke tests of the benchmark scripts: throughput.py, profile_step.py, gpu_summary.py, verify_cost.py, peers.py.
 
 Speed is measured by the script, never asserted here.
 """
@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -64,6 +65,21 @@ def test_profile_step_and_gpu_summary_smoke(small_data, tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== targets" in proc.stdout and "no results" in proc.stdout and "train_step" in proc.stdout
+
+
+def test_verify_cost_smoke(small_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(small_data, data)  # the script removes and rewrites the dataset's .verified.json
+    out = tmp_path / "v.jsonl"
+    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "verify_cost.py"), "--data", str(data), "--reps", "1",
+                           "--run-dir", str(tmp_path / "run"), "--out-jsonl", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert list(row["checks_s"]) == ["sizes+footers", "sha256, first run", "sha256, shared by 2",
+                                     "auto, verified before"]
+    assert row["epoch_s"] > 0 and row["ratings"] > 0 and all(v > 0 for v in row["checks_s"].values())
+    assert "| sha256, first run |" in proc.stdout
 
 
 PEERS = SCRIPT.parent / "peers.py"

@@ -160,7 +160,9 @@ def test_title_lookup_and_ambiguity(trained, capsys):
     (["--user", "987654"], "unknown user id 987654"),
     (["--similar-to", "zzz-not-a-title"], "unknown movie"),
     (["--user", "1", "--data", "{tmp}/no-data"], "data directory not found"),
-    (["--all-users"], "--out FILE.parquet goes with --all-users"),
+    (["--all-users"], "--all-users needs --out FILE.parquet"),
+    (["--user", "1", "--out", "{tmp}/x.csv"], "--out goes with --all-users (Parquet) or --predict (CSV)"),
+    (["--user", "1", "--predict", "{tmp}/p.csv"], "--predict PAIRS.csv goes with --ratings FILE"),
 ])
 def test_cli_errors_are_one_line(trained, tmp_path, capsys, args, message):
     _, run_dir = trained

@@ -17,12 +17,13 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 
-from mfscale import config, errors, prepare
+from mfscale import config, errors, prepare, shards
 from mfscale.errors import ConfigError, DataError
 from mfscale.shards import Dataset, read_row_group
 
@@ -129,7 +130,7 @@ def test_modes(data):
         assert str(exc.value) == expected
     expected = truncate(path)
     assert Dataset(data, verify="off").verify(("train",)) == {"mode": "off", "files": 0, "bytes": 0, "hashed": 0,
-                                                               "seconds": 0.0}
+                                                               "cached": 0, "seconds": 0.0}
     with pytest.raises(DataError) as exc:
         Dataset(data, verify="on").verify(("train",), whole=False)
     assert str(exc.value) == expected
@@ -213,6 +214,80 @@ def test_each_file_is_checked_once_per_dataset(data):
     assert ds.verify(("train", "val", "test"), "on")["hashed"] == 1
     flip(shard(data))  # after a check passed, the same Dataset does not read the file again
     assert ds.verify(("train",), "on")["hashed"] == 0
+
+
+def test_a_verified_shard_is_hashed_again_only_when_it_changed(data, monkeypatch):
+    """auto records each shard whose sha256 matched with its stat (shards.VERIFIED) and does not hash it again
+    while inode, size, mtime and ctime are unchanged; any write to it changes them, and on always hashes."""
+    (data / shards.VERIFIED).unlink()  # prepare's verdicts, copied: they name the original files' stats
+    time.sleep(shards.RACY_S + 0.1)  # the copy's times are older than the racy window: its verdicts are kept
+    assert Dataset(data).verify(("train", "val"), "auto")["hashed"] == 2
+    assert json.loads((data / shards.VERIFIED).read_text()).keys() == {entry(data)["file"], entry(data, "val")["file"]}
+    assert Dataset(data).verify(("train", "val", "test"), "auto") | {"seconds": 0} == {
+        "mode": "auto", "files": 3, "bytes": shard(data, "test").stat().st_size, "hashed": 1, "cached": 2,
+        "seconds": 0}
+    assert Dataset(data).verify(("train",), "on")["hashed"] == 1
+    expected = flip(shard(data))  # right after the verdict (a write in the same clock tick is caught too)
+    with pytest.raises(DataError) as exc:
+        Dataset(data).verify(("train",), "auto")
+    assert str(exc.value) == expected
+    (data / shards.VERIFIED).write_text("{not json")  # only a cache: unreadable means hash again
+    assert Dataset(data).verify(("val",), "auto")["hashed"] == 1
+
+
+def test_prepare_records_the_shards_it_hashed(tiny, tmp_path):
+    """The first job on a freshly prepared dataset does not hash it again; a copy (new inodes) is hashed."""
+    assert Dataset(tiny).verify(("train", "val", "test"), "auto")["cached"] == 3
+    shutil.copytree(tiny, tmp_path / "copy")
+    assert Dataset(tmp_path / "copy").verify(("train", "val", "test"), "auto")["hashed"] == 3
+
+
+def test_a_file_changed_within_the_racy_window_gets_no_verdict(data):
+    (data / shards.VERIFIED).unlink()
+    os.utime(shard(data))  # changed just now
+    assert Dataset(data).verify(("train",), "auto")["hashed"] == 1
+    assert not (data / shards.VERIFIED).exists()
+    assert Dataset(data).verify(("train",), "auto")["hashed"] == 1
+
+
+def test_an_unwritable_verdict_file_only_means_hashing_again(data):
+    time.sleep(shards.RACY_S + 0.1)
+    (data / shards.VERIFIED).unlink()
+    (data / shards.VERIFIED).mkdir()  # cannot be read or replaced, even by root (a read-only mount is the same)
+    for _ in range(2):
+        assert Dataset(data).verify(("train",), "auto")["hashed"] == 1
+
+
+def test_a_failed_read_of_a_damaged_shard_reports_the_damage(data):
+    """Dataset.reading hashes while the block reads; if the read breaks on the bad bytes (an id out of range,
+    say), the damaged shard is the error, not what it broke."""
+    with pytest.raises(IndexError), Dataset(data).reading(("train",)):
+        raise IndexError("index 70000 is out of bounds")  # intact data: the read's own error
+    expected = flip(shard(data))
+    with pytest.raises(DataError) as exc, Dataset(data).reading(("train",)):
+        raise IndexError("index 70000 is out of bounds")
+    assert str(exc.value) == expected
+    assert exc.value.__suppress_context__
+    with pytest.raises(DataError) as exc, Dataset(data).reading(("train",)):
+        pass  # a read that went through on bad bytes: the damage is still found at the block's end
+    assert str(exc.value) == expected
+
+
+def test_processes_on_one_host_hash_disjoint_shares(data):
+    """hash_share (LOCAL_RANK, LOCAL_WORLD_SIZE): each file is hashed by one process of the host."""
+    splits = ("train", "val", "test")
+    shares = [Dataset(data, verify="on", hash_share=(i, 2)) for i in range(2)]
+    assert [ds.verify(splits)["hashed"] for ds in shares] == [1, 2]  # the largest alone, the two others
+    assert shares[0]._hashed.isdisjoint(shares[1]._hashed)
+    assert len(shares[0]._hashed | shares[1]._hashed) == 3
+    expected = flip(shard(data))  # train: the largest file, share 0's
+    with pytest.raises(DataError) as exc:
+        Dataset(data, verify="on", hash_share=(0, 2)).verify(splits)
+    assert str(exc.value) == expected
+    assert Dataset(data, verify="on", hash_share=(1, 2)).verify(splits)["hashed"] == 2
+    with pytest.raises(DataError) as exc, Dataset(data, hash_share=(1, 2)).reading(("train",)):
+        raise IndexError("index 16500 is out of bounds")  # a read broken by a shard of a sibling's share
+    assert str(exc.value) == expected
 
 
 # -- a full disk while prepare writes shards ---------------------------------------------------------------

@@ -244,3 +244,93 @@ def test_errors(data, tmp_path):
     with pytest.raises(DataError, match="no rows") as exc:
         RatingStream(Path(out), "val", batch_size=8)
     one_line(exc)
+
+
+# -- strata: batches drawn from one user block x movie block at a time (issue 22) -------------------------------
+def strata_deal(k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Users and movies dealt to k blocks each (seeded, unbalanced on purpose: any deal must work)."""
+    rng = np.random.default_rng(7)
+    return rng.integers(0, k, N_USERS), rng.integers(0, k, N_ITEMS)
+
+
+def stratum_of(batch: dict, deal: tuple[np.ndarray, np.ndarray], k: int) -> np.ndarray:
+    return deal[0][batch["user"].numpy()] * k + deal[1][batch["item"].numpy()]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_strata_cover_every_rating_once_per_epoch_in_equal_steps(data, world):
+    deal = strata_deal(3)
+    train = split_keys(data, "train")
+    for epoch in (0, 1):
+        per_rank = [batches(RatingStream(data, "train", batch_size=1000, rank=r, world_size=world, seed=4,
+                                         resident="cpu", strata=deal), epoch) for r in range(world)]
+        assert len({len(b) for b in per_rank}) == 1  # the same number of steps on every rank
+        got = np.sort(np.concatenate([keys(b) for bs in per_rank for b in bs]))
+        assert np.array_equal(got, train)
+        for step in zip(*per_rank, strict=True):  # global_rows: the step's ratings over all ranks
+            assert {b["global_rows"] for b in step} == {sum(len(b["rating"]) for b in step)}
+
+
+def test_strata_batches_hold_one_stratum_or_two_at_a_boundary(data):
+    """What the speed comes from: each batch's rows are a 1/k share of each table (two strata at most where a
+    batch straddles a boundary); the strata come in a new seeded order every epoch."""
+    k, deal = 3, strata_deal(3)
+    stream = RatingStream(data, "train", batch_size=1000, seed=4, resident="cpu", strata=deal)
+    firsts = []
+    for epoch in (0, 1):
+        bs = batches(stream, epoch)
+        spans = [np.unique(stratum_of(b, deal, k)) for b in bs]
+        assert max(len(s) for s in spans) <= 2
+        assert sum(len(s) == 1 for s in spans) > len(bs) // 2  # strata of ~7.5k rows, batches of 1k
+        firsts.append([int(stratum_of(b, deal, k)[0]) for b in bs])
+    assert firsts[0] != firsts[1]
+    assert_same(batches(stream, 1), batches(stream, 1))  # deterministic
+
+
+def test_strata_resume_mid_epoch(data):
+    deal = strata_deal(2)
+    stream = RatingStream(data, "train", batch_size=700, rank=1, world_size=2, seed=9, resident="cpu", strata=deal)
+    full = batches(stream, 2)
+    for start in (1, 17, len(full) - 1, len(full)):
+        assert_same(batches(stream, 2, start_step=start), full[start:])
+
+
+def test_strata_need_a_resident_split(data):
+    with pytest.raises(ConfigError, match="strata need a resident split"):
+        RatingStream(data, "train", batch_size=1000, strata=strata_deal(2))
+
+
+def test_train_strata_flag(small_data, tmp_path):
+    """--train.strata in the job: the replicated layout's resident stream draws from k x k strata; the blocks
+    layout (strata of its own) and a streamed split refuse it in one line; 0 sizes k to the cache (1 for
+    tables this small)."""
+    from mfscale import config
+    from mfscale.distributed import DistEnv
+    from mfscale.train import Trainer
+
+    def job(**changes):
+        cfg = config.JobConfig()
+        cfg.data.path, cfg.run_dir, cfg.data.workers = str(small_data), str(tmp_path / "run"), 0
+        return config.replace(cfg, **changes).validate()
+
+    env = DistEnv(0, 1, 0, torch.device("cpu"))
+    assert Trainer(job(), env).layout.strata == 1
+    assert Trainer(job(train__strata=0), env).layout.strata == 1
+    tr = Trainer(job(train__strata=2, train__batch_size=500), env)
+    assert tr.layout.strata == 2
+    counts = [tr.train_step(b) for b in tr.layout.batches(0, 0)]
+    assert len(counts) == tr.layout.steps_per_epoch and all(torch.isfinite(torch.as_tensor(c)) for c in counts)
+    with pytest.raises(ConfigError, match="--train.strata applies to the replicated layout"):
+        Trainer(job(train__strata=2, train__tables="blocks"), env)
+    with pytest.raises(ConfigError, match="it needs a resident split"):
+        Trainer(job(train__strata=2, data__resident="off"), env)
+    with pytest.raises(ConfigError, match="train.strata must be >= 0"):
+        job(train__strata=-1)
+
+
+def test_auto_strata_sizes_a_stratum_to_the_cache():
+    from mfscale.layout import auto_strata
+    assert auto_strata(69_878, 10_677, 64, 8_500_046, 41_984) == 8  # ml-10m: 63 MB of tables and moments
+    assert auto_strata(200_948, 87_585, 64, 27_200_174, 135_168) == 8  # ml-32m: capped by 2 batches a stratum
+    assert auto_strata(6_040, 3_706, 64, 800_167, 4_096) == 1  # ml-1m: 7.6 MB, fits already
+    assert auto_strata(610, 9_724, 64, 80_668, 1_024) == 1  # ml-latest-small

@@ -20,9 +20,10 @@ from ..shards import Dataset
 from .base import EvalShare, TableLayout
 from .blocks import Blocks
 from .replicated import Replicated
-from .rows import deal_rows, init_rows, movie_block, stratum_balance, train_counts
+from .rows import auto_strata, deal_rows, init_rows, movie_block, stratum_balance, train_counts
 
-__all__ = ["Blocks", "EvalShare", "Replicated", "TableLayout", "auto_batch_size", "build", "choose", "deal_rows",
+__all__ = ["Blocks", "EvalShare", "Replicated", "TableLayout", "auto_batch_size", "auto_strata", "build", "choose",
+           "deal_rows",
            "init_rows", "movie_block", "stratum_balance", "train_counts"]
 
 log = logging.getLogger("mfscale")
@@ -55,14 +56,22 @@ def build(cfg: JobConfig, env: DistEnv, data: Dataset) -> TableLayout:
     if n_train == 0:
         raise DataError(f"{cfg.data.path}: the training split is empty")
     # Shard sizes and row counts against the manifest before any rank reads (--data.verify on: sha256 too);
-    # the layouts that read whole files hash them as they read (Dataset.verify(whole=True)).
+    # the layouts that read whole files hash them as they read (Dataset.reading).
     data.verify(("train",), whole=False)
     batch_size = cfg.train.batch_size or auto_batch_size(n_train, env.world_size)
     if choose(cfg.train.tables, env.world_size) == "replicated":
-        return Replicated(cfg, env, data, batch_size)
-    if cfg.data.workers and cfg.train.tables == "blocks":
-        raise ConfigError("--train.tables blocks holds each rank's ratings in memory (no DataLoader "
-                          "workers); use --workers 0")
-    if cfg.data.workers:
-        log.warning("--workers %d ignored: blocks tables hold each rank's ratings in memory", cfg.data.workers)
-    return Blocks(cfg, env, data, batch_size)
+        built: TableLayout = Replicated(cfg, env, data, batch_size)
+    else:
+        if cfg.data.workers and cfg.train.tables == "blocks":
+            raise ConfigError("--train.tables blocks holds each rank's ratings in memory (no DataLoader "
+                              "workers); use --workers 0")
+        if cfg.data.workers:
+            log.warning("--workers %d ignored: blocks tables hold each rank's ratings in memory", cfg.data.workers)
+        if cfg.train.strata != 1:
+            raise ConfigError("--train.strata applies to the replicated layout (blocks tables train strata of "
+                              "their own); use --train.tables replicated or --train.strata 1")
+        built = Blocks(cfg, env, data, batch_size)
+    # Evaluation reads the validation and test splits whole (sha256 too): hash them while the rest of start-up
+    # and the first epoch go on, so the first evaluation only collects the verdict.
+    data.hash_in_background(("val", "test"))
+    return built

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import logging
-import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,8 +46,7 @@ def train_mean(data: Dataset) -> float:
 
 def fits_on_device(n_rows: int, mode: str, env: DistEnv) -> bool:
     """``--data.resident``: hold ``n_rows`` training ratings on the training device? (``auto``: if they fit)."""
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return mode == "on" or (mode == "auto" and resident_fits(n_rows, env.device, local_world))
+    return mode == "on" or (mode == "auto" and resident_fits(n_rows, env.device, env.local_world_size))
 
 
 class TableLayout(abc.ABC):

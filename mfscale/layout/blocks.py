@@ -65,15 +65,15 @@ class Blocks(TableLayout):
     def _load_strata(self, resident: str) -> None:
         """This rank's training ratings (its user block), grouped by movie block; 12 bytes per rating."""
         w, r = self.env.world_size, self.env.rank
-        self.data.verify(("train",), whole=True)  # every rank reads the whole split: sha256 too (--data.verify)
         parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": []}
-        for g in self.data.row_groups("train"):
-            a = read_row_group(g)
-            self.decoded_bytes += sum(v.nbytes for v in a.values())
-            mine = self.user_block[a["user"]] == r
-            parts["user"].append(self.user_local_idx[a["user"][mine]].astype(np.int32))
-            parts["item"].append(a["item"][mine].astype(np.int64))
-            parts["rating"].append(a["rating"][mine].astype(np.float32))
+        with self.data.reading(("train",)):  # every rank reads the whole split: sha256 too (--data.verify)
+            for g in self.data.row_groups("train"):
+                a = read_row_group(g)
+                self.decoded_bytes += sum(v.nbytes for v in a.values())
+                mine = self.user_block[a["user"]] == r
+                parts["user"].append(self.user_local_idx[a["user"][mine]].astype(np.int32))
+                parts["item"].append(a["item"][mine].astype(np.int64))
+                parts["rating"].append(a["rating"][mine].astype(np.float32))
         item = np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64)
         block = self.item_block[item]
         order = np.argsort(block, kind="stable")

@@ -22,6 +22,7 @@ from ..shards import SHARD_SCHEMA, Dataset
 from ..stream import RatingStream, make_loader
 from ..sync import all_gather_ids, all_sum_rows, sync_sparse_grads, sync_sparse_rows
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
+from .rows import auto_strata, deal_rows, train_counts
 
 # Several ranks meet every step (the gradient rows' all_gather); the loop's own collectives (the stop vote, the
 # training loss) run every this many steps: one tiny all_reduce took ~0.2 ms against ~6-8 ms steps with 2
@@ -45,13 +46,28 @@ class Replicated(TableLayout):
         self.resident = not self.workers and fits_on_device(data.split_rows("train"), cfg.data.resident, env)
         if self.resident:  # every row group, all columns (streamed: read as the epochs go, nothing at start-up)
             self.decoded_bytes = data.split_rows("train") * SHARD_ROW_BYTES
+        self.strata = self._strata(cfg, env, data, batch_size)
+        deal = None
+        if self.strata > 1:  # users and movies dealt to k blocks each, balanced by their training ratings
+            deal = tuple(deal_rows(counts, self.strata) for counts in train_counts(data))
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
-                                   seed=cfg.train.seed, resident=env.device if self.resident else None)
+                                   seed=cfg.train.seed, resident=env.device if self.resident else None,
+                                   strata=deal)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.rows_complete = not env.distributed
         self.meets_every_step = env.distributed
         if not env.distributed:
             self.dense_min = tuple(math.ceil(DENSE_SWEEP_MIN_FRACTION * n) for n in (data.n_users, data.n_items))
+
+    def _strata(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int) -> int:
+        """k of the k x k strata batches are drawn from (``--train.strata``; 0: rows.auto_strata)."""
+        if cfg.train.strata == 1:
+            return 1
+        if not self.resident:
+            raise ConfigError("--train.strata regroups the training split in memory: it needs a resident split "
+                              "(--data.resident on, --workers 0)")
+        return cfg.train.strata or auto_strata(data.n_users, data.n_items, cfg.model.dim,
+                                               data.split_rows("train"), batch_size * env.world_size)
 
     def sync_point(self, step_in_epoch: int) -> bool:
         return not self.env.distributed or step_in_epoch % SYNC_EVERY == 0 or step_in_epoch == self.steps_per_epoch

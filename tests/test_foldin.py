@@ -1,0 +1,195 @@
+"""Fold-in of new users without retraining (issue 23): ``recommend.fold_in`` and ``recommend --ratings``.
+
+The solve is checked against the objective itself (its gradient vanishes at the answer, computed straight
+from the formula with NumPy, not by the solver), on a real trained run; then the CLI: top-N per new user,
+``--predict`` pairs, and one line for each kind of bad input.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from mfscale import config, train
+from mfscale.errors import DataError
+from mfscale.recommend import Recommender, fold_in, main
+from mfscale.runs import load_run
+
+from .test_recommend import prepare_synthetic, tiny_run
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return tiny_run(tmp_path_factory)
+
+
+def new_user_ratings(run, user_row: int, new_id: int) -> pl.DataFrame:
+    """A trained user's training ratings under an id the model has not seen."""
+    train_split = run.data.read_split("train")
+    mine = train_split["user"] == user_row
+    movie_ids = run.movies["movie_id"].to_numpy()[train_split["item"][mine]]
+    return pl.DataFrame({"user_id": np.full(mine.sum(), new_id), "movie_id": movie_ids,
+                         "rating": train_split["rating"][mine].astype(np.float64)})
+
+
+def objective_gradient(run, ratings: pl.DataFrame, p: np.ndarray, b: float) -> np.ndarray:
+    """d/d[p, b] of sum_i (r_i - mean - b_i - b - p.q_i)^2 + n (reg_factor |p|^2 + reg_bias b^2), straight
+    from the formula (float64)."""
+    _, _, q, bi = (t.detach().double().numpy() for t in run.model.factors())
+    rows = np.searchsorted(run.movies["movie_id"].to_numpy(), ratings["movie_id"].to_numpy())
+    mean = float(run.model.global_bias)
+    err = ratings["rating"].to_numpy() - mean - bi[rows] - b - q[rows] @ p
+    n = len(rows)
+    grad_p = -2 * (err[:, None] * q[rows]).sum(0) + 2 * n * run.reg_factor * p
+    grad_b = -2 * err.sum() + 2 * n * run.reg_bias * b
+    return np.r_[grad_p, grad_b]
+
+
+def test_fold_in_minimizes_the_training_objective(trained):
+    data, run_dir = trained
+    run = load_run(run_dir)
+    assert (run.reg_factor, run.reg_bias) == (config.OptimConfig().reg_factor, config.OptimConfig().reg_bias)
+    counts = run.users["n_train"].to_numpy()
+    row = int(np.argmax(counts))
+    ratings = new_user_ratings(run, row, new_id=10**6)
+    folded = fold_in(run, ratings)
+    p, b = folded.p[0].double().numpy(), float(folded.bu[0])
+    scale = np.abs(objective_gradient(run, ratings, np.zeros_like(p), 0.0)).max()
+    assert np.abs(objective_gradient(run, ratings, p, b)).max() < 1e-4 * scale
+    # the folded-in user fits its ratings about as well as training fitted the same user
+    rec = Recommender(run)
+    pairs = ratings.select("user_id", "movie_id")
+    folded_rmse = np.sqrt(np.mean((rec.predict_folded(folded, pairs) - ratings["rating"].to_numpy()) ** 2))
+    p_t, bu_t, q, bi = (t.detach().double().numpy() for t in run.model.factors())
+    items = np.searchsorted(run.movies["movie_id"].to_numpy(), ratings["movie_id"].to_numpy())
+    trained_pred = np.clip(float(run.model.global_bias) + bu_t[row] + bi[items] + q[items] @ p_t[row],
+                           *run.rating_range)
+    trained_rmse = np.sqrt(np.mean((trained_pred - ratings["rating"].to_numpy()) ** 2))
+    assert folded_rmse <= trained_rmse + 0.02
+
+
+def test_fold_in_of_a_plain_mf_run_and_a_max_norm_run(tmp_path):
+    data = prepare_synthetic(tmp_path / "data")
+    for name, changes in (("plain", {"model__biases": False}), ("capped", {"model__max_norm": 0.05})):
+        cfg = config.JobConfig()
+        cfg.data.path, cfg.run_dir, cfg.data.workers = str(data), str(tmp_path / name), 0
+        train.run(config.replace(cfg, train__epochs=1, model__dim=8, optim__lr=0.02, train__batch_size=1024,
+                                 train__device="cpu", **changes).validate())
+        run = load_run(tmp_path / name)
+        folded = fold_in(run, new_user_ratings(run, 0, new_id=10**6))
+        if name == "plain":
+            assert float(folded.bu[0]) == 0.0
+            pairs = pl.DataFrame({"user_id": [10**6], "movie_id": [int(run.movies["movie_id"][3])]})
+            q = run.model.factors()[2].detach().double().numpy()
+            expected = np.clip(folded.p[0].double().numpy() @ q[3], *run.rating_range)
+            assert Recommender(run).predict_folded(folded, pairs)[0] == pytest.approx(expected, rel=1e-5)
+        else:
+            assert float(np.linalg.norm(folded.p[0].numpy())) <= 0.05 + 1e-6
+
+
+def write(path, text: str):
+    path.write_text(text)
+    return path
+
+
+def test_cli_top_n_and_predict(trained, tmp_path, capsys):
+    _, run_dir = trained
+    run = load_run(run_dir)
+    movies = run.movies.filter(pl.col("n_train") > 0)["movie_id"].to_list()
+    stars = [5, 4, 1, 3, 4.5, 2]
+    lines = [f"{u},{m},{r}\n" for u, ms in ((900001, movies[:6]), (900002, movies[6:9]))
+             for m, r in zip(ms, stars[:len(ms)], strict=True)]
+    ratings = write(tmp_path / "new.csv", "userId,movieId,rating\n" + "".join(lines))
+    assert main(["--run", str(run_dir), "--ratings", str(ratings), "-k", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "Top 4 for new user 900001 (folded in from 6 ratings" in out and "new user 900002" in out
+    shown = [int(line.split("[")[1].split("]")[0]) for line in out.splitlines()
+             if line.strip()[:2].strip(".").isdigit()]
+    assert len(shown) == 8 and not set(shown[:4]) & set(movies[:6])  # the file's own movies are not recommended
+    pairs = write(tmp_path / "pairs.csv", f"userId,movieId\n900002,{movies[0]}\n900001,{movies[10]}\n")
+    out_csv = tmp_path / "pred.csv"
+    assert main(["--run", str(run_dir), "--ratings", str(ratings), "--predict", str(pairs),
+                 "--out", str(out_csv)]) == 0
+    pred = pl.read_csv(out_csv)
+    assert pred.columns == ["userId", "movieId", "rating"] and pred["userId"].to_list() == [900002, 900001]
+    lo, hi = run.rating_range
+    assert pred["rating"].is_between(lo, hi).all()
+    capsys.readouterr()
+    assert main(["--run", str(run_dir), "--ratings", str(ratings), "--predict", str(pairs)]) == 0
+    assert pl.read_csv(capsys.readouterr().out.encode())["rating"].to_list() == pred["rating"].to_list()
+
+
+@pytest.mark.parametrize("content, pairs, message", [
+    ("userId,movieId,rating\n", None, "no ratings"),
+    ("userId,movieId,rating\n{known},{movie},4\n", None, "is in the training data already (use --user"),
+    ("userId,movieId,rating\n900001,987654321,4\n", None, "movie 987654321 is not in"),
+    ("userId,movieId,rating\n900001,{movie},7\n", None, "outside the scale"),
+    ("userId,movie,rating\n900001,{movie},4\n", None, "missing column(s) movieId"),
+    ("userId,movieId,rating\n900001,{movie},4\n", "userId,movieId\n900002,{movie}\n", "user 900002 has no ratings"),
+])
+def test_cli_bad_input_is_one_line(trained, tmp_path, capsys, content, pairs, message):
+    _, run_dir = trained
+    run = load_run(run_dir)
+    fill = {"known": int(run.users["user_id"][0]), "movie": int(run.movies["movie_id"][0])}
+    args = ["--run", str(run_dir), "--ratings", str(write(tmp_path / "r.csv", content.format(**fill)))]
+    if pairs:
+        args += ["--predict", str(write(tmp_path / "p.csv", pairs.format(**fill)))]
+    with pytest.raises(SystemExit) as se:
+        main(args)
+    assert se.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("mfscale.recommend: error:") and message in err, err
+
+
+def test_fold_in_refuses_known_users_directly(trained):
+    run = load_run(trained[1])
+    with pytest.raises(DataError, match="in the training data already"):
+        fold_in(run, new_user_ratings(run, 0, new_id=int(run.users["user_id"][0])))
+
+
+def test_the_exports_numpy_recipe_folds_in_the_same_user(trained, tmp_path):
+    """README.txt of an export: its code, run as written with NumPy alone, gives the fold-in's numbers."""
+    import textwrap
+
+    from mfscale import export
+
+    run = load_run(trained[1])
+    export.main(["--run", str(trained[1]), "--out", str(tmp_path / "exp")])
+    text = (tmp_path / "exp" / "README.txt").read_text()
+    blocks, current = [], []
+    for line in text.splitlines():
+        if line.startswith("    ") or (current and not line.strip()):
+            current.append(line)
+        elif current:
+            blocks.append(textwrap.dedent("\n".join(current)))
+            current = []
+    blocks.append(textwrap.dedent("\n".join(current)))
+    ratings = new_user_ratings(run, 2, new_id=10**6)
+    folded = fold_in(run, ratings)
+    space = {"USER_ID": int(run.users["user_id"][0]), "MOVIE_ID": int(run.movies["movie_id"][0]),
+             "NEW_USER_MOVIE_IDS": ratings["movie_id"].to_list(), "NEW_USER_RATINGS": ratings["rating"].to_list()}
+    code = "\n".join(b for b in blocks if "np." in b).replace('d = "path/to/this/directory"',
+                                                               f'd = "{tmp_path / "exp"}"')
+    exec(code, space)  # noqa: S102 - the export's own documentation, run as a user would
+    assert np.allclose(space["p_new"], folded.p[0].double().numpy(), atol=1e-5)
+    assert space["b_new"] == pytest.approx(float(folded.bu[0]), abs=1e-5)
+
+
+def test_foldin_benchmark_smoke(tmp_path):
+    """benchmarks/foldin.py end to end on the tiny preset (1 epoch): both runs, both RMSEs, the times."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "foldin.py"
+    out = tmp_path / "f.jsonl"
+    proc = subprocess.run([sys.executable, str(script), "--synthetic", "tiny", "--work", str(tmp_path / "w"),
+                           "--train-args", "--epochs 1 --dim 8", "--out-jsonl", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(out.read_text())
+    assert set(row["rmse"]) == {"trained in", "folded in"} and all(0 < v < 5 for v in row["rmse"].values())
+    assert row["held_users"] > 0 and row["fold_seconds"] > 0
+    assert "fold-in minus trained-in" in proc.stdout
