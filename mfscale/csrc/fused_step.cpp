@@ -108,21 +108,15 @@ inline void prefetch_update(const T* p, const T* m, const T* v, int64_t offset, 
   prefetch_row(v + offset, w, 1);
 }
 
-// nn.Embedding(max_norm=...)'s renorm (ATen's embedding_renorm_) of the factor vectors (the first w - 1
-// columns) of ``rows``: a vector with norm > max_norm is scaled by max_norm / (norm + 1e-7), computed in double.
+// nn.Embedding(max_norm=...)'s renorm (ATen's embedding_renorm_) of one row's factor vector (its first d
+// columns): a vector with norm > max_norm is scaled by max_norm / (norm + 1e-7), computed in double.
 template <typename T>
-void renorm_rows(T* table, const std::vector<int64_t>& rows, int64_t w, double max_norm) {
-  const int64_t d = w - 1;
-  at::parallel_for(0, static_cast<int64_t>(rows.size()), 256, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      T* p = table + rows[j] * w;
-      const double norm = std::sqrt(static_cast<double>(dot(p, p, d)));
-      if (norm > max_norm) {
-        const T scale = static_cast<T>(max_norm / (norm + 1e-7));
-        for (int64_t c = 0; c < d; ++c) p[c] *= scale;
-      }
-    }
-  });
+inline void renorm_row(T* p, int64_t d, double max_norm) {
+  const double norm = std::sqrt(static_cast<double>(dot(p, p, d)));
+  if (norm > max_norm) {
+    const T scale = static_cast<T>(max_norm / (norm + 1e-7));
+    for (int64_t c = 0; c < d; ++c) p[c] *= scale;
+  }
 }
 
 struct AdamArgs {
@@ -174,16 +168,20 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       else gi = index_rows(item_side.ids, n, mark_i, n_items);
     }
   });
-  if (max_norm > 0) {  // before anything reads the rows: the step sees the renormalized vectors only
-    renorm_rows(user_side.p, gu.rows, w, max_norm);
-    renorm_rows(item_side.p, gi.rows, w, max_norm);
-  }
   const T bias_grad = biases ? T(1) : T(0);  // plain MF: the bias column's gradient is exactly 0
   const bool users_major = gu.rows.size() >= gi.rows.size();
   Groups& gmaj = users_major ? gu : gi;
   const Groups& gmin = users_major ? gi : gu;
   const Side<T>& maj = users_major ? user_side : item_side;
   const Side<T>& mnr = users_major ? item_side : user_side;
+  // max_norm: every touched row renormalized before anything reads it. The minor side's rows (read by many
+  // major rows) first, here; each major row in the pass below, just before its own ratings, the only reads of
+  // it (a separate pass over the major rows, cache misses and all, made the step 1.4x slower on ml-10m).
+  if (max_norm > 0) {
+    at::parallel_for(0, static_cast<int64_t>(gmin.rows.size()), 256, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) renorm_row(mnr.p + gmin.rows[j] * w, d, max_norm);
+    });
+  }
   sort_by_row(gmaj);  // only the major side is walked row by row
   const int64_t nmaj = static_cast<int64_t>(gmaj.rows.size()), nmin = static_cast<int64_t>(gmin.rows.size());
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -218,6 +216,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       for (int64_t j = b; j < e; ++j) {
         if (j + kAhead < e) prefetch_update(maj.p, maj.m, maj.v, gmaj.rows[j + kAhead] * w, w);
         T* p = maj.p + gmaj.rows[j] * w;
+        if (max_norm > 0) renorm_row(p, d, max_norm);
         for (int64_t c = 0; c < w; ++c) acc[c] = 0;
         const int32_t end = gmaj.start[j + 1];
         for (int32_t s = gmaj.start[j]; s < end; ++s) {
