@@ -1,7 +1,9 @@
-"""mfscale beside LIBMF and cornac on the CPU: the same prepared dataset, split, epochs and factors.
+"""mfscale beside LIBMF, cornac and Spark ALS on the CPU: the same prepared dataset, split, epochs and factors.
 
     python -m pip install torch==2.13.0 && python -m pip install -e '.[bench]'   # libmf 0.9.2, cornac 3.0.1
-    python benchmarks/peers.py --data data/ml-10m --out-jsonl peers.jsonl
+    python benchmarks/peers.py --data data/ml-10m --out-jsonl peers.jsonl --out-md peers.md   # + peers.png
+    python -m pip install -e '.[spark]' && apt-get install openjdk-17-jre-headless           # pyspark 4.3.0
+    python benchmarks/peers.py --data data/ml-10m --trainers mfscale,libmf,cornac,spark
 
 Trainers, each on the train split of ``--data`` (a directory written by ``python -m mfscale.prepare``) and
 scored on its test split, predictions clipped to the rating scale:
@@ -36,6 +38,21 @@ scored on its test split, predictions clipped to the rating scale:
   as LIBMF's own ``mf_predict`` does, by the training mean ``b``.
 - cornac ``MF``: Hogwild SGD in Cython, lr 0.01, lambda_reg 0.02, biases (its usual settings). ``seed=None``
   with numpy seeded instead, because cornac runs one thread whenever a seed is given.
+- Spark ALS (``--trainers ...,spark``; the ``spark`` extra, pyspark 4.3.0, and Java 17+ from the system's
+  packages): what a cluster user would run instead. ``pyspark.ml.recommendation.ALS`` on explicit ratings,
+  rank ``--dim``, maxIter ``--epochs`` (an "epoch" is one ALS iteration: every user row solved exactly given
+  the movie factors, then every movie row), no biases, Spark's defaults otherwise (10 x 10 blocks,
+  nonnegative off), in a ``local[--threads]`` SparkSession with ``spark.driver.memory`` ``--spark-driver-memory``
+  (8g; driver and executor are one JVM in local mode). regParam (``--spark-reg``) 0.05: MLlib scales it by
+  each row's rating count (ALS-WR), so it is not the lambda of the SGD peers; chosen on the val split of the
+  ml-10m preset, never the test split (d=64, 20 iterations, 2 threads; val RMSE at 0.03: 0.7839, 0.05: 0.7664,
+  0.065: 0.7686, 0.1: 0.7968). coldStartStrategy "nan", and those rows (a user or movie without training ratings) are
+  predicted as the training mean, as for LIBMF. The fit time is ``als.fit`` alone (eager: it materializes
+  the final factors before it returns); the JVM's start (5-10 s, also in ``jvm_start_s``) and the conversion
+  of the arrays into a cached DataFrame (Arrow, no pandas) come before it and are in wall s. Spark's output
+  stays off stdout (the JVM's stdout goes to stderr, log4j at ERROR); two lines remain on stderr: the JVM's
+  note on its incubator Vector module and netlib's, that it found no system BLAS/LAPACK (libblas.so.3) and
+  uses its Java ones (the table's model column names the BLAS and LAPACK in use).
 
 ratings/s is (training ratings x epochs) / wall time of the fit call for the peers, and mfscale's
 ``train_ratings_per_s`` (wall time of its training steps) for mfscale; our data conversion and prediction are
@@ -58,7 +75,9 @@ import io
 import json
 import os
 import platform
+import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,16 +88,39 @@ from typing import Any
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINERS = ("mfscale", "libmf", "cornac")
-PEERS = ("libmf", "cornac")
+TRAINERS = ("mfscale", "libmf", "cornac", "spark")
+DEFAULT_TRAINERS = ("mfscale", "libmf", "cornac")  # spark on request: its own extra, Java, minutes of JVM work
+NAMES = {"mfscale": "mfscale", "libmf": "LIBMF", "cornac": "cornac", "spark": "Spark ALS"}  # in titles and the plot
+PEERS = ("libmf", "cornac", "spark")
 BENCH_PIP = "python -m pip install -e '.[bench]'  (libmf==0.9.2 cornac==3.0.1)"
+SPARK_PIP = "python -m pip install -e '.[spark]'  (pyspark==4.3.0)"
+JAVA_APT = "apt-get install -y openjdk-17-jre-headless"
+
+
+def java_problem() -> str | None:
+    """None when the java that pyspark would start ($JAVA_HOME/bin/java, else java on PATH) is 17 or later
+    (pyspark 4's minimum), else why not."""
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        return f"no {java} (JAVA_HOME={home})" if home else "no java on PATH"
+    try:
+        out = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"{java} -version failed ({exc})"
+    m = re.search(r'version "(\d+)(?:\.(\d+))?', out.stderr + out.stdout)
+    if not m:
+        return f"cannot read the version of {java}"
+    major = int(m.group(2) or 0) if m.group(1) == "1" else int(m.group(1))  # "1.8.0_x" is Java 8
+    return None if major >= 17 else f"{java} is Java {major}, pyspark 4 needs 17 or later"
 
 
 def check_extra(trainers: list[str]) -> None:
-    """Fail in one line, before any training, when the bench extra is missing."""
-    missing = []
+    """Fail in one line, before any training, when an extra a trainer needs is missing (libmf, cornac: the
+    bench extra; spark: the spark extra and a Java runtime from the system's packages)."""
+    missing, problems = [], []
     for name in trainers:
-        if name not in PEERS:
+        if name not in ("libmf", "cornac"):
             continue
         try:
             # libmf's import prints where it found its shared library: keep stdout for the table
@@ -87,8 +129,17 @@ def check_extra(trainers: list[str]) -> None:
         except (ImportError, OSError) as exc:
             missing.append(f"{name} ({exc})")
     if missing:
-        raise SystemExit(f"peers.py: the bench extra is not installed, missing {', '.join(missing)}; "
-                         f"run: {BENCH_PIP}")
+        problems.append(f"the bench extra is not installed, missing {', '.join(missing)}; run: {BENCH_PIP}")
+    if "spark" in trainers:
+        try:
+            import pyspark.ml.recommendation  # noqa: F401
+        except ImportError as exc:
+            problems.append(f"the spark extra is not installed, missing pyspark ({exc}); run: {SPARK_PIP}")
+        else:
+            if reason := java_problem():
+                problems.append(f"spark needs Java 17 or later: {reason}; run: {JAVA_APT}")
+    if problems:
+        raise SystemExit("peers.py: " + "; and ".join(problems))
 
 
 def version(dist: str) -> str:
@@ -211,6 +262,90 @@ def run_cornac(a: argparse.Namespace, train: dict[str, np.ndarray], test: dict[s
             "command": call}
 
 
+LOG4J2 = """\
+rootLogger.level = error
+rootLogger.appenderRef.stderr.ref = stderr
+logger.repl.name = org.apache.spark.api.python.PythonGatewayServer
+logger.repl.level = error
+appender.console.type = Console
+appender.console.name = stderr
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = spark: %p %c{1}: %m%n
+"""
+
+
+def run_spark(a: argparse.Namespace, train: dict[str, np.ndarray], test: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Spark MLlib's ALS (explicit ratings) in a local[threads] SparkSession started here, in the peer's child
+    process. train s is ``als.fit`` alone; the JVM's start and the conversion of the arrays into a cached
+    DataFrame come before it, and are in wall s (the JVM's start also in jvm_start_s)."""
+    # The JVM inherits this process's stdout: send fd 1 to stderr, so nothing of Spark's lands in the table
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    import warnings
+
+    import pyarrow as pa
+    from pyspark.ml.recommendation import ALS
+    from pyspark.sql import SparkSession
+
+    # pyspark 4.3 warns about pandas >= 3 when it converts; no pandas is involved here (Arrow both ways)
+    warnings.filterwarnings("ignore", message="PySpark does not yet fully support pandas", category=FutureWarning)
+    t_wall = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mfscale-spark-") as tmp:
+        # errors only, to stderr: no INFO/WARN lines (the repl logger: pyspark's JVM counts as a shell, which
+        # otherwise sets WARN and says so)
+        (Path(tmp) / "log4j2.properties").write_text(LOG4J2)
+        conf = {"spark.master": f"local[{a.threads}]", "spark.app.name": "mfscale-peers",
+                "spark.driver.memory": a.spark_driver_memory,  # read by spark-submit before the JVM starts
+                "spark.driver.extraJavaOptions": f"-Dlog4j2.configurationFile=file:{tmp}/log4j2.properties",
+                "spark.local.dir": tmp, "spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false",
+                "spark.log.level": "ERROR"}
+        builder = SparkSession.builder
+        for k, v in conf.items():
+            builder = builder.config(k, v)
+        t0 = time.perf_counter()
+        spark = builder.getOrCreate()
+        jvm_s = time.perf_counter() - t0
+        try:
+            jvm = spark.sparkContext._jvm
+            java = f"Java {jvm.System.getProperty('java.version')} ({jvm.System.getProperty('java.vendor')})"
+            blas = jvm.dev.ludovic.netlib.blas.BLAS.getInstance().getClass().getSimpleName()
+            lapack = jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().getClass().getSimpleName()
+            # Bounds the lineage of long runs: ALS checkpoints its factors every checkpointInterval (10) iterations
+            spark.sparkContext.setCheckpointDir(str(Path(tmp) / "checkpoints"))
+
+            def frame(d: dict[str, np.ndarray]) -> Any:
+                return spark.createDataFrame(pa.table({"user": d["user"].astype(np.int32),
+                                                       "item": d["item"].astype(np.int32),
+                                                       "rating": d["rating"].astype(np.float32)}))
+
+            train_df = frame(train).cache()
+            train_df.count()  # converted and cached before the fit, not in it
+            mean = float(np.mean(train["rating"], dtype=np.float64))
+            opts = {"rank": a.dim, "maxIter": a.epochs, "regParam": a.spark_reg, "implicitPrefs": False,
+                    "nonnegative": False, "coldStartStrategy": "nan", "seed": a.seed, "userCol": "user",
+                    "itemCol": "item", "ratingCol": "rating"}
+            als = ALS(**opts)
+            t0 = time.perf_counter()
+            model = als.fit(train_df)  # eager: ALS.train materializes the final factors before it returns
+            fit_s = time.perf_counter() - t0
+            scored = model.transform(frame(test)).select("rating", "prediction").toArrow()
+            pred = scored.column("prediction").to_numpy().astype(np.float64)
+            pred[~np.isfinite(pred)] = mean  # coldStartStrategy "nan": a user or movie without training ratings
+            rating = scored.column("rating").to_numpy()
+            blocks = f"{als.getNumUserBlocks()}x{als.getNumItemBlocks()}"
+        finally:
+            spark.stop()
+    lo, hi = a.scale
+    call = "pyspark.ml.recommendation.ALS(" + ", ".join(f"{k}={v!r}" for k, v in opts.items()) + ").fit(train_df)"
+    return {"trainer": "spark", "version": f"pyspark {version('pyspark')}, {java}",
+            "model": f"ALS (MLlib), explicit ratings, no biases, regParam {a.spark_reg:g} (ALS-WR: times each "
+                     f"row's rating count), local[{a.threads}], {blocks} blocks, BLAS {blas}, LAPACK {lapack}",
+            "biases": False, "epochs": a.epochs, "train_ratings_per_s": a.n_train * a.epochs / fit_s,
+            "train_s": fit_s, "wall_s": time.perf_counter() - t_wall, "jvm_start_s": jvm_s,
+            "test_rmse": clipped_rmse(pred, rating, lo, hi), "command": call}
+
+
 def _peer_child(conn: Any, fit: Any, a: argparse.Namespace, train: dict[str, np.ndarray],
                 test: dict[str, np.ndarray]) -> None:
     try:
@@ -234,10 +369,18 @@ def run_peer(name: str, fit: Any, a: argparse.Namespace, train: dict[str, np.nda
     proc = ctx.Process(target=_peer_child, args=(child, fit, a, train, test), daemon=True)
     proc.start()
     child.close()
+    deadline = time.monotonic() + a.peer_timeout if a.peer_timeout > 0 else float("inf")
     try:
-        if not parent.poll(a.peer_timeout if a.peer_timeout > 0 else None):
-            raise SystemExit(f"peers.py: {name} did not finish in {a.peer_timeout:g} s and was stopped (LIBMF's "
-                             "scheduler can hang, cjlin1/libmf#12); rerun it, or use --threads 1")
+        # Polled in steps with a look at the child: one that dies before it has unpickled its end of the pipe
+        # (a crash while it starts, e.g. a calling script without a __main__ guard) leaves no EOF to read
+        while not parent.poll(max(0.0, min(1.0, deadline - time.monotonic()))):
+            if not proc.is_alive() and not parent.poll():
+                raise EOFError
+            if time.monotonic() < deadline:
+                continue
+            hint = ("(LIBMF's scheduler can hang, cjlin1/libmf#12); rerun it, or use --threads 1" if name == "libmf"
+                    else "(raise --peer-timeout; 0: no limit)")
+            raise SystemExit(f"peers.py: {name} did not finish in {a.peer_timeout:g} s and was stopped {hint}")
         status, value = parent.recv()
     except EOFError:
         proc.join(5)
@@ -251,6 +394,52 @@ def run_peer(name: str, fit: Any, a: argparse.Namespace, train: dict[str, np.nda
     return value
 
 
+def plot(rows: list[dict[str, Any]], trainers: list[str], path: Path, title: str,
+         synthetic_best: float | None) -> None:
+    """Two panels, one bar per trainer: train ratings/s and test RMSE, medians over the rounds with min-max
+    whiskers when there are several."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels, rates, rmses = [], [], []
+    for name in trainers:
+        mine = [r for r in rows if r["trainer"] == name]
+        labels.append(f"{NAMES[name]}\n{mine[0]['version'].split(',')[0]}")  # "LIBMF\nlibmf 0.9.2"
+        rates.append(np.array([r["train_ratings_per_s"] for r in mine]) / 1e6)
+        rmses.append(np.array([r["test_rmse"] for r in mine if r["test_rmse"] is not None] or [np.nan]))
+    x = np.arange(len(trainers))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = [colours[TRAINERS.index(t) % len(colours)] for t in trainers]  # a trainer keeps its colour
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(8.0, 2.6 * len(trainers)), 4.6))
+    for ax, values, fmt in ((ax1, rates, "{:.2f}M"), (ax2, rmses, "{:.4f}")):
+        med = np.array([np.median(v) for v in values])
+        err = np.array([[m - np.min(v) for m, v in zip(med, values, strict=True)],
+                        [np.max(v) - m for m, v in zip(med, values, strict=True)]])
+        ax.bar(x, med, 0.6, color=colour, yerr=err if err.any() else None, capsize=4)
+        for xi, m, v in zip(x, med, values, strict=True):  # above the whisker, not under it
+            ax.annotate(fmt.format(m), (xi, np.max(v)), xytext=(0, 3), textcoords="offset points", ha="center",
+                        va="bottom", fontsize=8)
+        ax.set_xticks(x, labels, fontsize=8)
+    ax1.set_ylabel("train ratings/s, millions\n(ratings x epochs or iterations / fit s)")
+    ax1.margins(y=0.15)
+    ax2.set_ylabel("test RMSE (clipped; lower is better)\naxis not from 0")
+    finite = [v for v in np.concatenate(rmses) if np.isfinite(v)] + ([synthetic_best] if synthetic_best else [])
+    if finite:  # RMSEs differ in the second decimal: a zero-based axis would hide that
+        lo, hi = min(finite), max(finite)
+        pad = max(hi - lo, 0.01)
+        ax2.set_ylim(lo - 0.6 * pad, hi + 0.35 * pad)
+    if synthetic_best:
+        ax2.axhline(synthetic_best, color="grey", linestyle="--", linewidth=1,
+                    label=f"Bayes-optimal RMSE of this synthetic data, {synthetic_best:.4f}")
+        ax2.legend(loc="upper left", fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, required=True, help="a dataset written by python -m mfscale.prepare")
@@ -259,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads for every trainer (default: all cores)")
     p.add_argument("--seed", type=int, default=0, help="mfscale's --seed and numpy's seed for cornac")
-    p.add_argument("--trainers", default=",".join(TRAINERS), help="comma list of " + ", ".join(TRAINERS))
+    p.add_argument("--trainers", default=",".join(DEFAULT_TRAINERS),
+                   help=f"comma list of {', '.join(TRAINERS)} (default {','.join(DEFAULT_TRAINERS)})")
     p.add_argument("--extra", default="", help="more flags for mfscale.train, one string")
     p.add_argument("--libmf-lambda", type=float, default=0.05,
                    help="LIBMF's L2 regularization on P and Q (LIBMF's default 0.1; 0.05 reproduces issue 12)")
@@ -268,12 +458,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--libmf-eta", type=float, default=0.1, help="LIBMF's initial AdaGrad learning rate")
     p.add_argument("--libmf-bins", type=int, default=0,
                    help="LIBMF's bins per side of the rating grid (default 0: max(26, 2 x threads + 1))")
+    p.add_argument("--spark-reg", type=float, default=0.05,
+                   help="Spark ALS's regParam (scaled by each row's rating count, ALS-WR); 0.05 chosen on the val "
+                        "split of the ml-10m preset (module docstring)")
+    p.add_argument("--spark-driver-memory", default="8g",
+                   help="spark.driver.memory of the local[threads] session (driver and executor are one JVM)")
     p.add_argument("--peer-timeout", type=float, default=1800,
                    help="seconds a peer's fit and scoring may take before the script stops it with an error "
                         "(0 = no limit; LIBMF's scheduler can hang)")
     p.add_argument("--repeat", type=int, default=1,
                    help="rounds of all trainers, in rotating order; with more than one, medians are printed too")
     p.add_argument("--out-jsonl", type=Path, help="append one JSON line per trainer and round")
+    p.add_argument("--out-md", type=Path, help="also write the markdown tables printed to stdout to this file")
+    p.add_argument("--out-png", type=Path,
+                   help="write a PNG of train ratings/s and test RMSE per trainer (medians over the rounds); "
+                        "default: beside --out-md (its name, .png), none without it; 'none': no PNG; needs "
+                        "matplotlib")
     a = p.parse_args(argv)
     trainers = list(dict.fromkeys(t.strip() for t in a.trainers.split(",") if t.strip()))  # each once
     if not trainers or any(t not in TRAINERS for t in trainers):
@@ -281,6 +481,16 @@ def main(argv: list[str] | None = None) -> int:
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
     check_extra(trainers)
+    if a.out_png is None and a.out_md is not None:
+        a.out_png = a.out_md.with_suffix(".png")
+    elif a.out_png is not None and str(a.out_png).lower() == "none":
+        a.out_png = None
+    if a.out_png is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SystemExit(f"peers.py: the PNG ({a.out_png}) needs matplotlib: python -m pip install matplotlib "
+                             f"(or the bench extra: {BENCH_PIP})") from None
     sys.path.insert(0, str(REPO))  # read the data with this checkout's mfscale, as the subprocess trains
     from mfscale.errors import DataError
     from mfscale.shards import Dataset
@@ -313,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if data is None:
                     data = ds.read_split("train"), ds.read_split("test")
-                rnd_rows.append(run_peer(name, run_libmf if name == "libmf" else run_cornac, a, *data))
+                fit = {"libmf": run_libmf, "cornac": run_cornac, "spark": run_spark}[name]
+                rnd_rows.append(run_peer(name, fit, a, *data))
             # The ratio within one round: trainers that ran minutes apart on the same machine
             fastest = max((r["train_ratings_per_s"] for r in rnd_rows if r["trainer"] in PEERS), default=None)
             for r in rnd_rows:
@@ -327,20 +538,26 @@ def main(argv: list[str] | None = None) -> int:
                 with open(a.out_jsonl, "a") as f:
                     for r in rnd_rows:
                         f.write(json.dumps({**common, **r}) + "\n")
-    print(f"### mfscale beside LIBMF and cornac: {a.data} ({a.n_train:,} training ratings, "
-          f"{ds.split_rows('test'):,} test), d={a.dim}, {a.epochs} epochs, {a.threads} threads\n")
-    print("| round | trainer | model | train ratings/s | vs fastest peer | test RMSE | epochs | train s | wall s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    md: list[str] = []
+    out = md.append
+    others = [NAMES[t] for t in trainers if t != "mfscale"]
+    who = (f"mfscale beside {', '.join(others)}" if "mfscale" in trainers and others
+           else ", ".join(NAMES[t] for t in trainers))
+    title = (f"{who}: {a.data} ({a.n_train:,} training ratings, {ds.split_rows('test'):,} test), d={a.dim}, {a.epochs} "
+             f"epochs, {a.threads} threads")
+    out(f"### {title}\n")
+    out("| round | trainer | model | train ratings/s | vs fastest peer | test RMSE | epochs | train s | wall s |")
+    out("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['vs_fastest_peer']:.2f}x" if r["vs_fastest_peer"] else "-"
         rmse = f"{r['test_rmse']:.4f}" if r["test_rmse"] is not None else "-"
         train_s = f"{r['train_s']:.1f}" if r["train_s"] is not None else "-"
-        print(f"| {r['round']} | {r['version']} | {r['model']} | {r['train_ratings_per_s']:,.0f} | {ratio} | "
-              f"{rmse} | {r['epochs']} | {train_s} | {r['wall_s']:.1f} |")
+        out(f"| {r['round']} | {r['version']} | {r['model']} | {r['train_ratings_per_s']:,.0f} | {ratio} | "
+            f"{rmse} | {r['epochs']} | {train_s} | {r['wall_s']:.1f} |")
     if a.repeat > 1:
-        print(f"\nMedians over {a.repeat} rounds (vs fastest peer: the median of the per-round ratios):\n")
-        print("| trainer | train ratings/s (min-max) | vs fastest peer (min-max) | test RMSE |")
-        print("|---|---|---|---|")
+        out(f"\nMedians over {a.repeat} rounds (vs fastest peer: the median of the per-round ratios):\n")
+        out("| trainer | train ratings/s (min-max) | vs fastest peer (min-max) | test RMSE |")
+        out("|---|---|---|---|")
         for name in trainers:
             mine = [r for r in rows if r["trainer"] == name]
             rate = [r["train_ratings_per_s"] for r in mine]
@@ -348,19 +565,30 @@ def main(argv: list[str] | None = None) -> int:
             ratio = (f"{np.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-")
             rmse = [r["test_rmse"] for r in mine if r["test_rmse"] is not None]
             rmse_s = f"{np.median(rmse):.4f}" if rmse else "-"
-            print(f"| {name} | {np.median(rate):,.0f} ({min(rate):,.0f}-{max(rate):,.0f}) | {ratio} | {rmse_s} |")
-    print(f"\nMachine: {cpu_name()}, {cores} cores, Python {platform.python_version()}, numpy {np.__version__}; "
-          f"{date}. Test RMSE of predictions clipped to {a.scale[0]:g}-{a.scale[1]:g}"
-          + (f"; Bayes-optimal RMSE of this synthetic data {synthetic_best:.4f}" if synthetic_best else "") + ".")
-    print("train s: the fit call (peers) or mfscale's training steps; wall s: conversion + fit + prediction "
-          "(peers) or the whole job, start-up, validation each epoch and test included (mfscale). LIBMF has no "
-          "biases. mfscale stops early when val RMSE stops improving and keeps the best epoch.\n")
-    print("Commands:\n")
-    print(f"- `{shlex.join([sys.executable, *sys.argv])}`" if argv is None else
-          f"- `peers.py {shlex.join(argv)}`")
+            out(f"| {name} | {np.median(rate):,.0f} ({min(rate):,.0f}-{max(rate):,.0f}) | {ratio} | {rmse_s} |")
+    out(f"\nMachine: {cpu_name()}, {cores} cores, Python {platform.python_version()}, numpy {np.__version__}; "
+        f"{date}. Test RMSE of predictions clipped to {a.scale[0]:g}-{a.scale[1]:g}"
+        + (f"; Bayes-optimal RMSE of this synthetic data {synthetic_best:.4f}" if synthetic_best else "") + ".")
+    out("train s: the fit call (peers) or mfscale's training steps; wall s: conversion + fit + prediction "
+        "(peers) or the whole job, start-up, validation each epoch and test included (mfscale). LIBMF has no "
+        "biases. mfscale stops early when val RMSE stops improving and keeps the best epoch."
+        + (" Spark ALS: an epoch is one ALS iteration (every user row solved, then every movie row); its JVM's "
+           "start is in wall s, not in train s (median "
+           f"{np.median([r['jvm_start_s'] for r in rows if r['trainer'] == 'spark']):.1f} s)."
+           if "spark" in trainers else "") + "\n")
+    out("Commands:\n")
+    out(f"- `{shlex.join([sys.executable, *sys.argv])}`" if argv is None else f"- `peers.py {shlex.join(argv)}`")
     for r in rows:
         if r["round"] == 1:  # later rounds repeat these (mfscale with another run dir)
-            print(f"- {r['trainer']}: `{r['command']}`")
+            out(f"- {r['trainer']}: `{r['command']}`")
+    text = "\n".join(md) + "\n"
+    sys.stdout.write(text)
+    if a.out_md:
+        a.out_md.write_text(text)
+    if a.out_png:
+        plot(rows, trainers, a.out_png, f"{title}\n{date}" + (f", medians of {a.repeat} rounds (bars: min-max)"
+                                                              if a.repeat > 1 else ""), synthetic_best)
+        print(f"\nPlot: {a.out_png}", file=sys.stderr)
     return 0
 
 

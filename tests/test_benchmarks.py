@@ -6,6 +6,7 @@ Speed is measured by the script, never asserted here.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -161,3 +162,80 @@ def test_peers_stops_a_peer_that_never_returns(small_data, tmp_path):
     assert proc.returncode != 0 and time.monotonic() - t0 < 60
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("peers.py: libmf did not finish in 3 s") and "cjlin1/libmf#12" in last, proc.stderr
+
+
+def _spark_usable() -> str | None:
+    """None when pyspark imports and a java runs, else why not (CI installs neither the spark extra nor Java)."""
+    try:
+        import pyspark.ml.recommendation  # noqa: F401
+    except ImportError as exc:
+        return f"pyspark not importable ({exc}); install the spark extra: pip install -e '.[spark]'"
+    home = os.environ.get("JAVA_HOME")
+    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
+    if not java or not os.access(java, os.X_OK):
+        return f"no Java for pyspark ({'JAVA_HOME=' + home if home else 'no java on PATH'}); apt-get install " \
+               "openjdk-17-jre-headless"
+    return None
+
+
+def test_peers_spark_smoke(small_data, tmp_path):
+    """Spark ALS as a peer on 9,600 ratings: local[1], its JVM started and stopped in the peer's child process,
+    nothing of Spark's on stdout (the markdown table), fit time without the JVM's start, a clipped RMSE."""
+    reason = _spark_usable()
+    if reason:
+        pytest.skip(reason)
+    out, md = tmp_path / "peers.jsonl", tmp_path / "peers.md"
+    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "spark",
+                           "--epochs", "2", "--dim", "8", "--threads", "1", "--spark-driver-memory", "1g",
+                           "--out-jsonl", str(out), "--out-md", str(md), "--out-png", "none"],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert r["trainer"] == "spark" and r["epochs"] == 2 and r["biases"] is False and r["n_train"] == 9600
+    assert r["train_ratings_per_s"] > 0 and 0 < r["train_s"] < r["wall_s"] and r["jvm_start_s"] > 0
+    assert r["train_ratings_per_s"] == pytest.approx(9600 * 2 / r["train_s"])
+    assert 0 < r["test_rmse"] < 2, r  # clipped to 0.5-5; on this rank-3 data ALS lands near 0.7
+    assert "rank=8, maxIter=2, regParam=0.05" in r["command"] and "coldStartStrategy='nan'" in r["command"]
+    assert r["version"].startswith("pyspark ") and "Java " in r["version"] and "local[1]" in r["model"]
+    assert proc.stdout == md.read_text() and proc.stdout.startswith("### Spark ALS: ")
+    assert all(line == "" or line.startswith(("#", "|", "Machine:", "train s:", "Commands:", "- "))
+               for line in proc.stdout.splitlines()), proc.stdout  # no Spark log line in the table
+    assert not (tmp_path / "none").exists()
+
+
+def test_peers_spark_without_the_extra(small_data, tmp_path):
+    """Without pyspark, or without Java: one line naming what to install, before any training."""
+    fake = tmp_path / "pyspark"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise ImportError('No module named pyspark')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "mfscale,spark"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing pyspark" in lines[0] and "pip install -e '.[spark]'" in lines[0], lines
+    if importlib.util.find_spec("pyspark") is None:
+        return  # the Java check below comes only after pyspark imports
+    env = {**os.environ, "JAVA_HOME": str(tmp_path / "no-jdk")}
+    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "spark"],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode != 0 and proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "needs Java 17" in lines[0] and "openjdk-17-jre-headless" in lines[0], lines
+
+
+def test_peers_plot(small_data, tmp_path):
+    """--out-md writes the printed tables and, beside them, a PNG of ratings/s and RMSE per trainer (here
+    mfscale alone, two rounds: medians with min-max whiskers), so it runs without the peers' extras."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"matplotlib not importable ({exc}); install the bench extra: pip install -e '.[bench]'")
+    md = tmp_path / "peers.md"
+    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "mfscale",
+                           "--epochs", "1", "--dim", "8", "--repeat", "2", "--threads", "1", "--out-md", str(md)],
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert md.read_text() == proc.stdout and "Medians over 2 rounds" in proc.stdout
+    png = tmp_path / "peers.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
