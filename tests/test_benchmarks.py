@@ -135,16 +135,25 @@ def test_peers_smoke(small_data, tmp_path):
     assert "| libmf 0.9.2 |" in proc.stdout and "| cornac 3.0.1 |" in proc.stdout and "| mfscale " in proc.stdout
 
 
-def test_peers_without_the_extra(small_data, tmp_path):
-    """Without libmf: one line naming the pip command, before any training."""
-    fake = tmp_path / "libmf"
+def without_module(tmp_path: Path, name: str) -> dict[str, str]:
+    """An environment in which importing ``name`` fails (a package of that name raising ImportError first)."""
+    fake = tmp_path / name
     fake.mkdir()
-    (fake / "__init__.py").write_text("raise ImportError('No module named libmf')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "mfscale,libmf"],
+    (fake / "__init__.py").write_text(f"raise ImportError('No module named {name}')\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+
+def peers_refusal(small_data: Path, trainers: str, env: dict[str, str]) -> list[str]:
+    """peers.py refusing to start: non-zero exit, nothing on stdout; its stderr lines."""
+    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", trainers],
                           capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode != 0 and proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
+    return proc.stderr.strip().splitlines()
+
+
+def test_peers_without_the_extra(small_data, tmp_path):
+    """Without libmf: one line naming the pip command, before any training."""
+    lines = peers_refusal(small_data, "mfscale,libmf", without_module(tmp_path, "libmf"))
     assert len(lines) == 1 and "missing libmf" in lines[0] and "pip install -e '.[bench]'" in lines[0], lines
 
 
@@ -205,22 +214,11 @@ def test_peers_spark_smoke(small_data, tmp_path):
 
 def test_peers_spark_without_the_extra(small_data, tmp_path):
     """Without pyspark, or without Java: one line naming what to install, before any training."""
-    fake = tmp_path / "pyspark"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("raise ImportError('No module named pyspark')\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "mfscale,spark"],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode != 0 and proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
+    lines = peers_refusal(small_data, "mfscale,spark", without_module(tmp_path, "pyspark"))
     assert len(lines) == 1 and "missing pyspark" in lines[0] and "pip install -e '.[spark]'" in lines[0], lines
     if importlib.util.find_spec("pyspark") is None:
         return  # the Java check below comes only after pyspark imports
-    env = {**os.environ, "JAVA_HOME": str(tmp_path / "no-jdk")}
-    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "spark"],
-                          capture_output=True, text=True, timeout=60, env=env)
-    assert proc.returncode != 0 and proc.stdout == ""
-    lines = proc.stderr.strip().splitlines()
+    lines = peers_refusal(small_data, "spark", {**os.environ, "JAVA_HOME": str(tmp_path / "no-jdk")})
     assert len(lines) == 1 and "needs Java 17" in lines[0] and "openjdk-17-jre-headless" in lines[0], lines
 
 
