@@ -35,7 +35,10 @@ from .shards import (
     MIN_GROUPS,
     ROW_GROUP_ROWS,
     SPLITS,
+    auto_buckets,
+    deal_rows,
     file_digest,
+    group_rows,
     install_dir,
     record_written,
     staging_dir,
@@ -46,11 +49,13 @@ from .shards import (
 PROG = "mfscale.prepare"
 
 
-def estimate_bytes(n_ratings: int, n_users: int, n_items: int) -> int:
+def estimate_bytes(n_ratings: int, n_users: int, n_items: int, bucket_groups: int = 0) -> int:
     """About how many bytes a prepared dataset takes: 16 per rating in the shards (plain, uncompressed), ~128
-    per row group (page headers, footer), ~48 per user and movie (users.parquet, movies.parquet), 16 KiB more."""
+    per row group (page headers, footer) and ~384 per row group of the bucketed training split (``bucket_groups``:
+    stripes x buckets; more column metadata per row), ~48 per user and movie (users.parquet, movies.parquet),
+    16 KiB more."""
     groups = len(SPLITS) * MIN_GROUPS + n_ratings // ROW_GROUP_ROWS
-    return 16 * n_ratings + 128 * groups + 48 * (n_users + n_items) + (16 << 10)
+    return 16 * n_ratings + 128 * groups + 384 * bucket_groups + 48 * (n_users + n_items) + (16 << 10)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, help="synthetic: number of users (overrides the preset)")
     p.add_argument("--items", type=int, help="synthetic: number of movies (overrides the preset)")
     p.add_argument("--ratings", type=int, help="synthetic: number of ratings (overrides the preset)")
+    p.add_argument("--user-buckets", type=int, default=0, metavar="N",
+                   help="user buckets of the training split: a blocks rank reads only its buckets' ratings, about "
+                        "1/W of them, where W <= N (default 0 = auto: 120, fewer on small data)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -97,6 +105,8 @@ def _check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
     if args.val_frac + args.test_frac >= 1.0:
         raise ConfigError("--val-frac plus --test-frac must be below 1")
+    if args.user_buckets < 0:
+        raise ConfigError(f"--user-buckets must be >= 0 (0 = auto), got {args.user_buckets}")
     if args.val_k < 0 or args.test_k < 0:
         raise ConfigError("--val-k and --test-k must be >= 0")
     if args.test_input is not None and args.split != "random":
@@ -267,7 +277,6 @@ def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path, need: dict
         labels, split_spec = split.time_split(timestamp, args.val_frac, args.test_frac)
 
     n_users, n_items = len(user_ids), len(movie_ids)
-    need["bytes"] = estimate_bytes(n, n_users, n_items)
     train_mask = labels == split.TRAIN
     if not train_mask.any():
         raise DataError("the split leaves no training ratings")
@@ -279,6 +288,14 @@ def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path, need: dict
     in_train_u[user[train_mask]] = True
     in_train_i = np.zeros(n_items, dtype=bool)
     in_train_i[item[train_mask]] = True
+    # Users dealt into buckets by training count (balanced ratings per bucket); the training split is written
+    # bucket by bucket inside each stripe (shards.write_split), so a blocks rank reads only its buckets.
+    n_train_user = np.bincount(user[train_mask], minlength=n_users)
+    n_buckets = min(args.user_buckets, n_users) if args.user_buckets else auto_buckets(
+        int(train_mask.sum()), n_users)
+    user_bucket = deal_rows(n_train_user, n_buckets).astype(np.int32)
+    n_train = int(train_mask.sum())
+    need["bytes"] = estimate_bytes(n, n_users, n_items, -(-n_train // group_rows(n_train)) * n_buckets)
     for code, name in ((split.TRAIN, "train"), (split.VAL, "val"), (split.TEST, "test")):
         idx = np.flatnonzero(labels == code)
         if code == split.TRAIN:
@@ -291,10 +308,12 @@ def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path, need: dict
         counts[name] = len(idx)
         counts[f"{name}_users"] = int(np.unique(user[idx]).size)
         counts[f"{name}_items"] = int(np.unique(item[idx]).size)
-        shards[name] = write_split(tmp / name, user[idx], item[idx], rating[idx], timestamp[idx])
+        shards[name] = write_split(tmp / name, user[idx], item[idx], rating[idx], timestamp[idx],
+                                   bucket=user_bucket[user[idx]] if code == split.TRAIN else None)
         _log(args, f"wrote {name}: {len(idx):,} ratings in {len(shards[name])} shard(s)")
 
-    users_df = _id_table(user_ids, user, labels, n_users, "user_idx", "user_id")
+    users_df = _id_table(user_ids, user, labels, n_users, "user_idx", "user_id").with_columns(
+        bucket=pl.Series(user_bucket))
     items_df = _id_table(movie_ids, item, labels, n_items, "item_idx", "movie_id")
     if movies is not None:
         items_df = items_df.join(movies, on="movie_id", how="left", maintain_order="left")
@@ -321,6 +340,9 @@ def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path, need: dict
         },
         "split": split_spec,
         "shards": {s: shards[s] for s in SPLITS},
+        "buckets": {"n": n_buckets, "seed": args.seed,
+                    "rows": np.bincount(user_bucket, weights=n_train_user, minlength=n_buckets).astype(
+                        np.int64).tolist()},
         "files": {"users": "users.parquet", "movies": "movies.parquet"},
         "has_movie_metadata": movies is not None,
     }

@@ -42,6 +42,11 @@ SPLITS = ("train", "val", "test")
 ROW_GROUP_ROWS = 1 << 18  # 256Ki ratings = 4 MiB: enough groups to deal evenly, big enough to stream fast
 SHARD_ROWS = 1 << 22  # 16 row groups per file
 MIN_GROUPS, MIN_GROUP_ROWS = 64, 1024
+# User buckets of the training split (``write_split``): a blocks rank on W <= buckets ranks reads only its
+# buckets' row groups, about 1/W of the split. 120 = 2^3 x 3 x 5: W = 2, 3, 4, 5, 6, 8, 10, 12 get equal
+# shares; other W at most one bucket more than the mean (7 ranks: 1.05x). Fewer on small data: a row group per
+# (stripe, bucket) of at least MIN_BUCKET_ROWS ratings on average.
+MAX_BUCKETS, MIN_BUCKET_ROWS = 120, 64
 SHARD_SCHEMA = pa.schema(
     [("user", pa.int32()), ("item", pa.int32()), ("rating", pa.float32()), ("timestamp", pa.int32())]
 )
@@ -80,6 +85,30 @@ def damaged(path: Path, detail: str, root: Path | None = None) -> DataError:
     return DataError(f"{path} is damaged ({detail}); {rebuild_hint(root)}")
 
 
+def group_rows(n: int, row_group_rows: int = ROW_GROUP_ROWS) -> int:
+    """Rows per row group (per stripe in a bucketed split) of an ``n``-row split: small splits still get
+    >= MIN_GROUPS of them, so ranks x workers can each be dealt some."""
+    return max(MIN_GROUP_ROWS, min(row_group_rows, -(-n // MIN_GROUPS)))
+
+
+def deal_rows(counts: np.ndarray, world: int) -> np.ndarray:
+    """Block (0..world-1) of every row: rows sorted by count, most first, dealt in snake order, which balances
+    both the rows and their counts per block (users into buckets here, rows into ranks' blocks in layout)."""
+    order = np.argsort(-np.asarray(counts, dtype=np.int64), kind="stable")
+    k = np.arange(len(order))
+    pos, lap = k % world, k // world
+    block = np.empty(len(order), dtype=np.int64)
+    block[order] = np.where(lap % 2 == 0, pos, world - 1 - pos)
+    return block
+
+
+def auto_buckets(n_rows: int, n_users: int) -> int:
+    """User buckets of a training split: ``MAX_BUCKETS``, fewer where a (stripe, bucket) row group would hold
+    under ``MIN_BUCKET_ROWS`` ratings on average, and never more than there are users."""
+    stripes = -(-max(n_rows, 1) // group_rows(n_rows))
+    return int(max(1, min(MAX_BUCKETS, n_users, n_rows // (stripes * MIN_BUCKET_ROWS))))
+
+
 def write_split(
     directory: Path,
     user: np.ndarray,
@@ -89,48 +118,86 @@ def write_split(
     *,
     shard_rows: int = SHARD_ROWS,
     row_group_rows: int = ROW_GROUP_ROWS,
+    bucket: np.ndarray | None = None,
 ) -> list[dict]:
-    """Write one split as Parquet shards; return their manifest entries."""
+    """Write one split as Parquet shards; return their manifest entries.
+
+    ``bucket`` (the user bucket of every row; the training split): the rows are cut into stripes of
+    ``group_rows`` consecutive rows, and inside a stripe each bucket's rows, in their order, are one row group.
+    A process that needs only some users' ratings (a blocks rank) then decodes only their buckets' row groups,
+    while a stripe, read whole and put in its fixed random order (``stripe_order``), is the random sample of the
+    split that the stream deals (``Dataset.stripes``). Entries then list each row group's bucket and stripe.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     n = len(user)
-    # Small splits still get >= MIN_GROUPS row groups so ranks x workers can each be dealt some.
-    row_group_rows = max(MIN_GROUP_ROWS, min(row_group_rows, -(-n // MIN_GROUPS)))
+    row_group_rows = group_rows(n, row_group_rows)
+    if bucket is not None:  # whole stripes per file
+        shard_rows = max(1, shard_rows // row_group_rows) * row_group_rows
     entries = []
     for k, start in enumerate(range(0, max(n, 1), shard_rows)):
         stop = min(start + shard_rows, n)
-        table = pa.table(
-            [
-                pa.array(user[start:stop].astype(np.int32, copy=False)),
-                pa.array(item[start:stop].astype(np.int32, copy=False)),
-                pa.array(rating[start:stop].astype(np.float32, copy=False)),
-                pa.array(timestamp[start:stop].astype(np.int32, copy=False)),
-            ],
-            schema=SHARD_SCHEMA,
-        )
         path = directory / f"part-{k:05d}.parquet"
-        pq.write_table(
-            table, path, row_group_size=row_group_rows, compression="none", use_dictionary=False,
-            write_statistics=False,
-        )
-        entries.append(
-            {
-                "file": f"{directory.name}/{path.name}",
-                "rows": stop - start,
-                "row_groups": pq.ParquetFile(path).num_row_groups,
-                "bytes": path.stat().st_size,
-                "sha256": file_digest(path),
-            }
-        )
+        entry: dict = {"file": f"{directory.name}/{path.name}", "rows": stop - start}
+
+        def table(idx: slice | np.ndarray) -> pa.Table:
+            return pa.table([pa.array(user[idx].astype(np.int32, copy=False)),
+                             pa.array(item[idx].astype(np.int32, copy=False)),
+                             pa.array(rating[idx].astype(np.float32, copy=False)),
+                             pa.array(timestamp[idx].astype(np.int32, copy=False))], schema=SHARD_SCHEMA)
+
+        if bucket is None:
+            pq.write_table(table(slice(start, stop)), path, row_group_size=row_group_rows, compression="none",
+                           use_dictionary=False, write_statistics=False)
+        else:
+            buckets, stripes = [], []
+            with pq.ParquetWriter(path, SHARD_SCHEMA, compression="none", use_dictionary=False,
+                                  write_statistics=False) as writer:
+                for lo in range(start, max(stop, start + 1), row_group_rows):
+                    hi = min(lo + row_group_rows, stop)
+                    order = lo + np.argsort(bucket[lo:hi], kind="stable")
+                    b = bucket[order]
+                    cuts = np.flatnonzero(np.diff(b)) + 1
+                    for a, e in zip(np.r_[0, cuts], np.r_[cuts, len(order)], strict=True):
+                        if e > a:
+                            writer.write_table(table(order[a:e]), row_group_size=int(e - a))
+                            buckets.append(int(b[a]))
+                            stripes.append(lo // row_group_rows)
+                if stop == start:
+                    writer.write_table(table(slice(0, 0)))
+            entry.update(row_group_buckets=buckets, row_group_stripes=stripes)
+        entry.update(row_groups=pq.ParquetFile(path).num_row_groups, bytes=path.stat().st_size,
+                     sha256=file_digest(path))
+        entries.append(entry)
     return entries
+
+
+def stripe_order(seed: int, stripe: int, rows: int) -> np.ndarray:
+    """The fixed random order of a stripe's rows (its row groups hold them bucket by bucket): a seeded
+    permutation, so a contiguous run of a stripe, as the stream cuts batches, is a random sample of the split."""
+    return np.random.default_rng([seed, 0x57121BE, stripe]).permutation(rows)
 
 
 @dataclass(frozen=True)
 class RowGroup:
-    """One unit of streaming work: a row group of one shard file."""
+    """A row group of one shard file; in a bucketed training split also its user bucket and stripe (else -1)."""
 
     path: Path
     index: int
     rows: int
+    bucket: int = -1
+    stripe: int = -1
+
+
+@dataclass(frozen=True)
+class Stripe:
+    """One unit of streaming work: row groups of one file read together, in a fixed random order (``seed`` >= 0:
+    ``stripe_order``; -1: as stored, a row group of a split written unbucketed, whose rows prepare shuffled)."""
+
+    path: Path
+    indices: tuple[int, ...]
+    rows: int
+    index: int
+    seed: int = -1
 
 
 class Dataset:
@@ -202,6 +269,11 @@ class Dataset:
     def split_rows(self, split: str) -> int:
         return int(sum(e["rows"] for e in self.manifest["shards"].get(split, [])))
 
+    @property
+    def buckets(self) -> dict | None:
+        """The training split's user buckets (``{"n", "rows", "seed"}``), or None (prepared before buckets)."""
+        return self.manifest.get("buckets")
+
     def row_groups(self, split: str) -> list[RowGroup]:
         """The split's row groups, from the shards' footers; each shard's size, row count and row groups are
         checked against the manifest on the way (unless ``verify`` is off), so every training path, which
@@ -210,11 +282,30 @@ class Dataset:
         for entry in self.manifest["shards"].get(split, []):
             path = self.root / entry["file"]
             meta = self._footer(entry, check=self.verify_mode != "off")
+            buckets = entry.get("row_group_buckets")
+            stripes = entry.get("row_group_stripes")
+            if buckets is not None and not (len(buckets) == len(stripes or ()) == meta.num_row_groups):
+                raise damaged(path, f"the manifest lists buckets for {len(buckets)} row groups, the file has "
+                              f"{meta.num_row_groups}", self.root)
             for i in range(meta.num_row_groups):
                 rows = meta.row_group(i).num_rows
                 if rows:
-                    groups.append(RowGroup(path, i, rows))
+                    groups.append(RowGroup(path, i, rows, *((int(buckets[i]), int(stripes[i])) if buckets else ())))
         return groups
+
+    def stripes(self, split: str) -> list[Stripe]:
+        """The split's units of streaming: each stripe of a bucketed split (its row groups, one per bucket, read
+        together and put in ``stripe_order``), else each row group."""
+        seed = int(self.buckets["seed"]) if self.buckets else -1
+        out: list[Stripe] = []
+        for g in self.row_groups(split):
+            if g.stripe < 0 or not out or out[-1].path != g.path or out[-1].index != g.stripe:
+                out.append(Stripe(g.path, (g.index,), g.rows, g.stripe if g.stripe >= 0 else len(out),
+                                  seed if g.stripe >= 0 else -1))
+            else:
+                last = out[-1]
+                out[-1] = Stripe(last.path, (*last.indices, g.index), last.rows + g.rows, last.index, last.seed)
+        return out
 
     def read_split(self, split: str) -> dict[str, np.ndarray]:
         """A whole split as numpy arrays (validation/test sets, tests, in-memory fast paths).
@@ -481,11 +572,31 @@ def _hash_threads(local_processes: int) -> int:
 
 def read_row_group(group: RowGroup) -> dict[str, np.ndarray]:
     """Read one row group through a memory map; a damaged shard is a DataError naming it."""
+    return read_row_groups(group.path, [group.index])
+
+
+def read_row_groups(path: Path, indices: list[int] | tuple[int, ...],
+                    columns: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Read row groups of one file (one footer read) through a memory map, concatenated in the given order;
+    a damaged shard is a DataError naming it."""
+    names = list(columns or SHARD_SCHEMA.names)
     try:
-        table = pq.ParquetFile(group.path, memory_map=True).read_row_group(group.index)
+        table = pq.ParquetFile(path, memory_map=True).read_row_groups(list(indices), columns=names)
     except READ_ERRORS as exc:
-        raise damaged(group.path, f"cannot read row group {group.index}: {one_line(exc)}") from None
-    return {name: table.column(name).to_numpy() for name in SHARD_SCHEMA.names}
+        which = (f"row group {indices[0]}" if len(indices) == 1 else
+                 f"row groups {indices[0]}-{indices[-1]}" if list(indices) == list(range(indices[0], indices[-1] + 1))
+                 else f"{len(indices)} row groups")
+        raise damaged(path, f"cannot read {which}: {one_line(exc)}") from None
+    return {name: table.column(name).to_numpy() for name in names}
+
+
+def read_stripe(stripe: Stripe, columns: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """A stripe's rows in its fixed order (``Stripe``)."""
+    arrays = read_row_groups(stripe.path, stripe.indices, columns)
+    if stripe.seed < 0:
+        return arrays
+    order = stripe_order(stripe.seed, stripe.index, stripe.rows)
+    return {k: v[order] for k, v in arrays.items()}
 
 
 def write_text_atomic(path: Path, text: str) -> None:

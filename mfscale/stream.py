@@ -2,11 +2,12 @@
 
 The rule, per epoch ``e`` (``N`` rows in the split, ``W`` = world size, ``B`` = batch size):
 
-1. **Virtual sequence.** The split's row groups are put in a permuted order
-   (``np.random.default_rng([seed, e]).permutation``) and concatenated, and the result is rotated left
+1. **Virtual sequence.** The split's stripes (``Dataset.stripes``: in a training split bucketed by user, a
+   stripe's row groups, one per bucket, in a fixed seeded order; otherwise a row group) are put in a permuted
+   order (``np.random.default_rng([seed, e]).permutation``) and concatenated, and the result is rotated left
    by an offset drawn from the same generator in ``[0, N)``, so batch boundaries move between epochs.
-   Rows inside a group are already in a seeded random order (``mfscale.prepare``), so any contiguous run
-   of the sequence is a uniform random sample. With ``shuffle=False`` (validation/test) the order is the
+   Rows inside a stripe are in a seeded random order (``mfscale.prepare``, ``shards.stripe_order``), so any
+   contiguous run of the sequence is a uniform random sample. With ``shuffle=False`` (validation/test) the order is the
    file order and there is no rotation.
 2. **Steps.** Every rank takes ``steps = ceil(N / (W*B))`` steps (the same number everywhere, so DDP
    collectives never hang). Global step ``s`` covers ``g_s = min(W*B, N - s*W*B)`` rows, dealt as evenly
@@ -55,7 +56,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import ConfigError, DataError
-from .shards import Dataset, RowGroup, read_row_group
+from .shards import Dataset, Stripe, read_stripe
 
 COLUMNS = ("user", "item", "rating")
 RESIDENT_CPU_MAX_BYTES = 1 << 30  # beyond this, streaming from the page cache costs little in comparison
@@ -121,7 +122,7 @@ class _GroupCache:
     one it can reuse; keeping it per lane avoids re-decoding when one process reads several lanes in turn.
     """
 
-    def __init__(self, groups: list[RowGroup]):
+    def __init__(self, groups: list[Stripe]):
         self.groups = groups
         self.recent: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.lane_last: dict[int, tuple[int, dict[str, np.ndarray]]] = {}
@@ -133,7 +134,7 @@ class _GroupCache:
         for cached_gid, arrays in self.lane_last.values():
             if cached_gid == gid:
                 return arrays
-        arrays = read_row_group(self.groups[gid])
+        arrays = read_stripe(self.groups[gid], COLUMNS)
         self.recent[gid] = arrays
         if len(self.recent) > 2:
             self.recent.popitem(last=False)
@@ -175,8 +176,9 @@ class RatingStream(IterableDataset):
         self.split = split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.lanes, self.shuffle = seed, lanes, shuffle
-        self.groups = self.data.row_groups(split)
-        # The units the virtual sequence permutes: row groups, or strata of a resident split (below).
+        self.groups = self.data.stripes(split)
+        # The units the virtual sequence permutes: stripes (row groups of a split prepared without user
+        # buckets), or strata of a resident split (below).
         self.units = np.array([g.rows for g in self.groups], dtype=np.int64)
         self.total_rows = int(self.units.sum())
         if self.total_rows == 0:
@@ -197,7 +199,7 @@ class RatingStream(IterableDataset):
         parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
         with self.data.reading((self.split,)):
             for g in self.groups:
-                arrays = read_row_group(g)
+                arrays = read_stripe(g, COLUMNS)
                 for c in COLUMNS:
                     parts[c].append(arrays[c].astype(_DTYPES[c], copy=False))
         cols = {c: np.concatenate(parts[c]) for c in COLUMNS}

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
 from mfscale import prepare
-from mfscale.shards import Dataset
+from mfscale.shards import Dataset, read_row_group, read_stripe
 
 ROWS = [  # user, movie, rating, timestamp
     (1, 10, 4.0, 1000), (1, 20, 3.5, 1001), (1, 30, 5.0, 1002), (1, 40, 2.0, 1003),
@@ -293,20 +294,57 @@ def test_output_directory_has_ordinary_permissions(tmp_path):
     assert out.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
+def test_training_split_is_bucketed_by_user(tmp_path):
+    """Each row group of the training split holds one user bucket (a blocks rank reads only its own), the
+    buckets balance the training ratings, and the stripes hold every training row once."""
+    out = tmp_path / "o"
+    run(["--synthetic", "small", "--out", str(out), "--quiet", "--user-buckets", "7"])
+    ds = Dataset(out)
+    users = pq.read_table(out / "users.parquet").to_pydict()
+    bucket = np.array(users["bucket"])
+    assert ds.buckets["n"] == 7 and set(bucket.tolist()) == set(range(7))
+    rows = np.array(ds.buckets["rows"])
+    assert rows.sum() == ds.split_rows("train") and rows.max() / rows.mean() < 1.05
+    assert np.array_equal(rows, np.bincount(bucket, weights=users["n_train"], minlength=7))
+    groups = ds.row_groups("train")
+    assert len({g.bucket for g in groups}) == 7
+    for g in groups[:50]:
+        assert set(bucket[read_row_group(g)["user"]].tolist()) == {g.bucket}
+    whole = ds.read_split("train")
+    streamed = _stream_order(ds)
+    key = lambda a: np.sort(a["user"].astype(np.int64) * ds.n_items + a["item"])  # noqa: E731
+    assert np.array_equal(key(whole), key(streamed))
+    assert sum(s.rows for s in ds.stripes("train")) == len(whole["user"])
+
+
+def test_bad_user_buckets_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        prepare.main(["--synthetic", "tiny", "--out", str(tmp_path / "o"), "--user-buckets", "-1"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == "mfscale.prepare: error: --user-buckets must be >= 0 (0 = auto), got -1"
+
+
 def _adjacent_same(a: np.ndarray) -> float:
     """Share of neighbouring rows with the same value: about 1 / distinct values in a random order."""
     return float(np.mean(a[1:] == a[:-1]))
 
 
+def _stream_order(ds: Dataset) -> dict[str, np.ndarray]:
+    """The training rows in the order the stream reads them: stripe after stripe, each in its fixed order."""
+    parts = [read_stripe(s) for s in ds.stripes("train")]
+    return {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+
 def test_training_rows_are_written_in_a_seeded_random_order(tmp_path):
-    """The stream relies on it: any contiguous run of training rows must be a random sample."""
+    """The stream relies on it: any contiguous run of training rows, as stripes are read, must be a random
+    sample."""
     rows = sorted(big_frame(n_users=60, per_user=20))  # input sorted by user, then movie
     src = write_csv(tmp_path / "ratings.csv", rows)
     argv = ["--input", str(src), "--quiet", "--seed", "5"]
     for name in ("a", "b"):
         run(argv + ["--out", str(tmp_path / name)])
     run(argv[:-1] + ["6", "--out", str(tmp_path / "c")])
-    train = {name: Dataset(tmp_path / name).read_split("train") for name in "abc"}
+    train = {name: _stream_order(Dataset(tmp_path / name)) for name in "abc"}
     a = train["a"]
     n_users, n = len(np.unique(a["user"])), len(a["user"])
     # Sorted by user, 19 of 20 neighbours share the user; shuffled, about 1 in 60 does.

@@ -303,8 +303,11 @@ def test_disk_full_detection():
 def test_disk_full_in_prepare_is_one_line_and_keeps_the_old_dataset(small_tmpfs, tmp_path):
     ref = tmp_path / "ref"  # the same data on a roomy disk: what the dataset needs
     assert cli("mfscale.prepare", "--synthetic", "small", "--out", ref, "--quiet").returncode == 0
-    counts = json.loads((ref / "manifest.json").read_text())["counts"]
-    need = prepare.estimate_bytes(counts["ratings"], counts["users"], counts["items"])
+    manifest = json.loads((ref / "manifest.json").read_text())
+    counts = manifest["counts"]
+    stripes = len({(e["file"], k) for e in manifest["shards"]["train"] for k in e["row_group_stripes"]})
+    need = prepare.estimate_bytes(counts["ratings"], counts["users"], counts["items"],
+                                  stripes * manifest["buckets"]["n"])
     used = sum(p.stat().st_size for p in ref.rglob("*") if p.is_file())
     assert used <= need <= 1.25 * used
 

@@ -11,7 +11,7 @@ import torch
 
 from mfscale import prepare
 from mfscale.errors import ConfigError, DataError
-from mfscale.shards import Dataset, read_row_group
+from mfscale.shards import Dataset, read_stripe
 from mfscale.stream import RatingStream, make_loader
 
 N_USERS, N_ITEMS, N_RATINGS = 2000, 500, 80_000
@@ -32,7 +32,7 @@ def data(tmp_path_factory) -> Dataset:
     out = tmp / "data"
     assert prepare.main(["--input", str(tmp / "ratings.csv"), "--out", str(out), "--quiet"]) == 0
     ds = Dataset(out)
-    assert len(ds.row_groups("train")) >= 64
+    assert len(ds.stripes("train")) >= 64
     return ds
 
 
@@ -59,13 +59,13 @@ def assert_same(a: list[dict], b: list[dict]) -> None:
 
 
 def reference_sequence(ds: Dataset, split: str, seed: int, epoch: int) -> dict[str, np.ndarray]:
-    """The virtual sequence V_e written straight from the rule: permuted groups, rotated left."""
-    groups = ds.row_groups(split)
+    """The virtual sequence V_e written straight from the rule: permuted stripes, rotated left."""
+    groups = ds.stripes(split)
     n = sum(g.rows for g in groups)
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(groups))
     rot = int(rng.integers(0, n))
-    parts = [read_row_group(groups[i]) for i in order]
+    parts = [read_stripe(groups[i]) for i in order]
     return {c: np.roll(np.concatenate([p[c] for p in parts]), -rot) for c in ("user", "item", "rating")}
 
 

@@ -12,6 +12,7 @@ the previous rank; after W sub-epochs (one more rotation) every block is home ag
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -24,9 +25,9 @@ from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
 from ..optim import adam_state
-from ..shards import Dataset, read_row_group
+from ..shards import Dataset, read_row_groups
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
-from .rows import deal_rows, local_index, movie_block
+from .rows import deal_rows, deal_users, local_index, movie_block
 
 # A stratum is shuffled per epoch in pieces of this many ratings (the ratings of a piece stay together; prepare
 # wrote them in a seeded random order): the pieces are permuted and the stratum laid out in that order in one
@@ -34,6 +35,23 @@ from .rows import deal_rows, local_index, movie_block
 # each column, per step) cost 0.7 s of a 1.5 s epoch on one process (ml-10m, 2-core CPU; issue 20), half the
 # speed of the replicated layout's stream, which cuts batches from whole row groups the same way.
 PIECE_ROWS = 4096
+
+log = logging.getLogger("mfscale")
+
+
+def _note_unbucketed(data: Dataset, world: int) -> None:
+    key = str(data.root.resolve())
+    if key not in _NOTED:
+        _NOTED.add(key)
+        have = data.buckets
+        why = ("was prepared before user buckets" if have is None else
+               f"has {have['n']} user buckets, fewer than the {world} ranks")
+        log.info("%s %s: every blocks rank decodes the whole training split; re-run python -m mfscale.prepare%s "
+                 "to read about 1/W of it per rank", data.root, why,
+                 "" if have is None else f" with --user-buckets {world} or more")
+
+
+_NOTED: set[str] = set()
 
 
 class Blocks(TableLayout):
@@ -50,7 +68,7 @@ class Blocks(TableLayout):
                               f"{data.n_items:,} movies (each rank needs a block of both); use fewer ranks or "
                               "--train.tables replicated")
         self.seed = cfg.train.seed
-        self.user_block = deal_rows(self.n_train_rows[0], w)
+        self.user_block, self.bucket_rank = deal_users(data, self.n_train_rows[0], w)
         self.item_block = deal_rows(self.n_train_rows[1], w)
         self.user_local_idx, self.user_members = local_index(self.user_block, w)
         self.item_local_idx, self.item_members = local_index(self.item_block, w)
@@ -66,14 +84,28 @@ class Blocks(TableLayout):
         """This rank's training ratings (its user block), grouped by movie block; 12 bytes per rating."""
         w, r = self.env.world_size, self.env.rank
         parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": []}
-        with self.data.reading(("train",)):  # every rank reads the whole split: sha256 too (--data.verify)
-            for g in self.data.row_groups("train"):
-                a = read_row_group(g)
+        groups = self.data.row_groups("train")
+        if self.bucket_rank is not None:  # only this rank's user buckets: about 1/W of the split
+            groups = [g for g in groups if self.bucket_rank[g.bucket] == r]
+        elif w > 1:
+            _note_unbucketed(self.data, w)
+        by_file: dict = {}
+        for g in groups:
+            by_file.setdefault(g.path, []).append(g.index)
+        with self.data.reading(("train",)):  # the whole split is hashed (shared by a host's ranks, --data.verify)
+            for path, indices in by_file.items():
+                a = read_row_groups(path, indices, ("user", "item", "rating"))
                 self.decoded_bytes += sum(v.nbytes for v in a.values())
                 mine = self.user_block[a["user"]] == r
                 parts["user"].append(self.user_local_idx[a["user"][mine]].astype(np.int32))
                 parts["item"].append(a["item"][mine].astype(np.int64))
                 parts["rating"].append(a["rating"][mine].astype(np.float32))
+        # One seeded shuffle at load: the row groups hold a bucket each, so in file order a run of ratings (a
+        # PIECE_ROWS piece of a stratum) would hold a few buckets' users only.
+        n = sum(len(x) for x in parts["user"])
+        perm = np.random.default_rng([self.seed, 0xB10C5, r]).permutation(n)
+        dtypes = {"user": np.int32, "item": np.int64, "rating": np.float32}
+        parts = {k: [np.concatenate(v)[perm] if v else np.empty(0, dtypes[k])] for k, v in parts.items()}
         item = np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64)
         block = self.item_block[item]
         order = np.argsort(block, kind="stable")

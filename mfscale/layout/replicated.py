@@ -28,7 +28,8 @@ from .rows import auto_strata, deal_rows, train_counts
 # training loss) run every this many steps: one tiny all_reduce took ~0.2 ms against ~6-8 ms steps with 2
 # gloo ranks on 2 CPU cores, so every 10th step makes that ~0.3%.
 SYNC_EVERY = 10
-SHARD_ROW_BYTES = sum(f.type.byte_width for f in SHARD_SCHEMA)
+# user, movie, rating: the columns training decodes (not the timestamp)
+ROW_BYTES = sum(SHARD_SCHEMA.field(c).type.byte_width for c in ("user", "item", "rating"))
 
 
 class Replicated(TableLayout):
@@ -44,8 +45,8 @@ class Replicated(TableLayout):
             raise ConfigError("--data.resident on reads batches in the training process; use --workers 0")
         # The whole training split on the device (batches cut there, identical to streamed ones)?
         self.resident = not self.workers and fits_on_device(data.split_rows("train"), cfg.data.resident, env)
-        if self.resident:  # every row group, all columns (streamed: read as the epochs go, nothing at start-up)
-            self.decoded_bytes = data.split_rows("train") * SHARD_ROW_BYTES
+        if self.resident:  # every row group (streamed: read as the epochs go, nothing at start-up)
+            self.decoded_bytes = data.split_rows("train") * ROW_BYTES
         self.strata = self._strata(cfg, env, data, batch_size)
         deal = None
         if self.strata > 1:  # users and movies dealt to k blocks each, balanced by their training ratings

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from ..shards import Dataset
+from ..shards import Dataset, deal_rows  # noqa: F401  (deal_rows: this module's public name too)
 
 INIT_CHUNK_ROWS = 1 << 16
 
@@ -54,14 +54,22 @@ def train_counts(data: Dataset) -> tuple[np.ndarray, np.ndarray]:
     return out[0], out[1]
 
 
-def deal_rows(counts: np.ndarray, world: int) -> np.ndarray:
-    """Block (0..world-1) of every row: rows sorted by count, most first, dealt in snake order."""
-    order = np.argsort(-np.asarray(counts, dtype=np.int64), kind="stable")
-    k = np.arange(len(order))
-    pos, lap = k % world, k // world
-    block = np.empty(len(order), dtype=np.int64)
-    block[order] = np.where(lap % 2 == 0, pos, world - 1 - pos)
-    return block
+def deal_users(data: Dataset, counts: np.ndarray, world: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Block (rank) of every user, and of every user bucket (None: not by buckets).
+
+    Whole user buckets (prepare writes the training split bucket by bucket) are dealt to ranks by their training
+    ratings in snake order, so a rank decodes only its buckets' row groups, about 1/W of the split. A dataset
+    prepared without buckets, or more ranks than buckets: users are dealt one by one (``deal_rows``), and every
+    rank decodes the whole split to find its users.
+    """
+    buckets = data.buckets
+    if buckets is None or int(buckets["n"]) < world:
+        return deal_rows(counts, world), None
+    table = pq.read_table(data.root / "users.parquet", columns=["user_idx", "bucket"])
+    bucket = np.zeros(len(table), dtype=np.int64)
+    bucket[table.column("user_idx").to_numpy()] = table.column("bucket").to_numpy()
+    rank_of = deal_rows(np.asarray(buckets["rows"], dtype=np.int64), world)
+    return rank_of[bucket], rank_of
 
 
 def movie_block(rank: int | np.ndarray, sub_epoch: int, world: int) -> int | np.ndarray:
