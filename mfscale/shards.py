@@ -8,8 +8,10 @@ Layout of a prepared directory::
     train/part-00000.parquet ...   int32 user, int32 item, float32 rating, int32 timestamp
     val/...  test/...
 
-Shards are uncompressed with plain encoding so a memory-mapped read is close to a copy, and their row
-groups (``ROW_GROUP_ROWS`` rows) are the unit the stream deals to ranks and workers.
+Shards are uncompressed with plain encoding so a memory-mapped read is close to a copy. Validation and test
+shards are row groups of up to ``ROW_GROUP_ROWS`` rows; the training split is written in stripes of that many
+rows, each stripe one row group per user bucket (``write_split``): the stripes are the unit the stream deals to
+ranks and workers (``Dataset.stripes``), the buckets what a blocks rank reads of them (``Dataset.row_groups``).
 """
 
 from __future__ import annotations
