@@ -230,7 +230,8 @@ def test_a_plain_mf_run_saves_no_biases_and_the_tools_use_none(small_data, plain
     run_ = load_run(plain_run)
     assert not run_.model.biases and run_.max_norm == 0.6
     p, _, q, _ = (t.detach() for t in run_.model.factors())
-    assert float(p.norm(dim=1).max()) <= 0.6 and float(q.norm(dim=1).max()) <= 0.6  # the vectors predicted with
+    # the vectors predicted with (float32: a renormed row's norm is 0.6 to within its rounding)
+    assert float(p.norm(dim=1).max()) <= 0.6 * (1 + 1e-6) and float(q.norm(dim=1).max()) <= 0.6 * (1 + 1e-6)
     rec = Recommender(run_)
     top = rec.top_k(np.array([0, 5]), 4)
     for row, user in enumerate((0, 5)):

@@ -24,6 +24,7 @@ import pytest
 
 from mfscale import checkpoint, config, distributed
 from mfscale.layout import deal_rows, train_counts
+from mfscale.layout.rows import deal_users
 from mfscale.shards import Dataset
 from mfscale.train import Trainer, run
 
@@ -252,7 +253,8 @@ def test_ranks_agree_to_stop_at_the_same_step(small_data, tmp_path):
     # collective).
     data = Dataset(small_data)
     train = data.read_split("train")
-    blocks = [deal_rows(n, 2) for n in train_counts(data)]
+    counts = train_counts(data)
+    blocks = [deal_users(data, counts[0], 2)[0], deal_rows(counts[1], 2)]
     strata = np.zeros((2, 2), dtype=np.int64)
     np.add.at(strata, (blocks[0][train["user"]], blocks[1][train["item"]]), 1)
     first_sub_epoch = -(-max(strata[0, 0], strata[1, 1]) // 64)
