@@ -3,8 +3,9 @@
     python benchmarks/scaling_model.py --synthetic ml-32m          # generates the ratings in memory
     python benchmarks/scaling_model.py --data data/ml-32m            # a prepared dataset's training split
 
-Part 1 is measured: rows are dealt to W blocks exactly as ``mfscale.layout.Blocks`` deals them (by rating
-count, snake order), and the W x W stratum sizes are counted. Two numbers per W: the largest stratum over
+Part 1 is measured: rows are dealt to W blocks exactly as ``mfscale.layout.Blocks`` deals them (movies by
+rating count, snake order; users in whole user buckets, as ``prepare`` writes them), and the W x W stratum
+sizes are counted. Two numbers per W: the largest stratum over
 the mean, and the equal-steps overhead (every rank takes as many steps in a sub-epoch as its largest
 stratum needs: sum over sub-epochs of W x the largest stratum / all ratings).
 
@@ -37,7 +38,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mfscale.layout import deal_rows, stratum_balance  # noqa: E402
-from mfscale.shards import Dataset  # noqa: E402
+from mfscale.shards import Dataset, auto_buckets  # noqa: E402
 from mfscale.synthetic import generate, resolve_spec  # noqa: E402
 
 
@@ -56,7 +57,13 @@ def load(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, int, int, st
 
 
 def balance(user: np.ndarray, item: np.ndarray, n_users: int, n_items: int, w: int) -> dict[str, float]:
-    ub = deal_rows(np.bincount(user, minlength=n_users), w)
+    # users as prepare and Blocks deal them: into user buckets by rating count, whole buckets to ranks
+    # (one by one where there are fewer buckets than ranks)
+    counts = np.bincount(user, minlength=n_users)
+    n_buckets = auto_buckets(len(user), n_users)
+    bucket = deal_rows(counts, n_buckets)
+    ub = (deal_rows(np.bincount(bucket, weights=counts, minlength=n_buckets), w)[bucket] if n_buckets >= w
+          else deal_rows(counts, w))
     ib = deal_rows(np.bincount(item, minlength=n_items), w)
     strata = np.bincount(ub[user] * w + ib[item], minlength=w * w).reshape(w, w)
     return {"w": w, **stratum_balance(strata),

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratings", type=int, help="synthetic: number of ratings (overrides the preset)")
     p.add_argument("--user-buckets", type=int, default=0, metavar="N",
                    help="user buckets of the training split: a blocks rank reads only its buckets' ratings, about "
-                        "1/W of them, where W <= N (default 0 = auto: 120, fewer on small data)")
+                        "1/W of them, where W <= N (default 0 = auto: 240, fewer on small data)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 

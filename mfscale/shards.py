@@ -46,10 +46,11 @@ ROW_GROUP_ROWS = 1 << 18  # 256Ki ratings = 4 MiB: enough groups to deal evenly,
 SHARD_ROWS = 1 << 22  # 16 row groups per file
 MIN_GROUPS, MIN_GROUP_ROWS = 64, 1024
 # User buckets of the training split (``write_split``): a blocks rank on W <= buckets ranks reads only its
-# buckets' row groups, about 1/W of the split. 120 = 2^3 x 3 x 5: W = 2, 3, 4, 5, 6, 8, 10, 12 get equal
-# shares; other W at most one bucket more than the mean (7 ranks: 1.05x). Fewer on small data: a row group per
-# (stripe, bucket) of at least MIN_BUCKET_ROWS ratings on average.
-MAX_BUCKETS, MIN_BUCKET_ROWS = 120, 64
+# buckets' row groups, about 1/W of the split. 240 = 2^4 x 3 x 5: W = 2, 3, 4, 5, 6, 8, 10, 12, 15, 16, 20, 24
+# get equal shares, other W at most one bucket more than the mean (7 ranks: 1.03x; 32: 1.07x). With 120, 16
+# ranks (two 8-GPU nodes) padded every sub-epoch by 7% (benchmarks/scaling_model.py). Fewer on small data: a
+# row group per (stripe, bucket) of at least MIN_BUCKET_ROWS ratings on average.
+MAX_BUCKETS, MIN_BUCKET_ROWS = 240, 64
 SHARD_SCHEMA = pa.schema(
     [("user", pa.int32()), ("item", pa.int32()), ("rating", pa.float32()), ("timestamp", pa.int32())]
 )
