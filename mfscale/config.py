@@ -95,6 +95,10 @@ class TrainConfig:
     # CPU caches (replicated layout, resident split): ~2x faster steps, worse RMSE (benchmarks/RESULTS.md,
     # issue 22); 1 = one global shuffle (default); 0 = k sized to the cache (layout.rows.auto_strata)
     strata: int = 1
+    # Blocks tables: each movie block rotates in this many pieces, each sent as soon as its ratings of the
+    # sub-epoch are trained, so the transfer overlaps the training of the other pieces (1 = the whole block at
+    # each sub-epoch's end). Measured in benchmarks/RESULTS.md (session 9).
+    block_pieces: int = 2
 
 
 @dataclass
@@ -150,6 +154,7 @@ class JobConfig:
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.train.batch_size >= 0, "train.batch_size must be >= 0 (0 = auto)"),
             (self.train.strata >= 0, "train.strata must be >= 0 (1 = one global shuffle, 0 = sized to the cache)"),
+            (self.train.block_pieces >= 1, "train.block_pieces must be >= 1"),
             (self.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),
             (self.train.precision in ("fp32", "bf16", "fp16"), "train.precision must be fp32, bf16 or fp16"),
             (self.train.device in ("auto", "cpu", "cuda"), "train.device must be auto, cpu or cuda"),
