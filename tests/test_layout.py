@@ -347,7 +347,8 @@ def test_mid_epoch_resume_at_another_world_size_is_refused(small_data, tmp_path)
 
 
 def _crashing_rank(rank: int, port: int, argv: list[str], crash_at: int) -> None:
-    """A rank of a 2-rank job that raises on every rank at global step ``crash_at`` (0: never)."""
+    """A rank of a 2-rank job that raises on every rank at global step ``crash_at`` (-1, or 0 on a resumed run:
+    never)."""
     as_rank(rank, 2, port)
     original = Trainer.train_step
 
@@ -368,30 +369,51 @@ def _spawn_pair(argv: list[str], crash_at: int) -> list[int | None]:
     return spawn_ranks(_crashing_rank, 2, (free_port(), argv, crash_at), 240)
 
 
-@pytest.mark.parametrize(("eighths", "phase"), [(5, 0), (7, 1)])
-def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path, reference_run, eighths,
-                                                                     phase):
-    """Crash both ranks in sub-epoch 1 of epoch 1 (each holding another rank's movie block; 2 pieces, so 4 phases
-    per epoch of about equal steps), inside its phase 0 or phase 1, resume from the newest checkpoint: the run
-    ends bit-identical to the uninterrupted reference run (blocks, 2 ranks). Inside phase 1 the checkpoint holds
-    piece 0 of the next block (received behind phase 1's training, waited for by the save), and the resumed run
-    picks up the exchanges from there."""
+def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path, reference_run):
+    """Crash both ranks in sub-epoch 1 of epoch 1 (each holding another rank's movie block), resume from the
+    newest checkpoint: the run ends bit-identical to the uninterrupted reference run (blocks, 2 ranks, the whole
+    block rotating at once)."""
     from .conftest import RESTART_ARGS
     from .test_train import assert_same_run
 
     ref_dir, ref_metrics, _ = reference_run
     ref_state, _ = checkpoint.load_latest(ref_dir)
-    assert ref_state["layout"] == "blocks" and ref_state["config"]["train"]["block_pieces"] == 2
+    assert ref_state["layout"] == "blocks" and ref_state["config"]["train"]["block_pieces"] == 1
     steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
-    crash_at = steps + steps * eighths // 8 + 1  # epoch 1, the middle of phase (1, phase); not on a checkpoint step
+    crash_at = steps + steps * 3 // 4 + 1  # epoch 1, sub-epoch 1 (of 2, about equal), not on a checkpoint step
     run_dir = tmp_path / "run"
     argv = ["--data", str(small_data), "--run-dir", str(run_dir), *RESTART_ARGS]
     assert _spawn_pair(argv, crash_at) == [3, 3]
     state, _ = checkpoint.load_latest(run_dir)
-    assert state["epoch"] == 1 and state["step_in_epoch"] > 0
-    assert state["layout_position"] == {"held": 1, "phase": phase, "pieces": 2}
+    assert state["epoch"] == 1 and state["layout_position"] == {"held": 1, "phase": 0, "pieces": 1}
+    assert state["step_in_epoch"] > 0
     assert _spawn_pair(argv, 0) == [0, 0]
     assert_same_run(ref_dir, run_dir, ref_metrics, json.loads((run_dir / "metrics.json").read_text()))
+
+
+def test_blocks_in_pieces_resume_inside_phase_1_of_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path):
+    """2 pieces, so 4 phases per epoch of about equal steps: crash both ranks in the middle of phase (1, 1) of
+    epoch 1 and resume from the newest checkpoint, written inside that phase. It holds piece 0 of the next block
+    (sent at the end of phase (1, 0) and received behind phase 1's training: the save waits for it) and piece 1 of
+    this one; the resumed run takes the exchanges up from there and ends bit-identical to the uninterrupted run."""
+    from .conftest import RESTART_ARGS
+    from .test_train import assert_same_run
+
+    argv = [*RESTART_ARGS, "--epochs", "3", "--train.block_pieces", "2"]
+    ref_dir = tmp_path / "reference"
+    assert _spawn_pair(["--data", str(small_data), "--run-dir", str(ref_dir), *argv], -1) == [0, 0]
+    ref_state, _ = checkpoint.load_latest(ref_dir)
+    steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
+    crash_at = steps + steps * 7 // 8 + 1  # epoch 1, the middle of phase (1, 1); not on a checkpoint step
+    run_dir = tmp_path / "run"
+    argv = ["--data", str(small_data), "--run-dir", str(run_dir), *argv]
+    assert _spawn_pair(argv, crash_at) == [3, 3]
+    state, _ = checkpoint.load_latest(run_dir)
+    assert state["epoch"] == 1 and state["layout_position"] == {"held": 1, "phase": 1, "pieces": 2}
+    assert state["step_in_epoch"] > 0
+    assert _spawn_pair(argv, 0) == [0, 0]
+    assert_same_run(ref_dir, run_dir, json.loads((ref_dir / "metrics.json").read_text()),
+                    json.loads((run_dir / "metrics.json").read_text()))
 
 
 def _old_position_worker(rank: int, port: int, data: str, tmp: str) -> None:
@@ -463,7 +485,7 @@ def test_blocks_collectives_per_epoch_grow_with_ranks_not_steps(small_data, tmp_
         run_dir = tmp_path / f"b{batch}"
         r = _torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--batch-size", str(batch),
                        "--epochs", "2", "--train.ranking_k", "0", "--train.tables", "blocks",
-                       "--train.log_every", "1"], 2)
+                       "--train.log_every", "1", "--train.block_pieces", "2"], 2)
         assert r.returncode == 0, r.stderr[-3000:]
         got[batch] = json.loads((run_dir / "metrics.json").read_text())
     assert got[50]["steps"] > 3 * got[200]["steps"]
