@@ -330,7 +330,8 @@ class Blocks(TableLayout):
 
     def local_rows(self, position):
         _, rows = self._custody(self.env.rank, int(position.get("held", 0)), int(position.get("phase", 0)))
-        return None, rows
+        # rows 0..n-1 (one piece, or pieces that fill their slots): say so, and checkpoints take views, not copies
+        return None, None if np.array_equal(rows, np.arange(len(rows))) else rows
 
     def held_rows(self) -> Part:
         """Pieces still on their way that belong to this rank's custody are waited for and installed first (every
