@@ -99,7 +99,7 @@ class TrainConfig:
     # sub-epoch are trained, so the transfer overlaps the training of the other pieces; 1 = the whole block at
     # each sub-epoch's end. 1 by default: a movie row trains in 1 of P phases, so it gets 1/P of the Adam steps
     # per epoch (ml-10m, 3 epochs: test RMSE 0.8335 at P = 2 against 0.8174), and on one host the transfer it
-    # hides costs ~1% (benchmarks/RESULTS.md, session 9); 2-4 pays over slow links (1.3x at 100 Mbit/s).
+    # hides costs ~1% (benchmarks/RESULTS.md, session 9); 2-4 pays over slow links (1.3-1.7x at 100 Mbit/s).
     block_pieces: int = 1
 
 
