@@ -13,6 +13,9 @@ default (plus ``--extra``):
   agent per node (c10d rendezvous on node 0's address, ``--local-addr``, ``GLOO_SOCKET_IFNAME`` = the node's
   veth). ``none`` as a rate: no cap.
 
+With ``--block-pieces 1,2`` both multi-rank kinds run once per ``--train.block_pieces`` value (the blocks
+layout's rotation in pieces, overlapped with training), labelled ``P=...``.
+
 Ranks of both multi-rank kinds get cores/W threads each (torchrun's 1 on 2 cores with W = 2), since the
 simulated nodes share this machine's cores; ``--threads`` sets another count. ratings/s is
 ``train_ratings_per_s`` from each run's metrics.json (training only, no evaluation). The table gives it with
@@ -139,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", default="10gbit,1gbit",
                    help="comma list of link caps for the W-node runs, tc's syntax; 'none' for no cap")
     p.add_argument("--threads", type=int, help="threads per rank of the multi-rank runs (default cores / W)")
+    p.add_argument("--block-pieces", default="", help="comma list of --train.block_pieces values: the multi-rank "
+                   "runs once per value (default: the trainer's)")
     p.add_argument("--extra", default="", help="more flags for mfscale.train, one string")
     p.add_argument("--timeout-s", type=float, default=3600, help="per run (default 3600)")
     p.add_argument("--out-jsonl", type=Path, help="append one JSON line per run")
@@ -157,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
         die(f"--world must be a comma list of integers, got {a.world!r}")
     if any(w < 2 for w in worlds):
         die("--world: every W must be at least 2")
+    try:
+        pieces: list[int | None] = [int(x) for x in a.block_pieces.split(",") if x.strip()] or [None]
+    except ValueError:
+        die(f"--block-pieces must be a comma list of integers, got {a.block_pieces!r}")
     rates = [r.strip() for r in a.rates.split(",") if r.strip()]
     if rates and (reason := netns.unavailable_reason()):
         die(f"cannot simulate nodes: {reason}")
@@ -165,9 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
 
     def record(kind: str, nodes: int, per_node: int, rate: str | None, threads: int | None, metrics: dict,
-               wall: float, command: str, veth: dict | None = None) -> None:
+               wall: float, command: str, veth: dict | None = None, piece: int | None = None) -> None:
         series = "1 process" if nodes * per_node == 1 else "1 node x W" if nodes == 1 else f"W nodes x 1 @ {rate}"
-        rows.append({"config": f"{kind} @ {rate}" if rate else kind, "series": series,
+        if piece is not None:
+            series, kind = f"{series} P={piece}", f"{kind} P={piece}"
+        rows.append({"config": f"{kind} @ {rate}" if rate else kind, "series": series, "block_pieces": piece,
                      "nodes": nodes, "procs_per_node": per_node, "ranks": nodes * per_node, "rate": rate,
                      "threads_per_rank": threads, "train_ratings_per_s": metrics["train_ratings_per_s"],
                      "test_rmse": metrics["test_rmse"], "epochs": metrics["epochs"],
@@ -188,21 +199,23 @@ def main(argv: list[str] | None = None) -> int:
         record("1 process", 1, 1, None, None, metrics, wall, shlex.join(cmd))
         for w in worlds:
             threads = a.threads or max(1, cores // w)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={w}",
-                   "-m", "mfscale.train", *common, "--run-dir", str(Path(tmp) / f"node-x{w}")]
-            metrics, wall = run_local(cmd, threads, a.timeout_s)
-            record(f"1 node x {w}", 1, w, None, threads, metrics, wall, shlex.join(cmd))
-            for rate in rates:
-                cap = None if rate.lower() == "none" else rate
-                run_dir = Path(tmp) / f"nodes{w}-{rate}"
-                metrics, wall, veth, command = run_nodes(w, cap, common, run_dir, threads, a.timeout_s)
-                record(f"{w} nodes x 1", w, 1, cap or "no cap", threads, metrics, wall, command, veth)
+            for piece in pieces:
+                args = [*common, *([] if piece is None else ["--train.block_pieces", str(piece)])]
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={w}",
+                       "-m", "mfscale.train", *args, "--run-dir", str(Path(tmp) / f"node-x{w}-p{piece}")]
+                metrics, wall = run_local(cmd, threads, a.timeout_s)
+                record(f"1 node x {w}", 1, w, None, threads, metrics, wall, shlex.join(cmd), piece=piece)
+                for rate in rates:
+                    cap = None if rate.lower() == "none" else rate
+                    run_dir = Path(tmp) / f"nodes{w}-{rate}-p{piece}"
+                    metrics, wall, veth, command = run_nodes(w, cap, args, run_dir, threads, a.timeout_s)
+                    record(f"{w} nodes x 1", w, 1, cap or "no cap", threads, metrics, wall, command, veth, piece)
 
     base = rows[0]["train_ratings_per_s"]
-    one_node = {r["ranks"]: r["train_ratings_per_s"] for r in rows if r["nodes"] == 1}
+    one_node = {(r["ranks"], r["block_pieces"]): r["train_ratings_per_s"] for r in rows if r["nodes"] == 1}
     for r in rows:
         r["vs_1_process"] = r["train_ratings_per_s"] / base
-        r["vs_1_node"] = r["train_ratings_per_s"] / one_node[r["ranks"]]
+        r["vs_1_node"] = r["train_ratings_per_s"] / one_node[(r["ranks"], r["block_pieces"])]
     title = (f"{a.data}, {a.epochs} epochs, {platform.processor() or platform.machine()} ({cores} cores), "
              f"{time.strftime('%Y-%m-%d')}")
     print(f"### Nodes: {title}\n")

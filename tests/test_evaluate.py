@@ -33,9 +33,11 @@ def layout_of(model: BiasedMF, data: Dataset, env: DistEnv, tables: str = "repli
         return lay
     lay = Blocks(cfg, env, data, batch_size=1024)
     users, items = lay.held_ids(lay.position())
+    rows = lay.local_rows(lay.position())[1]  # movie pieces sit in slots, maybe with gaps between them
+    rows = np.arange(len(items)) if rows is None else rows
     with torch.no_grad():
         lay.model.users.weight.copy_(model.users.weight[torch.from_numpy(users)])
-        lay.model.items.weight[: len(items)] = model.items.weight[torch.from_numpy(items)]
+        lay.model.items.weight[torch.from_numpy(rows)] = model.items.weight[torch.from_numpy(items)]
         lay.model.global_bias.copy_(model.global_bias)
     return lay
 

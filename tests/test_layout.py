@@ -17,6 +17,7 @@ from mfscale import checkpoint, config, distributed
 from mfscale.distributed import DistEnv
 from mfscale.errors import ConfigError
 from mfscale.layout import Blocks, deal_rows, init_rows, stratum_balance
+from mfscale.layout.rows import deal_pieces
 from mfscale.shards import Dataset
 from mfscale.train import Trainer, run
 
@@ -189,12 +190,14 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
             np.testing.assert_allclose(t[key], ref[r], rtol=1e-9, atol=0, err_msg=f"rank {r} {key}")
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, world):
+@pytest.mark.parametrize(("world", "pieces"), [(2, 2), (3, 2), (2, 1), (3, 3)])
+def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, world, pieces):
     """Fused and autograd steps (the latter with gravity, whose Gram matrices are summed over ranks), through
-    a whole epoch with sub-epoch rotations and uneven strata."""
+    a whole epoch with sub-epoch rotations in ``pieces`` pieces (sent behind the other pieces' training) and
+    uneven strata."""
     # schedule none: the one process takes other steps per epoch, so a decaying LR would differ per step
-    base = dict(train__batch_size=97, optim__lr=0.02, train__tables="blocks", train__seed=3, optim__schedule="none")
+    base = dict(train__batch_size=97, optim__lr=0.02, train__tables="blocks", train__seed=3, optim__schedule="none",
+                train__block_pieces=pieces)
     cfgs = [job(small_data, tmp_path / "a", **base),
             job(small_data, tmp_path / "b", **base, train__step="autograd", optim__gravity=0.5)]
     results = run_ranks(cfgs, world, tmp_path)
@@ -210,9 +213,10 @@ def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, 
         train = data.read_split("train")
         got = np.sort(np.concatenate([b["user"] * data.n_items + b["item"] for r in ranks for b in r["batches"]]))
         assert np.array_equal(got, np.sort(train["user"].astype(np.int64) * data.n_items + train["item"]))
-        # traffic: W rotations of a movie block (rows + two moments) per rank per epoch, no gradient rows
-        block_rows = max(len(r["tensors"]["items.ids"]) for r in ranks)
-        assert {r["bytes_sent"] for r in ranks} == {world * 3 * block_rows * (cfg.model.dim + 1) * 8}
+        # traffic: W rotations of a movie block (rows + two moments) per rank per epoch, in pieces: each block
+        # passes through every rank once, so each rank sends the whole movie table once; no gradient rows
+        assert {r["bytes_sent"] for r in ranks} == {data.n_items * 3 * (cfg.model.dim + 1) * 8}
+        assert {len(r["batches"]) for r in ranks} == {r["steps"] for r in ranks}
 
 
 def test_replicated_on_two_ranks_equals_one_process_on_the_union(small_data, tmp_path):
@@ -243,6 +247,16 @@ def test_rows_are_dealt_by_count_in_snake_order():
     per_block = np.bincount(block, weights=zipf, minlength=4)
     assert per_block.max() / per_block.mean() < 1.01
     assert np.bincount(block).max() - np.bincount(block).min() <= 1
+    # pieces of movie blocks: W x P groups of the same deal; a block holds the same rows for any P, its pieces
+    # are balanced in rows and ratings too
+    for world, pieces in ((2, 2), (3, 2), (3, 3), (4, 5)):
+        b, q = deal_pieces(zipf, world, pieces)
+        assert np.array_equal(b, deal_rows(zipf, world)) and q.min() == 0 and q.max() == pieces - 1
+        group = b * pieces + q
+        assert np.bincount(group).max() - np.bincount(group).min() <= 1
+        per_group = np.bincount(group, weights=zipf)
+        assert per_group.max() / per_group.mean() < 1.02
+    assert deal_pieces(counts, 2, 2)[0].tolist() == deal_rows(counts, 2).tolist()
     # sub-epoch 0 trains strata (0,0) and (1,1): 4 steps' worth for both ranks; sub-epoch 1: (0,1), (1,0)
     assert stratum_balance(np.array([[4, 1], [1, 2]])) == {"max_over_mean": 2.0, "padded_over_actual": 1.25}
 
@@ -333,7 +347,8 @@ def test_mid_epoch_resume_at_another_world_size_is_refused(small_data, tmp_path)
 
 
 def _crashing_rank(rank: int, port: int, argv: list[str], crash_at: int) -> None:
-    """A rank of a 2-rank job that raises on every rank at global step ``crash_at`` (0: never)."""
+    """A rank of a 2-rank job that raises on every rank at global step ``crash_at`` (-1, or 0 on a resumed run:
+    never)."""
     as_rank(rank, 2, port)
     original = Trainer.train_step
 
@@ -356,22 +371,89 @@ def _spawn_pair(argv: list[str], crash_at: int) -> list[int | None]:
 
 def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path, reference_run):
     """Crash both ranks in sub-epoch 1 of epoch 1 (each holding another rank's movie block), resume from the
-    newest checkpoint: the run ends bit-identical to the uninterrupted reference run (blocks, 2 ranks)."""
+    newest checkpoint: the run ends bit-identical to the uninterrupted reference run (blocks, 2 ranks, the whole
+    block rotating at once)."""
     from .conftest import RESTART_ARGS
     from .test_train import assert_same_run
 
     ref_dir, ref_metrics, _ = reference_run
     ref_state, _ = checkpoint.load_latest(ref_dir)
-    assert ref_state["layout"] == "blocks"
+    assert ref_state["layout"] == "blocks" and ref_state["config"]["train"]["block_pieces"] == 1
     steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
     crash_at = steps + steps * 3 // 4 + 1  # epoch 1, sub-epoch 1 (of 2, about equal), not on a checkpoint step
     run_dir = tmp_path / "run"
     argv = ["--data", str(small_data), "--run-dir", str(run_dir), *RESTART_ARGS]
     assert _spawn_pair(argv, crash_at) == [3, 3]
     state, _ = checkpoint.load_latest(run_dir)
-    assert state["epoch"] == 1 and state["layout_position"] == {"held": 1} and state["step_in_epoch"] > 0
+    assert state["epoch"] == 1 and state["layout_position"] == {"held": 1, "phase": 0, "pieces": 1}
+    assert state["step_in_epoch"] > 0
     assert _spawn_pair(argv, 0) == [0, 0]
     assert_same_run(ref_dir, run_dir, ref_metrics, json.loads((run_dir / "metrics.json").read_text()))
+
+
+def test_blocks_in_pieces_resume_inside_phase_1_of_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path):
+    """2 pieces, so 4 phases per epoch of about equal steps: crash both ranks in the middle of phase (1, 1) of
+    epoch 1 and resume from the newest checkpoint, written inside that phase. It holds piece 0 of the next block
+    (sent at the end of phase (1, 0) and received behind phase 1's training: the save waits for it) and piece 1 of
+    this one; the resumed run takes the exchanges up from there and ends bit-identical to the uninterrupted run."""
+    from .conftest import RESTART_ARGS
+    from .test_train import assert_same_run
+
+    argv = [*RESTART_ARGS, "--epochs", "3", "--train.block_pieces", "2"]
+    ref_dir = tmp_path / "reference"
+    assert _spawn_pair(["--data", str(small_data), "--run-dir", str(ref_dir), *argv], -1) == [0, 0]
+    ref_state, _ = checkpoint.load_latest(ref_dir)
+    steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
+    crash_at = steps + steps * 7 // 8 + 1  # epoch 1, the middle of phase (1, 1); not on a checkpoint step
+    run_dir = tmp_path / "run"
+    argv = ["--data", str(small_data), "--run-dir", str(run_dir), *argv]
+    assert _spawn_pair(argv, crash_at) == [3, 3]
+    state, _ = checkpoint.load_latest(run_dir)
+    assert state["epoch"] == 1 and state["layout_position"] == {"held": 1, "phase": 1, "pieces": 2}
+    assert state["step_in_epoch"] > 0
+    assert _spawn_pair(argv, 0) == [0, 0]
+    assert_same_run(ref_dir, run_dir, json.loads((ref_dir / "metrics.json").read_text()),
+                    json.loads((run_dir / "metrics.json").read_text()))
+
+
+def _old_position_worker(rank: int, port: int, data: str, tmp: str) -> None:
+    """Takes up positions of checkpoints written before pieces ({"held": s}) under 1 and 2 pieces."""
+    as_rank(rank, 2, port)
+    env = distributed.init("cpu", 60)
+    out: dict[str, object] = {}
+    try:
+        for pieces in (1, 2):
+            lay = Trainer(job(Path(data), Path(tmp) / f"p{pieces}", train__tables="blocks", train__batch_size=200,
+                              train__block_pieces=pieces), env).layout
+            out[f"canonical{pieces}"] = sorted(lay.held_ids(lay.position())[1].tolist())
+            for held in (0, 1):
+                try:
+                    lay.set_position({"held": held})
+                    out[f"{pieces}-{held}"] = (lay.position(), sorted(lay.held_ids(lay.position())[1].tolist()))
+                    next(lay.batches(0, int(lay.phase_start[lay.held * lay.pieces]) + 5))  # mid-epoch
+                    out[f"{pieces}-{held}-mid"] = "ok"
+                except ConfigError as exc:
+                    out[f"{pieces}-{held}-error"] = str(exc)
+        torch.save(out, Path(tmp) / f"rank{rank}.pt")
+    finally:
+        distributed.destroy()
+
+
+def test_checkpoints_from_before_pieces_resume_exactly_or_are_refused(small_data, tmp_path):
+    """{"held": s} (the whole-block rotation) is 1 piece: taken up as is under 1 piece. Under 2 pieces a block holds
+    the same movies (so an epoch boundary's parts load), but a mid-epoch custody and step schedule are another
+    P's: one clear line, at the position when it is past sub-epoch 0, else when the epoch would resume midway."""
+    assert spawn_ranks(_old_position_worker, 2, (free_port(), str(small_data), str(tmp_path)), 180) == [0, 0]
+    for r in range(2):
+        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        assert got["canonical1"] == got["canonical2"]  # the same movies per block, any P
+        assert got["1-0"] == ({"held": 0, "phase": 0, "pieces": 1}, got["canonical1"])
+        assert got["1-1"][0] == {"held": 1, "phase": 0, "pieces": 1} and got["1-1"][1] != got["canonical1"]
+        assert got["1-0-mid"] == got["1-1-mid"] == "ok"
+        assert got["2-0"] == ({"held": 0, "phase": 0, "pieces": 2}, got["canonical2"])
+        for key in ("2-0-error", "2-1-error"):
+            assert got[key].startswith("the checkpoint stopped mid-epoch with --train.block_pieces 1 (this run: 2); "
+                                       "resume with --train.block_pieces 1"), key
 
 
 def test_checkpoint_from_before_parts_is_refused_for_training_and_read_by_the_tools(small_data, tmp_path):
@@ -394,7 +476,8 @@ def test_checkpoint_from_before_parts_is_refused_for_training_and_read_by_the_to
 
 def test_blocks_collectives_per_epoch_grow_with_ranks_not_steps(small_data, tmp_path):
     """Under blocks the ranks meet only at sub-epoch ends: per epoch W sync points (reconcile the global bias,
-    sum the loss (log_every 1: at each of them), vote on stopping), W block rotations, and validation's 2;
+    sum the loss (log_every 1: at each of them), vote on stopping), W block rotations (P point-to-point
+    exchanges each, overlapped with training), and validation's 2;
     whatever the number of steps. Each rank's start-up read is counted in metrics.json too: its own user
     buckets' ratings (user, movie, rating: 12 bytes each), about half the training split each."""
     got = {}
@@ -402,12 +485,13 @@ def test_blocks_collectives_per_epoch_grow_with_ranks_not_steps(small_data, tmp_
         run_dir = tmp_path / f"b{batch}"
         r = _torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--batch-size", str(batch),
                        "--epochs", "2", "--train.ranking_k", "0", "--train.tables", "blocks",
-                       "--train.log_every", "1"], 2)
+                       "--train.log_every", "1", "--train.block_pieces", "2"], 2)
         assert r.returncode == 0, r.stderr[-3000:]
         got[batch] = json.loads((run_dir / "metrics.json").read_text())
     assert got[50]["steps"] > 3 * got[200]["steps"]
     for m in got.values():
-        assert m["collectives_per_epoch"] == 4 * 2 + 2
-        assert m["collectives_by_kind"]["send_recv"] == 2 * 2  # W rotations per epoch
+        # W sync points x 3, W rotations in P = 2 pieces (one send/recv each), validation's 2
+        assert m["collectives_per_epoch"] == 3 * 2 + 2 * 2 + 2
+        assert m["collectives_by_kind"]["send_recv"] == 2 * 2 * 2  # W x P per epoch, 2 epochs
         decoded, n_train = m["decoded_bytes_per_rank"], Dataset(small_data).split_rows("train")
         assert sum(decoded) == 12 * n_train and max(decoded) <= 1.1 * 12 * n_train / 2, decoded

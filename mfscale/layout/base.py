@@ -49,6 +49,11 @@ def fits_on_device(n_rows: int, mode: str, env: DistEnv) -> bool:
     return mode == "on" or (mode == "auto" and resident_fits(n_rows, env.device, env.local_world_size))
 
 
+def _take(t: torch.Tensor, n: int, idx: torch.Tensor | None) -> torch.Tensor:
+    """Rows 0..n-1 of ``t`` (a view on a CPU), or the rows ``idx`` (a copy), on the CPU."""
+    return (t[:n] if idx is None else t[idx]).cpu()
+
+
 class TableLayout(abc.ABC):
     """Where the rows of the user and movie tables live, how their gradients reach them, and how they are saved.
 
@@ -174,22 +179,29 @@ class TableLayout(abc.ABC):
         """Take up a checkpoint's ``position`` before its rows are loaded (nothing to do without one)."""
         return None
 
+    def local_rows(self, position: dict[str, Any]) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Per table, the local row of each id ``held_ids(position)`` lists; None: rows 0..n-1 in that order
+        (a layout whose held rows have gaps between them says where they are)."""
+        return None, None
+
     def held_rows(self) -> Part:
         """This rank's rows now: per table the global row ids, the rows and their Adam moments (on CPU).
 
-        On a CPU these are views of the live tables, valid until the next step (a checkpoint serializes them
-        at once). Copying them first made the ~200 steps after every checkpoint up to 1.9x slower (ml-10m,
-        2-core CPU, benchmarks/RESULTS.md).
+        On a CPU these are views of the live tables (where the held rows are rows 0..n-1), valid until the next
+        step (a checkpoint serializes them at once). Copying them first made the ~200 steps after every
+        checkpoint up to 1.9x slower (ml-10m, 2-core CPU, benchmarks/RESULTS.md).
         """
-        users, items = self.held_ids(self.position())
+        position = self.position()
         out: dict[str, TableRows] = {}
-        for name, ids, p in zip(TABLES, (users, items), self.model.sparse_parameters(), strict=True):
+        for name, ids, rows, p in zip(TABLES, self.held_ids(position), self.local_rows(position),
+                                      self.model.sparse_parameters(), strict=True):
             state = self.opt.state.get(p, {})
             n = len(ids)
+            idx = None if rows is None else torch.from_numpy(rows).to(p.device)
             out[name] = TableRows(
-                ids=torch.from_numpy(ids), weight=p.detach()[:n].cpu(),
-                exp_avg=state["exp_avg"][:n].cpu() if "exp_avg" in state else None,
-                exp_avg_sq=state["exp_avg_sq"][:n].cpu() if "exp_avg_sq" in state else None,
+                ids=torch.from_numpy(ids), weight=_take(p.detach(), n, idx),
+                exp_avg=_take(state["exp_avg"], n, idx) if "exp_avg" in state else None,
+                exp_avg_sq=_take(state["exp_avg_sq"], n, idx) if "exp_avg_sq" in state else None,
                 step=int(state.get("step", 0)))
         return Part(out)
 
@@ -201,6 +213,7 @@ class TableLayout(abc.ABC):
         """
         self.set_position(position)
         held = self.held_ids(self.position())
+        rows_of = self.local_rows(self.position())
         # global id -> local row by a sorted search (tables can be large: no dict of ids)
         sorted_held = []
         for ids in held:
@@ -218,12 +231,13 @@ class TableLayout(abc.ABC):
                 hit = (s_ids[pos] == gids) if len(s_ids) else np.zeros(len(gids), dtype=bool)
                 if not hit.any():
                     continue
-                local = torch.from_numpy(order[pos[hit]])
+                at = order[pos[hit]]  # index into held[k]
+                local = torch.from_numpy(at if rows_of[k] is None else rows_of[k][at])
                 src = torch.from_numpy(np.flatnonzero(hit))
                 dev = p.device
                 with torch.no_grad():
                     p[local.to(dev)] = t.weight[src].to(dev, p.dtype)
-                filled[name][order[pos[hit]]] = True
+                filled[name][at] = True
                 if weights_only or t.exp_avg is None:
                     continue
                 state = optim.adam_state(self.opt, p)

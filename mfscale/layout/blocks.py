@@ -5,9 +5,17 @@ Users are dealt into W blocks and rank r owns user block r (rows and Adam state)
 into W blocks that rotate: in sub-epoch s rank r holds movie block ``movie_block(r, s, W)`` = (r + s) mod W and
 trains only on the stratum (user block r, that movie block). No two ranks touch the same row within a
 sub-epoch, so a step needs no row exchange at all, and one step on W ranks is exactly one step of one process
-on the union of their batches. Between sub-epochs each rank passes its movie block, with its Adam moments, to
-the previous rank; after W sub-epochs (one more rotation) every block is home again, so epoch boundaries
-(evaluation, checkpoints, a change of world size) always see the canonical placement.
+on the union of their batches. After W sub-epochs (one more rotation) every block is home again, so epoch
+boundaries (evaluation, checkpoints, a change of world size) always see the canonical placement.
+
+The rotation runs behind the training, NOMAD-style: each movie block is split into P pieces
+(``--train.block_pieces``; ``rows.deal_pieces``) and a sub-epoch into P phases, phase (s, q) training only the
+stratum's ratings of piece q. Piece q lives in a fixed slot of the local movie table (rows [q PR, (q + 1) PR),
+PR the largest piece). As soon as phase (s, q) is done, slot q (rows and Adam moments) is copied into a send
+buffer and sent to rank r - 1, and the next block's piece q is received from rank r + 1 into a staging buffer;
+it is installed into slot q only when phase (s + 1, q) starts, so the transfer overlaps the P - 1 phases in
+between, and gloo never writes into the live table while the optimizer may sweep it. P = 1 is the blocking
+rotation of a whole block at each sub-epoch's end.
 """
 
 from __future__ import annotations
@@ -21,13 +29,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import Part
 from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
 from ..optim import adam_state
 from ..shards import Dataset, read_row_groups
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
-from .rows import deal_rows, deal_users, local_index, movie_block
+from .rows import deal_pieces, deal_users, local_index, movie_block
 
 # A stratum is shuffled per epoch in pieces of this many ratings (the ratings of a piece stay together; prepare
 # wrote them in a seeded random order): the pieces are permuted and the stratum laid out in that order in one
@@ -68,13 +77,32 @@ class Blocks(TableLayout):
                               f"{data.n_items:,} movies (each rank needs a block of both); use fewer ranks or "
                               "--train.tables replicated")
         self.seed = cfg.train.seed
+        self.pieces = cfg.train.block_pieces if w > 1 else 1  # one rank: no rotation to hide
         self.user_block, self.bucket_rank = deal_users(data, self.n_train_rows[0], w)
-        self.item_block = deal_rows(self.n_train_rows[1], w)
+        self.item_block, self.item_piece = deal_pieces(self.n_train_rows[1], w, self.pieces)
         self.user_local_idx, self.user_members = local_index(self.user_block, w)
-        self.item_local_idx, self.item_members = local_index(self.item_block, w)
-        self.item_rows = max(len(m) for m in self.item_members)  # every rank's buffer fits any movie block
-        self._build(self.user_members[r], self.item_rows, self.item_members[r])
-        self.held = 0  # sub-epoch whose movie block this rank holds: movie_block(rank, held, W)
+        # piece_members[b][q]: global ids of piece q of movie block b, ascending; a movie's local row is its
+        # piece's slot offset plus its index in the piece
+        index_in_piece, members = local_index(self.item_block * self.pieces + self.item_piece, w * self.pieces)
+        self.piece_members = [members[b * self.pieces:(b + 1) * self.pieces] for b in range(w)]
+        self.piece_rows = max(len(m) for m in members)  # a slot fits piece q of any block
+        self.item_local_idx = self.item_piece * self.piece_rows + index_in_piece
+        self.item_rows = self.pieces * self.piece_rows
+        ids, rows = self._custody(r, 0, 0)
+        self._build(self.user_members[r], self.item_rows, ids)
+        if not np.array_equal(rows, np.arange(len(ids))):  # _build filled rows 0..n-1: move them to their slots
+            with torch.no_grad():
+                table = self.model.items.weight
+                filled = table[: len(ids)].clone()
+                table.zero_()
+                table[torch.from_numpy(rows).to(table.device)] = filled
+        # The phase (sub-epoch ``held``, piece ``phase``) started last; (0, 0) with every slot home between epochs.
+        self.held, self.phase = 0, 0
+        self._loaded_pieces: int | None = None  # block_pieces of a checkpoint taken up at an epoch boundary
+        # Per slot, the exchange posted at the end of its last phase and not yet installed: (works, send
+        # buffer, staging buffer); the send buffer is referenced until its send is waited for.
+        self._pending: list[tuple[list[Any], torch.Tensor, torch.Tensor] | None] = [None] * self.pieces
+        self._buffers: dict[tuple[str, int], torch.Tensor] = {}
         self.dense_min = tuple(math.ceil(DENSE_SWEEP_MIN_FRACTION * n) for n in (len(self.user_members[r]),
                                                                                    self.item_rows))
         self._load_strata(cfg.data.resident)
@@ -107,43 +135,54 @@ class Blocks(TableLayout):
         dtypes = {"user": np.int32, "item": np.int64, "rating": np.float32}
         parts = {k: [np.concatenate(v)[perm] if v else np.empty(0, dtypes[k])] for k, v in parts.items()}
         item = np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64)
-        block = self.item_block[item]
-        order = np.argsort(block, kind="stable")
-        counts = np.bincount(block, minlength=w)
-        self.stratum_start = np.r_[0, np.cumsum(counts)]
+        n_groups = w * self.pieces
+        group = self.item_block[item] * self.pieces + self.item_piece[item]  # by movie block, then piece
+        order = np.argsort(group, kind="stable")
+        counts = np.bincount(group, minlength=n_groups)
+        self.stratum_start = np.r_[0, np.cumsum(counts)]  # of each (block, piece) group in self.cols
         cols = {"user": np.concatenate(parts["user"])[order],
                 "item": self.item_local_idx[item[order]].astype(np.int32),
                 "rating": np.concatenate(parts["rating"])[order]}
-        # The whole count matrix on every rank: each rank's steps per sub-epoch depend on all strata.
+        # The whole count matrix on every rank: each rank's steps per phase depend on all strata.
         mine = torch.tensor(counts, dtype=torch.long, device=self.env.device)
         if self.env.distributed:
             rows = [torch.empty_like(mine) for _ in range(w)]
             self.env.count("all_gather")
             dist.all_gather(rows, mine)
             mine = torch.stack(rows)
-        self.strata = mine.reshape(w, w).cpu().numpy()  # strata[rank, movie block] = ratings
+        # piece_strata[rank, movie block, piece] = ratings; strata[rank, movie block] = their sum
+        self.piece_strata = mine.reshape(w, w, self.pieces).cpu().numpy()
+        self.strata = self.piece_strata.sum(axis=2)
         self.resident = fits_on_device(len(cols["user"]), resident, self.env)
         self.data_device = self.env.device if self.resident else torch.device("cpu")
         self.cols = {k: torch.from_numpy(v).to(self.data_device) for k, v in cols.items()}
-        # steps of each sub-epoch: the largest stratum of that sub-epoch in batches of batch_size
-        self.sub_steps = [int(-(-max(self.strata[q, movie_block(q, s, w)] for q in range(w)) // self.batch_size))
-                          for s in range(w)]
-        self.steps_per_epoch = sum(self.sub_steps)
-        self.sub_start = np.r_[0, np.cumsum(self.sub_steps)]
-        self._sub_ends = set(self.sub_start[1:].tolist())
+        # steps of phase k = (sub-epoch k // P, piece k % P): the largest stratum-piece of that phase in batches
+        self.phase_steps = [int(-(-max(self._piece_count(x, k) for x in range(w)) // self.batch_size))
+                            for k in range(n_groups)]
+        self.steps_per_epoch = sum(self.phase_steps)
+        self.phase_start = np.r_[0, np.cumsum(self.phase_steps)]
+        self._sub_ends = set(self.phase_start[self.pieces::self.pieces].tolist())
+
+    def _piece_count(self, rank: int, k: int) -> int:
+        """Ratings rank ``rank`` trains in phase ``k``."""
+        s, q = divmod(k, self.pieces)
+        return int(self.piece_strata[rank, movie_block(rank, s, self.env.world_size), q])
 
     def sync_point(self, step_in_epoch: int) -> bool:
-        """The end of each sub-epoch, where the ranks pass their movie blocks on anyway (W per epoch)."""
+        """The end of each sub-epoch (W per epoch), not of each phase: the pieces' exchanges are point to point."""
         return not self.env.distributed or step_in_epoch in self._sub_ends
 
     def _sizes(self, n: int, steps: int) -> np.ndarray:
         return np.array([n // steps + (1 if j < n % steps else 0) for j in range(steps)], dtype=np.int64)
 
-    def _stratum(self, epoch: int, block: int) -> dict[str, torch.Tensor]:
-        """This rank's ratings of movie block ``block`` in epoch ``epoch``'s order (pieces of PIECE_ROWS
-        permuted by a generator keyed by (seed, epoch, rank, block)), laid out in one pass."""
-        lo, n = int(self.stratum_start[block]), int(self.strata[self.env.rank, block])
-        order = np.random.default_rng([self.seed, epoch, self.env.rank, block]).permutation(-(-n // PIECE_ROWS))
+    def _stratum(self, epoch: int, block: int, piece: int) -> dict[str, torch.Tensor]:
+        """This rank's ratings of piece ``piece`` of movie block ``block`` in epoch ``epoch``'s order (pieces of
+        PIECE_ROWS permuted by a generator keyed by (seed, epoch, rank, block, piece); without pieces the key of
+        the whole-block rotation, so P = 1 trains exactly as before), laid out in one pass."""
+        g = block * self.pieces + piece
+        lo, n = int(self.stratum_start[g]), int(self.piece_strata[self.env.rank, block, piece])
+        key = [self.seed, epoch, self.env.rank, block] + ([piece] if self.pieces > 1 else [])
+        order = np.random.default_rng(key).permutation(-(-n // PIECE_ROWS))
         starts = lo + order * PIECE_ROWS
         ends = np.minimum(starts + PIECE_ROWS, lo + n)
         if n == 0:
@@ -152,56 +191,110 @@ class Blocks(TableLayout):
                 for k, v in self.cols.items()}
 
     def batches(self, epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
-        w, r = self.env.world_size, self.env.rank
-        s0 = int(np.searchsorted(self.sub_start, start_step, side="right")) - 1
-        for s in range(s0, w):
-            steps = self.sub_steps[s]
-            first = start_step - int(self.sub_start[s]) if s == s0 else 0
-            if first >= steps:
-                continue
-            self._rotate_to(s)
-            b = movie_block(r, s, w)
-            cols = self._stratum(epoch, b)
-            sizes = self._sizes(int(self.strata[r, b]), steps)
-            offsets = np.r_[0, np.cumsum(sizes)]
-            global_rows = sum(self._sizes(int(self.strata[q, movie_block(q, s, w)]), steps) for q in range(w))
-            for j in range(first, steps):
-                lo, hi = int(offsets[j]), int(offsets[j + 1])
-                batch = {k: v[lo:hi] for k, v in cols.items()}
-                batch.update(global_rows=int(global_rows[j]), epoch=epoch, step=int(self.sub_start[s]) + j)
-                yield batch
-        self._rotate_to(w)  # every movie block home again: the canonical placement between epochs
+        w, r, n_pieces = self.env.world_size, self.env.rank, self.pieces
+        if start_step and self._loaded_pieces not in (None, n_pieces):
+            raise ConfigError(f"the checkpoint stopped mid-epoch with --train.block_pieces {self._loaded_pieces} "
+                              f"(this run: {n_pieces}); resume with --train.block_pieces {self._loaded_pieces} "
+                              "(any value resumes from an epoch boundary)")
+        started = self.held * n_pieces + self.phase  # the phase started last: 0 between epochs, or a checkpoint's
+        if start_step < self.phase_start[started]:
+            raise RuntimeError(f"blocks: asked for step {start_step} of an epoch whose phase {started} has started")
+        # From the phase started last to the end: phases before start_step yield nothing but still pass their
+        # pieces on (a checkpoint taken after a phase's last step resumes before that phase's exchange).
+        for k in range(started, w * n_pieces):
+            s, q = divmod(k, n_pieces)
+            self._start_phase(s, q)
+            steps = self.phase_steps[k]
+            first = max(0, start_step - int(self.phase_start[k]))
+            if first < steps:
+                b = movie_block(r, s, w)
+                cols = self._stratum(epoch, b, q)
+                offsets = np.r_[0, np.cumsum(self._sizes(int(self.piece_strata[r, b, q]), steps))]
+                global_rows = sum(self._sizes(self._piece_count(x, k), steps) for x in range(w))
+                for j in range(first, steps):
+                    lo, hi = int(offsets[j]), int(offsets[j + 1])
+                    batch = {key: v[lo:hi] for key, v in cols.items()}
+                    batch.update(global_rows=int(global_rows[j]), epoch=epoch, step=int(self.phase_start[k]) + j)
+                    yield batch
+            self._end_phase(s, q)  # after the phase's last step: the loop has applied it
+        self._install_all()  # every piece of the last sub-epoch's exchange: every block home again
+        self.held, self.phase = 0, 0
 
     # -- exchange ----------------------------------------------------------------------------------
-    def _rotate_to(self, s: int) -> None:
-        """Pass movie blocks (rows + Adam moments) to the previous rank until this rank holds sub-epoch s's
-        (s = W: the block it started the epoch with)."""
-        while self.held != s % self.env.world_size:
-            self._rotate_once()
+    def _start_phase(self, s: int, q: int) -> None:
+        """Phase (s, q) begins: slot q takes the piece received for it (waiting for it if still on its way)."""
+        self.held, self.phase = s, q
+        self._install(q)
 
-    def _rotate_once(self) -> None:
+    def _buffer(self, kind: str, q: int) -> torch.Tensor:
+        """Slot q's send or staging buffer (flat, room for a whole slot's rows and moments), kept for the job."""
+        buf = self._buffers.get((kind, q))
+        if buf is None:
+            p = self.model.items.weight
+            buf = self._buffers[(kind, q)] = p.new_empty(3 * self.piece_rows * p.shape[1])
+        return buf
+
+    def _end_phase(self, s: int, q: int) -> None:
+        """Phase (s, q) is trained: send slot q (piece q of this sub-epoch's block) to rank r - 1 and post the
+        receive of rank r + 1's (piece q of the next sub-epoch's block); neither is waited for here."""
         w, r = self.env.world_size, self.env.rank
-        self.held = (self.held + 1) % w
         if w == 1:
             return
+        self._install(q)  # nothing left normally (installed when the phase started); the buffers are free
         p = self.model.items.weight
         state = adam_state(self.opt, p)
-        send = torch.stack([p.detach(), state["exp_avg"], state["exp_avg_sq"]])
-        recv = torch.empty_like(send)
-        ops = [dist.P2POp(dist.isend, send, (r - 1) % w), dist.P2POp(dist.irecv, recv, (r + 1) % w)]
+        d1 = p.shape[1]
+        n_out = len(self.piece_members[movie_block(r, s, w)][q])
+        n_in = len(self.piece_members[movie_block(r, s + 1, w)][q])
+        lo = q * self.piece_rows
+        # Copies, not views: the slot stays live (the optimizer may sweep the whole table) while gloo reads.
+        send = self._buffer("send", q)[: 3 * n_out * d1].view(3, n_out, d1)
+        for dst, src in zip(send, (p.detach(), state["exp_avg"], state["exp_avg_sq"]), strict=True):
+            dst.copy_(src[lo:lo + n_out])
+        recv = self._buffer("stage", q)[: 3 * n_in * d1].view(3, n_in, d1)
+        ops = [dist.P2POp(dist.isend, send, (r - 1) % w, tag=q), dist.P2POp(dist.irecv, recv, (r + 1) % w, tag=q)]
         self.env.count("send_recv")
-        for req in dist.batch_isend_irecv(ops):
-            req.wait()
+        self._pending[q] = (dist.batch_isend_irecv(ops), send, recv)
         self.bytes_sent += send.numel() * send.element_size()
+
+    def _install(self, q: int) -> None:
+        """Wait for slot q's posted exchange (gloo's wait gives up after --train.timeout_s, the process group's
+        timeout, with an error naming the peer: a rank that never sends fails the job instead of hanging it)
+        and copy the received piece with its Adam moments into the slot."""
+        pending = self._pending[q]
+        if pending is None:
+            return
+        works, _send, recv = pending
+        for work in works:
+            work.wait()
+        p = self.model.items.weight
+        state = adam_state(self.opt, p)
+        lo, n = q * self.piece_rows, recv.shape[1]
         with torch.no_grad():
-            p.copy_(recv[0])
-        state["exp_avg"].copy_(recv[1])
-        state["exp_avg_sq"].copy_(recv[2])
+            for dst, src in zip((p, state["exp_avg"], state["exp_avg_sq"]), recv, strict=True):
+                dst[lo:lo + n].copy_(src)
+        self._pending[q] = None
+
+    def _install_all(self) -> None:
+        for q in range(self.pieces):
+            self._install(q)
+
+    def _custody(self, rank: int, s: int, p: int) -> tuple[np.ndarray, np.ndarray]:
+        """Global ids and local rows of the movies rank ``rank`` holds in phase (s, p): slot q >= p holds piece q
+        of sub-epoch s's block, slot q < p (already passed on) piece q of sub-epoch s + 1's, once received."""
+        w, ids, rows = self.env.world_size, [], []
+        for q in range(self.pieces):
+            m = self.piece_members[movie_block(rank, s + (1 if q < p else 0), w)][q]
+            ids.append(m)
+            rows.append(q * self.piece_rows + np.arange(len(m)))
+        return np.concatenate(ids), np.concatenate(rows)
 
     def global_ids(self, batch):
-        w, r = self.env.world_size, self.env.rank
+        w, r, q = self.env.world_size, self.env.rank, self.phase
+        # a batch of phase (held, q) holds movies of slot q only
+        item = batch["item"].cpu().numpy().astype(np.int64) - q * self.piece_rows
         return (self.user_members[r][batch["user"].cpu().numpy()],
-                self.item_members[movie_block(r, self.held, w)][batch["item"].cpu().numpy()])
+                self.piece_members[movie_block(r, self.held, w)][q][item])
 
     def apply_row_grads(self, tables, col_weights) -> None:
         self.opt.step(rows=[(ids, rows, counts, col_weights) for ids, rows, counts in tables])
@@ -223,17 +316,18 @@ class Blocks(TableLayout):
     def eval_tables(self):
         """Users stay local; the movie table is all-gathered (weights only, no Adam state): every rank then
         holds one whole movie table for the duration of the evaluation."""
+        self._install_all()  # every rank's custody complete (all ranks are at the same step)
         w = self.env.world_size
         p = self.model.items.weight.detach()
         full = p.new_empty((self.data.n_items, p.shape[1]))
-        blocks = [p]
+        tables = [p]
         if self.env.distributed:
-            blocks = [torch.empty_like(p) for _ in range(w)]
+            tables = [torch.empty_like(p) for _ in range(w)]
             self.env.count("all_gather")
-            dist.all_gather(blocks, p.contiguous())
-        for q, rows in enumerate(blocks):
-            m = torch.from_numpy(self.item_members[movie_block(q, self.held, w)]).to(p.device)
-            full[m] = rows[: len(m)]
+            dist.all_gather(tables, p.contiguous())
+        for x, rows in enumerate(tables):
+            ids, local = self._custody(x, self.held, self.phase)
+            full[torch.from_numpy(ids).to(p.device)] = rows[torch.from_numpy(local).to(p.device)]
         return self.model.users.weight.detach(), full, self.model.global_bias.detach()
 
     # -- checkpoint parts --------------------------------------------------------------------------
@@ -245,11 +339,34 @@ class Blocks(TableLayout):
         return True
 
     def position(self):
-        return {"held": self.held}
+        return {"held": self.held, "phase": self.phase, "pieces": self.pieces}
 
     def set_position(self, position):
-        self.held = int(position.get("held", 0)) % self.env.world_size
+        """A checkpoint's phase. Older checkpoints say {"held": s}: the whole-block rotation, P = 1. A block holds
+        the same movies for any P (rows.deal_pieces), so an epoch boundary's parts load under any P; a mid-epoch
+        custody only under the P that wrote it (its pieces and step schedule are that P's)."""
+        pieces = int(position.get("pieces", 1))
+        held, phase = int(position.get("held", 0)) % self.env.world_size, int(position.get("phase", 0))
+        if pieces != self.pieces and (held or phase):
+            raise ConfigError(f"the checkpoint stopped mid-epoch with --train.block_pieces {pieces} (this run: "
+                              f"{self.pieces}); resume with --train.block_pieces {pieces} (any value resumes from "
+                              "an epoch boundary)")
+        if any(x is not None for x in self._pending):
+            raise RuntimeError("blocks: a checkpoint's position taken up with pieces still in flight")
+        self._loaded_pieces = pieces  # sub-epoch 0, phase 0 is also an epoch boundary: batches() decides
+        self.held, self.phase = held, phase
 
     def held_ids(self, position):
-        w, r = self.env.world_size, self.env.rank
-        return self.user_members[r], self.item_members[movie_block(r, int(position.get("held", 0)), w)]
+        ids, _ = self._custody(self.env.rank, int(position.get("held", 0)), int(position.get("phase", 0)))
+        return self.user_members[self.env.rank], ids
+
+    def local_rows(self, position):
+        _, rows = self._custody(self.env.rank, int(position.get("held", 0)), int(position.get("phase", 0)))
+        # rows 0..n-1 (one piece, or pieces that fill their slots): say so, and checkpoints take views, not copies
+        return None, None if np.array_equal(rows, np.arange(len(rows))) else rows
+
+    def held_rows(self) -> Part:
+        """Pieces still on their way that belong to this rank's custody are waited for and installed first (every
+        rank checkpoints at the same step, after the sends of every phase before it)."""
+        self._install_all()
+        return super().held_rows()

@@ -72,6 +72,25 @@ def deal_users(data: Dataset, counts: np.ndarray, world: int) -> tuple[np.ndarra
     return rank_of[bucket], rank_of
 
 
+def deal_pieces(counts: np.ndarray, world: int, pieces: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block (0..world-1) and piece (0..pieces-1) of every row: rows dealt into ``world * pieces`` groups by
+    :func:`deal_rows`; group g belongs to block ``snake(g mod 2 world)`` (snake(x) = x below ``world``, else
+    ``2 world - 1 - x``), and a block's pieces are its groups in ascending order.
+
+    That block is exactly ``deal_rows(counts, world)``'s block of each row, whatever ``pieces``: a lap of the
+    fine deal covers whole laps of the coarse one, so the same row falls in the same place of the snake. A block
+    therefore holds the same rows for any number of pieces (checkpoint parts by block stay valid across it)."""
+    group = deal_rows(counts, world * pieces)
+    g = np.arange(world * pieces)
+    x = g % (2 * world)
+    block_of = np.where(x < world, x, 2 * world - 1 - x)
+    piece_of = np.empty_like(g)
+    for b in range(world):
+        mine = np.flatnonzero(block_of == b)  # ascending, exactly `pieces` of them
+        piece_of[mine] = np.arange(len(mine))
+    return block_of[group], piece_of[group]
+
+
 def movie_block(rank: int | np.ndarray, sub_epoch: int, world: int) -> int | np.ndarray:
     """The movie block rank ``rank`` holds in sub-epoch ``sub_epoch`` of the blocks layout (DSGD's rotation)."""
     return (rank + sub_epoch) % world
