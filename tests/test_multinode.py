@@ -32,12 +32,24 @@ pytestmark = pytest.mark.skipif(netns.unavailable_reason() is not None, reason=s
 
 TIMEOUT_S = 12  # --train.timeout_s: a collective waiting this long fails
 JOIN_TIMEOUT_S = 12  # torchrun's c10d rendezvous: a restarted agent waits this long for the other node
+# The node-never-back tests wait these out, so they are shorter there: they only need to outlast the job's
+# start-up (both agents are launched together), not a node's restart.
+FAULT_TIMEOUT_S = 5
+FAULT_JOIN_TIMEOUT_S = 5
 # The small preset (85,000 training ratings), 2 epochs of 333 steps at 2 x 128, a checkpoint every 20 steps.
 JOB = ["--epochs", "2", "--batch-size", "128", "--train.patience", "0", "--checkpoint.every_steps", "20",
        "--train.timeout_s", str(TIMEOUT_S)]
 STEPS_PER_EPOCH = 333
-# A dead agent drops out of the rendezvous after 3 missed keep-alives (2 s apart; torch's default is 5 s).
-ELASTIC = {"max_restarts": 2, "rdzv_conf": f"join_timeout={JOIN_TIMEOUT_S},keep_alive_interval=2"}
+
+
+def elastic(join_timeout_s: float) -> dict:
+    """torchrun's options for restarts: a dead agent drops out of the rendezvous after 3 missed keep-alives
+    (1 s apart; torch's default is 5 s), so a restarted node joins the next round about 3 s after the kill."""
+    return {"max_restarts": 2, "rdzv_conf": f"join_timeout={join_timeout_s},keep_alive_interval=1"}
+
+
+ELASTIC = elastic(JOIN_TIMEOUT_S)
+FAULT_ELASTIC = elastic(FAULT_JOIN_TIMEOUT_S)
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +59,10 @@ def small_preset(tmp_path_factory) -> Path:
     return out
 
 
-def job(data: Path, run_dir: Path) -> list[str]:
-    return ["--data", str(data), "--run-dir", str(run_dir), *JOB]
+def job(data: Path, run_dir: Path, timeout_s: float = TIMEOUT_S) -> list[str]:
+    args = ["--data", str(data), "--run-dir", str(run_dir), *JOB]
+    args[args.index("--train.timeout_s") + 1] = str(timeout_s)
+    return args
 
 
 @pytest.fixture(scope="module")
@@ -206,26 +220,37 @@ def test_a_killed_node_comes_back_and_the_job_ends_as_if_uninterrupted(small_pre
 @pytest.mark.parametrize("fault", ["killed", "cut_off"])
 def test_a_node_that_never_comes_back_fails_the_job_in_time(small_preset, tmp_path, fault):
     """Node 1 is killed (its sockets close: rank 0's collective fails at once) or cut off (its link goes
-    down, its processes live on: rank 0 waits out --train.timeout_s). Either way node 0's agent restarts
-    its worker, waits JOIN_TIMEOUT_S at the rendezvous for node 1, and exits non-zero: no hang."""
+    down, its processes live on: rank 0 waits out --train.timeout_s). Either way rank 0 says so in one line,
+    node 0's agent restarts its worker, waits its join_timeout at the rendezvous for node 1, and exits
+    non-zero: no hang. (The timeouts are FAULT_*: shorter than the other tests', the same mechanism.)"""
     run_dir = tmp_path / "run"
     with netns.simulated_nodes(2) as nodes:
-        agents = [netns.launch_agent(nodes, k, job(small_preset, run_dir), tmp_path / f"node{k}.log", **ELASTIC)
-                  for k in range(2)]
+        agents = [netns.launch_agent(nodes, k, job(small_preset, run_dir, FAULT_TIMEOUT_S), tmp_path / f"node{k}.log",
+                                     **FAULT_ELASTIC) for k in range(2)]
         wait_for_checkpoint(run_dir, agents, tmp_path)
         t_fault = time.monotonic()
         if fault == "killed":
             nodes[1].kill_all()
         else:
             subprocess.run(["ip", "-n", nodes[1].netns, "link", "set", "dev", nodes[1].ifname, "down"], check=True)
-        bound = TIMEOUT_S + JOIN_TIMEOUT_S + 15
+        bound = FAULT_TIMEOUT_S + FAULT_JOIN_TIMEOUT_S + 15
         code = netns.wait_all(agents[:1], bound)[0]
         took = time.monotonic() - t_fault
-    tail = [line for line in (tmp_path / "node0.log").read_text().splitlines() if line.strip()][-3:]
+    out0 = (tmp_path / "node0.log").read_text()
+    tail = [line for line in out0.splitlines() if line.strip()][-3:]
     print(f"node 1 {fault}: node 0's agent exited {code} after {took:.1f} s; its last lines:\n" + "\n".join(tail))
     assert code is not None, f"node 0 still running {bound} s after node 1 was {fault}\n{logs(tmp_path)}"
     assert code != 0 and took < bound
     assert not (run_dir / "metrics.json").exists()
+    # Rank 0's one line for the failed collective, then the agent's wait for node 1 at the rendezvous, in full.
+    if fault == "killed":
+        assert re.search(r"^mfscale\.train: error: .* went away during a collective", out0, re.M), logs(tmp_path)
+        assert took >= FAULT_JOIN_TIMEOUT_S
+    else:
+        assert re.search(r"^mfscale\.train: error: a collective timed out: .*the limit is --train\.timeout_s",
+                         out0, re.M), logs(tmp_path)
+        assert took >= FAULT_TIMEOUT_S + FAULT_JOIN_TIMEOUT_S - 1  # the collective began at most ~1 s before
+    assert "RendezvousTimeoutError" in tail[-1], logs(tmp_path)
 
 
 # --- real SLURM across the two nodes -----------------------------------------------------------------------------
