@@ -369,6 +369,16 @@ def _spawn_pair(argv: list[str], crash_at: int) -> list[int | None]:
     return spawn_ranks(_crashing_rank, 2, (free_port(), argv, crash_at), 240)
 
 
+def _crash_then_resume(argv: list[str], crash_at: int, position: dict) -> None:
+    """Both ranks crash at global step ``crash_at`` (epoch 1), whose newest checkpoint holds ``position``
+    mid-epoch; then the same command resumes from it to the end."""
+    assert _spawn_pair(argv, crash_at) == [3, 3]
+    state, _ = checkpoint.load_latest(Path(argv[argv.index("--run-dir") + 1]))
+    assert state["epoch"] == 1 and state["layout_position"] == position
+    assert state["step_in_epoch"] > 0
+    assert _spawn_pair(argv, 0) == [0, 0]
+
+
 def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path, reference_run):
     """Crash both ranks in sub-epoch 1 of epoch 1 (each holding another rank's movie block), resume from the
     newest checkpoint: the run ends bit-identical to the uninterrupted reference run (blocks, 2 ranks, the whole
@@ -382,12 +392,8 @@ def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data,
     steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
     crash_at = steps + steps * 3 // 4 + 1  # epoch 1, sub-epoch 1 (of 2, about equal), not on a checkpoint step
     run_dir = tmp_path / "run"
-    argv = ["--data", str(small_data), "--run-dir", str(run_dir), *RESTART_ARGS]
-    assert _spawn_pair(argv, crash_at) == [3, 3]
-    state, _ = checkpoint.load_latest(run_dir)
-    assert state["epoch"] == 1 and state["layout_position"] == {"held": 1, "phase": 0, "pieces": 1}
-    assert state["step_in_epoch"] > 0
-    assert _spawn_pair(argv, 0) == [0, 0]
+    _crash_then_resume(["--data", str(small_data), "--run-dir", str(run_dir), *RESTART_ARGS], crash_at,
+                       {"held": 1, "phase": 0, "pieces": 1})
     assert_same_run(ref_dir, run_dir, ref_metrics, json.loads((run_dir / "metrics.json").read_text()))
 
 
@@ -406,12 +412,8 @@ def test_blocks_in_pieces_resume_inside_phase_1_of_a_later_sub_epoch_equals_unin
     steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
     crash_at = steps + steps * 7 // 8 + 1  # epoch 1, the middle of phase (1, 1); not on a checkpoint step
     run_dir = tmp_path / "run"
-    argv = ["--data", str(small_data), "--run-dir", str(run_dir), *argv]
-    assert _spawn_pair(argv, crash_at) == [3, 3]
-    state, _ = checkpoint.load_latest(run_dir)
-    assert state["epoch"] == 1 and state["layout_position"] == {"held": 1, "phase": 1, "pieces": 2}
-    assert state["step_in_epoch"] > 0
-    assert _spawn_pair(argv, 0) == [0, 0]
+    _crash_then_resume(["--data", str(small_data), "--run-dir", str(run_dir), *argv], crash_at,
+                       {"held": 1, "phase": 1, "pieces": 2})
     assert_same_run(ref_dir, run_dir, json.loads((ref_dir / "metrics.json").read_text()),
                     json.loads((run_dir / "metrics.json").read_text()))
 
