@@ -291,10 +291,9 @@ def _prepare_into(args: argparse.Namespace, tmp: Path, scratch: Path, need: dict
     # Users dealt into buckets by training count (balanced ratings per bucket); the training split is written
     # bucket by bucket inside each stripe (shards.write_split), so a blocks rank reads only its buckets.
     n_train_user = np.bincount(user[train_mask], minlength=n_users)
-    n_buckets = min(args.user_buckets, n_users) if args.user_buckets else auto_buckets(
-        int(train_mask.sum()), n_users)
-    user_bucket = deal_rows(n_train_user, n_buckets).astype(np.int32)
     n_train = int(train_mask.sum())
+    n_buckets = min(args.user_buckets, n_users) if args.user_buckets else auto_buckets(n_train, n_users)
+    user_bucket = deal_rows(n_train_user, n_buckets).astype(np.int32)
     need["bytes"] = estimate_bytes(n, n_users, n_items, -(-n_train // group_rows(n_train)) * n_buckets)
     for code, name in ((split.TRAIN, "train"), (split.VAL, "val"), (split.TEST, "test")):
         idx = np.flatnonzero(labels == code)

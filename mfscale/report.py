@@ -25,7 +25,7 @@ from .layout import TableLayout
 from .model import capped
 from .monitor import Monitor
 from .optim import Optimizers
-from .shards import write_json_atomic
+from .shards import TRAIN_ROW_BYTES, write_json_atomic
 
 log = logging.getLogger("mfscale")
 
@@ -97,7 +97,7 @@ def final(cfg: JobConfig, env: DistEnv, layout: TableLayout, monitor: Monitor, r
         "table_bytes_sent": layout.bytes_sent,  # by rank 0, in this process, for the tables
         "peak_rss_mib_per_rank": peak_rss_per_rank(env),
         "decoded_bytes_per_rank": distributed.gather(env, layout.decoded_bytes),  # of the training split, at start-up
-        "train_split_decode_bytes": data.split_rows("train") * 12,  # user, movie, rating: the whole split decoded
+        "train_split_decode_bytes": data.split_rows("train") * TRAIN_ROW_BYTES,  # the whole split, decoded
         "collectives_by_kind": dict(env.collectives),  # rank 0's, the whole job so far
         "batch_size": layout.batch_size,
         "device": str(env.device),

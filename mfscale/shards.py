@@ -54,6 +54,9 @@ MAX_BUCKETS, MIN_BUCKET_ROWS = 240, 64
 SHARD_SCHEMA = pa.schema(
     [("user", pa.int32()), ("item", pa.int32()), ("rating", pa.float32()), ("timestamp", pa.int32())]
 )
+# The columns training reads (not the timestamp), and their bytes per rating: what decoded_bytes counts.
+TRAIN_COLUMNS = ("user", "item", "rating")
+TRAIN_ROW_BYTES = sum(SHARD_SCHEMA.field(c).type.byte_width for c in TRAIN_COLUMNS)
 VERIFY_MODES = ("auto", "on", "off")
 # In a dataset directory: the shards whose sha256 matched the manifest, each with the stat it had when hashed
 # (see Dataset.verify). Only a cache: losing it costs one more hash of each shard.
@@ -194,14 +197,14 @@ class RowGroup:
 
 @dataclass(frozen=True)
 class Stripe:
-    """One unit of streaming work: row groups of one file read together, in a fixed random order (``seed`` >= 0:
-    ``stripe_order``; -1: as stored, a row group of a split written unbucketed, whose rows prepare shuffled)."""
+    """One unit of streaming work: row groups of one file read together, in a fixed random order (``seed``:
+    ``stripe_order``'s; None: as stored, a row group of a split written unbucketed, whose rows prepare shuffled)."""
 
     path: Path
     indices: tuple[int, ...]
     rows: int
     index: int
-    seed: int = -1
+    seed: int | None = None
 
 
 class Dataset:
@@ -300,12 +303,13 @@ class Dataset:
     def stripes(self, split: str) -> list[Stripe]:
         """The split's units of streaming: each stripe of a bucketed split (its row groups, one per bucket, read
         together and put in ``stripe_order``), else each row group."""
-        seed = int(self.buckets["seed"]) if self.buckets else -1
+        seed = int(self.buckets["seed"]) if self.buckets else None
         out: list[Stripe] = []
         for g in self.row_groups(split):
-            if g.stripe < 0 or not out or out[-1].path != g.path or out[-1].index != g.stripe:
-                out.append(Stripe(g.path, (g.index,), g.rows, g.stripe if g.stripe >= 0 else len(out),
-                                  seed if g.stripe >= 0 else -1))
+            if g.stripe < 0:  # unbucketed: the row group is the stripe
+                out.append(Stripe(g.path, (g.index,), g.rows, len(out)))
+            elif not out or out[-1].path != g.path or out[-1].index != g.stripe:
+                out.append(Stripe(g.path, (g.index,), g.rows, g.stripe, seed))
             else:
                 last = out[-1]
                 out[-1] = Stripe(last.path, (*last.indices, g.index), last.rows + g.rows, last.index, last.seed)
@@ -616,7 +620,7 @@ def read_row_groups(path: Path, indices: list[int] | tuple[int, ...],
 def read_stripe(stripe: Stripe, columns: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """A stripe's rows in its fixed order (``Stripe``)."""
     arrays = read_row_groups(stripe.path, stripe.indices, columns)
-    if stripe.seed < 0:
+    if stripe.seed is None:
         return arrays
     order = stripe_order(stripe.seed, stripe.index, stripe.rows)
     return {k: v[order] for k, v in arrays.items()}

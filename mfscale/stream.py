@@ -56,9 +56,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import ConfigError, DataError
-from .shards import Dataset, Stripe, read_stripe
+from .shards import TRAIN_COLUMNS, Dataset, Stripe, read_stripe
 
-COLUMNS = ("user", "item", "rating")
+COLUMNS = TRAIN_COLUMNS
 RESIDENT_CPU_MAX_BYTES = 1 << 30  # beyond this, streaming from the page cache costs little in comparison
 _DTYPES = {"user": np.int32, "item": np.int32, "rating": np.float32}
 

@@ -34,7 +34,7 @@ from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
 from ..optim import adam_state
-from ..shards import Dataset, read_row_groups
+from ..shards import TRAIN_COLUMNS, Dataset, read_row_groups
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
 from .rows import deal_pieces, deal_users, local_index, movie_block
 
@@ -122,7 +122,7 @@ class Blocks(TableLayout):
             by_file.setdefault(g.path, []).append(g.index)
         with self.data.reading(("train",)):  # the whole split is hashed (shared by a host's ranks, --data.verify)
             for path, indices in by_file.items():
-                a = read_row_groups(path, indices, ("user", "item", "rating"))
+                a = read_row_groups(path, indices, TRAIN_COLUMNS)
                 self.decoded_bytes += sum(v.nbytes for v in a.values())
                 mine = self.user_block[a["user"]] == r
                 parts["user"].append(self.user_local_idx[a["user"][mine]].astype(np.int32))

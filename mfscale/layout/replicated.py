@@ -18,7 +18,7 @@ from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
 from ..optim import LazyAdam
-from ..shards import SHARD_SCHEMA, Dataset
+from ..shards import TRAIN_ROW_BYTES, Dataset
 from ..stream import RatingStream, make_loader
 from ..sync import all_gather_ids, all_sum_rows, sync_sparse_grads, sync_sparse_rows
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
@@ -28,8 +28,6 @@ from .rows import auto_strata, deal_rows, train_counts
 # training loss) run every this many steps: one tiny all_reduce took ~0.2 ms against ~6-8 ms steps with 2
 # gloo ranks on 2 CPU cores, so every 10th step makes that ~0.3%.
 SYNC_EVERY = 10
-# user, movie, rating: the columns training decodes (not the timestamp)
-ROW_BYTES = sum(SHARD_SCHEMA.field(c).type.byte_width for c in ("user", "item", "rating"))
 
 
 class Replicated(TableLayout):
@@ -46,7 +44,7 @@ class Replicated(TableLayout):
         # The whole training split on the device (batches cut there, identical to streamed ones)?
         self.resident = not self.workers and fits_on_device(data.split_rows("train"), cfg.data.resident, env)
         if self.resident:  # every row group (streamed: read as the epochs go, nothing at start-up)
-            self.decoded_bytes = data.split_rows("train") * ROW_BYTES
+            self.decoded_bytes = data.split_rows("train") * TRAIN_ROW_BYTES
         self.strata = self._strata(cfg, env, data, batch_size)
         deal = None
         if self.strata > 1:  # users and movies dealt to k blocks each, balanced by their training ratings
