@@ -44,7 +44,7 @@ import shutil
 import sys
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -111,26 +111,29 @@ TABLES = ("users", "items")  # the two tables, by the model's attribute names (a
 
 @dataclass
 class TableRows:
-    """One table's rows in a checkpoint part: their global row ids, the rows, their Adam moments (None when
-    the part holds weights only) and the table's Adam step count. Rows a rank holds are written by it alone,
-    so the parts of one checkpoint hold every row of every table exactly once."""
+    """One table's rows in a checkpoint part: their global row ids, the rows, their optimizer state by name (one
+    row per table row: Adam's ``exp_avg`` and ``exp_avg_sq``, or RowRMSprop's ``row_sq``; empty when the part
+    holds weights only) and the table's optimizer step count. Rows a rank holds are written by it alone, so the
+    parts of one checkpoint hold every row of every table exactly once."""
 
     ids: torch.Tensor
     weight: torch.Tensor
-    exp_avg: torch.Tensor | None = None
-    exp_avg_sq: torch.Tensor | None = None
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
     step: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"ids": self.ids, "weight": self.weight, "exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq,
-                "step": int(self.step)}
+        return {"ids": self.ids, "weight": self.weight, **self.state, "step": int(self.step)}
 
     @classmethod
     def from_dict(cls, d: Any) -> TableRows:
         if not isinstance(d, dict) or not isinstance(d.get("ids"), torch.Tensor) \
                 or not isinstance(d.get("weight"), torch.Tensor) or len(d["ids"]) != len(d["weight"]):
             raise ValueError("a table of the part lacks matching ids and weight rows")
-        return cls(d["ids"], d["weight"], d.get("exp_avg"), d.get("exp_avg_sq"), int(d.get("step", 0)))
+        # Older parts name Adam's two moments, None when weights only; any other tensor is state too.
+        state = {k: v for k, v in d.items() if k not in ("ids", "weight", "step") and v is not None}
+        if any(not isinstance(v, torch.Tensor) or len(v) != len(d["ids"]) for v in state.values()):
+            raise ValueError("a table of the part has optimizer state that does not match its rows")
+        return cls(d["ids"], d["weight"], state, int(d.get("step", 0)))
 
 
 @dataclass
@@ -207,14 +210,14 @@ def check_complete(filled: dict[str, np.ndarray], where: object) -> None:
 
 def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torch.Tensor]:
     """Whole tables of a checkpoint, by global row id, from all its parts: ``users.weight``, ``items.weight``,
-    ``global_bias`` and, with ``optimizer``, ``users.exp_avg``, ``users.exp_avg_sq``, ... DataError when a
+    ``global_bias`` and, with ``optimizer``, its state (``users.exp_avg``, ``users.exp_avg_sq``, ... or
+    ``users.row_sq``, ...). DataError when a
     row is in no part. Needs the whole tables in this process. A checkpoint from before parts existed gives
     its weights (no optimizer state)."""
     if "parts" not in state and "model" in state:  # written before table parts existed: whole tables inside
         return {k: v for k, v in state["model"].items()}
     shape = state["model_shape"]
     rows = {"users": shape["n_users"], "items": shape["n_items"]}
-    keys = ("weight", "exp_avg", "exp_avg_sq") if optimizer else ("weight",)
     out: dict[str, torch.Tensor] = {}
     filled = {name: np.zeros(n, dtype=bool) for name, n in rows.items()}
     for part_path, digest in part_paths(path, state):
@@ -222,11 +225,8 @@ def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torc
         for name, n in rows.items():
             t = part.tables[name]
             filled[name][t.ids.numpy()] = True
-            for key in keys:
-                value = getattr(t, key)
-                if value is None:
-                    continue
-                full = out.setdefault(f"{name}.{key}", torch.full((n, shape["dim"] + 1), math.nan, dtype=value.dtype))
+            for key, value in {"weight": t.weight, **(t.state if optimizer else {})}.items():
+                full = out.setdefault(f"{name}.{key}", torch.full((n, value.shape[1]), math.nan, dtype=value.dtype))
                 full[t.ids] = value
     check_complete(filled, path)
     out["global_bias"] = state["global_bias"]

@@ -45,9 +45,14 @@ class ModelConfig:
     max_norm: float = 0.0
 
 
+FUSED_OPTIMIZERS = ("lazy_adam", "row_rmsprop")  # the tables' optimizers the fused steps implement
+
+
 @dataclass
 class OptimConfig:
-    optimizer: str = "lazy_adam"  # lazy_adam (mfscale.optim.LazyAdam) | sparse_adam (torch.optim.SparseAdam)
+    # lazy_adam (mfscale.optim.LazyAdam) | row_rmsprop (mfscale.optim.RowRMSprop: Adam without beta1, one second
+    # moment per row: 1/3 of Adam's memory, faster CPU steps) | sparse_adam (torch.optim.SparseAdam, the reference)
+    optimizer: str = "lazy_adam"
     # Defaults chosen on ml-10m and ml-1m synthetic and real ml-latest-small, several seeds each
     # (benchmarks/RESULTS.md, issue 12); every one of the three is better with them than with the previous
     # (lr 0.003, reg 0.04, beta2 0.999) and previous-but-one (lr 0.005, reg 0.05) defaults.
@@ -125,7 +130,7 @@ class JobConfig:
     def fused_blockers(self) -> list[str]:
         """Settings the fused (closed-form) training step does not implement; autograd handles them."""
         out = []
-        if self.optim.optimizer != "lazy_adam":
+        if self.optim.optimizer not in FUSED_OPTIMIZERS:
             out.append(f"optim.optimizer {self.optim.optimizer}")
         if self.model.dropout > 0:
             out.append("model.dropout > 0")
@@ -146,7 +151,8 @@ class JobConfig:
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.model.max_norm >= 0 and math.isfinite(self.model.max_norm),
              "model.max_norm must be a finite number >= 0 (0 = off)"),
-            (self.optim.optimizer in ("lazy_adam", "sparse_adam"), "optim.optimizer must be lazy_adam or sparse_adam"),
+            (self.optim.optimizer in ("lazy_adam", "row_rmsprop", "sparse_adam"),
+             "optim.optimizer must be lazy_adam, row_rmsprop or sparse_adam"),
             (self.optim.lr > 0 and self.optim.dense_lr >= 0, "optim.lr must be > 0 and optim.dense_lr >= 0"),
             (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
             (min(self.optim.reg_factor, self.optim.reg_bias, self.optim.gravity) >= 0,

@@ -1,9 +1,9 @@
 """The fused training step as one C++ op on the CPU (``mfscale/csrc/fused_step.cpp``).
 
 Computes exactly what ``BiasedMF.closed_form_grads`` + ``LazyAdam`` compute (SparseAdam's update, in its
-operation order), but visits each touched row once instead of making a dozen passes over the batch and the
-rows; see the source for how. It applies where a rank's batch gradient is the whole gradient of the rows it
-touches: one process, or the blocks layout (no gradient exchange between ranks).
+operation order), or ``+ RowRMSprop``, but visits each touched row once instead of making a dozen passes over
+the batch and the rows; see the source for how. It applies where a rank's batch gradient is the whole gradient
+of the rows it touches: one process, or the blocks layout (no gradient exchange between ranks).
 
 The op is compiled on first use with torch's own extension builder (``torch.utils.cpp_extension``: a C++
 compiler and ninja, which ``pip install -e .`` brings), cached under ``TORCH_EXTENSIONS_DIR`` (default
@@ -117,19 +117,20 @@ def load(verbose: bool = False) -> None:
     _LOADED["ok"] = True
 
 
-def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.Tensor, torch.Tensor],
-               moments_i: tuple[torch.Tensor, torch.Tensor], user: torch.Tensor, item: torch.Tensor,
+def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.Tensor, torch.Tensor | None],
+               moments_i: tuple[torch.Tensor, torch.Tensor | None], user: torch.Tensor, item: torch.Tensor,
                rating: torch.Tensor, global_bias: float, scale: float, col_weights: torch.Tensor,
                step_sizes: tuple[float, float], betas: tuple[float, float], eps: float,
-               scratch: dict[str, torch.Tensor], *, max_norm: float = 0.0, biases: bool = True
-               ) -> tuple[float, float]:
-    """One step in place on both tables and their Adam moments; returns (sum of coef, sum of squared errors).
+               scratch: dict[str, torch.Tensor], *, max_norm: float = 0.0, biases: bool = True,
+               row_wise: bool = False) -> tuple[float, float]:
+    """One step in place on both tables and their optimizer state; returns (sum of coef, sum of squared errors).
 
     coef = (prediction - rating) * ``scale``; the global bias's gradient is the first return value.
     ``col_weights``: the L2 weight per column times ``scale``. ``scratch``: a dict kept by the caller between
     steps (per-table marks and the op's work memory, allocated once and grown when needed). ``max_norm`` > 0:
     the touched rows' factor vectors are first renormalized in place (``nn.Embedding(max_norm=...)``);
     ``biases`` False: the bias column gets a zero gradient (plain MF; the first return value is then unused).
+    ``moments_*``: Adam's (exp_avg, exp_avg_sq); with ``row_wise``, RowRMSprop's (row_sq, None).
     """
     load()
     for name, table in (("users", users), ("items", items)):
@@ -139,9 +140,13 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
     work = scratch.get("work")
     if work is None or work.dtype != users.dtype:
         work = scratch["work"] = torch.empty(0, dtype=users.dtype)  # the op grows it to what a step needs
+    unused = scratch.get("unused")
+    if unused is None or unused.dtype != users.dtype:
+        unused = scratch["unused"] = torch.empty(0, dtype=users.dtype)
     out = torch.ops.mfscale.fused_step(
-        users, items, moments_u[0], moments_u[1], moments_i[0], moments_i[1], user, item, rating, global_bias,
-        scale, col_weights, step_sizes[0], step_sizes[1], betas[0], betas[1], eps, scratch["mark_users"],
-        scratch["mark_items"], work, float(max_norm), bool(biases))
+        users, items, moments_u[0], moments_u[1] if moments_u[1] is not None else unused, moments_i[0],
+        moments_i[1] if moments_i[1] is not None else unused, user, item, rating, global_bias, scale, col_weights,
+        step_sizes[0], step_sizes[1], betas[0], betas[1], eps, scratch["mark_users"], scratch["mark_items"], work,
+        float(max_norm), bool(biases), bool(row_wise))
     coef_sum, sse = out.tolist()
     return coef_sum, sse

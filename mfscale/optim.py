@@ -20,9 +20,20 @@ for each touched row, with g its summed gradient plus ``row_scale * col_weights 
 (``LazyAdam._begin_step``, the only place it is computed). Untouched rows and their moments are left alone.
 tests/test_optim.py checks each implementation against ``torch.optim.SparseAdam``.
 
+**RowRMSprop** (``--optim.optimizer row_rmsprop``, issue 22): the same lazy update with two floats of state per row
+instead of two moments per element. Adam with beta1 = 0 (no first moment) and its second moment shared by a
+row's factor columns (the mean of their squared gradients; FBGEMM's row-wise optimizers keep one such value per
+row) and kept apart for the bias column, whose gradients have another scale. For each touched row, with g as
+above: ``s_f += (mean(g[:d]^2) - s_f)(1 - beta2)``, ``s_b += (g[d]^2 - s_b)(1 - beta2)``,
+``row[:d] -= step_size * g[:d] / (sqrt(s_f) + eps)``, ``row[d] -= step_size * g[d] / (sqrt(s_b) + eps)``, where
+``step_size = lr * sqrt(1 - beta2^t)``. A row is then 67 floats instead of 195, so the rows a CPU step reads at
+random stay in cache far more often (benchmarks/RESULTS.md, session 10). Two implementations: ``_row_rmsprop_rows``
+(torch ops, compiled or not) and the C++ step; tests/test_optim.py checks both against a NumPy reference.
+
 This module also owns the job's optimizers as a whole (:class:`Optimizers`): the tables' optimizer
 (:func:`build_tables`, called by the layout that holds the tables), the global bias's Adam, their learning-rate
-schedule and their checkpoint state; :func:`adam_state` is the one way to reach a table's Adam moments.
+schedule and their checkpoint state; :func:`row_state` is the one way to reach a table's per-row optimizer state
+and :func:`state_keys` names its tensors.
 """
 
 from __future__ import annotations
@@ -106,6 +117,22 @@ def _adam_dense_fusable(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad
     param.copy_(torch.where(touched, new_p, param))
 
 
+def _row_rmsprop_rows(param: Tensor, row_sq: Tensor, rows: Tensor, grad: Tensor, row_scale: Tensor,
+                      col_weights: Tensor, step_size: Tensor | float, beta2: float, eps: float) -> None:
+    """RowRMSprop's update of the unique ``rows`` (values ``grad``); ``row_sq``: (table rows, 2), the second
+    moments of the factor columns (their mean square) and of the bias column. Written to run eagerly or under
+    torch.compile (one gather and one scatter per tensor)."""
+    p = param[rows]
+    g = grad + (row_scale[:, None] * col_weights) * p
+    d = g.shape[1] - 1
+    ms = torch.stack([(g[:, :d] * g[:, :d]).mean(1), g[:, d] * g[:, d]], 1)
+    s = row_sq[rows]
+    s = s + (ms - s) * (1 - beta2)
+    row_sq[rows] = s
+    k = -step_size / (s.sqrt() + eps)  # per row: the factor columns' multiplier, then the bias column's
+    param[rows] = p + g * torch.cat([k[:, :1].expand(-1, d), k[:, 1:]], 1)
+
+
 _COMPILED: dict[str, object] = {}
 
 
@@ -116,6 +143,13 @@ def compiled_adam_rows():
     return _COMPILED["adam"]
 
 
+def compiled_row_rmsprop():
+    """``_row_rmsprop_rows`` under torch.compile (compiled once per process, shapes dynamic)."""
+    if "row" not in _COMPILED:
+        _COMPILED["row"] = torch.compile(_row_rmsprop_rows, dynamic=True)
+    return _COMPILED["row"]
+
+
 def compiled_adam_dense():
     """``_adam_dense_fusable`` under torch.compile (compiled once per process, shapes dynamic)."""
     if "dense" not in _COMPILED:
@@ -123,7 +157,95 @@ def compiled_adam_dense():
     return _COMPILED["dense"]
 
 
-class LazyAdam(torch.optim.Optimizer):
+class RowOptimizer(torch.optim.Optimizer):
+    """A lazy optimizer of row tables: each step updates only the rows a batch touches, from their summed
+    gradients, and keeps per-row state (``state_keys``, tensors with one row per table row) and a step count per
+    table. The step's forms (``.grad``, ``rows=``, ``update=``) are shared; a subclass gives the update."""
+
+    state_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], defaults: dict, *, compile: bool = False):
+        if not defaults["lr"] > 0.0:
+            raise ValueError(f"Invalid learning rate: {defaults['lr']}")
+        if not defaults["eps"] > 0.0:
+            raise ValueError(f"Invalid epsilon value: {defaults['eps']}")
+        super().__init__(params, defaults)
+        self.compile = compile
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.is_sparse or p.is_complex() or p.dim() != 2:
+                    raise ValueError(f"{type(self).__name__} needs dense, real, 2-D (row table) parameters")
+
+    def state_width(self, key: str, p: Tensor) -> int:
+        """Columns of state tensor ``key`` of table ``p``."""
+        return p.shape[1]
+
+    def _state(self, p: Tensor) -> dict:
+        return row_state(self, p)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As Optimizer.load_state_dict; the loaded state is then moved to table memory (huge pages)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            for key in self.state_keys:
+                if key in state:
+                    state[key] = table_like(state[key])
+
+    def _begin_step(self, p: Tensor, group: dict) -> tuple[dict, float]:
+        """Count one step of ``p`` (of ``group``); (its state, the step's step size)."""
+        raise NotImplementedError
+
+    def _apply(self, group: dict, p: Tensor, rows: Tensor | None, values: Tensor,
+               l2: tuple[Tensor, Tensor] | None = None) -> None:
+        """The update of ``p``'s rows ``rows`` (None: dense form) from their summed gradients ``values``."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None, *, rows: list[tuple[Tensor, ...] | None] | None = None,
+             update: Callable[[list[tuple[dict, float]]], None] | None = None):
+        """One step of every parameter with a gradient.
+
+        ``rows``, optional: per parameter (in param_groups order) ``(ids, values)``: unique row ids and summed
+        gradient rows, used instead of ``.grad`` (None for a parameter reads its ``.grad``), as
+        sync.sync_sparse_rows gives; or ``(ids, values, row_scale, col_weights)``, which adds the gradient of an
+        L2 penalty, ``row_scale[:, None] * col_weights * param[ids]`` (per-row counts times per-column
+        weights), to the values before the update, reading the rows once. ``ids`` None: dense form, values
+        for every row of the table and row_scale the touch counts (rows with count 0 are left alone).
+
+        ``update``, optional: the update is done elsewhere with this optimizer's state (``mfscale.cpu_step``):
+        every parameter counts one step and ``update`` gets, per parameter, (its state, the step's step size),
+        and applies this optimizer's update to the touched rows of the parameter and of its state.
+        (Through ``step``, so hooks and LR schedulers see a step.)
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if update is not None:
+            update([self._begin_step(p, group) for group in self.param_groups for p in group["params"]])
+            return loss
+        k = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                k += 1
+                if rows is not None and rows[k] is not None:
+                    ids, values, *l2 = rows[k]
+                    self._apply(group, p, ids, values, (l2[0], l2[1]) if l2 else None)
+                    continue
+                g = p.grad
+                if g is None:
+                    continue
+                if not g.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support dense gradients")
+                if g.is_coalesced():
+                    ids, values = g._indices()[0], g._values()
+                else:
+                    ids, values = sum_rows(g._indices()[0], g._values(), g.shape[0])
+                self._apply(group, p, ids, values)
+        return loss
+
+
+class LazyAdam(RowOptimizer):
     """Exact equivalent of torch.optim.SparseAdam's lazy update for row-sparse gradients, without coalesce().
 
     ``step()`` reads each parameter's ``.grad``: a sparse COO row gradient, duplicate rows allowed (summed
@@ -132,34 +254,15 @@ class LazyAdam(torch.optim.Optimizer):
     compiled; the math is the same).
     """
 
+    state_keys = ("exp_avg", "exp_avg_sq")
+
     def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *, compile: bool = False):
-        if not lr > 0.0:
-            raise ValueError(f"Invalid learning rate: {lr}")
-        if not eps > 0.0:
-            raise ValueError(f"Invalid epsilon value: {eps}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Invalid beta parameters: {betas}")
-        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
-        self.compile = compile
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.is_sparse or p.is_complex() or p.dim() != 2:
-                    raise ValueError("LazyAdam needs dense, real, 2-D (row table) parameters")
-
-    def _state(self, p: Tensor) -> dict:
-        return adam_state(self, p)
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """As Optimizer.load_state_dict; the loaded moments are then moved to table memory (huge pages)."""
-        super().load_state_dict(state_dict)
-        for state in self.state.values():
-            for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key] = table_like(state[key])
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps}, compile=compile)
 
     def _begin_step(self, p: Tensor, group: dict) -> tuple[dict, float]:
-        """Count one step of ``p`` (of ``group``); (its state, the step's bias-corrected step size)."""
         state = self._state(p)
         state["step"] += 1  # SparseAdam counts a step for every gradient, an empty one too
         beta1, beta2 = group["betas"]
@@ -194,67 +297,81 @@ class LazyAdam(torch.optim.Optimizer):
         _adam_rows(p, state["exp_avg"], state["exp_avg_sq"], rows, values, l2, step_size=size, beta1=beta1,
                    beta2=beta2, eps=group["eps"])
 
-    @torch.no_grad()
-    def step(self, closure=None, *, rows: list[tuple[Tensor, ...] | None] | None = None,
-             update: Callable[[list[tuple[dict, float]]], None] | None = None):
-        """One step of every parameter with a gradient.
 
-        ``rows``, optional: per parameter (in param_groups order) ``(ids, values)``: unique row ids and summed
-        gradient rows, used instead of ``.grad`` (None for a parameter reads its ``.grad``), as
-        sync.sync_sparse_rows gives; or ``(ids, values, row_scale, col_weights)``, which adds the gradient of an
-        L2 penalty, ``row_scale[:, None] * col_weights * param[ids]`` (per-row counts times per-column
-        weights), to the values before the update, reading the rows once. ``ids`` None: dense form, values
-        for every row of the table and row_scale the touch counts (rows with count 0 are left alone).
+class RowRMSprop(RowOptimizer):
+    """Adam without a first moment and with one second moment per row's factor columns and one for its bias
+    column (module docstring): two floats of state per row. ``betas`` as Adam's, for one config and checkpoint
+    format; only beta2 is used. Same step forms and dense form as LazyAdam (touched rows only)."""
 
-        ``update``, optional: the update is done elsewhere with this optimizer's state (``mfscale.cpu_step``):
-        every parameter counts one step and ``update`` gets, per parameter, (its state, the step's
-        bias-corrected step size), and applies SparseAdam's update to the touched rows of the parameter and of
-        ``state["exp_avg"]``/``["exp_avg_sq"]``. (Through ``step``, so hooks and LR schedulers see a step.)
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if update is not None:
-            update([self._begin_step(p, group) for group in self.param_groups for p in group["params"]])
-            return loss
-        k = -1
+    state_keys = ("row_sq",)
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 1e-3,
+                 betas: tuple[float, float] = (0.0, 0.98), eps: float = 1e-8, *, compile: bool = False):
+        if not 0.0 <= betas[1] < 1.0:
+            raise ValueError(f"Invalid beta2: {betas[1]}")
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps}, compile=compile)
         for group in self.param_groups:
             for p in group["params"]:
-                k += 1
-                if rows is not None and rows[k] is not None:
-                    ids, values, *l2 = rows[k]
-                    self._apply(group, p, ids, values, (l2[0], l2[1]) if l2 else None)
-                    continue
-                g = p.grad
-                if g is None:
-                    continue
-                if not g.is_sparse:
-                    raise RuntimeError("LazyAdam does not support dense gradients, please consider Adam instead")
-                if g.is_coalesced():
-                    ids, values = g._indices()[0], g._values()
-                else:
-                    ids, values = sum_rows(g._indices()[0], g._values(), g.shape[0])
-                self._apply(group, p, ids, values)
-        return loss
+                if p.shape[1] < 2:
+                    raise ValueError("RowRMSprop needs tables of factor columns and a bias column (width >= 2)")
+
+    def state_width(self, key: str, p: Tensor) -> int:
+        return 2
+
+    def _begin_step(self, p: Tensor, group: dict) -> tuple[dict, float]:
+        state = self._state(p)
+        state["step"] += 1
+        return state, float(group["lr"]) * math.sqrt(1 - group["betas"][1] ** state["step"])
+
+    def _apply(self, group: dict, p: Tensor, rows: Tensor | None, values: Tensor,
+               l2: tuple[Tensor, Tensor] | None = None) -> None:
+        state, size = self._begin_step(p, group)
+        if rows is None:  # dense form: the touched rows are those with a count > 0
+            if l2 is None:
+                raise ValueError("RowRMSprop: dense rows need l2 row_scale (touch counts) to know the touched rows")
+            rows = torch.nonzero(l2[0]).squeeze(1)
+            values, l2 = values.index_select(0, rows), (l2[0].index_select(0, rows), l2[1])
+        if values.numel() == 0:
+            return
+        if l2 is None:
+            l2 = (values.new_zeros(values.shape[0]), values.new_zeros(values.shape[1]))
+        fn = compiled_row_rmsprop() if self.compile else _row_rmsprop_rows
+        step_size = torch.tensor(size, dtype=p.dtype, device=p.device) if self.compile else size
+        # detach: compiled for symbolic sizes (a Parameter's sizes would be specialized on)
+        fn(p.detach(), state["row_sq"], rows, values, l2[0], l2[1], step_size, group["betas"][1], group["eps"])
 
 
-def adam_state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
-    """Table ``p``'s Adam state in ``opt`` (LazyAdam or SparseAdam: the same layout), created as zeros (in
-    table memory) when it has none yet: ``step``, ``exp_avg``, ``exp_avg_sq``."""
+def state_keys(opt: torch.optim.Optimizer) -> tuple[str, ...]:
+    """The names of a tables' optimizer's per-row state tensors (SparseAdam: Adam's two moments)."""
+    return opt.state_keys if isinstance(opt, RowOptimizer) else LazyAdam.state_keys
+
+
+def row_state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
+    """Table ``p``'s state in ``opt`` (LazyAdam, SparseAdam or RowRMSprop), created as zeros (in table memory)
+    when it has none yet: ``step`` and the tensors ``state_keys(opt)`` names, one row per table row."""
     state = opt.state[p]
     if len(state) == 0:
         state["step"] = 0
-        state["exp_avg"] = table_empty(tuple(p.shape), p.dtype, p.device).zero_()
-        state["exp_avg_sq"] = table_empty(tuple(p.shape), p.dtype, p.device).zero_()
+        for key in state_keys(opt):
+            width = opt.state_width(key, p) if isinstance(opt, RowOptimizer) else p.shape[1]
+            state[key] = table_empty((p.shape[0], width), p.dtype, p.device).zero_()
     return state
 
 
+def adam_state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
+    """Table ``p``'s Adam state (``step``, ``exp_avg``, ``exp_avg_sq``) in LazyAdam or SparseAdam."""
+    if state_keys(opt) != LazyAdam.state_keys:
+        raise TypeError(f"{type(opt).__name__} keeps no Adam moments")
+    return row_state(opt, p)
+
+
 def build_tables(cfg: OptimConfig, params: list[Tensor]) -> torch.optim.Optimizer:
-    """The embedding tables' optimizer from the config: LazyAdam, or SparseAdam (the reference)."""
+    """The embedding tables' optimizer from the config: LazyAdam, RowRMSprop, or SparseAdam (the reference)."""
     betas = (cfg.beta1, cfg.beta2)
     if cfg.optimizer == "lazy_adam":
         return LazyAdam(params, lr=cfg.lr, betas=betas)
+    if cfg.optimizer == "row_rmsprop":
+        return RowRMSprop(params, lr=cfg.lr, betas=betas)
     return torch.optim.SparseAdam(params, lr=cfg.lr, betas=betas)
 
 

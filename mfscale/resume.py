@@ -234,6 +234,11 @@ class Checkpoints:
             on_off = {True: "on", False: "off"}
             raise ConfigError(f"checkpoint {path} was trained with --model.biases {on_off[started]}, this run has "
                               f"--model.biases {on_off[self.cfg.model.biases]}; {hint}")
+        # Adam's moments and RowRMSprop's row state are different things: no run switches between them midway.
+        started_opt = state.get("config", {}).get("optim", {}).get("optimizer", "lazy_adam")
+        if (started_opt == "row_rmsprop") != (self.cfg.optim.optimizer == "row_rmsprop"):
+            raise ConfigError(f"checkpoint {path} was trained with --optim.optimizer {started_opt}, this run has "
+                              f"--optim.optimizer {self.cfg.optim.optimizer}; {hint}")
         shape = {"n_users": data.n_users, "n_items": data.n_items, "dim": self.cfg.model.dim}
         if state["model_shape"] != shape:
             raise ConfigError(f"checkpoint {path} has model shape {state['model_shape']}, this run {shape}; {hint}")

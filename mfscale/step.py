@@ -4,11 +4,11 @@
 call, ``step(user, item, rating, global_rows, global_step) -> summed squared error``, and a ``kind`` that logs,
 tests and benchmarks read:
 
-- ``cpp`` (:class:`CppStep`): closed-form gradients and LazyAdam's update of the touched rows in one C++ op
+- ``cpp`` (:class:`CppStep`): closed-form gradients and the optimizer's update of the touched rows in one C++ op
   (``mfscale.cpu_step``), on a CPU where a rank's batch gradient is complete without an exchange (one
   process, or the blocks layout). Built on first use; ``--train.cpu_kernel auto`` falls back to torch ops.
 - ``compiled`` / ``eager`` (:class:`ClosedFormStep`): the same math as torch ops
-  (``BiasedMF.closed_form_grads``: no autograd), the per-rating L2 term reaching LazyAdam as (ratings of the
+  (``BiasedMF.closed_form_grads``: no autograd), the per-rating L2 term reaching the optimizer as (ratings of the
   global batch touching each row) x (column weight); its kernels under torch.compile or not.
 - ``autograd`` (:class:`AutogradStep`): forward/backward through ``nn.Embedding(sparse=True)``; the reference,
   and what dropout, gravity, mixed precision and SparseAdam need (``JobConfig.fused_blockers``).
@@ -40,7 +40,7 @@ from .distributed import DistEnv
 from .errors import ConfigError
 from .layout import TableLayout
 from .model import SPARSE_TABLES, BiasedMF, batch_errors, compiled_batch_errors
-from .optim import LazyAdam, Optimizers
+from .optim import LazyAdam, Optimizers, RowRMSprop, build_tables
 
 log = logging.getLogger("mfscale")
 
@@ -132,8 +132,8 @@ class Step(abc.ABC):
 
 
 class ClosedFormStep(Step):
-    """Closed-form gradients as torch ops into the layout's optimizer (LazyAdam); ``compiled``: their kernels
-    and LazyAdam's under torch.compile (same math)."""
+    """Closed-form gradients as torch ops into the layout's optimizer (LazyAdam or RowRMSprop); ``compiled``: their
+    kernels and the optimizer's under torch.compile (same math)."""
 
     def __init__(self, env: DistEnv, layout: TableLayout, optims: Optimizers, reg_weights: torch.Tensor,
                  compiled: bool = False):
@@ -142,7 +142,7 @@ class ClosedFormStep(Step):
         self.errors = compiled_batch_errors() if compiled else batch_errors
         # the whole-table sweep only pays compiled (eagerly, gathering the touched rows is cheaper)
         self.dense_min = layout.dense_min if compiled else None
-        layout.opt.compile = compiled  # LazyAdam runs its compiled kernels for this step
+        layout.opt.compile = compiled  # the optimizer runs its compiled kernels for this step
         self.scratch: dict[str, torch.Tensor] = {}  # gradient rows, reused every step (closed_form_grads)
 
     def __call__(self, user, item, rating, global_rows, global_step):
@@ -159,22 +159,24 @@ class ClosedFormStep(Step):
 
 
 class CppStep(Step):
-    """ClosedFormStep's gradients and LazyAdam's update of the touched rows in one C++ op (``mfscale.cpu_step``).
+    """ClosedFormStep's gradients and the tables' optimizer's update (LazyAdam or RowRMSprop) of the touched rows in
+    one C++ op (``mfscale.cpu_step``).
 
-    Only where ``layout.rows_complete`` (no row gradients to exchange) and the optimizer is LazyAdam; the
-    global bias is summed over ranks and stepped by Adam as in ClosedFormStep.
+    Only where ``layout.rows_complete`` (no row gradients to exchange); the global bias is summed over ranks and
+    stepped by Adam as in ClosedFormStep.
     """
 
     kind = "cpp"
 
     @staticmethod
     def applies(env: DistEnv, layout: TableLayout) -> bool:
-        """CPU tables, LazyAdam, and a layout whose row gradients are local to the rank."""
-        return env.device.type == "cpu" and layout.rows_complete and isinstance(layout.opt, LazyAdam)
+        """CPU tables, LazyAdam or RowRMSprop, and a layout whose row gradients are local to the rank."""
+        return env.device.type == "cpu" and layout.rows_complete and isinstance(layout.opt, (LazyAdam, RowRMSprop))
 
     def __init__(self, env: DistEnv, layout: TableLayout, optims: Optimizers, reg_weights: torch.Tensor):
         if not self.applies(env, layout):
-            raise ValueError("CppStep needs CPU tables, LazyAdam and a layout whose row gradients are local")
+            raise ValueError("CppStep needs CPU tables, LazyAdam or RowRMSprop and a layout whose row gradients are "
+                             "local")
         if len({(tuple(g["betas"]), g["eps"]) for g in layout.opt.param_groups}) != 1:
             raise ValueError("CppStep: the op takes one betas/eps for both tables")
         super().__init__(env, layout, optims, reg_weights)
@@ -186,13 +188,17 @@ class CppStep(Step):
         group, scale = opt.param_groups[0], 2.0 / global_rows
         out: list[float] = []
 
+        row_wise = isinstance(opt, RowRMSprop)
+
         def update(steps: list[tuple[dict, float]]) -> None:
-            (su, size_u), (si, size_i) = steps  # LazyAdam's params: [users, items]
+            (su, size_u), (si, size_i) = steps  # the optimizer's params: [users, items]
+            state_u, state_i = ((st["row_sq"], None) if row_wise else (st["exp_avg"], st["exp_avg_sq"])
+                                for st in (su, si))
             out.extend(cpu_step.fused_step(
-                users, items, (su["exp_avg"], su["exp_avg_sq"]), (si["exp_avg"], si["exp_avg_sq"]),
-                user.to(torch.int64), item.to(torch.int64), rating.to(users.dtype),
+                users, items, state_u, state_i, user.to(torch.int64), item.to(torch.int64), rating.to(users.dtype),
                 float(model.global_bias.detach()), scale, self.reg_weights * scale, (size_u, size_i),
-                group["betas"], group["eps"], self.scratch, max_norm=self.max_norm, biases=model.biases))
+                group["betas"], group["eps"], self.scratch, max_norm=self.max_norm, biases=model.biases,
+                row_wise=row_wise))
 
         opt.step(update=update)
         g_sum, sse = out
@@ -325,7 +331,8 @@ def _compiles(cfg: JobConfig, device: torch.device, required: bool) -> bool:
     # Sizes all different (9 ratings; 3 of 5 user rows, 4 of 7 movie rows touched), so that the kernels are
     # compiled for symbolic sizes and training reuses them: equal sizes here would be assumed equal later.
     scratch = BiasedMF(5, 7, cfg.model.dim).to(device)
-    opt = LazyAdam(scratch.sparse_parameters(), lr=1e-3, betas=(cfg.optim.beta1, cfg.optim.beta2), compile=True)
+    opt = build_tables(cfg.optim, scratch.sparse_parameters())  # the job's optimizer, its compiled kernels
+    opt.compile = True
     try:
         user = torch.tensor([0, 1, 2, 1, 0, 2, 1, 0, 2], device=device)
         item = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0], device=device)

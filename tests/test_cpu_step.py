@@ -15,7 +15,7 @@ from mfscale import cpu_step
 from mfscale.distributed import DistEnv
 from mfscale.errors import ConfigError
 from mfscale.model import BiasedMF
-from mfscale.optim import LazyAdam
+from mfscale.optim import LazyAdam, RowOptimizer, RowRMSprop
 from mfscale.step import ClosedFormStep, CppStep
 from mfscale.train import Trainer
 
@@ -42,16 +42,18 @@ def batches(n_users: int, n_items: int, sizes: list[int], seed: int = 0, dtype=t
     return out
 
 
-def adam(model: BiasedMF, lr: float | tuple[float, float]) -> LazyAdam:
-    """LazyAdam over [users, items]; a pair of learning rates gives each table its own (group)."""
+def adam(model: BiasedMF, lr: float | tuple[float, float], kind: str = "lazy_adam") -> RowOptimizer:
+    """LazyAdam (or RowRMSprop) over [users, items]; a pair of learning rates gives each table its own (group)."""
     users, items = model.sparse_parameters()
     lr_u, lr_i = lr if isinstance(lr, tuple) else (lr, lr)
-    return LazyAdam([{"params": [users], "lr": lr_u}, {"params": [items], "lr": lr_i}], betas=BETAS)
+    cls = RowRMSprop if kind == "row_rmsprop" else LazyAdam
+    return cls([{"params": [users], "lr": lr_u}, {"params": [items], "lr": lr_i}], betas=BETAS)
 
 
-def torch_steps(model: BiasedMF, batch_list, reg: torch.Tensor, lr: float | tuple[float, float]) -> LazyAdam:
-    """The torch-ops fused step: closed_form_grads + LazyAdam (the reference)."""
-    opt = adam(model, lr)
+def torch_steps(model: BiasedMF, batch_list, reg: torch.Tensor, lr: float | tuple[float, float],
+                kind: str = "lazy_adam") -> RowOptimizer:
+    """The torch-ops fused step: closed_form_grads + LazyAdam or RowRMSprop (the reference)."""
+    opt = adam(model, lr, kind)
     for user, item, rating in batch_list:
         n = max(user.numel(), 1)
         gu, gi, _, _ = model.closed_form_grads(user, item, rating, n)
@@ -59,9 +61,10 @@ def torch_steps(model: BiasedMF, batch_list, reg: torch.Tensor, lr: float | tupl
     return opt
 
 
-def kernel_steps(model: BiasedMF, batch_list, reg: torch.Tensor, lr: float | tuple[float, float]
-                 ) -> tuple[LazyAdam, list, dict]:
-    opt = adam(model, lr)
+def kernel_steps(model: BiasedMF, batch_list, reg: torch.Tensor, lr: float | tuple[float, float],
+                 kind: str = "lazy_adam") -> tuple[RowOptimizer, list, dict]:
+    opt = adam(model, lr, kind)
+    row_wise = kind == "row_rmsprop"
     users, items = (p.detach() for p in model.sparse_parameters())
     scratch: dict[str, torch.Tensor] = {}
     sums = []
@@ -70,10 +73,11 @@ def kernel_steps(model: BiasedMF, batch_list, reg: torch.Tensor, lr: float | tup
 
         def update(steps, user=user, item=item, rating=rating, n=n):
             (su, lu), (si, li) = steps
-            sums.append(cpu_step.fused_step(users, items, (su["exp_avg"], su["exp_avg_sq"]),
-                                            (si["exp_avg"], si["exp_avg_sq"]), user, item, rating,
+            state_u, state_i = ((st["row_sq"], None) if row_wise else (st["exp_avg"], st["exp_avg_sq"])
+                                for st in (su, si))
+            sums.append(cpu_step.fused_step(users, items, state_u, state_i, user, item, rating,
                                             float(model.global_bias.detach()), 2.0 / n, reg * (2.0 / n), (lu, li),
-                                            BETAS, 1e-8, scratch))
+                                            BETAS, 1e-8, scratch, row_wise=row_wise))
 
         opt.step(update=update)
     return opt, sums, scratch
@@ -95,10 +99,12 @@ SHAPES = {
 }
 
 
+@pytest.mark.parametrize("kind", ["lazy_adam", "row_rmsprop"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", list(SHAPES))
-def test_kernel_equals_torch_fused_step(dtype, shape):
-    """Tables and both Adam moments after several steps equal closed_form_grads + LazyAdam's (float64 to
+def test_kernel_equals_torch_fused_step(dtype, shape, kind):
+    """Tables and the optimizer's state (both Adam moments, or RowRMSprop's row state) after several steps equal
+    closed_form_grads + the optimizer's (float64 to
     rounding; float32 within float32 rounding), with another learning rate per table; rows never touched stay
     exactly as they were, the scratch marks end all zero, and the returned sums are the global bias's gradient
     and the squared error."""
@@ -108,15 +114,16 @@ def test_kernel_equals_torch_fused_step(dtype, shape):
     data = batches(n_users, n_items, sizes, dtype=dtype)
     before = got.users.weight.detach().clone()
     lrs = (0.02, 0.013)
-    opt_ref = torch_steps(ref, data, reg, lr=lrs)
-    opt_got, sums, scratch = kernel_steps(got, data, reg, lr=lrs)
+    opt_ref = torch_steps(ref, data, reg, lr=lrs, kind=kind)
+    opt_got, sums, scratch = kernel_steps(got, data, reg, lr=lrs, kind=kind)
     # float32: Adam divides by sqrt(v), which magnifies last-bit differences of sums where v is tiny
     tol = {"rtol": 1e-12, "atol": 1e-14} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-6}
     for p_ref, p_got in zip(ref.sparse_parameters(), got.sparse_parameters(), strict=True):
         torch.testing.assert_close(p_got, p_ref, **tol)
         s_ref, s_got = opt_ref.state[p_ref], opt_got.state[p_got]
         assert s_got["step"] == s_ref["step"] == len(data)  # an empty batch counts a step, as in SparseAdam
-        for key in ("exp_avg", "exp_avg_sq"):
+        assert list(opt_got.state_keys) == [k for k in s_got if k != "step"]
+        for key in opt_got.state_keys:
             torch.testing.assert_close(s_got[key], s_ref[key], **tol)
     assert torch.equal(got.users.weight[-5:], before[-5:])  # untouched rows: bit for bit
     assert all(int(t.abs().sum()) == 0 for k, t in scratch.items() if k.startswith("mark"))

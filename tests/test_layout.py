@@ -28,13 +28,15 @@ CPU = torch.device("cpu")
 
 
 def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
-    """This rank's rows by global id (weights and Adam moments), plus the global bias and its Adam moments."""
+    """This rank's rows by global id (weights and the optimizer's state: Adam's moments or RowRMSprop's
+    ``row_sq``), plus the global bias and its Adam moments."""
     part = tr.layout.held_rows()
     out: dict[str, np.ndarray] = {}
     for name in ("users", "items"):
-        out[f"{name}.ids"] = part.tables[name].ids.numpy()
-        for key in ("weight", "exp_avg", "exp_avg_sq"):
-            out[f"{name}.{key}"] = getattr(part.tables[name], key).numpy()
+        t = part.tables[name]
+        out[f"{name}.ids"] = t.ids.numpy()
+        for key, value in {"weight": t.weight, **t.state}.items():
+            out[f"{name}.{key}"] = value.numpy()
     out["global_bias"] = tr.model.global_bias.detach().numpy().copy()
     dense = tr.optims.dense.state[tr.model.global_bias]
     out["global_bias.exp_avg"] = dense["exp_avg"].numpy().copy()
@@ -102,30 +104,43 @@ def assert_union_equal(ranks: list[dict], cfg: config.JobConfig, data: Dataset) 
             t = r["tensors"]
             ids = t[f"{name}.ids"]
             seen[ids] += 1
-            for key in ("weight", "exp_avg", "exp_avg_sq"):
+            keys = ("weight", *state_keys(cfg))
+            assert sorted(k for k in want if k.startswith(f"{name}.") and k != f"{name}.ids") == sorted(
+                f"{name}.{k}" for k in keys)
+            for key in keys:
                 got, ref = t[f"{name}.{key}"], want[f"{name}.{key}"][ids]
                 np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-10, err_msg=f"{name}.{key}")
         assert (seen == (1 if cfg.train.tables == "blocks" else len(ranks))).all()  # blocks: each row once
-        assert not np.array_equal(want[f"{name}.exp_avg"], np.zeros_like(want[f"{name}.exp_avg"]))
+        last = f"{name}.{state_keys(cfg)[-1]}"
+        assert not np.array_equal(want[last], np.zeros_like(want[last]))
     for key in ("global_bias", "global_bias.exp_avg", "global_bias.exp_avg_sq"):
         for r in ranks:
             np.testing.assert_allclose(r["tensors"][key], want[key], rtol=1e-9, atol=0, err_msg=key)
 
 
+def state_keys(cfg: config.JobConfig) -> tuple[str, ...]:
+    """The tables' optimizer state a config's run keeps, by name."""
+    return ("row_sq",) if cfg.optim.optimizer == "row_rmsprop" else ("exp_avg", "exp_avg_sq")
+
+
 def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str, np.ndarray]) -> dict[str, list]:
     """The blocks layout's closed-form step written out in NumPy (float64) from the config alone, fed each step the
-    ranks' batches: squared error / G plus the per-rating L2, LazyAdam on the touched rows of each table (one step
-    count per table), and per rank a copy of the global bias stepped by torch's Adam on W x its batch's gradient,
-    the copies and their moments averaged at the ranks' sync points. Constant learning rates (schedule none).
-    The model options (issue 24): without biases no global bias and no bias columns (their gradient is 0); with
-    max_norm the factor vectors of the step's touched rows (all ranks') renormalized first, as nn.Embedding does."""
+    ranks' batches: squared error / G plus the per-rating L2, LazyAdam (or RowRMSprop: one second moment of the mean
+    square of a row's factor gradients, one of its bias gradient, no first moment) on the touched rows of each table
+    (one step count per table), and per rank a copy of the global bias stepped by torch's Adam on W x its batch's
+    gradient, the copies and their moments averaged at the ranks' sync points. Constant learning rates (schedule
+    none). The model options (issue 24): without biases no global bias and no bias columns (their gradient is 0);
+    with max_norm the factor vectors of the step's touched rows (all ranks') renormalized first, as nn.Embedding
+    does."""
     o, d, w = cfg.optim, cfg.model.dim, len(ranks)
     ones = 1.0 if cfg.model.biases else 0.0  # the bias column's derivative
     assert o.schedule == "none"
     reg = np.full(d + 1, o.reg_factor)
     reg[d] = o.reg_bias
     tables = {"users": initial["users.weight"].copy(), "items": initial["items.weight"].copy()}
-    moments = {k: (np.zeros_like(t), np.zeros_like(t)) for k, t in tables.items()}
+    row_wise = o.optimizer == "row_rmsprop"
+    moments = {k: ((np.zeros((len(t), 2)),) if row_wise else (np.zeros_like(t), np.zeros_like(t)))
+               for k, t in tables.items()}
     bias = np.full(w, float(initial["global_bias"]))
     bias_m, bias_v = np.zeros(w), np.zeros(w)
     sync = set(ranks[0]["sync_steps"])
@@ -152,9 +167,15 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
             g_bias[r] = w * coef.sum() * ones
         size = o.lr * np.sqrt(1 - o.beta2**t) / (1 - o.beta1**t)
         for k, x in tables.items():
-            m, v = moments[k]
             rows = counts[k] > 0
             g = grads[k][rows] + (counts[k][rows, None] * reg * 2 / g_rows) * x[rows]
+            if row_wise:
+                (s,) = moments[k]
+                s[rows] += (np.c_[(g[:, :d] ** 2).mean(1), g[:, d] ** 2] - s[rows]) * (1 - o.beta2)
+                step = o.lr * np.sqrt(1 - o.beta2**t) / (np.sqrt(s[rows]) + 1e-8)  # no beta1 correction
+                x[rows] -= g * np.c_[np.repeat(step[:, :1], d, 1), step[:, 1:]]
+                continue
+            m, v = moments[k]
             m[rows] += (g - m[rows]) * (1 - o.beta1)
             v[rows] += (g * g - v[rows]) * (1 - o.beta2)
             x[rows] -= size * m[rows] / (np.sqrt(v[rows]) + 1e-8)
@@ -168,7 +189,7 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
 
 
 def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Dataset) -> None:
-    """Each rank's rows, their Adam moments and its global bias (with its Adam moments) equal the NumPy
+    """Each rank's rows, their optimizer state and its global bias (with its Adam moments) equal the NumPy
     reference's."""
     torch.set_default_dtype(torch.float64)
     try:
@@ -181,8 +202,8 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
         t = rank["tensors"]
         for name in ("users", "items"):
             ids = t[f"{name}.ids"]
-            for key, ref in zip(("weight", "exp_avg", "exp_avg_sq"),
-                                (want["tables"][name], *want["moments"][name]), strict=True):
+            for key, ref in zip(("weight", *state_keys(cfg)), (want["tables"][name], *want["moments"][name]),
+                                strict=True):
                 np.testing.assert_allclose(t[f"{name}.{key}"], ref[ids], rtol=1e-6, atol=1e-10,
                                            err_msg=f"rank {r} {name}.{key}")
         for key, ref in zip(("global_bias", "global_bias.exp_avg", "global_bias.exp_avg_sq"), want["bias"],
@@ -217,6 +238,27 @@ def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, 
         # passes through every rank once, so each rank sends the whole movie table once; no gradient rows
         assert {r["bytes_sent"] for r in ranks} == {data.n_items * 3 * (cfg.model.dim + 1) * 8}
         assert {len(r["batches"]) for r in ranks} == {r["steps"] for r in ranks}
+
+
+def test_row_rmsprop_on_two_ranks_equals_the_numpy_reference_and_one_process(small_data, tmp_path):
+    """The RowRMSprop optimizer through both layouts on 2 ranks: blocks (the C++ step, rotation in 2 pieces, the
+    rows' two floats of state travelling with them) against the NumPy reference from the config; replicated (the
+    torch-ops step on exchanged gradient rows, and autograd) against one process on the union of the batches."""
+    base = dict(train__batch_size=97, optim__lr=0.02, train__seed=3, optim__schedule="none",
+                optim__optimizer="row_rmsprop")
+    cfgs = [job(small_data, tmp_path / "a", **base, train__tables="blocks", train__block_pieces=2),
+            job(small_data, tmp_path / "b", **base, train__tables="replicated"),
+            job(small_data, tmp_path / "c", **base, train__tables="replicated", train__step="autograd")]
+    data = Dataset(small_data)
+    results = run_ranks(cfgs, 2, tmp_path)
+    blocks = results[0]
+    assert blocks[0]["local_bias"] and all(set(r["tensors"]) >= {"users.row_sq", "items.row_sq"} for r in blocks)
+    assert all("users.exp_avg" not in r["tensors"] for r in blocks)
+    assert_numpy_reference(blocks, cfgs[0], data)
+    # the rotation carries each movie row with its two floats of state: (dim + 1 + 2) float64 per movie
+    assert {r["bytes_sent"] for r in blocks} == {data.n_items * (cfgs[0].model.dim + 3) * 8}
+    for cfg, ranks in zip(cfgs[1:], results[1:], strict=True):
+        assert_union_equal(ranks, cfg, data)
 
 
 def test_replicated_on_two_ranks_equals_one_process_on_the_union(small_data, tmp_path):

@@ -12,7 +12,7 @@ import torch
 from mfscale import config
 from mfscale.distributed import DistEnv
 from mfscale.model import BiasedMF
-from mfscale.optim import LazyAdam, sum_rows
+from mfscale.optim import LazyAdam, RowRMSprop, sum_rows
 from mfscale.train import Trainer
 
 from .test_train import assert_two_ranks_equal_union, job
@@ -190,11 +190,11 @@ def test_two_gloo_ranks_with_lazy_adam_equal_one_process(odd_data, tmp_path):
     assert isinstance(single.optims.tables, LazyAdam) and single.step_fn.kind != "autograd"
 
 
-def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):
+def test_config_accepts_the_optimizers_and_names_them_on_error(tmp_path):
     assert config.JobConfig().optim.optimizer == "lazy_adam"
-    for name in ("lazy_adam", "sparse_adam"):
+    for name in ("lazy_adam", "row_rmsprop", "sparse_adam"):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer=name).validate()
-    with pytest.raises(Exception, match="lazy_adam or sparse_adam"):
+    with pytest.raises(Exception, match="lazy_adam, row_rmsprop or sparse_adam"):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer="adagrad").validate()
     assert (config.JobConfig().optim.beta1, config.JobConfig().optim.beta2) == (0.9, 0.98)
     for beta in ({"optim__beta1": 1.0}, {"optim__beta2": -0.1}):
@@ -202,11 +202,12 @@ def test_config_accepts_both_optimizers_and_names_them_on_error(tmp_path):
             config.replace(config.JobConfig(), data__path=".", **beta).validate()
 
 
-def test_dense_form_equals_row_form():
-    check_dense_form_equals_row_form(compiled=False)
+@pytest.mark.parametrize("cls", [LazyAdam, RowRMSprop])
+def test_dense_form_equals_row_form(cls):
+    check_dense_form_equals_row_form(compiled=False, cls=cls)
 
 
-def check_dense_form_equals_row_form(compiled: bool) -> None:
+def check_dense_form_equals_row_form(compiled: bool, cls: type = LazyAdam) -> None:
     """Whole-table gradients with touch counts update exactly the touched rows, as the row form does.
 
     Shared with test_zz_compiled (a helper, not a test function, so pytest does not collect it twice)."""
@@ -217,7 +218,7 @@ def check_dense_form_equals_row_form(compiled: bool) -> None:
     for dense_min in (None, (0, 0), (15, 24)):
         torch.manual_seed(0)
         model = BiasedMF(40, 30, 6)
-        opt = LazyAdam(model.sparse_parameters(), lr=0.05, compile=compiled)
+        opt = cls(model.sparse_parameters(), lr=0.05, compile=compiled)
         w = torch.full((7,), 0.01)
         for s in range(4):
             g = torch.Generator().manual_seed(s)

@@ -39,7 +39,8 @@ def job(data: Path, run_dir: Path, **changes) -> config.JobConfig:
 
 
 def trainer_tensors(tr: Trainer) -> dict[str, torch.Tensor]:
-    """Parameters and their Adam moments (``<name>.exp_avg``, ``<name>.exp_avg_sq``) by name.
+    """Parameters and their optimizer state by name: Adam's moments (``<name>.exp_avg``, ``<name>.exp_avg_sq``)
+    or RowRMSprop's ``<name>.row_sq``.
 
     The one place these tests read the trainer's internals: adapt it here when the trainer's layout changes.
     """
@@ -47,7 +48,7 @@ def trainer_tensors(tr: Trainer) -> dict[str, torch.Tensor]:
     names = {id(p): n for n, p in tr.model.named_parameters()}
     for opt in (tr.optims.tables, tr.optims.dense):
         for p, state in opt.state.items():
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in (k for k in state if k != "step"):
                 out[f"{names[id(p)]}.{key}"] = state[key]
     return out
 

@@ -14,6 +14,10 @@
 // Two model options (issue 24): without biases the bias column's gradient is 0 (plain MF: the caller holds the
 // bias columns and the global bias at 0, so Adam leaves them there), and with max_norm > 0 every touched row's
 // factor vector is renormalized in place before the step reads it, as nn.Embedding(max_norm=...) does.
+//
+// Two optimizers (``row_wise``): LazyAdam (moments m and v of the table's shape), or optim.RowRMSprop, whose state
+// is two floats per row (the factor columns' and the bias column's second moment, passed as ``m``; ``v`` unused).
+// Its row is 67 floats instead of Adam's 195, so ml-10m's user table and state fit the 32 MiB L3 (issue 22).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -100,12 +104,16 @@ inline void prefetch_row(const T* row, int64_t w, int rw) {
 
 constexpr int64_t kAhead = 4;  // rows (or ratings) ahead to prefetch: 4 beat 2, 6, 8 and 16 (RESULTS)
 
-// A row about to be updated: the parameters and both Adam moments at ``offset``.
+// A row about to be updated: the parameters and the optimizer's state of table row ``row``.
 template <typename T>
-inline void prefetch_update(const T* p, const T* m, const T* v, int64_t offset, int64_t w) {
-  prefetch_row(p + offset, w, 1);
-  prefetch_row(m + offset, w, 1);
-  prefetch_row(v + offset, w, 1);
+inline void prefetch_update(const T* p, const T* m, const T* v, int64_t row, int64_t w, bool row_wise) {
+  prefetch_row(p + row * w, w, 1);
+  if (row_wise) {
+    __builtin_prefetch(m + row * 2, 1, 3);
+    return;
+  }
+  prefetch_row(m + row * w, w, 1);
+  prefetch_row(v + row * w, w, 1);
 }
 
 // nn.Embedding(max_norm=...)'s renorm (ATen's embedding_renorm_) of one row's factor vector (its first d
@@ -121,6 +129,7 @@ inline void renorm_row(T* p, int64_t d, double max_norm) {
 
 struct AdamArgs {
   double step_size, beta1, beta2, eps;
+  bool row_wise;  // RowRMSprop instead of Adam
 };
 
 // SparseAdam's update of one row, in optim._adam_rows's operation order.
@@ -138,6 +147,24 @@ inline void adam_row(T* p, T* m, T* v, const T* grad, T count, const T* col_w, i
   }
 }
 
+// RowRMSprop's update of one row (optim._row_rmsprop_rows's operation order): s holds the row's two second
+// moments, of the mean square of the factor columns' gradient and of the bias column's.
+template <typename T>
+inline void row_rmsprop_row(T* p, T* s, const T* grad, T count, const T* col_w, int64_t w, const AdamArgs& a,
+                            T* g) {
+  const int64_t d = w - 1;
+  for (int64_t c = 0; c < w; ++c) g[c] = grad[c] + (count * col_w[c]) * p[c];
+  const T b2 = static_cast<T>(1 - a.beta2), eps = static_cast<T>(a.eps), neg_step = static_cast<T>(-a.step_size);
+  const T ms = dot(g, g, d) / static_cast<T>(d);
+  const T vf = s[0] + (ms - s[0]) * b2;
+  const T vb = s[1] + (g[d] * g[d] - s[1]) * b2;
+  s[0] = vf;
+  s[1] = vb;
+  const T kf = neg_step / (std::sqrt(vf) + eps), kb = neg_step / (std::sqrt(vb) + eps);
+  for (int64_t c = 0; c < d; ++c) p[c] = p[c] + g[c] * kf;
+  p[d] = p[d] + g[d] * kb;
+}
+
 constexpr int64_t kGrain = 64;  // rows per task: a row is ~100 ns of work
 constexpr int64_t kRowCost = 4;  // a streamed row's cost in ratings (~130 ns against ~30 ns, RESULTS)
 
@@ -149,6 +176,12 @@ struct Side {
   T* v;
   const int64_t* ids;  // the batch's row ids on this side
   AdamArgs adam;
+
+  // The optimizer's update of table row ``row`` (parameters at ``p``) from its summed gradient; ``tmp``: w floats.
+  inline void update(int64_t row, T* p, const T* grad, T count, const T* col_w, int64_t w, T* tmp) const {
+    if (adam.row_wise) row_rmsprop_row(p, m + row * 2, grad, count, col_w, w, adam, tmp);
+    else adam_row(p, m + row * w, v + row * w, grad, count, col_w, w, adam);
+  }
 };
 
 // The major side (more touched rows) is streamed row by row: for each of its rows, the errors of its ratings,
@@ -211,10 +244,10 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       const int64_t b = bound[tid], e = bound[tid + 1];
       T* buf = bufs + tid * nmin * w;
       uint8_t* mine = used.data() + tid * nmin;
-      std::vector<T> acc(w);
+      std::vector<T> acc(w), tmp(w);
       const int32_t last = gmaj.start[e];  // end of this thread's ratings
       for (int64_t j = b; j < e; ++j) {
-        if (j + kAhead < e) prefetch_update(maj.p, maj.m, maj.v, gmaj.rows[j + kAhead] * w, w);
+        if (j + kAhead < e) prefetch_update(maj.p, maj.m, maj.v, gmaj.rows[j + kAhead], w, maj.adam.row_wise);
         T* p = maj.p + gmaj.rows[j] * w;
         if (max_norm > 0) renorm_row(p, d, max_norm);
         for (int64_t c = 0; c < w; ++c) acc[c] = 0;
@@ -244,14 +277,14 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
           g[d] += a * bias_grad;
         }
         const T count = static_cast<T>(end - gmaj.start[j]);
-        adam_row(p, maj.m + gmaj.rows[j] * w, maj.v + gmaj.rows[j] * w, acc.data(), count, cw, w, maj.adam);
+        maj.update(gmaj.rows[j], p, acc.data(), count, cw, w, tmp.data());
       }
     }
   });
   at::parallel_for(0, nmin, kGrain, [&](int64_t b, int64_t e) {
-    std::vector<T> grad(w);
+    std::vector<T> grad(w), tmp(w);
     for (int64_t j = b; j < e; ++j) {
-      if (j + kAhead < e) prefetch_update(mnr.p, mnr.m, mnr.v, gmin.rows[j + kAhead] * w, w);
+      if (j + kAhead < e) prefetch_update(mnr.p, mnr.m, mnr.v, gmin.rows[j + kAhead], w, mnr.adam.row_wise);
       bool first = true;
       for (int64_t t = 0; t < threads; ++t) {
         if (!used[t * nmin + j]) continue;
@@ -261,7 +294,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       }
       const int64_t row = gmin.rows[j];
       const T count = static_cast<T>(gmin.start[j + 1] - gmin.start[j]);
-      adam_row(mnr.p + row * w, mnr.m + row * w, mnr.v + row * w, grad.data(), count, cw, w, mnr.adam);
+      mnr.update(row, mnr.p + row * w, grad.data(), count, cw, w, tmp.data());
     }
   });
   double coef_sum = 0, sse = 0;  // in batch order: the same sums for any thread count
@@ -290,10 +323,10 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
                       at::Tensor v_i, at::Tensor user, at::Tensor item, at::Tensor rating, double global_bias,
                       double scale, at::Tensor col_w, double step_size_u, double step_size_i, double beta1,
                       double beta2, double eps, at::Tensor mark_u, at::Tensor mark_i, at::Tensor work,
-                      double max_norm, bool biases) {
+                      double max_norm, bool biases, bool row_wise) {
   const auto dtype = users.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "fused_step: tables must be float32 or float64");
-  for (const at::Tensor* t : {&users, &items, &m_u, &v_u, &m_i, &v_i, &rating, &col_w, &work}) {
+  for (const at::Tensor* t : {&users, &items, &m_u, &m_i, &rating, &col_w, &work}) {
     TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dtype,
                 "fused_step: tables, moments, ratings, weights and work memory must be contiguous CPU tensors of "
                 "one dtype");
@@ -301,9 +334,18 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
   const int64_t w = users.size(1);
   TORCH_CHECK(users.dim() == 2 && items.dim() == 2 && items.size(1) == w && col_w.numel() == w,
               "fused_step: tables must be 2-D with equal widths");
-  TORCH_CHECK(m_u.sizes() == users.sizes() && v_u.sizes() == users.sizes() && m_i.sizes() == items.sizes() &&
-                  v_i.sizes() == items.sizes(),
-              "fused_step: moments must have their table's shape");
+  if (row_wise) {
+    TORCH_CHECK(m_u.dim() == 2 && m_u.size(0) == users.size(0) && m_u.size(1) == 2 && m_i.dim() == 2 &&
+                    m_i.size(0) == items.size(0) && m_i.size(1) == 2,
+                "fused_step: row-wise state must be (table rows, 2)");
+  } else {
+    for (const at::Tensor* t : {&v_u, &v_i})
+      TORCH_CHECK(t->device().is_cpu() && t->is_contiguous() && t->scalar_type() == dtype,
+                  "fused_step: moments must be contiguous CPU tensors of the tables' dtype");
+    TORCH_CHECK(m_u.sizes() == users.sizes() && v_u.sizes() == users.sizes() && m_i.sizes() == items.sizes() &&
+                    v_i.sizes() == items.sizes(),
+                "fused_step: moments must have their table's shape");
+  }
   TORCH_CHECK(mark_u.scalar_type() == at::kInt && mark_i.scalar_type() == at::kInt &&
                   mark_u.is_contiguous() && mark_i.is_contiguous() && mark_u.numel() == users.size(0) &&
                   mark_i.numel() == items.size(0),
@@ -317,10 +359,12 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
   const int64_t n = user.numel();
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fused_step", [&] {
-    Side<scalar_t> su{users.data_ptr<scalar_t>(), m_u.data_ptr<scalar_t>(), v_u.data_ptr<scalar_t>(),
-                      user.data_ptr<int64_t>(), {step_size_u, beta1, beta2, eps}};
-    Side<scalar_t> si{items.data_ptr<scalar_t>(), m_i.data_ptr<scalar_t>(), v_i.data_ptr<scalar_t>(),
-                      item.data_ptr<int64_t>(), {step_size_i, beta1, beta2, eps}};
+    scalar_t* vu = row_wise ? nullptr : v_u.data_ptr<scalar_t>();  // RowRMSprop has no second tensor
+    scalar_t* vi = row_wise ? nullptr : v_i.data_ptr<scalar_t>();
+    Side<scalar_t> su{users.data_ptr<scalar_t>(), m_u.data_ptr<scalar_t>(), vu, user.data_ptr<int64_t>(),
+                      {step_size_u, beta1, beta2, eps, row_wise}};
+    Side<scalar_t> si{items.data_ptr<scalar_t>(), m_i.data_ptr<scalar_t>(), vi, item.data_ptr<int64_t>(),
+                      {step_size_i, beta1, beta2, eps, row_wise}};
     out = step_impl<scalar_t>(su, si, users.size(0), items.size(0), w, n, rating.data_ptr<scalar_t>(), global_bias,
                               scale, col_w.data_ptr<scalar_t>(), mark_u.data_ptr<int32_t>(),
                               mark_i.data_ptr<int32_t>(), work, max_norm, biases);
@@ -335,6 +379,6 @@ TORCH_LIBRARY(mfscale, m) {
       "fused_step(Tensor(a!) users, Tensor(b!) items, Tensor(c!) m_u, Tensor(d!) v_u, Tensor(e!) m_i, "
       "Tensor(f!) v_i, Tensor user, Tensor item, Tensor rating, float global_bias, float scale, Tensor col_w, "
       "float step_size_u, float step_size_i, float beta1, float beta2, float eps, Tensor(g!) mark_u, "
-      "Tensor(h!) mark_i, Tensor(i!) work, float max_norm, bool biases) -> Tensor");
+      "Tensor(h!) mark_i, Tensor(i!) work, float max_norm, bool biases, bool row_wise) -> Tensor");
   m.impl("fused_step", c10::DispatchKey::CPU, &fused_step);
 }

@@ -15,6 +15,7 @@ from .. import optim
 from ..checkpoint import TABLES, Part, TableRows, check_complete
 from ..config import JobConfig
 from ..distributed import DistEnv
+from ..errors import DataError
 from ..model import BiasedMF, renorm_rows_
 from ..shards import Dataset
 from ..stream import resident_fits
@@ -185,7 +186,7 @@ class TableLayout(abc.ABC):
         return None, None
 
     def held_rows(self) -> Part:
-        """This rank's rows now: per table the global row ids, the rows and their Adam moments (on CPU).
+        """This rank's rows now: per table the global row ids, the rows and their optimizer state (on CPU).
 
         On a CPU these are views of the live tables (where the held rows are rows 0..n-1), valid until the next
         step (a checkpoint serializes them at once). Copying them first made the ~200 steps after every
@@ -200,14 +201,13 @@ class TableLayout(abc.ABC):
             idx = None if rows is None else torch.from_numpy(rows).to(p.device)
             out[name] = TableRows(
                 ids=torch.from_numpy(ids), weight=_take(p.detach(), n, idx),
-                exp_avg=_take(state["exp_avg"], n, idx) if "exp_avg" in state else None,
-                exp_avg_sq=_take(state["exp_avg_sq"], n, idx) if "exp_avg_sq" in state else None,
+                state={k: _take(state[k], n, idx) for k in optim.state_keys(self.opt) if k in state},
                 step=int(state.get("step", 0)))
         return Part(out)
 
     def load_parts(self, parts: Iterable[Part], position: dict[str, Any], *, weights_only: bool = False,
                    where: object = "") -> None:
-        """Fill this rank's rows (and Adam moments) from checkpoint parts of any layout and world size.
+        """Fill this rank's rows (and optimizer state) from checkpoint parts of any layout and world size.
 
         Each part is read once and only the rows this rank holds are kept, so no rank assembles whole tables.
         """
@@ -238,13 +238,17 @@ class TableLayout(abc.ABC):
                 with torch.no_grad():
                     p[local.to(dev)] = t.weight[src].to(dev, p.dtype)
                 filled[name][at] = True
-                if weights_only or t.exp_avg is None:
+                keys = optim.state_keys(self.opt)
+                if weights_only or not t.state:
                     continue
-                state = optim.adam_state(self.opt, p)
-                state["exp_avg"][local.to(dev)] = t.exp_avg[src].to(dev, p.dtype)
-                state["exp_avg_sq"][local.to(dev)] = t.exp_avg_sq[src].to(dev, p.dtype)
+                if set(t.state) != set(keys):  # resume refuses another optimizer before reading any part
+                    raise DataError(f"checkpoint {where} holds optimizer state {sorted(t.state)}, this run's "
+                                    f"optimizer keeps {sorted(keys)}")
+                state = optim.row_state(self.opt, p)
+                for key in keys:
+                    state[key][local.to(dev)] = t.state[key][src].to(dev, p.dtype)
                 steps.add(t.step)
         check_complete(filled, where)
         if not weights_only and steps:
             for p in self.model.sparse_parameters():
-                optim.adam_state(self.opt, p)["step"] = max(steps)
+                optim.row_state(self.opt, p)["step"] = max(steps)

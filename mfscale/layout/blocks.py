@@ -11,7 +11,7 @@ boundaries (evaluation, checkpoints, a change of world size) always see the cano
 The rotation runs behind the training, NOMAD-style: each movie block is split into P pieces
 (``--train.block_pieces``; ``rows.deal_pieces``) and a sub-epoch into P phases, phase (s, q) training only the
 stratum's ratings of piece q. Piece q lives in a fixed slot of the local movie table (rows [q PR, (q + 1) PR),
-PR the largest piece). As soon as phase (s, q) is done, slot q (rows and Adam moments) is copied into a send
+PR the largest piece). As soon as phase (s, q) is done, slot q (rows and optimizer state) is copied into a send
 buffer and sent to rank r - 1, and the next block's piece q is received from rank r + 1 into a staging buffer;
 it is installed into slot q only when phase (s + 1, q) starts, so the transfer overlaps the P - 1 phases in
 between, and gloo never writes into the live table while the optimizer may sweep it. P = 1 is the blocking
@@ -33,7 +33,7 @@ from ..checkpoint import Part
 from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
-from ..optim import adam_state
+from ..optim import row_state, state_keys
 from ..shards import TRAIN_COLUMNS, Dataset, read_row_groups
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
 from .rows import deal_pieces, deal_users, local_index, movie_block
@@ -226,12 +226,19 @@ class Blocks(TableLayout):
         self.held, self.phase = s, q
         self._install(q)
 
+    def _slot_tensors(self) -> list[torch.Tensor]:
+        """What travels with a movie row: the row and its optimizer state (Adam's two moments, or RowRMSprop's
+        row state), each with one row per table row."""
+        p = self.model.items.weight
+        state = row_state(self.opt, p)
+        return [p.detach()] + [state[k] for k in state_keys(self.opt)]
+
     def _buffer(self, kind: str, q: int) -> torch.Tensor:
-        """Slot q's send or staging buffer (flat, room for a whole slot's rows and moments), kept for the job."""
+        """Slot q's send or staging buffer (flat, room for a whole slot's rows and state), kept for the job."""
         buf = self._buffers.get((kind, q))
         if buf is None:
-            p = self.model.items.weight
-            buf = self._buffers[(kind, q)] = p.new_empty(3 * self.piece_rows * p.shape[1])
+            width = sum(t.shape[1] for t in self._slot_tensors())
+            buf = self._buffers[(kind, q)] = self.model.items.weight.new_empty(self.piece_rows * width)
         return buf
 
     def _end_phase(self, s: int, q: int) -> None:
@@ -241,17 +248,16 @@ class Blocks(TableLayout):
         if w == 1:
             return
         self._install(q)  # nothing left normally (installed when the phase started); the buffers are free
-        p = self.model.items.weight
-        state = adam_state(self.opt, p)
-        d1 = p.shape[1]
+        tensors = self._slot_tensors()
+        width = sum(t.shape[1] for t in tensors)
         n_out = len(self.piece_members[movie_block(r, s, w)][q])
         n_in = len(self.piece_members[movie_block(r, s + 1, w)][q])
         lo = q * self.piece_rows
         # Copies, not views: the slot stays live (the optimizer may sweep the whole table) while gloo reads.
-        send = self._buffer("send", q)[: 3 * n_out * d1].view(3, n_out, d1)
-        for dst, src in zip(send, (p.detach(), state["exp_avg"], state["exp_avg_sq"]), strict=True):
-            dst.copy_(src[lo:lo + n_out])
-        recv = self._buffer("stage", q)[: 3 * n_in * d1].view(3, n_in, d1)
+        # A row and its state side by side: one (rows, width) block.
+        send = self._buffer("send", q)[: n_out * width].view(n_out, width)
+        torch.cat([t[lo:lo + n_out] for t in tensors], dim=1, out=send)
+        recv = self._buffer("stage", q)[: n_in * width].view(n_in, width)
         ops = [dist.P2POp(dist.isend, send, (r - 1) % w, tag=q), dist.P2POp(dist.irecv, recv, (r + 1) % w, tag=q)]
         self.env.count("send_recv")
         self._pending[q] = (dist.batch_isend_irecv(ops), send, recv)
@@ -260,19 +266,18 @@ class Blocks(TableLayout):
     def _install(self, q: int) -> None:
         """Wait for slot q's posted exchange (gloo's wait gives up after --train.timeout_s, the process group's
         timeout, with an error naming the peer: a rank that never sends fails the job instead of hanging it)
-        and copy the received piece with its Adam moments into the slot."""
+        and copy the received piece with its optimizer state into the slot."""
         pending = self._pending[q]
         if pending is None:
             return
         works, _send, recv = pending
         for work in works:
             work.wait()
-        p = self.model.items.weight
-        state = adam_state(self.opt, p)
-        lo, n = q * self.piece_rows, recv.shape[1]
+        lo, n, col = q * self.piece_rows, recv.shape[0], 0
         with torch.no_grad():
-            for dst, src in zip((p, state["exp_avg"], state["exp_avg_sq"]), recv, strict=True):
-                dst[lo:lo + n].copy_(src)
+            for dst in self._slot_tensors():
+                dst[lo:lo + n].copy_(recv[:, col:col + dst.shape[1]])
+                col += dst.shape[1]
         self._pending[q] = None
 
     def _install_all(self) -> None:

@@ -17,7 +17,7 @@ import torch
 from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
-from ..optim import LazyAdam
+from ..optim import RowOptimizer
 from ..shards import TRAIN_ROW_BYTES, Dataset
 from ..stream import RatingStream, make_loader
 from ..sync import all_gather_ids, all_sum_rows, sync_sparse_grads, sync_sparse_rows
@@ -108,7 +108,7 @@ class Replicated(TableLayout):
             sent = sum(p.grad._nnz() * (8 + p.shape[1] * p.element_size()) for p in params if p.grad is not None)
             self.bytes_sent += sent * (self.env.world_size - 1)
             self.env.count("all_gather", 3)  # sizes, ids, rows
-            if isinstance(self.opt, LazyAdam) and scaler is None:
+            if isinstance(self.opt, RowOptimizer) and scaler is None:
                 synced = sync_sparse_rows(params)  # unique rows: no second dedupe
             else:
                 sync_sparse_grads(params)
