@@ -86,6 +86,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINERS = ("mfscale", "libmf", "cornac", "spark")
@@ -189,9 +190,10 @@ def run_mfscale(a: argparse.Namespace, tmp: str, rnd: int) -> dict[str, Any]:
         raise SystemExit(f"peers.py: mfscale failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stderr[-3000:]}")
     m = json.loads((Path(run_dir) / "metrics.json").read_text())
     rate = m["train_ratings_per_s"]
+    opt = tomllib.loads((Path(run_dir) / "config.toml").read_text())["optim"]["optimizer"]
+    how = f"flags {a.extra}" if a.extra else "the job's defaults"
     return {"trainer": "mfscale", "version": f"mfscale {git_commit()}, torch {version('torch')}",
-            "model": f"BiasedMF, LazyAdam (the job's defaults), batch {m['batch_size']}, best val epoch "
-                     f"{m['best_epoch']}",
+            "model": f"BiasedMF, {opt} ({how}), batch {m['batch_size']}, best val epoch {m['best_epoch']}",
             "biases": True, "epochs": m["epochs"], "train_ratings_per_s": rate,
             "train_s": m["epochs"] * a.n_train / rate if rate else None, "wall_s": wall,
             "test_rmse": m["test_rmse"], "command": f"OMP_NUM_THREADS={a.threads} " + shlex.join(["python", *cmd[1:]]),

@@ -133,23 +133,25 @@ def default_bandwidth(name: str) -> float | None:
 
 
 # Training-step variants: the job-config overrides each stands for.
+# The default optimizer (RowRMSprop since session 10; "fused" measured LazyAdam before) unless the name says.
 VARIANTS: dict[str, dict[str, str]] = {
-    "fused": {"optim__optimizer": "lazy_adam", "train__step": "fused"},  # the default path (compile: auto)
-    "fused-compiled": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__compile": "on",
+    "fused": {"optim__optimizer": "row_rmsprop", "train__step": "fused"},  # the default path (compile: auto)
+    "fused-compiled": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "train__compile": "on",
                        "train__cpu_kernel": "off"},
-    "fused-eager": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__compile": "off",
+    "fused-eager": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "train__compile": "off",
                     "train__cpu_kernel": "off"},
     # on a CPU: the C++ op (mfscale/csrc/fused_step.cpp) against the same math as torch ops
-    "fused-kernel": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__cpu_kernel": "on"},
-    "fused-torch": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__cpu_kernel": "off"},
-    "autograd": {"optim__optimizer": "lazy_adam", "train__step": "autograd"},  # backward() + LazyAdam
+    "fused-kernel": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "train__cpu_kernel": "on"},
+    "fused-torch": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "train__cpu_kernel": "off"},
+    "autograd": {"optim__optimizer": "row_rmsprop", "train__step": "autograd"},  # backward() + RowRMSprop
     "sparse_adam": {"optim__optimizer": "sparse_adam", "train__step": "autograd"},  # the reference
+    "fused-lazy_adam": {"optim__optimizer": "lazy_adam", "train__step": "fused"},  # the default path with Adam
     # table layouts (mfscale/layout/), the fused step: compare them at --nprocs 1,2
-    "fused-replicated": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__tables": "replicated"},
-    "fused-blocks": {"optim__optimizer": "lazy_adam", "train__step": "fused", "train__tables": "blocks"},
+    "fused-replicated": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "train__tables": "replicated"},
+    "fused-blocks": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "train__tables": "blocks"},
     # issue 24's model options on the default path: plain MF (no biases), nn.Embedding's max_norm 1
-    "fused-plain": {"optim__optimizer": "lazy_adam", "train__step": "fused", "model__biases": "off"},
-    "fused-max_norm": {"optim__optimizer": "lazy_adam", "train__step": "fused", "model__max_norm": "1"},
+    "fused-plain": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "model__biases": "off"},
+    "fused-max_norm": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "model__max_norm": "1"},
 }
 
 

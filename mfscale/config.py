@@ -50,19 +50,21 @@ FUSED_OPTIMIZERS = ("lazy_adam", "row_rmsprop")  # the tables' optimizers the fu
 
 @dataclass
 class OptimConfig:
-    # lazy_adam (mfscale.optim.LazyAdam) | row_rmsprop (mfscale.optim.RowRMSprop: Adam without beta1, one second
-    # moment per row: 1/3 of Adam's memory, faster CPU steps) | sparse_adam (torch.optim.SparseAdam, the reference)
-    optimizer: str = "lazy_adam"
+    # row_rmsprop (mfscale.optim.RowRMSprop: Adam without a first moment and one second moment per row: 1/3 of
+    # Adam's memory; the CPU step 1.3-1.5x faster at the same test RMSE on ml-latest-small, ml-1m, ml-10m and ml-32m,
+    # benchmarks/RESULTS.md, session 10) | lazy_adam (mfscale.optim.LazyAdam: SparseAdam's update, the default
+    # before) | sparse_adam (torch.optim.SparseAdam, the reference)
+    optimizer: str = "row_rmsprop"
     # Defaults chosen on ml-10m and ml-1m synthetic and real ml-latest-small, several seeds each
     # (benchmarks/RESULTS.md, issue 12); every one of the three is better with them than with the previous
     # (lr 0.003, reg 0.04, beta2 0.999) and previous-but-one (lr 0.005, reg 0.05) defaults.
     lr: float = 0.003  # learning rate of the embedding tables
-    # Adam's moment decays for the tables (LazyAdam or SparseAdam). beta2 0.98, not torch's 0.999: the bias
-    # correction counts the table's steps, but a row's moments move only when a batch touches it, so a row
-    # touched n << 1/(1 - beta2) times has v ~ n (1 - beta2) g^2, which the correction does not scale back up.
-    # With 0.999 a row touched 10-100 times takes steps of 3-6x lr (a steady gradient); with 0.98 at most 1.5x.
-    # Most rows of a long-tailed catalogue are touched that rarely. 0.95-0.98 tied; 0.995 and 0.999 were worse
-    # on ml-10m and ml-latest-small. With 0.999 the real data wanted reg 0.04 where the synthetic sets wanted
+    # Adam's moment decays for the tables (LazyAdam or SparseAdam; RowRMSprop uses beta2 alone). beta2 0.98, not
+    # torch's 0.999: the bias correction counts the table's steps, but a row's moments move only when a batch
+    # touches it, so a row touched n << 1/(1 - beta2) times has v ~ n (1 - beta2) g^2, which the correction does not
+    # scale back up. With 0.999 a row touched 10-100 times takes steps of 3-6x lr (a steady gradient); with 0.98 at
+    # most 1.5x. Most rows of a long-tailed catalogue are touched that rarely. 0.95-0.98 tied; 0.995 and 0.999 were
+    # worse on ml-10m and ml-latest-small. With 0.999 the real data wanted reg 0.04 where the synthetic sets wanted
     # 0.03; with 0.98, 0.03 is best on two of the three and 0.0006 from best on the third.
     beta1: float = 0.9
     beta2: float = 0.98

@@ -173,18 +173,19 @@ def test_kernel_rejects_bad_ids_before_touching_anything():
 
 
 @pytest.mark.usefixtures("float64")
-def test_trainer_uses_the_kernel_where_rows_are_local_and_matches_torch_ops(small_data, tmp_path):
+@pytest.mark.parametrize("optimizer", ["row_rmsprop", "lazy_adam"])
+def test_trainer_uses_the_kernel_where_rows_are_local_and_matches_torch_ops(small_data, tmp_path, optimizer):
     """One epoch of the trainer (cosine LR every step, L2, the global bias) with the C++ op and with torch ops."""
-    tr_k, got = one_epoch(small_data, tmp_path / "k", train__cpu_kernel="on")
-    tr_t, ref = one_epoch(small_data, tmp_path / "t", train__cpu_kernel="off")
+    tr_k, got = one_epoch(small_data, tmp_path / "k", train__cpu_kernel="on", optim__optimizer=optimizer)
+    tr_t, ref = one_epoch(small_data, tmp_path / "t", train__cpu_kernel="off", optim__optimizer=optimizer)
     assert isinstance(tr_k.step_fn, CppStep) and isinstance(tr_t.step_fn, ClosedFormStep)
     for k, v in ref.items():
         torch.testing.assert_close(got[k], v, rtol=1e-9, atol=1e-12)
     opt_k, opt_t = tr_k.optims.tables, tr_t.optims.tables
     for p_k, p_t in zip(opt_k.param_groups[0]["params"], opt_t.param_groups[0]["params"], strict=True):
         assert opt_k.state[p_k]["step"] == opt_t.state[p_t]["step"] == tr_k.layout.steps_per_epoch
-        torch.testing.assert_close(opt_k.state[p_k]["exp_avg_sq"], opt_t.state[p_t]["exp_avg_sq"],
-                                   rtol=1e-9, atol=1e-15)
+        for key in opt_k.state_keys:
+            torch.testing.assert_close(opt_k.state[p_k][key], opt_t.state[p_t][key], rtol=1e-9, atol=1e-15)
     # The LR schedule saw every step (LambdaLR counts optimizer steps): both end at the same learning rate.
     assert tr_k.optims.tables.param_groups[0]["lr"] == tr_t.optims.tables.param_groups[0]["lr"]
     assert math.isclose(tr_k.optims.tables.param_groups[0]["lr"], tr_t.optims.tables.param_groups[0]["lr"])

@@ -118,6 +118,12 @@ def assert_union_equal(ranks: list[dict], cfg: config.JobConfig, data: Dataset) 
             np.testing.assert_allclose(r["tensors"][key], want[key], rtol=1e-9, atol=0, err_msg=key)
 
 
+def row_floats(cfg: config.JobConfig) -> int:
+    """Floats a movie row travels with: its dim + 1 values and its optimizer state (RowRMSprop: 2, Adam: two
+    moments of dim + 1)."""
+    return cfg.model.dim + 1 + (2 if cfg.optim.optimizer == "row_rmsprop" else 2 * (cfg.model.dim + 1))
+
+
 def state_keys(cfg: config.JobConfig) -> tuple[str, ...]:
     """The tables' optimizer state a config's run keeps, by name."""
     return ("row_sq",) if cfg.optim.optimizer == "row_rmsprop" else ("exp_avg", "exp_avg_sq")
@@ -234,9 +240,9 @@ def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, 
         train = data.read_split("train")
         got = np.sort(np.concatenate([b["user"] * data.n_items + b["item"] for r in ranks for b in r["batches"]]))
         assert np.array_equal(got, np.sort(train["user"].astype(np.int64) * data.n_items + train["item"]))
-        # traffic: W rotations of a movie block (rows + two moments) per rank per epoch, in pieces: each block
+        # traffic: W rotations of a movie block (rows + their state) per rank per epoch, in pieces: each block
         # passes through every rank once, so each rank sends the whole movie table once; no gradient rows
-        assert {r["bytes_sent"] for r in ranks} == {data.n_items * 3 * (cfg.model.dim + 1) * 8}
+        assert {r["bytes_sent"] for r in ranks} == {data.n_items * row_floats(cfg) * 8}
         assert {len(r["batches"]) for r in ranks} == {r["steps"] for r in ranks}
 
 
@@ -256,7 +262,8 @@ def test_row_rmsprop_on_two_ranks_equals_the_numpy_reference_and_one_process(sma
     assert all("users.exp_avg" not in r["tensors"] for r in blocks)
     assert_numpy_reference(blocks, cfgs[0], data)
     # the rotation carries each movie row with its two floats of state: (dim + 1 + 2) float64 per movie
-    assert {r["bytes_sent"] for r in blocks} == {data.n_items * (cfgs[0].model.dim + 3) * 8}
+    assert {r["bytes_sent"] for r in blocks} == {data.n_items * row_floats(cfgs[0]) * 8} == {
+        data.n_items * (cfgs[0].model.dim + 3) * 8}
     for cfg, ranks in zip(cfgs[1:], results[1:], strict=True):
         assert_union_equal(ranks, cfg, data)
 
@@ -349,7 +356,7 @@ def test_blocks_checkpoint_resumes_at_other_world_sizes_and_tools_read_it(small_
     assert tr.resume() and tr.progress.epoch == 2 and tr.layout.name == "replicated"
     loaded = trainer_tensors(tr)
     for name in ("users", "items"):
-        for key in ("weight", "exp_avg", "exp_avg_sq"):
+        for key in ("weight", *state_keys(tr.cfg)):
             assert torch.equal(torch.from_numpy(loaded[f"{name}.{key}"]), whole[f"{name}.{key}"]), (name, key)
     metrics = run(job(small_data, one, train__batch_size=400, train__epochs=3))
     assert metrics["epochs"] == 3 and metrics["world_size"] == 1 and metrics["test_rmse"] < m2["test_rmse"] + 0.05

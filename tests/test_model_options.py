@@ -47,6 +47,7 @@ STEPS = 6
 
 
 def short_job(data: Path, run_dir: Path, biases: bool, max_norm: float, **flags) -> config.JobConfig:
+    flags.setdefault("optim__optimizer", "lazy_adam")  # Adam, the notebook's optimizer
     return job(data, run_dir, model__dim=8, model__init_std=0.3, model__biases=biases, model__max_norm=max_norm,
                train__batch_size=400, optim__lr=0.05, optim__schedule="none", **flags)
 

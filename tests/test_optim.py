@@ -191,7 +191,7 @@ def test_two_gloo_ranks_with_lazy_adam_equal_one_process(odd_data, tmp_path):
 
 
 def test_config_accepts_the_optimizers_and_names_them_on_error(tmp_path):
-    assert config.JobConfig().optim.optimizer == "lazy_adam"
+    assert config.JobConfig().optim.optimizer == "row_rmsprop"
     for name in ("lazy_adam", "row_rmsprop", "sparse_adam"):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer=name).validate()
     with pytest.raises(Exception, match="lazy_adam, row_rmsprop or sparse_adam"):

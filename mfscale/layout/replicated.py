@@ -65,8 +65,10 @@ class Replicated(TableLayout):
         if not self.resident:
             raise ConfigError("--train.strata regroups the training split in memory: it needs a resident split "
                               "(--data.resident on, --workers 0)")
+        # a row with its optimizer state: Adam's two moments, or RowRMSprop's two floats
+        row_floats = (cfg.model.dim + 1) + (2 if cfg.optim.optimizer == "row_rmsprop" else 2 * (cfg.model.dim + 1))
         return cfg.train.strata or auto_strata(data.n_users, data.n_items, cfg.model.dim,
-                                               data.split_rows("train"), batch_size * env.world_size)
+                                               data.split_rows("train"), batch_size * env.world_size, row_floats)
 
     def sync_point(self, step_in_epoch: int) -> bool:
         return not self.env.distributed or step_in_epoch % SYNC_EVERY == 0 or step_in_epoch == self.steps_per_epoch

@@ -115,23 +115,25 @@ def local_index(block: np.ndarray, world: int) -> tuple[np.ndarray, list[np.ndar
     return local, members
 
 
-# A stratum's share of both tables with their two Adam moments, at most: on the 2-core EPYC (32 MiB L3, 2 MiB L2
-# per core) ml-10m's 63 MB of tables trained 1.38x faster per step in 4 x 4 strata, 1.65x in 8 x 8 and 1.69x in
-# 16 x 16 than in one global shuffle (benchmarks/RESULTS.md). A fixed size, not this machine's cache: a job
-# resumed elsewhere keeps its batches.
+# A stratum's share of both tables with their optimizer state (Adam: two moments per row), at most: on the 2-core
+# EPYC (32 MiB L3, 2 MiB L2 per core) ml-10m's 63 MB of tables trained 1.38x faster per step in 4 x 4 strata, 1.65x
+# in 8 x 8 and 1.69x in 16 x 16 than in one global shuffle (benchmarks/RESULTS.md). A fixed size, not this machine's
+# cache: a job resumed elsewhere keeps its batches.
 STRATUM_TABLE_BYTES = 8 << 20
 MIN_STRATUM_BATCHES = 2  # global batches per stratum at least: fewer, and most batches straddle two strata
 
 
-def auto_strata(n_users: int, n_items: int, dim: int, n_train: int, global_batch: int) -> int:
-    """k for k x k strata: the smallest power of two at which a stratum's share of the tables (and their Adam
-    moments) fits STRATUM_TABLE_BYTES, as long as a stratum still holds MIN_STRATUM_BATCHES global batches.
+def auto_strata(n_users: int, n_items: int, dim: int, n_train: int, global_batch: int,
+                row_floats: int | None = None) -> int:
+    """k for k x k strata: the smallest power of two at which a stratum's share of the tables (a row with its
+    optimizer state: ``row_floats`` floats, default Adam's 3 (dim + 1)) fits STRATUM_TABLE_BYTES, as long as a
+    stratum still holds MIN_STRATUM_BATCHES global batches.
     Tables that fit already (ml-1m, ml-latest-small) get 1: one global shuffle.
 
     Not the default: in strata each row is touched in fewer, larger steps per epoch (on ml-10m at k = 8, a
     user in ~24 steps instead of ~80), and Adam moves a row about ``lr`` per touch whatever its gradient's
     size, so rows train less per epoch: test RMSE 0.7652 against 0.7504 on ml-10m (RESULTS, issue 22)."""
-    table_bytes = (n_users + n_items) * (dim + 1) * 4 * 3
+    table_bytes = (n_users + n_items) * (row_floats or 3 * (dim + 1)) * 4
     k = 1
     while table_bytes / k > STRATUM_TABLE_BYTES and n_train / (2 * k) ** 2 >= MIN_STRATUM_BATCHES * global_batch:
         k *= 2
