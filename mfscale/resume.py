@@ -41,6 +41,31 @@ def _set_numpy_rng_state(state: tuple) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
 
 
+def _row_wise(optimizer: str) -> bool:
+    return optimizer == "row_rmsprop"
+
+
+def keep_started_optimizer(cfg: JobConfig) -> None:
+    """Before the tables' optimizer is built: a run that will resume keeps the optimizer it started with, as it
+    keeps its betas. Adam's moments and RowRMSprop's row state are different things, so a run started with one
+    cannot continue with the other; a run started before RowRMSprop became the default continues with Adam
+    whatever its command line says. Reads the newest checkpoint's metadata that loads (all of a run's checkpoints
+    name the same optimizer); damaged or refused files are left to the resume itself, which reports them."""
+    if cfg.checkpoint.resume == "never":
+        return
+    for path in reversed(checkpoint.list_checkpoints(Path(cfg.run_dir))):
+        try:
+            state = checkpoint.load_checkpoint_file(path)
+        except Exception:  # damaged or refused: the resume's vote decides and says why
+            continue
+        started = state.get("config", {}).get("optim", {}).get("optimizer", "lazy_adam")
+        if _row_wise(started) != _row_wise(cfg.optim.optimizer):
+            log.warning("resumed run keeps the tables' optimizer it started with, %s, not %s", started,
+                        cfg.optim.optimizer)
+            cfg.optim.optimizer = started
+        return
+
+
 @dataclass
 class Progress:
     """Where the next step starts, early stopping's state and the training clock: what the loop advances."""
@@ -234,9 +259,10 @@ class Checkpoints:
             on_off = {True: "on", False: "off"}
             raise ConfigError(f"checkpoint {path} was trained with --model.biases {on_off[started]}, this run has "
                               f"--model.biases {on_off[self.cfg.model.biases]}; {hint}")
-        # Adam's moments and RowRMSprop's row state are different things: no run switches between them midway.
+        # Adam's moments and RowRMSprop's row state are different things: no run switches between them midway
+        # (keep_started_optimizer has chosen the run's optimizer; this holds if the checkpoints disagree).
         started_opt = state.get("config", {}).get("optim", {}).get("optimizer", "lazy_adam")
-        if (started_opt == "row_rmsprop") != (self.cfg.optim.optimizer == "row_rmsprop"):
+        if _row_wise(started_opt) != _row_wise(self.cfg.optim.optimizer):
             raise ConfigError(f"checkpoint {path} was trained with --optim.optimizer {started_opt}, this run has "
                               f"--optim.optimizer {self.cfg.optim.optimizer}; {hint}")
         shape = {"n_users": data.n_users, "n_items": data.n_items, "dim": self.cfg.model.dim}

@@ -33,7 +33,7 @@ from .errors import cli_entry
 from .evaluate import evaluate
 from .monitor import Monitor
 from .optim import Optimizers
-from .resume import Checkpoints, Progress
+from .resume import Checkpoints, Progress, keep_started_optimizer
 from .shards import Dataset, write_text_atomic
 
 __all__ = ["StopSignal", "Trainer", "main", "run"]
@@ -57,6 +57,7 @@ class Trainer:
         step.keep_step_memory()  # host memory: CPU steps, and the stream's batches on any device
         data = Dataset(cfg.data.path, verify=cfg.data.verify, hash_share=(env.local_rank, env.local_world_size))
         torch.manual_seed(cfg.train.seed)
+        keep_started_optimizer(cfg)  # a resumed run's tables keep the optimizer state they were saved with
         self.layout = layout.build(cfg, env, data)
         self.model = self.layout.model
         self.optims = Optimizers(cfg.optim, self.layout.opt, self.model.dense_parameters(),

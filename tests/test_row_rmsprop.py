@@ -1,5 +1,5 @@
 """RowRMSprop (``--optim.optimizer row_rmsprop``): its update against NumPy written from the documented formula,
-its state across a save and load, a run that switches optimizers refused, and a job trained with it end to end.
+its state across a save and load, a job trained and resumed with it end to end (keeping its optimizer).
 The C++ step's version is checked against this one in tests/test_cpu_step.py and both layouts on 2 ranks against
 a NumPy reference of the whole step in tests/test_layout.py."""
 
@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from mfscale import checkpoint
-from mfscale.errors import ConfigError
 from mfscale.optim import RowRMSprop
 from mfscale.train import run
 
@@ -75,21 +74,26 @@ def test_row_rmsprop_state_round_trip_then_continue_equals_uninterrupted():
         assert torch.equal(a, b)
 
 
-def test_a_job_trains_with_row_rmsprop_resumes_exactly_and_refuses_adam(small_data, tmp_path):
+def test_a_job_trains_with_row_rmsprop_resumes_exactly_and_keeps_its_optimizer(small_data, tmp_path, capsys):
     """Two epochs in one go equal one epoch, a restart, and one more (no schedule: a cosine spans the run); the
-    checkpoint holds two floats of state per row; resuming it with Adam is one clear error (their states are
-    different things)."""
-    def cfg(run, **kw):
-        return job(small_data, run, optim__optimizer="row_rmsprop", train__batch_size=128, optim__schedule="none",
-                   **kw)
+    checkpoint holds two floats of state per row. A restart whose flags name the other optimizer keeps the one
+    the run started with, with a warning, both ways: a RowRMSprop run asked for Adam, and a run started with Adam
+    (as every run before RowRMSprop became the default) resumed with today's defaults."""
+    def cfg(run, optimizer="row_rmsprop", **kw):
+        return job(small_data, run, optim__optimizer=optimizer, train__batch_size=128, optim__schedule="none", **kw)
 
-    whole = run(cfg(tmp_path / "whole", train__epochs=2))
-    run(cfg(tmp_path / "split", train__epochs=1))
-    split = run(cfg(tmp_path / "split", train__epochs=2))
-    assert split["test_rmse"] == whole["test_rmse"] and whole["test_rmse"] < 1.2
-    state, path = checkpoint.load_latest(tmp_path / "split")
-    tables_ = checkpoint.assemble(path, state, optimizer=True)
-    assert tables_["users.row_sq"].shape[1] == 2 and "users.exp_avg" not in tables_
-    assert not torch.isnan(tables_["items.row_sq"]).any()
-    with pytest.raises(ConfigError, match="trained with --optim.optimizer row_rmsprop"):
-        run(job(small_data, tmp_path / "split", train__batch_size=128, train__epochs=3, optim__optimizer="lazy_adam"))
+    for started, then in (("row_rmsprop", "lazy_adam"), ("lazy_adam", "row_rmsprop")):
+        whole = run(cfg(tmp_path / f"whole-{started}", started, train__epochs=2))
+        run(cfg(tmp_path / f"split-{started}", started, train__epochs=1))
+        capsys.readouterr()
+        split = run(cfg(tmp_path / f"split-{started}", then, train__epochs=2))
+        assert f"keeps the tables' optimizer it started with, {started}, not {then}" in capsys.readouterr().err
+        assert split["test_rmse"] == whole["test_rmse"] and whole["test_rmse"] < 1.2
+        state, path = checkpoint.load_latest(tmp_path / f"split-{started}")
+        assert state["config"]["optim"]["optimizer"] == started
+        tables_ = checkpoint.assemble(path, state, optimizer=True)
+        if started == "row_rmsprop":
+            assert tables_["users.row_sq"].shape[1] == 2 and "users.exp_avg" not in tables_
+            assert not torch.isnan(tables_["items.row_sq"]).any()
+        else:
+            assert "users.exp_avg_sq" in tables_ and "users.row_sq" not in tables_
