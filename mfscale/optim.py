@@ -20,15 +20,16 @@ for each touched row, with g its summed gradient plus ``row_scale * col_weights 
 (``LazyAdam._begin_step``, the only place it is computed). Untouched rows and their moments are left alone.
 tests/test_optim.py checks each implementation against ``torch.optim.SparseAdam``.
 
-**RowRMSprop** (``--optim.optimizer row_rmsprop``, issue 22): the same lazy update with two floats of state per row
-instead of two moments per element. Adam with beta1 = 0 (no first moment) and its second moment shared by a
-row's factor columns (the mean of their squared gradients; FBGEMM's row-wise optimizers keep one such value per
-row) and kept apart for the bias column, whose gradients have another scale. For each touched row, with g as
-above: ``s_f += (mean(g[:d]^2) - s_f)(1 - beta2)``, ``s_b += (g[d]^2 - s_b)(1 - beta2)``,
-``row[:d] -= step_size * g[:d] / (sqrt(s_f) + eps)``, ``row[d] -= step_size * g[d] / (sqrt(s_b) + eps)``, where
-``step_size = lr * sqrt(1 - beta2^t)``. A row is then 67 floats instead of 195, so the rows a CPU step reads at
-random stay in cache far more often (benchmarks/RESULTS.md, session 10). Two implementations: ``_row_rmsprop_rows``
-(torch ops, compiled or not) and the C++ step; tests/test_optim.py checks both against a NumPy reference.
+**RowRMSprop** (``--optim.optimizer row_rmsprop``, the default since issue 22): the same lazy update with two floats
+of state per row instead of two moments per element. Adam with beta1 = 0 (no first moment) and its second moment
+shared by a row's factor columns (the mean of their squared gradients; FBGEMM's row-wise optimizers keep one such
+value per row) and kept apart for the bias column, whose gradients have another scale. For each touched row, with g
+as above: ``s_f += (mean(g[:d]^2) - s_f)(1 - beta2)``, ``s_b += (g[d]^2 - s_b)(1 - beta2)``, ``row[:d] -= step_size
+* g[:d] / (sqrt(s_f) + eps)``, ``row[d] -= step_size * g[d] / (sqrt(s_b) + eps)``, where ``step_size = lr * sqrt(1 -
+beta2^t)``. A row is then 67 floats instead of 195, so the rows a CPU step reads at random stay in cache far more
+often (benchmarks/RESULTS.md, session 10). Three implementations: ``_row_rmsprop_rows`` (touched rows, torch ops,
+compiled or not), ``_row_rmsprop_dense_fusable`` (a masked sweep, compiled) and the C++ step; tests check each
+against a NumPy reference of the definition (tests/test_row_rmsprop.py, test_layout.py).
 
 This module also owns the job's optimizers as a whole (:class:`Optimizers`): the tables' optimizer
 (:func:`build_tables`, called by the layout that holds the tables), the global bias's Adam, their learning-rate
@@ -133,6 +134,21 @@ def _row_rmsprop_rows(param: Tensor, row_sq: Tensor, rows: Tensor, grad: Tensor,
     param[rows] = p + g * torch.cat([k[:, :1].expand(-1, d), k[:, 1:]], 1)
 
 
+def _row_rmsprop_dense_fusable(param: Tensor, row_sq: Tensor, grad: Tensor, row_scale: Tensor, col_weights: Tensor,
+                               step_size: Tensor, beta2: float, eps: float) -> None:
+    """The same update as a masked sweep over whole tables (rows with row_scale 0 keep their values and state),
+    for torch.compile: no gather of the touched rows, so no device-to-host sync for their count on a GPU."""
+    touched = row_scale > 0
+    g = grad + (row_scale[:, None] * col_weights) * param
+    d = g.shape[1] - 1
+    ms = torch.stack([(g[:, :d] * g[:, :d]).mean(1), g[:, d] * g[:, d]], 1)
+    s = row_sq + (ms - row_sq) * (1 - beta2)
+    k = -step_size / (s.sqrt() + eps)
+    new_p = param + g * torch.cat([k[:, :1].expand(-1, d), k[:, 1:]], 1)
+    row_sq.copy_(torch.where(touched[:, None], s, row_sq))
+    param.copy_(torch.where(touched[:, None], new_p, param))
+
+
 _COMPILED: dict[str, object] = {}
 
 
@@ -148,6 +164,13 @@ def compiled_row_rmsprop():
     if "row" not in _COMPILED:
         _COMPILED["row"] = torch.compile(_row_rmsprop_rows, dynamic=True)
     return _COMPILED["row"]
+
+
+def compiled_row_rmsprop_dense():
+    """``_row_rmsprop_dense_fusable`` under torch.compile (compiled once per process, shapes dynamic)."""
+    if "row_dense" not in _COMPILED:
+        _COMPILED["row_dense"] = torch.compile(_row_rmsprop_dense_fusable, dynamic=True)
+    return _COMPILED["row_dense"]
 
 
 def compiled_adam_dense():
@@ -329,6 +352,11 @@ class RowRMSprop(RowOptimizer):
         if rows is None:  # dense form: the touched rows are those with a count > 0
             if l2 is None:
                 raise ValueError("RowRMSprop: dense rows need l2 row_scale (touch counts) to know the touched rows")
+            if self.compile:  # one masked sweep (detach: compiled for symbolic sizes)
+                step_size = torch.tensor(size, dtype=p.dtype, device=p.device)
+                compiled_row_rmsprop_dense()(p.detach(), state["row_sq"], values, l2[0], l2[1], step_size,
+                                             group["betas"][1], group["eps"])
+                return
             rows = torch.nonzero(l2[0]).squeeze(1)
             values, l2 = values.index_select(0, rows), (l2[0].index_select(0, rows), l2[1])
         if values.numel() == 0:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import torch
 
 from mfscale.model import batch_errors
+from mfscale.optim import RowRMSprop
 
 from .test_optim import check_dense_form_equals_row_form, one_epoch
 
 
 def test_compiled_dense_form_equals_row_form():
     check_dense_form_equals_row_form(compiled=True)
+    check_dense_form_equals_row_form(compiled=True, cls=RowRMSprop)  # its masked sweep: no sync on a GPU
 
 
 def test_compiled_row_rmsprop_equals_eager(small_data, tmp_path):
