@@ -17,7 +17,8 @@ result; where the model is fed a measured number (the stratum balance, unique ro
   1.1e9 on an H100, ../DESIGN notes). A rank's compute time is its ratings / gpu-rate.
 - Replicated: every step all-gathers each rank's unique gradient rows (4 * (d + 2) bytes + an 8-byte id per
   row, to W - 1 peers) and every rank applies all ranks' rows (7 row passes of 4 * (d + 1) bytes in HBM).
-- Blocks: every sub-epoch ends with one movie block (rows + two Adam moments) sent to the next rank; the
+- Blocks: every sub-epoch ends with one movie block (rows + their optimizer state: ``--optimizer``, RowRMSprop's
+  two floats per row by default, Adam's two moments of d + 1) sent to the next rank; the
   sub-epoch lasts as long as its largest stratum. No collective between sub-epoch ends (since 2026-12: each
   rank keeps its copy of the global bias between them, mfscale.step); at each of the W sub-epoch ends three
   small collectives (reconcile the global bias, the training loss, the stop vote).
@@ -85,6 +86,11 @@ def auto_global_batch(n: float, steps_per_epoch: int) -> int:
     return int(min(262_144, max(1024, n // steps_per_epoch // 1024 * 1024)))
 
 
+def state_bytes(dim: int, optimizer: str) -> int:
+    """Bytes of a table row's optimizer state: RowRMSprop's two floats, or Adam's two moments of dim + 1."""
+    return 4 * 2 if optimizer == "row_rmsprop" else 2 * 4 * (dim + 1)
+
+
 def predict(n: float, n_items: int, dim: int, w: int, bal: dict, uniq_per_rank: float, a: argparse.Namespace
             ) -> dict[str, float]:
     """Ratings/s of one epoch for each layout on ``w`` GPUs (see the module docstring)."""
@@ -98,7 +104,7 @@ def predict(n: float, n_items: int, dim: int, w: int, bal: dict, uniq_per_rank: 
     extra_opt = (w - 1) * uniq_per_rank * 7 * row / (a.hbm_gbs * 1e9)
     t_rep = compute + steps * (gather + extra_opt + (lat if w > 1 else 0.0))
     # blocks: sub-epochs last as long as their largest stratum; W rotations of a movie block per epoch
-    block_bytes = 3 * bal["item_rows_max"] * row
+    block_bytes = bal["item_rows_max"] * (row + state_bytes(dim, a.optimizer))
     rotate = w * (block_bytes / (link * 1e9) + lat) if w > 1 else 0.0
     syncs = w * 3 * lat if w > 1 else 0.0  # W sync points per epoch, 3 small collectives each; none per step
     t_blk = compute * bal["padded_over_actual"] + rotate + syncs
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--worlds", default="1,2,4,8,16")
     p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--optimizer", default="row_rmsprop", choices=("row_rmsprop", "lazy_adam"),
+                   help="the tables' optimizer, for the state that travels and is held (default: the job's)")
     p.add_argument("--gpu-rate", type=float, default=2e8, help="assumed ratings/s of one GPU (default: 2e8)")
     p.add_argument("--hbm-gbs", type=float, default=3350.0, help="assumed HBM GB/s (H100 SXM)")
     p.add_argument("--nvlink-gbs", type=float, default=450.0, help="assumed NVLink GB/s per GPU and direction")
@@ -160,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             one = one or pr["blocks"]
             fits = ""
             if label.startswith("1B"):
-                state_gb = 3 * 4 * (a.dim + 1) * (a.big_users + big_items) / 1e9
-                fits = f" (replicated needs {state_gb:.0f} GB of tables + Adam per GPU)"
+                state_gb = (4 * (a.dim + 1) + state_bytes(a.dim, a.optimizer)) * (a.big_users + big_items) / 1e9
+                fits = f" (replicated needs {state_gb:.0f} GB of tables + optimizer state per GPU)"
             print(f"| {label}{fits if w == worlds[0] else ''} | {w} | {pr['replicated']:.3g} | {pr['blocks']:.3g} | "
                   f"{pr['blocks'] / (w * one):.2f} | {pr['rotate_s']:.3f} | {pr['gather_s']:.3f} |")
     return 0

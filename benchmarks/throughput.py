@@ -631,7 +631,8 @@ def run_scaling(args: argparse.Namespace) -> list[dict[str, Any]]:
             rec = json.loads(out.read_text().splitlines()[0])
         dim = args.dims[0]
         rec.update(kind="scaling", n_ratings=n, n_users=data.n_users, n_items=data.n_items,
-                   model_state_mib=3 * 4 * (dim + 1) * (data.n_users + data.n_items) / 2**20,  # table + m + v
+                   # table + RowRMSprop's two floats per row (the default; Adam's m + v: 3 (dim + 1) in all)
+                   model_state_mib=4 * (dim + 3) * (data.n_users + data.n_items) / 2**20,
                    train_data_mib=16 * data.split_rows("train") / 2**20)  # 4 int32/float32 columns per row
         rows.append(rec)
     table = ("### mfscale memory vs data size (e2e, 1 process, fixed users/items)\n\n" + scaling_markdown(rows)
