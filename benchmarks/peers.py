@@ -86,7 +86,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the backport, as mfscale.config does
+    import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
 TRAINERS = ("mfscale", "libmf", "cornac", "spark")

@@ -670,9 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dims", type=_csv(int), default=[64])
     p.add_argument("--variants", type=_csv(str), default=["fused", "sparse_adam"],
                    help="training-step variants: fused (the default path), fused-kernel (CPU: the C++ op), "
-                        "fused-torch (CPU: torch ops), fused-compiled, fused-eager, autograd (backward + LazyAdam), "
-                        "sparse_adam (backward + torch.optim.SparseAdam, the reference), fused-replicated, "
-                        "fused-blocks, fused-plain (--model.biases off), fused-max_norm (--model.max_norm 1)")
+                        "fused-torch (CPU: torch ops), fused-compiled, fused-eager, autograd (backward + "
+                        "RowRMSprop), fused-lazy_adam, sparse_adam (backward + torch.optim.SparseAdam, the "
+                        "reference), fused-replicated, fused-blocks, fused-plain (--model.biases off), "
+                        "fused-max_norm (--model.max_norm 1)")
     p.add_argument("--resident", choices=["auto", "on", "off"], default="auto",
                    help="data.resident for training modes; input mode measures the resident stream only with on")
     p.add_argument("--precisions", type=_csv(str), default=["fp32"], help="fp32,bf16,fp16 (mixed: CUDA only)")

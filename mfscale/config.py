@@ -51,7 +51,7 @@ FUSED_OPTIMIZERS = ("lazy_adam", "row_rmsprop")  # the tables' optimizers the fu
 @dataclass
 class OptimConfig:
     # row_rmsprop (mfscale.optim.RowRMSprop: Adam without a first moment and one second moment per row: 1/3 of
-    # Adam's memory; the CPU step 1.3-1.5x faster at the same test RMSE on ml-latest-small, ml-1m, ml-10m and ml-32m,
+    # Adam's memory; the CPU job 1.2-1.5x faster at the same test RMSE on ml-latest-small, ml-1m, ml-10m and ml-32m,
     # benchmarks/RESULTS.md, session 10) | lazy_adam (mfscale.optim.LazyAdam: SparseAdam's update, the default
     # before) | sparse_adam (torch.optim.SparseAdam, the reference)
     optimizer: str = "row_rmsprop"
@@ -85,7 +85,7 @@ class TrainConfig:
     eval_batch_size: int = 65_536
     seed: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast, CUDA only)
-    step: str = "auto"  # fused (closed-form gradients, LazyAdam) | autograd | auto: fused where it applies
+    step: str = "auto"  # fused (closed-form gradients, the tables' optimizer) | autograd | auto: fused where it applies
     compile: str = "auto"  # on | off | auto: torch.compile the fused step's kernels on >= 1M training ratings
     # on | off | auto: on a CPU, run the fused step as one C++ op (mfscale/cpu_step.py; built on first use)
     # where a rank's row gradients are local (one process, blocks tables); auto falls back to torch ops

@@ -1,9 +1,9 @@
 """The fused training step as one C++ op on the CPU (``mfscale/csrc/fused_step.cpp``).
 
-Computes exactly what ``BiasedMF.closed_form_grads`` + ``LazyAdam`` compute (SparseAdam's update, in its
-operation order), or ``+ RowRMSprop``, but visits each touched row once instead of making a dozen passes over
-the batch and the rows; see the source for how. It applies where a rank's batch gradient is the whole gradient
-of the rows it touches: one process, or the blocks layout (no gradient exchange between ranks).
+Computes exactly what ``BiasedMF.closed_form_grads`` + ``LazyAdam`` compute (SparseAdam's update, in its operation
+order), or, to rounding, ``+ RowRMSprop``, but visits each touched row once instead of making a dozen passes over
+the batch and the rows; see the source for how. It applies where a rank's batch gradient is the whole gradient of
+the rows it touches: one process, or the blocks layout (no gradient exchange between ranks).
 
 The op is compiled on first use with torch's own extension builder (``torch.utils.cpp_extension``: a C++
 compiler and ninja, which ``pip install -e .`` brings), cached under ``TORCH_EXTENSIONS_DIR`` (default

@@ -254,10 +254,11 @@ class BiasedMF(nn.Module):
         Returns the user and item table gradients (``TableGrad``), the global bias's gradient and the batch's
         summed squared error. With e = prediction - rating, d/dp_u = 2 e q_i / G, d/db_u = 2 e / G, and
         symmetrically for the item; d/dmean = sum 2 e / G (both 0 without biases). ``errors`` computes e
-        (``batch_errors``, possibly compiled). The per-rating L2 term is left to the optimizer (``LazyAdam`` with
-        ``l2``): its gradient is count * 2 * reg * row / G, so only the counts are needed. ``dense_min``: per
-        table, from how many touched rows on the gradient comes in dense form (worth it when a batch touches a
-        large share of the rows: the optimizer then sweeps the table contiguously); 0 = always, None = never.
+        (``batch_errors``, possibly compiled). The per-rating L2 term is left to the optimizer (``LazyAdam``
+        or ``RowRMSprop`` with ``l2``): its gradient is count * 2 * reg * row / G, so only the counts are
+        needed. ``dense_min``: per table, from how many touched rows on the gradient comes in dense form
+        (worth it when a batch touches a large share of the rows: the optimizer then sweeps the table
+        contiguously); 0 = always, None = never.
 
         ``scratch``: a dict the caller keeps between calls; on CPU the gradient rows are then written into
         table-sized buffers kept there, so the returned rows are only valid until the next call. Allocating

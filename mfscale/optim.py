@@ -149,6 +149,12 @@ def _row_rmsprop_dense_fusable(param: Tensor, row_sq: Tensor, grad: Tensor, row_
     param.copy_(torch.where(touched[:, None], new_p, param))
 
 
+def _device_scalar(value: float, p: Tensor) -> Tensor:
+    """A step size as a 0-d tensor on ``p``'s device (a compiled kernel's input, so a new value does not recompile).
+    ``torch.full`` fills on the device; ``torch.tensor(value, device=cuda)`` would copy from the host and block."""
+    return torch.full((), value, dtype=p.dtype, device=p.device)
+
+
 _COMPILED: dict[str, object] = {}
 
 
@@ -303,7 +309,7 @@ class LazyAdam(RowOptimizer):
                 rows = torch.nonzero(l2[0]).squeeze(1)
                 values, l2 = values.index_select(0, rows), (l2[0].index_select(0, rows), l2[1])
             else:
-                step_size = torch.tensor(size, dtype=p.dtype, device=p.device)
+                step_size = _device_scalar(size, p)
                 # detach: compiled for symbolic sizes (a Parameter's sizes would be specialized on)
                 compiled_adam_dense()(p.detach(), state["exp_avg"], state["exp_avg_sq"], values, l2[0], l2[1],
                                       step_size, beta1, beta2, group["eps"])
@@ -313,7 +319,7 @@ class LazyAdam(RowOptimizer):
         if self.compile:
             if l2 is None:
                 l2 = (values.new_zeros(values.shape[0]), values.new_zeros(values.shape[1]))
-            step_size = torch.tensor(size, dtype=p.dtype, device=p.device)
+            step_size = _device_scalar(size, p)
             compiled_adam_rows()(p.detach(), state["exp_avg"], state["exp_avg_sq"], rows, values, l2[0], l2[1],
                                  step_size, beta1, beta2, group["eps"])
             return
@@ -353,7 +359,7 @@ class RowRMSprop(RowOptimizer):
             if l2 is None:
                 raise ValueError("RowRMSprop: dense rows need l2 row_scale (touch counts) to know the touched rows")
             if self.compile:  # one masked sweep (detach: compiled for symbolic sizes)
-                step_size = torch.tensor(size, dtype=p.dtype, device=p.device)
+                step_size = _device_scalar(size, p)
                 compiled_row_rmsprop_dense()(p.detach(), state["row_sq"], values, l2[0], l2[1], step_size,
                                              group["betas"][1], group["eps"])
                 return
@@ -364,7 +370,7 @@ class RowRMSprop(RowOptimizer):
         if l2 is None:
             l2 = (values.new_zeros(values.shape[0]), values.new_zeros(values.shape[1]))
         fn = compiled_row_rmsprop() if self.compile else _row_rmsprop_rows
-        step_size = torch.tensor(size, dtype=p.dtype, device=p.device) if self.compile else size
+        step_size = _device_scalar(size, p) if self.compile else size
         # detach: compiled for symbolic sizes (a Parameter's sizes would be specialized on)
         fn(p.detach(), state["row_sq"], rows, values, l2[0], l2[1], step_size, group["betas"][1], group["eps"])
 
@@ -384,13 +390,6 @@ def row_state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
             width = opt.state_width(key, p) if isinstance(opt, RowOptimizer) else p.shape[1]
             state[key] = table_empty((p.shape[0], width), p.dtype, p.device).zero_()
     return state
-
-
-def adam_state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
-    """Table ``p``'s Adam state (``step``, ``exp_avg``, ``exp_avg_sq``) in LazyAdam or SparseAdam."""
-    if state_keys(opt) != LazyAdam.state_keys:
-        raise TypeError(f"{type(opt).__name__} keeps no Adam moments")
-    return row_state(opt, p)
 
 
 def build_tables(cfg: OptimConfig, params: list[Tensor]) -> torch.optim.Optimizer:

@@ -45,25 +45,36 @@ def _row_wise(optimizer: str) -> bool:
     return optimizer == "row_rmsprop"
 
 
-def keep_started_optimizer(cfg: JobConfig) -> None:
+def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
     """Before the tables' optimizer is built: a run that will resume keeps the optimizer it started with, as it
     keeps its betas. Adam's moments and RowRMSprop's row state are different things, so a run started with one
     cannot continue with the other; a run started before RowRMSprop became the default continues with Adam
-    whatever its command line says. Reads the newest checkpoint's metadata that loads (all of a run's checkpoints
-    name the same optimizer); damaged or refused files are left to the resume itself, which reports them."""
+    whatever its command line says. Rank 0 reads the newest checkpoint metadata that loads (all of a run's
+    checkpoints name the same optimizer; damaged or refused files are left to the resume's vote, which reports
+    them) and every rank takes its answer. The switched config is validated again (a one-line ConfigError)."""
     if cfg.checkpoint.resume == "never":
         return
-    for path in reversed(checkpoint.list_checkpoints(Path(cfg.run_dir))):
-        try:
-            state = checkpoint.load_checkpoint_file(path)
-        except Exception:  # damaged or refused: the resume's vote decides and says why
-            continue
-        started = state.get("config", {}).get("optim", {}).get("optimizer", "lazy_adam")
-        if _row_wise(started) != _row_wise(cfg.optim.optimizer):
-            log.warning("resumed run keeps the tables' optimizer it started with, %s, not %s", started,
-                        cfg.optim.optimizer)
-            cfg.optim.optimizer = started
+    started = None
+    if env.is_main:
+        for path in reversed(checkpoint.list_checkpoints(Path(cfg.run_dir))):
+            try:
+                state = checkpoint.load_checkpoint_file(path)
+            except Exception:  # damaged or refused: the resume's vote decides and says why
+                continue
+            started = state.get("config", {}).get("optim", {}).get("optimizer", "lazy_adam")
+            break
+    if env.distributed and dist.is_initialized():  # (a DistEnv without a process group: tests of setup errors)
+        box = [started]
+        env.count("broadcast")
+        dist.broadcast_object_list(box, src=0)
+        started = box[0]
+    if started is None or _row_wise(started) == _row_wise(cfg.optim.optimizer):
         return
+    if env.is_main:
+        log.warning("resumed run keeps the tables' optimizer it started with, %s, not %s", started,
+                    cfg.optim.optimizer)
+    cfg.optim.optimizer = started
+    cfg.validate()  # e.g. --train.step fused with a run started with sparse_adam: one clear line
 
 
 @dataclass
@@ -234,7 +245,7 @@ class Checkpoints:
         betas = self.optims.betas
         changed = []
         if betas != (o.beta1, o.beta2):
-            changed.append(f"keeps the Adam betas it started with, {betas}, not ({o.beta1}, {o.beta2})")
+            changed.append(f"keeps the betas it started with, {betas}, not ({o.beta1}, {o.beta2})")
             o.beta1, o.beta2 = betas
         started = state.get("config", {}).get("optim", {})
         for key in ("reg_factor", "reg_bias", "gravity"):

@@ -57,7 +57,7 @@ class Trainer:
         step.keep_step_memory()  # host memory: CPU steps, and the stream's batches on any device
         data = Dataset(cfg.data.path, verify=cfg.data.verify, hash_share=(env.local_rank, env.local_world_size))
         torch.manual_seed(cfg.train.seed)
-        keep_started_optimizer(cfg)  # a resumed run's tables keep the optimizer state they were saved with
+        keep_started_optimizer(cfg, env)  # a resumed run's tables keep the optimizer state they were saved with
         self.layout = layout.build(cfg, env, data)
         self.model = self.layout.model
         self.optims = Optimizers(cfg.optim, self.layout.opt, self.model.dense_parameters(),

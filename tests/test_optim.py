@@ -230,11 +230,14 @@ def check_dense_form_equals_row_form(compiled: bool, cls: type = LazyAdam) -> No
                 assert grads[0].rows.shape == (40, 7)
                 assert torch.count_nonzero(grads[0].rows[20:]) == 0  # rows no rating touched
             opt.step(rows=[(t.ids, t.rows, t.counts.to(w.dtype), w) for t in grads])
-        results.append(model.state_dict())
+        state = {f"{i}.{k}": v for i, p in enumerate(model.sparse_parameters()) for k, v in opt.state[p].items()
+                 if k in opt.state_keys}  # the optimizer's state too: untouched rows keep theirs
+        results.append({**model.state_dict(), **state})
     assert forms == {(None, False, False), ((0, 0), True, True), ((15, 24), True, False)}
     init = BiasedMF(40, 30, 6).state_dict()
     for other in results[1:]:
         assert torch.equal(other["users.weight"][20:], results[0]["users.weight"][20:])
+        assert not other[f"0.{cls.state_keys[-1]}"][20:].any()  # never touched: state still zero
         for k, v in results[0].items():
             if compiled:  # two generated kernels may contract multiply-adds differently
                 torch.testing.assert_close(other[k], v, rtol=1e-6, atol=1e-7)

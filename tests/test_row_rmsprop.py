@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from mfscale import checkpoint
+from mfscale.errors import ConfigError
 from mfscale.optim import RowRMSprop
 from mfscale.train import run
 
@@ -97,3 +98,12 @@ def test_a_job_trains_with_row_rmsprop_resumes_exactly_and_keeps_its_optimizer(s
             assert not torch.isnan(tables_["items.row_sq"]).any()
         else:
             assert "users.exp_avg_sq" in tables_ and "users.row_sq" not in tables_
+
+
+def test_a_resume_whose_flags_conflict_with_the_started_optimizer_is_one_clear_error(small_data, tmp_path):
+    """A run started with SparseAdam keeps it on resume; with ``--train.step fused`` (which SparseAdam cannot
+    run) that is the config's own one-line error, not a traceback from the step."""
+    run(job(small_data, tmp_path, optim__optimizer="sparse_adam", train__batch_size=128, train__epochs=1))
+    with pytest.raises(ConfigError, match="--train.step fused cannot be used with optim.optimizer sparse_adam"):
+        run(job(small_data, tmp_path, train__batch_size=128, train__epochs=2, train__step="fused"))
+

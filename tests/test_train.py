@@ -447,7 +447,7 @@ def test_resumed_run_keeps_the_betas_it_started_with(small_data, tmp_path, caplo
         assert tr.resume() and tr.progress.epoch == 1
     finally:
         mf_log.removeHandler(caplog.handler)
-    assert "keeps the Adam betas it started with, (0.9, 0.999)" in caplog.text
+    assert "keeps the betas it started with, (0.9, 0.999)" in caplog.text
     assert "continues with optim.reg_factor 0.03 (it started with 0.04)" in caplog.text
     assert all(g["betas"] == (0.9, 0.999) for g in tr.optims.tables.param_groups)
     assert (tr.cfg.optim.beta1, tr.cfg.optim.beta2) == (0.9, 0.999)

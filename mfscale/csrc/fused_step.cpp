@@ -147,7 +147,8 @@ inline void adam_row(T* p, T* m, T* v, const T* grad, T count, const T* col_w, i
   }
 }
 
-// RowRMSprop's update of one row (optim._row_rmsprop_rows's operation order): s holds the row's two second
+// RowRMSprop's update of one row (optim._row_rmsprop_rows's arithmetic, to rounding: this divides by the root
+// where the torch ops multiply by a reciprocal): s holds the row's two second
 // moments, of the mean square of the factor columns' gradient and of the bias column's.
 template <typename T>
 inline void row_rmsprop_row(T* p, T* s, const T* grad, T count, const T* col_w, int64_t w, const AdamArgs& a,
