@@ -109,17 +109,18 @@ def test_pre_deduped_rows_equal_reading_grad():
         assert torch.equal(x, y)
 
 
-def test_state_dict_round_trip_then_continue_equals_uninterrupted():
-    full, _, _ = train(LazyAdam, 16, schedule=True)
-    half, opt, sched = train(LazyAdam, 8, schedule=True)
+@pytest.mark.parametrize("cls", [LazyAdam, RowRMSprop])
+def test_state_dict_round_trip_then_continue_equals_uninterrupted(cls):
+    full, _, _ = train(cls, 16, schedule=True)
+    half, opt, sched = train(cls, 8, schedule=True)
     buf = io.BytesIO()
     torch.save({"params": [p.detach().clone() for p in half], "opt": opt.state_dict(),
                 "sched": sched.state_dict()}, buf)
     buf.seek(0)
-    resumed, opt2, _ = train(LazyAdam, 8, schedule=True, start=torch.load(buf), first_step=8)
+    resumed, opt2, _ = train(cls, 8, schedule=True, start=torch.load(buf), first_step=8)
     for a, b in zip(full, resumed, strict=True):
         assert torch.equal(a, b)
-    assert sorted(opt2.state_dict()["state"][0]) == ["exp_avg", "exp_avg_sq", "step"]
+    assert sorted(opt2.state_dict()["state"][0]) == sorted([*cls.state_keys, "step"])
 
 
 def test_sparse_adam_checkpoint_loads_into_lazy_adam(float64):

@@ -1,11 +1,10 @@
 """RowRMSprop (``--optim.optimizer row_rmsprop``): its update against NumPy written from the documented formula,
-its state across a save and load, a job trained and resumed with it end to end (keeping its optimizer).
+a job trained and resumed with it end to end (keeping its optimizer); its state across a save and load is in
+tests/test_optim.py.
 The C++ step's version is checked against this one in tests/test_cpu_step.py and both layouts on 2 ranks against
 a NumPy reference of the whole step in tests/test_layout.py."""
 
 from __future__ import annotations
-
-import io
 
 import numpy as np
 import pytest
@@ -61,18 +60,6 @@ def test_row_rmsprop_equals_numpy_from_its_definition(float64, schedule):  # noq
     for st, ref, n in zip(opt.state.values(), want_state, want_count, strict=True):
         assert st["step"] == n and sorted(st) == ["row_sq", "step"] and st["row_sq"].shape[1] == 2
         np.testing.assert_allclose(st["row_sq"].numpy(), ref, rtol=1e-12, atol=1e-16)
-
-
-def test_row_rmsprop_state_round_trip_then_continue_equals_uninterrupted():
-    full, _, _ = train(RowRMSprop, 16, schedule=True)
-    half, opt, sched = train(RowRMSprop, 8, schedule=True)
-    buf = io.BytesIO()
-    torch.save({"params": [p.detach().clone() for p in half], "opt": opt.state_dict(),
-                "sched": sched.state_dict()}, buf)
-    buf.seek(0)
-    resumed, _, _ = train(RowRMSprop, 8, schedule=True, start=torch.load(buf), first_step=8)
-    for a, b in zip(full, resumed, strict=True):
-        assert torch.equal(a, b)
 
 
 def test_a_job_trains_with_row_rmsprop_resumes_exactly_and_keeps_its_optimizer(small_data, tmp_path, capsys):
