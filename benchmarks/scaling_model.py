@@ -39,6 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mfscale.layout import deal_rows, stratum_balance  # noqa: E402
+from mfscale.optim import row_floats  # noqa: E402
 from mfscale.shards import Dataset, auto_buckets  # noqa: E402
 from mfscale.synthetic import generate, resolve_spec  # noqa: E402
 
@@ -88,7 +89,7 @@ def auto_global_batch(n: float, steps_per_epoch: int) -> int:
 
 def state_bytes(dim: int, optimizer: str) -> int:
     """Bytes of a table row's optimizer state: RowRMSprop's two floats, or Adam's two moments of dim + 1."""
-    return 4 * 2 if optimizer == "row_rmsprop" else 2 * 4 * (dim + 1)
+    return 4 * (row_floats(optimizer, dim) - (dim + 1))
 
 
 def predict(n: float, n_items: int, dim: int, w: int, bal: dict, uniq_per_rank: float, a: argparse.Namespace

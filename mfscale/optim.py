@@ -118,35 +118,36 @@ def _adam_dense_fusable(param: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, grad
     param.copy_(torch.where(touched, new_p, param))
 
 
-def _row_rmsprop_rows(param: Tensor, row_sq: Tensor, rows: Tensor, grad: Tensor, row_scale: Tensor,
-                      col_weights: Tensor, step_size: Tensor | float, beta2: float, eps: float) -> None:
-    """RowRMSprop's update of the unique ``rows`` (values ``grad``); ``row_sq``: (table rows, 2), the second
-    moments of the factor columns (their mean square) and of the bias column. Written to run eagerly or under
-    torch.compile (one gather and one scatter per tensor)."""
-    p = param[rows]
+def _row_rmsprop_math(p: Tensor, s: Tensor, grad: Tensor, row_scale: Tensor, col_weights: Tensor,
+                      step_size: Tensor | float, beta2: float, eps: float) -> tuple[Tensor, Tensor]:
+    """RowRMSprop's arithmetic on rows ``p`` with their state ``s`` (rows, 2: the second moments of the factor
+    columns' mean square and of the bias column): the new rows and state. The one definition the touched-rows and
+    whole-table forms below share."""
     g = grad + (row_scale[:, None] * col_weights) * p
     d = g.shape[1] - 1
     ms = torch.stack([(g[:, :d] * g[:, :d]).mean(1), g[:, d] * g[:, d]], 1)
-    s = row_sq[rows]
     s = s + (ms - s) * (1 - beta2)
-    row_sq[rows] = s
     k = -step_size / (s.sqrt() + eps)  # per row: the factor columns' multiplier, then the bias column's
-    param[rows] = p + g * torch.cat([k[:, :1].expand(-1, d), k[:, 1:]], 1)
+    return p + g * torch.cat([k[:, :1].expand(-1, d), k[:, 1:]], 1), s
+
+
+def _row_rmsprop_rows(param: Tensor, row_sq: Tensor, rows: Tensor, grad: Tensor, row_scale: Tensor,
+                      col_weights: Tensor, step_size: Tensor | float, beta2: float, eps: float) -> None:
+    """RowRMSprop's update of the unique ``rows`` (values ``grad``); ``row_sq``: (table rows, 2). Written to run
+    eagerly or under torch.compile (one gather and one scatter per tensor)."""
+    new_p, new_s = _row_rmsprop_math(param[rows], row_sq[rows], grad, row_scale, col_weights, step_size, beta2, eps)
+    row_sq[rows] = new_s
+    param[rows] = new_p
 
 
 def _row_rmsprop_dense_fusable(param: Tensor, row_sq: Tensor, grad: Tensor, row_scale: Tensor, col_weights: Tensor,
                                step_size: Tensor, beta2: float, eps: float) -> None:
     """The same update as a masked sweep over whole tables (rows with row_scale 0 keep their values and state),
     for torch.compile: no gather of the touched rows, so no device-to-host sync for their count on a GPU."""
-    touched = row_scale > 0
-    g = grad + (row_scale[:, None] * col_weights) * param
-    d = g.shape[1] - 1
-    ms = torch.stack([(g[:, :d] * g[:, :d]).mean(1), g[:, d] * g[:, d]], 1)
-    s = row_sq + (ms - row_sq) * (1 - beta2)
-    k = -step_size / (s.sqrt() + eps)
-    new_p = param + g * torch.cat([k[:, :1].expand(-1, d), k[:, 1:]], 1)
-    row_sq.copy_(torch.where(touched[:, None], s, row_sq))
-    param.copy_(torch.where(touched[:, None], new_p, param))
+    touched = (row_scale > 0)[:, None]
+    new_p, new_s = _row_rmsprop_math(param, row_sq, grad, row_scale, col_weights, step_size, beta2, eps)
+    row_sq.copy_(torch.where(touched, new_s, row_sq))
+    param.copy_(torch.where(touched, new_p, param))
 
 
 def _device_scalar(value: float, p: Tensor) -> Tensor:
@@ -205,9 +206,10 @@ class RowOptimizer(torch.optim.Optimizer):
                 if p.is_sparse or p.is_complex() or p.dim() != 2:
                     raise ValueError(f"{type(self).__name__} needs dense, real, 2-D (row table) parameters")
 
-    def state_width(self, key: str, p: Tensor) -> int:
-        """Columns of state tensor ``key`` of table ``p``."""
-        return p.shape[1]
+    @classmethod
+    def state_width(cls, key: str, table_width: int) -> int:
+        """Columns of state tensor ``key`` of a table ``table_width`` wide."""
+        return table_width
 
     def _state(self, p: Tensor) -> dict:
         return row_state(self, p)
@@ -344,7 +346,8 @@ class RowRMSprop(RowOptimizer):
                 if p.shape[1] < 2:
                     raise ValueError("RowRMSprop needs tables of factor columns and a bias column (width >= 2)")
 
-    def state_width(self, key: str, p: Tensor) -> int:
+    @classmethod
+    def state_width(cls, key: str, table_width: int) -> int:
         return 2
 
     def _begin_step(self, p: Tensor, group: dict) -> tuple[dict, float]:
@@ -375,6 +378,17 @@ class RowRMSprop(RowOptimizer):
         fn(p.detach(), state["row_sq"], rows, values, l2[0], l2[1], step_size, group["betas"][1], group["eps"])
 
 
+# Per ``--optim.optimizer``: the class whose per-row state it keeps. Optimizers with the same state (lazy_adam and
+# sparse_adam: Adam's moments) can take over each other's checkpoints; others cannot.
+STATE_OF: dict[str, type[RowOptimizer]] = {"lazy_adam": LazyAdam, "sparse_adam": LazyAdam, "row_rmsprop": RowRMSprop}
+
+
+def row_floats(optimizer: str, dim: int) -> int:
+    """Floats a table row of ``dim`` factors and a bias occupies with its optimizer's state."""
+    cls = STATE_OF[optimizer]
+    return (dim + 1) + sum(cls.state_width(k, dim + 1) for k in cls.state_keys)
+
+
 def state_keys(opt: torch.optim.Optimizer) -> tuple[str, ...]:
     """The names of a tables' optimizer's per-row state tensors (SparseAdam: Adam's two moments)."""
     return opt.state_keys if isinstance(opt, RowOptimizer) else LazyAdam.state_keys
@@ -387,7 +401,7 @@ def row_state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
     if len(state) == 0:
         state["step"] = 0
         for key in state_keys(opt):
-            width = opt.state_width(key, p) if isinstance(opt, RowOptimizer) else p.shape[1]
+            width = opt.state_width(key, p.shape[1]) if isinstance(opt, RowOptimizer) else p.shape[1]
             state[key] = table_empty((p.shape[0], width), p.dtype, p.device).zero_()
     return state
 

@@ -24,7 +24,7 @@ from .config import JobConfig
 from .distributed import DistEnv
 from .errors import ConfigError, DataError
 from .layout import TableLayout
-from .optim import Optimizers
+from .optim import STATE_OF, Optimizers
 from .step import Step
 
 log = logging.getLogger("mfscale")
@@ -39,10 +39,6 @@ def _numpy_rng_state() -> tuple:
 def _set_numpy_rng_state(state: tuple) -> None:
     name, keys, *rest = state
     np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), *rest))
-
-
-def _row_wise(optimizer: str) -> bool:
-    return optimizer == "row_rmsprop"
 
 
 def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
@@ -68,7 +64,7 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
         env.count("broadcast")
         dist.broadcast_object_list(box, src=0)
         started = box[0]
-    if started is None or _row_wise(started) == _row_wise(cfg.optim.optimizer):
+    if started is None or STATE_OF.get(started) is STATE_OF[cfg.optim.optimizer]:
         return
     if env.is_main:
         log.warning("resumed run keeps the tables' optimizer it started with, %s, not %s", started,
@@ -273,7 +269,7 @@ class Checkpoints:
         # Adam's moments and RowRMSprop's row state are different things: no run switches between them midway
         # (keep_started_optimizer has chosen the run's optimizer; this holds if the checkpoints disagree).
         started_opt = state.get("config", {}).get("optim", {}).get("optimizer", "lazy_adam")
-        if _row_wise(started_opt) != _row_wise(self.cfg.optim.optimizer):
+        if STATE_OF.get(started_opt) is not STATE_OF[self.cfg.optim.optimizer]:
             raise ConfigError(f"checkpoint {path} was trained with --optim.optimizer {started_opt}, this run has "
                               f"--optim.optimizer {self.cfg.optim.optimizer}; {hint}")
         shape = {"n_users": data.n_users, "n_items": data.n_items, "dim": self.cfg.model.dim}

@@ -17,7 +17,7 @@ import torch
 from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
-from ..optim import RowOptimizer
+from ..optim import RowOptimizer, row_floats
 from ..shards import TRAIN_ROW_BYTES, Dataset
 from ..stream import RatingStream, make_loader
 from ..sync import all_gather_ids, all_sum_rows, sync_sparse_grads, sync_sparse_rows
@@ -65,10 +65,9 @@ class Replicated(TableLayout):
         if not self.resident:
             raise ConfigError("--train.strata regroups the training split in memory: it needs a resident split "
                               "(--data.resident on, --workers 0)")
-        # a row with its optimizer state: Adam's two moments, or RowRMSprop's two floats
-        row_floats = (cfg.model.dim + 1) + (2 if cfg.optim.optimizer == "row_rmsprop" else 2 * (cfg.model.dim + 1))
         return cfg.train.strata or auto_strata(data.n_users, data.n_items, cfg.model.dim,
-                                               data.split_rows("train"), batch_size * env.world_size, row_floats)
+                                               data.split_rows("train"), batch_size * env.world_size,
+                                               row_floats(cfg.optim.optimizer, cfg.model.dim))
 
     def sync_point(self, step_in_epoch: int) -> bool:
         return not self.env.distributed or step_in_epoch % SYNC_EVERY == 0 or step_in_epoch == self.steps_per_epoch
