@@ -140,10 +140,12 @@ class TableRows:
 class Part:
     """One rank's piece of a checkpoint: its rows of each table (``tables``, keyed by TABLES) and, where the
     ranks keep their own copies of the global bias between sub-epoch ends (blocks), this rank's global bias
-    and its Adam state (``dense``: ``value``, ``step``, ``exp_avg``, ``exp_avg_sq``); None elsewhere."""
+    and its Adam state (``dense``: ``value``, ``step``, ``exp_avg``, ``exp_avg_sq``); None elsewhere. ``days``:
+    the user-day biases of this rank's users (``--model.day_bias``; ids are ``daybias.day_key`` keys), or None."""
 
     tables: dict[str, TableRows]
     dense: dict[str, torch.Tensor] | None = None
+    days: TableRows | None = None
 
 
 def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> str:
@@ -154,6 +156,8 @@ def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> str:
     payload: dict[str, Any] = {name: part.tables[name].to_dict() for name in TABLES}
     if part.dense is not None:
         payload["dense"] = part.dense
+    if part.days is not None:
+        payload["days"] = part.days.to_dict()
     return _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": payload},
                               directory / part_name(step, k, n))
 
@@ -179,7 +183,8 @@ def read_part(path: Path, sha256: str | None = None) -> Part:
         if not isinstance(payload, dict) or payload.get(FORMAT_KEY) != FORMAT_VERSION or "part" not in payload:
             raise ValueError("not an mfscale checkpoint part")
         body = payload["part"]
-        return Part({name: TableRows.from_dict(body.get(name)) for name in TABLES}, body.get("dense"))
+        days = TableRows.from_dict(body["days"]) if "days" in body else None
+        return Part({name: TableRows.from_dict(body.get(name)) for name in TABLES}, body.get("dense"), days)
     except UnsafeCheckpoint:
         raise
     except Exception as exc:

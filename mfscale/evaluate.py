@@ -46,6 +46,8 @@ def evaluate(layout: TableLayout, split: str, *, batch_size: int, tables: Tables
         item = torch.from_numpy(share.item[start : start + batch_size]).to(dev)
         rating = torch.from_numpy(share.rating[start : start + batch_size]).to(dev)
         pred = predict_rows(users, items, global_bias, user, item, layout.cfg.model.max_norm)
+        if share.day_row is not None:  # --model.day_bias: b_{u,day} (0 for a day without training ratings)
+            pred = pred + layout.day_bias.offset(torch.from_numpy(share.day_row[start : start + batch_size]).to(dev))
         err = (pred.float().clamp(lo, hi) - rating).double()
         sums[0] += err.square().sum()
         sums[1] += err.abs().sum()

@@ -247,8 +247,8 @@ class BiasedMF(nn.Module):
     @torch.no_grad()
     def closed_form_grads(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
                           errors: Callable[..., torch.Tensor] = batch_errors, dense_min: tuple[int, int] | None = None,
-                          scratch: dict[str, torch.Tensor] | None = None,
-                          ) -> tuple[TableGrad, TableGrad, torch.Tensor, torch.Tensor]:
+                          scratch: dict[str, torch.Tensor] | None = None, return_errors: bool = False,
+                          ) -> tuple:
         """Gradients of ``sum of squared errors / global_rows`` without autograd.
 
         Returns the user and item table gradients (``TableGrad``), the global bias's gradient and the batch's
@@ -263,7 +263,7 @@ class BiasedMF(nn.Module):
         ``scratch``: a dict the caller keeps between calls; on CPU the gradient rows are then written into
         table-sized buffers kept there, so the returned rows are only valid until the next call. Allocating
         them afresh each step costs page faults (glibc maps blocks over 32 MiB anew: ML-32M's user table is
-        52 MB).
+        52 MB). ``return_errors``: each rating's e is returned as a fifth value (the user-day biases' gradient).
         """
         users, items = self.users.weight, self.items.weight
         user, item = user.long(), item.long()
@@ -272,7 +272,8 @@ class BiasedMF(nn.Module):
         if user.numel() == 0 and min(dense_min) > 0:
             empty = TableGrad(user, user.clone(), users.new_zeros((0, users.shape[1])))
             zero = users.new_zeros(())
-            return empty, TableGrad(item, item.clone(), items.new_zeros((0, items.shape[1]))), zero, zero
+            out = (empty, TableGrad(item, item.clone(), items.new_zeros((0, items.shape[1]))), zero, zero)
+            return out + (users.new_zeros(0),) if return_errors else out
         e = errors(users, items, self.global_bias, user, item, rating.to(users.dtype))
         coef = e * (2.0 / global_rows)
         bufs: list[torch.Tensor | None] = [None, None]
@@ -283,9 +284,10 @@ class BiasedMF(nn.Module):
                     buf = scratch[name] = torch.empty_like(table)
                 bufs[k] = buf
         b = self.biases
-        return (_side_grad(user, item, items, coef, users.shape[0], dense_min[0], bufs[0], b),
-                _side_grad(item, user, users, coef, items.shape[0], dense_min[1], bufs[1], b),
-                coef.sum() if b else coef.new_zeros(()), e.square().sum())
+        out = (_side_grad(user, item, items, coef, users.shape[0], dense_min[0], bufs[0], b),
+               _side_grad(item, user, users, coef, items.shape[0], dense_min[1], bufs[1], b),
+               coef.sum() if b else coef.new_zeros(()), e.square().sum())
+        return out + (e,) if return_errors else out
 
     @torch.no_grad()
     def predict(self, user: torch.Tensor, item: torch.Tensor) -> torch.Tensor:

@@ -42,11 +42,12 @@ def _set_numpy_rng_state(state: tuple) -> None:
 
 
 def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
-    """Before the tables' optimizer is built: a run that will resume keeps the optimizer it started with, as it
-    keeps its betas. Adam's moments and RowRMSprop's row state are different things, so a run started with one
-    cannot continue with the other; a run started before RowRMSprop became the default continues with Adam
-    whatever its command line says. Rank 0 reads the newest checkpoint metadata that loads (all of a run's
-    checkpoints name the same optimizer; damaged or refused files are left to the resume's vote, which reports
+    """Before the tables and their optimizer are built: a run that will resume keeps the optimizer and the model
+    terms it started with, as it keeps its betas. Adam's moments and RowRMSprop's row state are different things,
+    so a run started with one cannot continue with the other; a run started before RowRMSprop became the default
+    continues with Adam whatever its command line says. Likewise a run started with or without user-day biases
+    (``--model.day_bias``) continues so. Rank 0 reads the newest checkpoint metadata that loads (all of a run's
+    checkpoints name the same settings; damaged or refused files are left to the resume's vote, which reports
     them) and every rank takes its answer. The switched config is validated again (a one-line ConfigError)."""
     if cfg.checkpoint.resume == "never":
         return
@@ -57,20 +58,32 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
                 state = checkpoint.load_checkpoint_file(path)
             except Exception:  # damaged or refused: the resume's vote decides and says why
                 continue
-            started = state.get("config", {}).get("optim", {}).get("optimizer", "lazy_adam")
+            saved = state.get("config", {})
+            started = (saved.get("optim", {}).get("optimizer", "lazy_adam"),
+                       bool(saved.get("model", {}).get("day_bias", False)))
             break
     if env.distributed and dist.is_initialized():  # (a DistEnv without a process group: tests of setup errors)
         box = [started]
         env.count("broadcast")
         dist.broadcast_object_list(box, src=0)
         started = box[0]
-    if started is None or STATE_OF.get(started) is STATE_OF[cfg.optim.optimizer]:
+    if started is None:
         return
-    if env.is_main:
-        log.warning("resumed run keeps the tables' optimizer it started with, %s, not %s", started,
-                    cfg.optim.optimizer)
-    cfg.optim.optimizer = started
-    cfg.validate()  # e.g. --train.step fused with a run started with sparse_adam: one clear line
+    optimizer, day_bias = started
+    changed = False
+    if STATE_OF.get(optimizer) is not STATE_OF[cfg.optim.optimizer]:
+        if env.is_main:
+            log.warning("resumed run keeps the tables' optimizer it started with, %s, not %s", optimizer,
+                        cfg.optim.optimizer)
+        cfg.optim.optimizer, changed = optimizer, True
+    if day_bias != cfg.model.day_bias:
+        if env.is_main:
+            on_off = {True: "on", False: "off"}
+            log.warning("resumed run keeps --model.day_bias %s, as it started, not %s", on_off[day_bias],
+                        on_off[cfg.model.day_bias])
+        cfg.model.day_bias, changed = day_bias, True
+    if changed:
+        cfg.validate()  # e.g. --train.step fused with a run started with sparse_adam: one clear line
 
 
 @dataclass
@@ -217,7 +230,7 @@ class Checkpoints:
                 best = None
             if best is not None:
                 self._load_tables(best[1], best[0], weights_only=True)
-                best_weights = {k: v.detach().cpu().clone() for k, v in self.layout.model.state_dict().items()}
+                best_weights = self.layout.weights()
         own_bias = self._load_tables(path, state)
         self.optims.load_state_dict(state)
         if own_bias is not None:

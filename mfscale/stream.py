@@ -48,7 +48,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +60,7 @@ from .shards import TRAIN_COLUMNS, Dataset, Stripe, read_stripe
 
 COLUMNS = TRAIN_COLUMNS
 RESIDENT_CPU_MAX_BYTES = 1 << 30  # beyond this, streaming from the page cache costs little in comparison
-_DTYPES = {"user": np.int32, "item": np.int32, "rating": np.float32}
+_DTYPES = {"user": np.int32, "item": np.int32, "rating": np.float32, "timestamp": np.int32, "day_row": np.int32}
 
 
 class _Epoch:
@@ -122,8 +122,8 @@ class _GroupCache:
     one it can reuse; keeping it per lane avoids re-decoding when one process reads several lanes in turn.
     """
 
-    def __init__(self, groups: list[Stripe]):
-        self.groups = groups
+    def __init__(self, groups: list[Stripe], columns: tuple[str, ...] = COLUMNS):
+        self.groups, self.columns = groups, columns
         self.recent: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
         self.lane_last: dict[int, tuple[int, dict[str, np.ndarray]]] = {}
 
@@ -134,7 +134,7 @@ class _GroupCache:
         for cached_gid, arrays in self.lane_last.values():
             if cached_gid == gid:
                 return arrays
-        arrays = read_stripe(self.groups[gid], COLUMNS)
+        arrays = read_stripe(self.groups[gid], self.columns)
         self.recent[gid] = arrays
         if len(self.recent) > 2:
             self.recent.popitem(last=False)
@@ -160,6 +160,7 @@ class RatingStream(IterableDataset):
         shuffle: bool = True,
         resident: torch.device | str | None = None,
         strata: tuple[np.ndarray, np.ndarray] | None = None,
+        day_rows: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -176,6 +177,10 @@ class RatingStream(IterableDataset):
         self.split = split
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
         self.seed, self.lanes, self.shuffle = seed, lanes, shuffle
+        # --model.day_bias: each batch also carries its ratings' user-day bias rows (``day_rows(user, timestamp)``),
+        # found once for a resident split, per batch for a streamed one
+        self.day_rows = day_rows
+        self.read_columns = COLUMNS + (("timestamp",) if day_rows else ())
         self.groups = self.data.stripes(split)
         # The units the virtual sequence permutes: stripes (row groups of a split prepared without user
         # buckets), or strata of a resident split (below).
@@ -196,17 +201,25 @@ class RatingStream(IterableDataset):
         # The whole split is read: it is checked, sha256 included, as it is read (Dataset.reading), so a damaged
         # shard is one line here instead of wrong ids or ratings in training. Once per Dataset; off with
         # --data.verify off.
-        parts: dict[str, list[np.ndarray]] = {c: [] for c in COLUMNS}
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in self.read_columns}
         with self.data.reading((self.split,)):
             for g in self.groups:
-                arrays = read_stripe(g, COLUMNS)
-                for c in COLUMNS:
+                arrays = read_stripe(g, self.read_columns)
+                for c in self.read_columns:
                     parts[c].append(arrays[c].astype(_DTYPES[c], copy=False))
-        cols = {c: np.concatenate(parts[c]) for c in COLUMNS}
+        cols = self._with_day_rows({c: np.concatenate(parts[c]) for c in self.read_columns})
         if strata is not None:
             cols = self._regroup(cols, *strata)
         self.resident = {c: torch.from_numpy(v).to(device) for c, v in cols.items()}
         self._group_start = np.concatenate([[0], np.cumsum(self.units)]).astype(np.int64)
+
+    def _with_day_rows(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``cols`` with the timestamps replaced by the ratings' user-day bias rows (--model.day_bias)."""
+        if self.day_rows is None:
+            return cols
+        timestamp = cols.pop("timestamp")
+        cols["day_row"] = self.day_rows(cols["user"], timestamp).astype(np.int32)
+        return cols
 
     def _regroup(self, cols: dict[str, np.ndarray], user_block: np.ndarray,
                  item_block: np.ndarray) -> dict[str, np.ndarray]:
@@ -259,22 +272,21 @@ class RatingStream(IterableDataset):
                 raise ConfigError("a resident stream is read in the training process: use 0 DataLoader workers")
             yield from self._iter_resident(lay, epoch)
             return
-        cache = _GroupCache([self.groups[i] for i in lay.order])
+        cache = _GroupCache([self.groups[i] for i in lay.order], self.read_columns)
         for j in range(self.start_step + worker, self.steps_per_epoch, n_workers):
             size = int(lay.sizes[j])
             pieces = lay.pieces(lay.rank_start + int(lay.offsets[j]), size)
-            parts = {c: [] for c in COLUMNS}
+            parts = {c: [] for c in self.read_columns}
             for gid, lo, hi in pieces:
                 arrays = cache.get(gid)
-                for c in COLUMNS:
+                for c in self.read_columns:
                     parts[c].append(arrays[c][lo:hi])
             if pieces:
                 cache.keep_for_lane(j % self.lanes, pieces[-1][0])
-            batch: dict = {}
-            for c in COLUMNS:
-                # concatenate always copies: the tensor owns writable memory, not a view of a cached group.
-                arr = np.concatenate(parts[c]) if parts[c] else np.empty(0, dtype=_DTYPES[c])
-                batch[c] = torch.from_numpy(arr.astype(_DTYPES[c], copy=False))
+            # concatenate always copies: the tensors own writable memory, not views of a cached group.
+            cols = self._with_day_rows({c: (np.concatenate(parts[c]) if parts[c] else np.empty(0, dtype=_DTYPES[c]))
+                                        for c in self.read_columns})
+            batch: dict = {c: torch.from_numpy(v.astype(_DTYPES[c], copy=False)) for c, v in cols.items()}
             batch.update(global_rows=int(lay.global_rows[j]), epoch=epoch, step=j)
             yield batch
 
@@ -284,8 +296,7 @@ class RatingStream(IterableDataset):
             spans = [(int(self._group_start[lay.order[k]]) + lo, int(self._group_start[lay.order[k]]) + hi)
                      for k, lo, hi in lay.pieces(lay.rank_start + int(lay.offsets[j]), int(lay.sizes[j]))]
             batch: dict = {}
-            for c in COLUMNS:
-                col = self.resident[c]
+            for c, col in self.resident.items():
                 batch[c] = col[spans[0][0]:spans[0][1]] if len(spans) == 1 else (
                     torch.cat([col[a:b] for a, b in spans]) if spans else col[:0])
             batch.update(global_rows=int(lay.global_rows[j]), epoch=epoch, step=j)

@@ -79,9 +79,10 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns the batch's summed squared error."""
         dev = self.env.device
+        day_row = batch.get("day_row")
         sse = self.step_fn(batch["user"].to(dev, non_blocking=True), batch["item"].to(dev, non_blocking=True),
                            batch["rating"].to(dev, non_blocking=True), max(int(batch["global_rows"]), 1),
-                           self.progress.global_step)
+                           self.progress.global_step, None if day_row is None else day_row.to(dev, non_blocking=True))
         self.optims.schedule_step()
         return sse
 
@@ -112,7 +113,7 @@ class Trainer:
             monitor.close()
             raise
         if self.best_weights is not None:
-            self.model.load_state_dict({k: v.to(env.device) for k, v in self.best_weights.items()})
+            self.layout.load_weights(self.best_weights)
         metrics = report.final(cfg, env, self.layout, monitor, test=self.final_test, run={
             "best_val_rmse": p.best_val if math.isfinite(p.best_val) else None, "best_epoch": p.best_epoch,
             "epochs": p.epoch, "steps": p.global_step,
@@ -179,7 +180,7 @@ class Trainer:
             record.update(val_rmse=val["rmse"], val_mae=val["mae"])
             if val["rmse"] < p.best_val:
                 p.best_val, p.best_epoch, p.bad_epochs, is_best = val["rmse"], record["epoch"], 0, True
-                self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+                self.best_weights = self.layout.weights()
             else:
                 p.bad_epochs += 1
             log.info("epoch %d: val rmse %.4f mae %.4f (best %.4f at epoch %d)", record["epoch"], val["rmse"],

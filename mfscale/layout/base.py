@@ -14,6 +14,7 @@ import torch
 from .. import optim
 from ..checkpoint import TABLES, Part, TableRows, check_complete
 from ..config import JobConfig
+from ..daybias import DayBias, day_key
 from ..distributed import DistEnv
 from ..errors import DataError
 from ..model import BiasedMF, renorm_rows_
@@ -28,6 +29,7 @@ log = logging.getLogger("mfscale")
 # 17% of the user rows touched and won clearly with 34% (steps 7.6 vs 10.0 ms); measured in
 # benchmarks/RESULTS.md. Only where a rank's update is local (no rows exchanged).
 DENSE_SWEEP_MIN_FRACTION = 0.3
+DAY_BIAS_KEY = "day_bias.value"  # in ``TableLayout.weights``
 
 
 @dataclass
@@ -37,6 +39,7 @@ class EvalShare:
     user: np.ndarray
     item: np.ndarray  # global movie ids
     rating: np.ndarray
+    day_row: np.ndarray | None = None  # each rating's row of ``TableLayout.day_bias`` (--model.day_bias)
 
 
 def train_mean(data: Dataset) -> float:
@@ -76,6 +79,9 @@ class TableLayout(abc.ABC):
     # Whether this rank's batch gradient of every row it touches is the whole gradient (no exchange between
     # ranks), so gradients and the update can be fused in one pass (the C++ step).
     rows_complete: bool = False
+    # --model.day_bias: the user-day biases of the users this rank holds (their rows are the user's rank's, as the
+    # user rows are); every training batch then carries each rating's bias row as ``day_row``
+    day_bias: DayBias | None = None
 
     def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
         self.cfg, self.env, self.data, self.batch_size = cfg, env, data, batch_size
@@ -99,6 +105,28 @@ class TableLayout(abc.ABC):
                 rows[torch.from_numpy(n_train[ids] == 0)] = 0.0
                 table.weight[: len(ids)] = rows.to(self.env.device)
         self.opt = optim.build_tables(self.cfg.optim, self.model.sparse_parameters())
+
+    def _build_day_bias(self, user: np.ndarray, timestamp: np.ndarray) -> np.ndarray | None:
+        """With --model.day_bias: the biases of every (user, day) of these training ratings (global user ids, all
+        of the held users' ratings), and each rating's row; None without."""
+        if not self.cfg.model.day_bias:
+            return None
+        self.day_bias = DayBias(day_key(user, timestamp), self.env.device, self.model.users.weight.dtype)
+        return self.day_bias.rows(user, timestamp)
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of the trained values (the model's, and the day biases): early stopping's best weights."""
+        out = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        if self.day_bias is not None:
+            out[DAY_BIAS_KEY] = self.day_bias.value.detach().cpu().clone()
+        return out
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take up values ``weights`` gave."""
+        dev = self.env.device
+        self.model.load_state_dict({k: v.to(dev) for k, v in weights.items() if k != DAY_BIAS_KEY})
+        if self.day_bias is not None and DAY_BIAS_KEY in weights:
+            self.day_bias.value.copy_(weights[DAY_BIAS_KEY].to(dev))
 
     # -- training batches --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -125,6 +153,12 @@ class TableLayout(abc.ABC):
     def apply_row_grads(self, tables: list[tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]],
                         col_weights: torch.Tensor) -> None:
         """One optimizer step from this rank's ``(ids, rows, counts)`` per table (``sum / global_rows`` form)."""
+
+    def day_grads(self, ids: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The user-day biases' gradient ``(unique rows, summed gradient, ratings)`` this rank applies, from its
+        batch's: its own where its rows are its own (one process, blocks); replicas override this."""
+        return ids, grad, counts
 
     def renorm_touched(self, user: torch.Tensor, item: torch.Tensor, max_norm: float) -> None:
         """``--model.max_norm``: renormalize, in place, the factor vectors of the rows of this step's batch (local
@@ -155,8 +189,9 @@ class TableLayout(abc.ABC):
         arrays = self.data.read_split(split)
         user = arrays["user"].astype(np.int64)
         mine = self.user_owner(user) == self.env.rank
+        day_row = None if self.day_bias is None else self.day_bias.rows(user[mine], arrays["timestamp"][mine])
         return EvalShare(self.user_local(user[mine]), arrays["item"][mine].astype(np.int64),
-                         arrays["rating"][mine].astype(np.float32))
+                         arrays["rating"][mine].astype(np.float32), day_row)
 
     # -- checkpoint parts --------------------------------------------------------------------------
     @property
@@ -203,7 +238,7 @@ class TableLayout(abc.ABC):
                 ids=torch.from_numpy(ids), weight=_take(p.detach(), n, idx),
                 state={k: _take(state[k], n, idx) for k in optim.state_keys(self.opt) if k in state},
                 step=int(state.get("step", 0)))
-        return Part(out)
+        return Part(out, days=None if self.day_bias is None else self.day_bias.to_rows())
 
     def load_parts(self, parts: Iterable[Part], position: dict[str, Any], *, weights_only: bool = False,
                    where: object = "") -> None:
@@ -221,6 +256,11 @@ class TableLayout(abc.ABC):
             sorted_held.append((ids[order], order))
         filled = {name: np.zeros(len(ids), dtype=bool) for name, ids in zip(TABLES, held, strict=True)}
         steps: set[int] = set()
+        parts = list(parts)
+        if self.day_bias is not None:
+            if any(part.days is None for part in parts):
+                raise DataError(f"checkpoint {where} holds no user-day biases (trained without --model.day_bias)")
+            self.day_bias.load([part.days for part in parts], where, weights_only=weights_only)
         for part in parts:
             for k, (name, p) in enumerate(zip(TABLES, self.model.sparse_parameters(), strict=True)):
                 t = part.tables[name]

@@ -111,7 +111,11 @@ class Blocks(TableLayout):
     def _load_strata(self, resident: str) -> None:
         """This rank's training ratings (its user block), grouped by movie block; 12 bytes per rating."""
         w, r = self.env.world_size, self.env.rank
-        parts: dict[str, list[np.ndarray]] = {"user": [], "item": [], "rating": []}
+        day_bias = self.cfg.model.day_bias
+        columns = TRAIN_COLUMNS + (("timestamp",) if day_bias else ())
+        parts: dict[str, list[np.ndarray]] = {c: [] for c in ("user", "item", "rating")}
+        if day_bias:
+            parts.update(global_user=[], timestamp=[])
         groups = self.data.row_groups("train")
         if self.bucket_rank is not None:  # only this rank's user buckets: about 1/W of the split
             groups = [g for g in groups if self.bucket_rank[g.bucket] == r]
@@ -122,18 +126,24 @@ class Blocks(TableLayout):
             by_file.setdefault(g.path, []).append(g.index)
         with self.data.reading(("train",)):  # the whole split is hashed (shared by a host's ranks, --data.verify)
             for path, indices in by_file.items():
-                a = read_row_groups(path, indices, TRAIN_COLUMNS)
+                a = read_row_groups(path, indices, columns)
                 self.decoded_bytes += sum(v.nbytes for v in a.values())
                 mine = self.user_block[a["user"]] == r
                 parts["user"].append(self.user_local_idx[a["user"][mine]].astype(np.int32))
                 parts["item"].append(a["item"][mine].astype(np.int64))
                 parts["rating"].append(a["rating"][mine].astype(np.float32))
+                if day_bias:
+                    parts["global_user"].append(a["user"][mine].astype(np.int64))
+                    parts["timestamp"].append(a["timestamp"][mine].astype(np.int64))
         # One seeded shuffle at load: the row groups hold a bucket each, so in file order a run of ratings (a
         # PIECE_ROWS piece of a stratum) would hold a few buckets' users only.
         n = sum(len(x) for x in parts["user"])
         perm = np.random.default_rng([self.seed, 0xB10C5, r]).permutation(n)
-        dtypes = {"user": np.int32, "item": np.int64, "rating": np.float32}
+        dtypes = {"user": np.int32, "item": np.int64, "rating": np.float32, "global_user": np.int64,
+                  "timestamp": np.int64}
         parts = {k: [np.concatenate(v)[perm] if v else np.empty(0, dtypes[k])] for k, v in parts.items()}
+        # --model.day_bias: the biases of this rank's users' days (all their ratings are here), and each rating's row
+        day_row = self._build_day_bias(parts.pop("global_user", [None])[0], parts.pop("timestamp", [None])[0])
         item = np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64)
         n_groups = w * self.pieces
         group = self.item_block[item] * self.pieces + self.item_piece[item]  # by movie block, then piece
@@ -143,6 +153,8 @@ class Blocks(TableLayout):
         cols = {"user": np.concatenate(parts["user"])[order],
                 "item": self.item_local_idx[item[order]].astype(np.int32),
                 "rating": np.concatenate(parts["rating"])[order]}
+        if day_row is not None:
+            cols["day_row"] = day_row[order].astype(np.int32)
         # The whole count matrix on every rank: each rank's steps per phase depend on all strata.
         mine = torch.tensor(counts, dtype=torch.long, device=self.env.device)
         if self.env.distributed:

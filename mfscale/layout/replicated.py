@@ -49,9 +49,14 @@ class Replicated(TableLayout):
         deal = None
         if self.strata > 1:  # users and movies dealt to k blocks each, balanced by their training ratings
             deal = tuple(deal_rows(counts, self.strata) for counts in train_counts(data))
+        day_rows = None
+        if cfg.model.day_bias:  # every rank holds every user's day biases, as it holds every user row
+            train = data.read_split("train")
+            self._build_day_bias(train["user"], train["timestamp"])
+            day_rows = self.day_bias.rows
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
                                    seed=cfg.train.seed, resident=env.device if self.resident else None,
-                                   strata=deal)
+                                   strata=deal, day_rows=day_rows)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.rows_complete = not env.distributed
         self.meets_every_step = env.distributed
@@ -91,6 +96,16 @@ class Replicated(TableLayout):
             synced = all_sum_rows(local, [self.data.n_users, self.data.n_items])
             tables = [(ids, v[:, :-1], v[:, -1]) for ids, v in synced]
         self.opt.step(rows=[(ids, rows, counts, col_weights) for ids, rows, counts in tables])
+
+    def day_grads(self, ids, grad, counts):
+        """Every replica applies the sum of the ranks' user-day gradients (one all_gather of their rows)."""
+        if not self.env.distributed:
+            return ids, grad, counts
+        local = [(ids, torch.stack([grad, counts], 1))]
+        self.bytes_sent += ids.numel() * (8 + 2 * grad.element_size()) * (self.env.world_size - 1)
+        self.env.count("all_gather", 3)  # sizes, ids, rows
+        (ids, v), = all_sum_rows(local, [len(self.day_bias.keys) + 1])
+        return ids, v[:, 0], v[:, 1]
 
     def renorm_touched(self, user, item, max_norm) -> None:
         """Every replica renormalizes the rows any rank's batch touches (the union), so the replicas stay equal

@@ -1,0 +1,151 @@
+"""The user-day bias (``--model.day_bias``): one bias b_{u,t} per user and day with training ratings.
+
+The prediction becomes ``mean + b_u + b_i + b_{u,day(t)} + <p_u, q_i>``, timeSVD's per-day user bias (Koren,
+"Collaborative Filtering with Temporal Dynamics", KDD 2009: on Netflix the largest of its time effects). A
+MovieLens user rates in sessions, and how generous they are moves from one session to the next. On real
+ml-latest-small (random 10% test) it took 0.01 off the test RMSE, seeds 0-2 (benchmarks/RESULTS.md, session 11).
+A (user, day) with no training rating predicts with b = 0, as does a prediction made without a time (recommend,
+export, fold-in): a user's day bias moves all of their predictions of that day alike, so it never reorders a
+top-N list.
+
+A day is ``timestamp // 86400`` (UTC). The biases are a table keyed by ``key = user * 2^20 + day`` (``day_key``),
+held by the rank that owns the user (blocks: its user block; replicated: every rank), so they never rotate.
+Each training rating carries its bias row (``rows``), found once when the split is loaded, not per step.
+
+The step trains them with the tables: the table step is given ``rating - b`` and returns its errors e, and each
+touched bias gets ``g = sum 2 e / G + count * 2 * reg_bias * b / G`` (G the global batch's ratings, the per-rating
+L2 of the other biases), stepped as RowRMSprop steps a bias column: ``s += (g^2 - s)(1 - beta2)``,
+``b -= lr sqrt(1 - beta2^t) g / (sqrt(s) + eps)`` at the tables' learning rate and schedule, t this table's steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from . import cpu_step
+from .checkpoint import TableRows
+from .errors import DataError
+from .optim import sum_rows
+
+DAY_SECONDS = 86_400
+DAY_BITS = 20  # days since 1970 fit in 2^20 (until the year 4840)
+
+
+def day_key(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+    """The table key of each (global user id, unix timestamp)."""
+    day = np.asarray(timestamp, dtype=np.int64) // DAY_SECONDS
+    return (np.asarray(user, dtype=np.int64) << DAY_BITS) + day
+
+
+def key_user(key: np.ndarray) -> np.ndarray:
+    """The global user id of each key."""
+    return np.asarray(key, dtype=np.int64) >> DAY_BITS
+
+
+class DayBias:
+    """This rank's user-day biases: ``keys`` (sorted, unique) and per key a bias and its RMSprop state.
+
+    Row ``len(keys)`` is the "no such day" row: it stays 0 and no update touches it, so a lookup that misses
+    (a test rating on a day without training ratings) predicts without a day bias.
+    """
+
+    def __init__(self, keys: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        dtype = dtype or torch.get_default_dtype()
+        self.keys, counts = np.unique(np.asarray(keys, dtype=np.int64), return_counts=True)
+        n = len(self.keys) + 1
+        # One row per key, [bias, RMSprop state, 1 / training ratings, gradient scratch]: a rating's step reads one
+        # cache line, not one per array (the keys outnumber the users 25x on ml-10m: they live in memory, not cache).
+        # The third column spreads a key's damping reg_day b^2 over its ratings.
+        self.table = torch.zeros(n, 4, dtype=dtype, device=device)
+        self.table[:, 3] = math.nan  # the C++ step's "not touched in this step" (cpu_step.day_step)
+        self.table[:-1, 2] = torch.from_numpy(1.0 / np.maximum(counts, 1)).to(device, dtype)
+        self.value, self.sq, self.inv_count = self.table[:, 0], self.table[:, 1], self.table[:, 2]
+        self.steps = 0
+
+    @property
+    def missing(self) -> int:
+        return len(self.keys)
+
+    def rows(self, user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
+        """Row of each (global user, timestamp): its key's, or ``missing``."""
+        key = day_key(user, timestamp)
+        if len(self.keys) == 0:
+            return np.full(len(key), 0, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+        return np.where(self.keys[pos] == key, pos, len(self.keys)).astype(np.int64)
+
+    def offset(self, rows: torch.Tensor) -> torch.Tensor:
+        """The biases of ``rows`` (a gather)."""
+        return self.value[rows]
+
+    def _step_size(self, lr: float, beta2: float) -> float:
+        self.steps += 1
+        return lr * math.sqrt(1 - beta2 ** self.steps)
+
+    @torch.no_grad()
+    def update(self, ids: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor, *, lr: float, beta2: float,
+               eps: float, l2: float) -> None:
+        """One step of the unique rows ``ids`` with summed gradient ``grad`` (``sum / G`` form, no L2) and their
+        ratings ``counts``; ``l2`` = 2 reg_day / G: a key's damping reg_day b^2, a share 1 / n per rating of its n."""
+        size = self._step_size(lr, beta2)
+        keep = ids != self.missing  # the empty row never moves
+        ids, grad, counts = ids[keep], grad[keep], counts[keep]
+        b = self.value[ids]
+        g = grad + counts * self.inv_count[ids] * l2 * b
+        s = self.sq[ids]
+        s = s + (g * g - s) * (1 - beta2)
+        self.sq[ids] = s
+        self.value[ids] = b - size * g / (s.sqrt() + eps)
+
+    @torch.no_grad()
+    def update_fused(self, rows: torch.Tensor, errors: torch.Tensor, scale: float, *, lr: float, beta2: float,
+                     eps: float, l2: float) -> None:
+        """``update`` from each rating's row and error (gradient ``scale * error``) as one C++ op (CPU)."""
+        size = self._step_size(lr, beta2)
+        cpu_step.day_step(self.table, rows, errors.to(self.table.dtype), scale, size, beta2, eps, l2)
+
+    def targets(self, rows: torch.Tensor, rating: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """``rating - b`` for each rating's row: what the tables' step fits (``fused``: the C++ op, CPU)."""
+        if fused:
+            return cpu_step.day_offset(self.table, rows, rating.to(self.table.dtype))
+        return rating - self.offset(rows).to(rating.dtype)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def to_rows(self) -> TableRows:
+        """This rank's biases as a checkpoint table (ids = keys)."""
+        n = len(self.keys)
+        return TableRows(torch.from_numpy(self.keys.copy()), self.value[:n, None].cpu().clone(),
+                         {"sq": self.sq[:n, None].cpu().clone()}, self.steps)
+
+    def load(self, tables: list[TableRows], where: object = "", *, weights_only: bool = False) -> None:
+        """Fill this rank's biases from the checkpoint parts' day tables (any layout and world size); every key of
+        this rank must be in one of them."""
+        filled = np.zeros(len(self.keys), dtype=bool)
+        steps = 0
+        for t in tables:
+            keys = t.ids.numpy()
+            if len(self.keys) == 0 or len(keys) == 0:
+                continue
+            pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+            hit = self.keys[pos] == keys
+            at = torch.from_numpy(pos[hit]).to(self.value.device)
+            src = torch.from_numpy(np.flatnonzero(hit))
+            self.value[at] = t.weight[src, 0].to(self.value)
+            if not weights_only and "sq" in t.state:
+                self.sq[at] = t.state["sq"][src, 0].to(self.sq)
+            filled[pos[hit]] = True
+            steps = max(steps, int(t.step))
+        if not filled.all():
+            raise DataError(f"checkpoint {where} is incomplete: {int((~filled).sum()):,} user-day biases are in none "
+                            "of its parts")
+        if not weights_only:
+            self.steps = steps
+
+
+def group(rows: torch.Tensor, coef: torch.Tensor, n_rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(unique rows, summed ``coef`` per row, ratings per row) of a batch whose ratings have bias rows ``rows``."""
+    ids, v = sum_rows(rows, torch.stack([coef, torch.ones_like(coef)], 1), n_rows)
+    return ids, v[:, 0], v[:, 1]
