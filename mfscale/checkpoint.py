@@ -238,6 +238,19 @@ def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torc
     return out
 
 
+def day_biases(path: Path, state: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """A checkpoint's user-day biases from all its parts: (sorted ``daybias.day_key`` keys, biases), or None for a
+    run without them. The tools' models leave them out: a user's day bias moves all of that day's predictions alike,
+    so it never reorders a top-N list, and a prediction without a time has none."""
+    found = [part.days for part in (read_part(p, d) for p, d in part_paths(path, state)) if part.days is not None]
+    if not found:
+        return None
+    keys = np.concatenate([t.ids.numpy() for t in found])
+    values = np.concatenate([t.weight[:, 0].numpy() for t in found])
+    order = np.argsort(keys, kind="stable")
+    return keys[order], values[order]
+
+
 def load_model(path: Path, state: dict) -> BiasedMF:
     """The whole model of a checkpoint, on CPU, from its parts (each rank's rows, any layout).
 

@@ -44,7 +44,8 @@ class ModelConfig:
     # to norm <= X before they are used (predictions too); 0 = off
     max_norm: float = 0.0
     # on: + b_{u,day}, one bias per user and day with training ratings (mfscale/daybias.py; timeSVD's per-day user
-    # bias): real ml-latest-small 0.01 lower test RMSE (benchmarks/RESULTS.md, session 11)
+    # bias): real ml-latest-small 0.01 lower test RMSE (benchmarks/RESULTS.md, session 11). A bias term: plain MF
+    # (biases off) has none.
     day_bias: bool = True
 
 
@@ -134,6 +135,10 @@ class JobConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def uses_day_bias(self) -> bool:
+        """Whether the model has user-day biases: ``model.day_bias``, a bias term, so never in plain MF."""
+        return self.model.day_bias and self.model.biases
 
     def fused_blockers(self) -> list[str]:
         """Settings the fused (closed-form) training step does not implement; autograd handles them."""

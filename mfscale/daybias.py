@@ -111,7 +111,7 @@ class DayBias:
         """``rating - b`` for each rating's row: what the tables' step fits (``fused``: the C++ op, CPU)."""
         if fused:
             return cpu_step.day_offset(self.table, rows, rating.to(self.table.dtype))
-        return rating - self.offset(rows).to(rating.dtype)
+        return rating.to(self.table.dtype) - self.offset(rows)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def to_rows(self) -> TableRows:

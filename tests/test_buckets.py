@@ -79,11 +79,12 @@ def test_blocks_ranks_decode_their_buckets_and_older_datasets_still_train(small_
         keys = np.sort(np.concatenate([r["user"].astype(np.int64) * 10**6 + r["item"] for r in ranks]))
         assert np.array_equal(keys, want)
         decoded = [r["decoded"] for r in ranks]
-        if k == 0:  # its own buckets: about half the split (user, movie, rating: 12 bytes a rating)
-            assert sum(decoded) == 12 * n and max(decoded) <= 1.1 * 12 * n / world, decoded
+        per = 16  # user, movie, rating and the timestamp (the user-day biases, on by default): 16 bytes a rating
+        if k == 0:  # its own buckets: about half the split
+            assert sum(decoded) == per * n and max(decoded) <= 1.1 * per * n / world, decoded
             assert not any("user buckets" in line for line in ranks[0]["log"])
         else:  # prepared before buckets: every rank decodes the whole split, and says why once
-            assert decoded == [12 * n] * world
+            assert decoded == [per * n] * world
             notes = [line for line in ranks[0]["log"] if "user buckets" in line]
             assert len(notes) == 1 and "re-run python -m mfscale.prepare" in notes[0], ranks[0]["log"]
 

@@ -174,8 +174,10 @@ def test_kernel_rejects_bad_ids_before_touching_anything():
 
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("optimizer", ["row_rmsprop", "lazy_adam"])
-def test_trainer_uses_the_kernel_where_rows_are_local_and_matches_torch_ops(small_data, tmp_path, optimizer):
-    """One epoch of the trainer (cosine LR every step, L2, the global bias) with the C++ op and with torch ops."""
+def test_trainer_uses_the_kernel_where_rows_are_local_and_matches_torch_ops(small_data, tmp_path, optimizer,
+                                                                            float64):  # noqa: F811 (the fixture)
+    """One epoch of the trainer (cosine LR every step, L2, the global bias, the user-day biases) with the C++ ops
+    and with torch ops (float64: the two sum a day's gradient and its L2 share in different orders)."""
     tr_k, got = one_epoch(small_data, tmp_path / "k", train__cpu_kernel="on", optim__optimizer=optimizer)
     tr_t, ref = one_epoch(small_data, tmp_path / "t", train__cpu_kernel="off", optim__optimizer=optimizer)
     assert isinstance(tr_k.step_fn, CppStep) and isinstance(tr_t.step_fn, ClosedFormStep)
@@ -186,6 +188,10 @@ def test_trainer_uses_the_kernel_where_rows_are_local_and_matches_torch_ops(smal
         assert opt_k.state[p_k]["step"] == opt_t.state[p_t]["step"] == tr_k.layout.steps_per_epoch
         for key in opt_k.state_keys:
             torch.testing.assert_close(opt_k.state[p_k][key], opt_t.state[p_t][key], rtol=1e-9, atol=1e-15)
+    days_k, days_t = tr_k.layout.day_bias, tr_t.layout.day_bias
+    assert days_k.steps == days_t.steps == tr_k.layout.steps_per_epoch and days_k.value.abs().max() > 0
+    for a, b in ((days_k.value, days_t.value), (days_k.sq, days_t.sq)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-15)
     # The LR schedule saw every step (LambdaLR counts optimizer steps): both end at the same learning rate.
     assert tr_k.optims.tables.param_groups[0]["lr"] == tr_t.optims.tables.param_groups[0]["lr"]
     assert math.isclose(tr_k.optims.tables.param_groups[0]["lr"], tr_t.optims.tables.param_groups[0]["lr"])

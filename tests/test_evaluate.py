@@ -92,12 +92,19 @@ def random_model(data: Dataset, seed: int = 0) -> BiasedMF:
     return model
 
 
-def brute_force_rmse_mae(model: BiasedMF, data: Dataset, split: str) -> tuple[float, float, np.ndarray]:
-    """float64 NumPy: clip(mean + b_u + b_i + p_u . q_i) against each row's own rating."""
+def brute_force_rmse_mae(model: BiasedMF, data: Dataset, split: str,
+                         days: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[float, float, np.ndarray]:
+    """float64 NumPy: clip(mean + b_u + b_i + p_u . q_i [+ b_{u,day}]) against each row's own rating; ``days``: the
+    user-day biases (sorted keys user * 2^20 + timestamp // 86400, biases; checkpoint.day_biases), 0 for a day not
+    among them."""
     held = data.read_split(split)
     p, bu, q, bi = (t.detach().double().numpy() for t in model.factors())
     u, i = held["user"], held["item"]
     pred = float(model.global_bias.detach()) + bu[u] + bi[i] + np.einsum("nd,nd->n", p[u], q[i])
+    if days is not None:
+        keys = u.astype(np.int64) * 2**20 + held["timestamp"].astype(np.int64) // 86_400
+        at = np.minimum(np.searchsorted(days[0], keys), len(days[0]) - 1)
+        pred = pred + np.where(days[0][at] == keys, days[1][at].astype(np.float64), 0.0)
     err = np.clip(pred, *data.rating_range) - held["rating"].astype(np.float64)
     return float(np.sqrt(np.mean(err**2))), float(np.mean(np.abs(err))), pred
 

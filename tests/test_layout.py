@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mfscale import checkpoint, config, distributed
+from mfscale.daybias import day_key
 from mfscale.distributed import DistEnv
 from mfscale.errors import ConfigError
 from mfscale.layout import Blocks, deal_rows, init_rows, stratum_balance
@@ -29,7 +30,7 @@ CPU = torch.device("cpu")
 
 def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
     """This rank's rows by global id (weights and the optimizer's state: Adam's moments or RowRMSprop's
-    ``row_sq``), plus the global bias and its Adam moments."""
+    ``row_sq``), its user-day biases by key with their state, plus the global bias and its Adam moments."""
     part = tr.layout.held_rows()
     out: dict[str, np.ndarray] = {}
     for name in ("users", "items"):
@@ -37,11 +38,29 @@ def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
         out[f"{name}.ids"] = t.ids.numpy()
         for key, value in {"weight": t.weight, **t.state}.items():
             out[f"{name}.{key}"] = value.numpy()
+    if part.days is not None:  # the user-day biases of this rank's users, by key
+        out["days.ids"] = part.days.ids.numpy()
+        out["days.weight"] = part.days.weight.numpy()[:, 0]
+        out["days.sq"] = part.days.state["sq"].numpy()[:, 0]
     out["global_bias"] = tr.model.global_bias.detach().numpy().copy()
     dense = tr.optims.dense.state[tr.model.global_bias]
     out["global_bias.exp_avg"] = dense["exp_avg"].numpy().copy()
     out["global_bias.exp_avg_sq"] = dense["exp_avg_sq"].numpy().copy()
     return out
+
+
+def day_keys(tr: Trainer, batch: dict) -> np.ndarray | None:
+    """The user-day key (``daybias.day_key``) of each rating of a batch, from its bias rows; None without them."""
+    days = tr.layout.day_bias
+    return None if days is None else np.r_[days.keys, -1][batch["day_row"].numpy()]
+
+
+def day_rows_of(tr: Trainer, keys: np.ndarray) -> torch.Tensor:
+    """The rows of ``tr``'s user-day biases for keys (all present)."""
+    found = tr.layout.day_bias.keys
+    pos = np.searchsorted(found, keys)
+    assert np.array_equal(found[pos], keys)
+    return torch.from_numpy(pos)
 
 
 def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) -> None:
@@ -56,7 +75,7 @@ def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) 
             for j, batch in enumerate(tr.layout.batches(0, 0), start=1):  # to the end of the epoch
                 user, item = tr.layout.global_ids(batch)
                 batches.append({"user": user, "item": item, "rating": batch["rating"].numpy().copy(),
-                                "global_rows": batch["global_rows"]})
+                                "global_rows": batch["global_rows"], "day": day_keys(tr, batch)})
                 tr.train_step(batch)
                 if tr.layout.sync_point(j):  # as the loop does (train.Trainer._train_epoch)
                     tr.step_fn.reconcile()
@@ -95,6 +114,8 @@ def assert_union_equal(ranks: list[dict], cfg: config.JobConfig, data: Dataset) 
         assert all(b["global_rows"] == g for b in step) and g == sum(len(b["user"]) for b in step)
         sizes.update(len(b["user"]) for b in step)
         union = {k: torch.from_numpy(np.concatenate([b[k] for b in step])) for k in ("user", "item", "rating")}
+        if cfg.model.day_bias:
+            union["day_row"] = day_rows_of(single, np.concatenate([b["day"] for b in step]))
         single.train_step({**union, "global_rows": g})
     assert len(sizes) > 1  # some batches are short (a remainder), not only full ones
     want = trainer_tensors(single)
@@ -113,6 +134,17 @@ def assert_union_equal(ranks: list[dict], cfg: config.JobConfig, data: Dataset) 
         assert (seen == (1 if cfg.train.tables == "blocks" else len(ranks))).all()  # blocks: each row once
         last = f"{name}.{state_keys(cfg)[-1]}"
         assert not np.array_equal(want[last], np.zeros_like(want[last]))
+    if cfg.model.day_bias:  # each rank's user-day biases: its users' days, once over the ranks under blocks
+        seen = np.zeros(len(want["days.ids"]), dtype=int)
+        for r in ranks:
+            t = r["tensors"]
+            pos = day_rows_of(single, t["days.ids"]).numpy()
+            seen[pos] += 1
+            for key in ("weight", "sq"):
+                np.testing.assert_allclose(t[f"days.{key}"], want[f"days.{key}"][pos], rtol=1e-6, atol=1e-10,
+                                           err_msg=f"days.{key}")
+        assert (seen == (1 if cfg.train.tables == "blocks" else len(ranks))).all()
+        assert np.abs(want["days.weight"]).max() > 0
     for key in ("global_bias", "global_bias.exp_avg", "global_bias.exp_avg_sq"):
         for r in ranks:
             np.testing.assert_allclose(r["tensors"][key], want[key], rtol=1e-9, atol=0, err_msg=key)
@@ -137,7 +169,9 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     gradient, the copies and their moments averaged at the ranks' sync points. Constant learning rates (schedule
     none). The model options (issue 24): without biases no global bias and no bias columns (their gradient is 0);
     with max_norm the factor vectors of the step's touched rows (all ranks') renormalized first, as nn.Embedding
-    does."""
+    does. With user-day biases (model.day_bias; ``initial["days.keys"]``, ``["days.count"]``: every key of the
+    training split and its ratings) each prediction adds its key's bias b, and each touched b steps by RMSprop on
+    its summed 2 e / G plus its share of reg_day b^2: count / n_key x 2 reg_day b / G (mfscale/daybias.py)."""
     o, d, w = cfg.optim, cfg.model.dim, len(ranks)
     ones = 1.0 if cfg.model.biases else 0.0  # the bias column's derivative
     assert o.schedule == "none"
@@ -151,8 +185,14 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     bias_m, bias_v = np.zeros(w), np.zeros(w)
     sync = set(ranks[0]["sync_steps"])
     assert all(set(r["sync_steps"]) == sync for r in ranks)
+    days = cfg.model.day_bias
+    if days:
+        day_keys, day_n = initial["days.keys"], initial["days.count"]
+        day_b, day_s = np.zeros(len(day_keys)), np.zeros(len(day_keys))
     for t, step in enumerate(zip(*(r["batches"] for r in ranks), strict=True), start=1):
         g_rows = step[0]["global_rows"]
+        if days:
+            day_g, day_c = np.zeros(len(day_keys)), np.zeros(len(day_keys))
         grads = {k: np.zeros_like(v) for k, v in tables.items()}
         counts = {k: np.zeros(len(v)) for k, v in tables.items()}
         p, q = tables["users"], tables["items"]
@@ -165,7 +205,12 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
         g_bias = np.zeros(w)
         for r, b in enumerate(step):
             u, i, y = b["user"], b["item"], b["rating"].astype(np.float64)
-            coef = 2 * (bias[r] + (p[u, :d] * q[i, :d]).sum(1) + p[u, d] + q[i, d] - y) / g_rows
+            at = np.searchsorted(day_keys, b["day"]) if days else None
+            day = day_b[at] if days else 0.0
+            coef = 2 * (bias[r] + (p[u, :d] * q[i, :d]).sum(1) + p[u, d] + q[i, d] + day - y) / g_rows
+            if days:
+                np.add.at(day_g, at, coef)
+                np.add.at(day_c, at, 1)
             np.add.at(grads["users"], u, coef[:, None] * np.c_[q[i, :d], np.full(len(i), ones)])
             np.add.at(grads["items"], i, coef[:, None] * np.c_[p[u, :d], np.full(len(u), ones)])
             np.add.at(counts["users"], u, 1)
@@ -185,13 +230,21 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
             m[rows] += (g - m[rows]) * (1 - o.beta1)
             v[rows] += (g * g - v[rows]) * (1 - o.beta2)
             x[rows] -= size * m[rows] / (np.sqrt(v[rows]) + 1e-8)
+        if days:
+            rows = day_c > 0
+            g = day_g[rows] + day_c[rows] / day_n[rows] * 2 * o.reg_day / g_rows * day_b[rows]
+            day_s[rows] += (g * g - day_s[rows]) * (1 - o.beta2)
+            day_b[rows] -= o.lr * np.sqrt(1 - o.beta2**t) * g / (np.sqrt(day_s[rows]) + 1e-8)
         b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults (the global bias)
         bias_m = b1 * bias_m + (1 - b1) * g_bias
         bias_v = b2 * bias_v + (1 - b2) * g_bias**2
         bias -= o.dense_lr / (1 - b1**t) * bias_m / (np.sqrt(bias_v) / np.sqrt(1 - b2**t) + 1e-8)
         if t in sync:
             bias, bias_m, bias_v = (np.full(w, x.mean()) for x in (bias, bias_m, bias_v))
-    return {"tables": tables, "moments": moments, "bias": [bias, bias_m, bias_v]}
+    out = {"tables": tables, "moments": moments, "bias": [bias, bias_m, bias_v]}
+    if days:
+        out["days"] = [day_b, day_s]
+    return out
 
 
 def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Dataset) -> None:
@@ -202,7 +255,10 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
         initial = Trainer(config.replace(cfg, train__tables="replicated"), DistEnv(0, 1, 0, CPU)).model
     finally:
         torch.set_default_dtype(torch.float32)
-    want = numpy_reference(ranks, cfg, {k: v.detach().numpy() for k, v in initial.state_dict().items()})
+    start = {k: v.detach().numpy() for k, v in initial.state_dict().items()}
+    train = data.read_split("train")
+    start["days.keys"], start["days.count"] = np.unique(day_key(train["user"], train["timestamp"]), return_counts=True)
+    want = numpy_reference(ranks, cfg, start)
     assert len(want["tables"]["users"]) == data.n_users
     for r, rank in enumerate(ranks):
         t = rank["tensors"]
@@ -215,6 +271,16 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
         for key, ref in zip(("global_bias", "global_bias.exp_avg", "global_bias.exp_avg_sq"), want["bias"],
                             strict=True):
             np.testing.assert_allclose(t[key], ref[r], rtol=1e-9, atol=0, err_msg=f"rank {r} {key}")
+        if cfg.model.day_bias:
+            pos = np.searchsorted(start["days.keys"], t["days.ids"])
+            assert np.array_equal(start["days.keys"][pos], t["days.ids"])
+            for key, ref in zip(("weight", "sq"), want["days"], strict=True):
+                np.testing.assert_allclose(t[f"days.{key}"], ref[pos], rtol=1e-6, atol=1e-10,
+                                           err_msg=f"rank {r} days.{key}")
+    if cfg.model.day_bias:  # the ranks' keys are the split's, each once
+        assert np.array_equal(np.sort(np.concatenate([rank["tensors"]["days.ids"] for rank in ranks])),
+                              start["days.keys"])
+        assert np.abs(want["days"][0]).max() > 0
 
 
 @pytest.mark.parametrize(("world", "pieces"), [(2, 2), (3, 2), (2, 1), (3, 3)])
@@ -537,4 +603,5 @@ def test_blocks_collectives_per_epoch_grow_with_ranks_not_steps(small_data, tmp_
         assert m["collectives_per_epoch"] == 3 * 2 + 2 * 2 + 2
         assert m["collectives_by_kind"]["send_recv"] == 2 * 2 * 2  # W x P per epoch, 2 epochs
         decoded, n_train = m["decoded_bytes_per_rank"], Dataset(small_data).split_rows("train")
-        assert sum(decoded) == 12 * n_train and max(decoded) <= 1.1 * 12 * n_train / 2, decoded
+        per = 16  # user, movie, rating, timestamp (for the user-day biases, on by default)
+        assert sum(decoded) == per * n_train and max(decoded) <= 1.1 * per * n_train / 2, decoded

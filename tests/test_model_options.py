@@ -48,7 +48,9 @@ STEPS = 6
 
 def short_job(data: Path, run_dir: Path, biases: bool, max_norm: float, **flags) -> config.JobConfig:
     flags.setdefault("optim__optimizer", "lazy_adam")  # Adam, the notebook's optimizer
+    # no user-day biases: the notebook's model has two embeddings and a mean
     return job(data, run_dir, model__dim=8, model__init_std=0.3, model__biases=biases, model__max_norm=max_norm,
+               model__day_bias=False,
                train__batch_size=400, optim__lr=0.05, optim__schedule="none", **flags)
 
 
@@ -171,7 +173,7 @@ def test_two_ranks_equal_one_process_with_both_options(small_data, tmp_path):
     from .test_layout import assert_numpy_reference, assert_union_equal, run_ranks
 
     base = dict(train__batch_size=149, optim__lr=0.02, train__seed=3, optim__schedule="none", model__init_std=0.1,
-                model__max_norm=0.5)
+                model__max_norm=0.5, model__day_bias=False)  # the union's batches carry no day rows
     cfgs = [job(small_data, tmp_path / "a", **base, train__tables="blocks", model__biases=False),
             job(small_data, tmp_path / "b", **base, train__tables="blocks"),
             job(small_data, tmp_path / "c", **base, train__tables="blocks", train__step="autograd",

@@ -113,7 +113,8 @@ def assert_two_ranks_equal_union(data: Path, cfg: config.JobConfig, batch: int, 
 
 
 def test_two_gloo_ranks_equal_one_process_on_the_union_of_batches(odd_data, tmp_path):
-    cfg = job(odd_data, tmp_path / "run", optim__gravity=0.5, optim__lr=0.02)  # gravity: the autograd step
+    # gravity: the autograd step; the union's batches carry no day rows (the user-day biases: tests/test_layout.py)
+    cfg = job(odd_data, tmp_path / "run", optim__gravity=0.5, optim__lr=0.02, model__day_bias=False)
     single = assert_two_ranks_equal_union(odd_data, cfg, 90, tmp_path)
     assert single.step_fn.kind == "autograd"
 
@@ -204,7 +205,9 @@ def test_single_process_learns_structure_and_writes_run_dir(small_data, tmp_path
     # The reported metrics are those of the best weights, checked against brute-force references.
     best = load_run(run_dir)
     data = Dataset(small_data)
-    rmse, mae, _ = brute_force_rmse_mae(best.model, data, "test")
+    days = checkpoint.day_biases(*reversed(checkpoint.load_best(run_dir)))  # on by default
+    assert days is not None and len(days[0]) == data.n_users  # this data's users rate on one day each
+    rmse, mae, _ = brute_force_rmse_mae(best.model, data, "test", days)
     assert math.isclose(saved["test_rmse"], rmse, rel_tol=1e-6) and math.isclose(saved["test_mae"], mae, rel_tol=1e-6)
     assert saved["test_count"] == data.split_rows("test")
     want = ranking_reference(best.model, data, 10)
@@ -242,12 +245,13 @@ def test_early_stopping_keeps_the_best_weights(small_data, tmp_path):
     best_state, _ = checkpoint.load_best(tmp_path / "r")
     assert best_state["epoch"] == best_epoch + 1  # saved at the end of the best epoch
     best = load_run(tmp_path / "r").model
-    rmse, mae, _ = brute_force_rmse_mae(best, data, "test")
+    days = checkpoint.day_biases(*reversed(checkpoint.load_best(tmp_path / "r")))
+    rmse, mae, _ = brute_force_rmse_mae(best, data, "test", days)
     assert math.isclose(metrics["test_rmse"], rmse, rel_tol=1e-6) and math.isclose(metrics["test_mae"], mae,
                                                                                      rel_tol=1e-6)
     last = latest_model(tmp_path / "r")["model"]  # the last epoch's weights
     best.load_state_dict({k: last[k] for k in ("users.weight", "items.weight", "global_bias")})
-    assert not math.isclose(brute_force_rmse_mae(best, data, "test")[0], rmse, rel_tol=1e-6)
+    assert not math.isclose(brute_force_rmse_mae(best, data, "test", days)[0], rmse, rel_tol=1e-6)
 
 
 def torchrun(args: list[str], tmp_path: Path, nproc: int = 2, extra: list[str] | None = None,
@@ -412,7 +416,8 @@ def test_fused_step_reuses_its_gradient_buffers(small_data, tmp_path):
     """The fused step writes gradient rows into buffers the trainer keeps (no multi-MB allocation per step)."""
     from mfscale.model import BiasedMF
 
-    for kernel, keys in (("off", {"users", "items"}), ("on", {"mark_users", "mark_items", "work", "unused"})):
+    # "errors": each rating's error, for the user-day biases' step (on by default)
+    for kernel, keys in (("off", {"users", "items"}), ("on", {"mark_users", "mark_items", "work", "unused", "errors"})):
         tr = Trainer(job(small_data, tmp_path / kernel, train__batch_size=4096, train__cpu_kernel=kernel),
                      DistEnv(0, 1, 0, CPU))
         assert tr.step_fn.kind != "autograd"

@@ -109,7 +109,7 @@ class TableLayout(abc.ABC):
     def _build_day_bias(self, user: np.ndarray, timestamp: np.ndarray) -> np.ndarray | None:
         """With --model.day_bias: the biases of every (user, day) of these training ratings (global user ids, all
         of the held users' ratings), and each rating's row; None without."""
-        if not self.cfg.model.day_bias:
+        if not self.cfg.uses_day_bias():
             return None
         self.day_bias = DayBias(day_key(user, timestamp), self.env.device, self.model.users.weight.dtype)
         return self.day_bias.rows(user, timestamp)

@@ -111,7 +111,7 @@ class Blocks(TableLayout):
     def _load_strata(self, resident: str) -> None:
         """This rank's training ratings (its user block), grouped by movie block; 12 bytes per rating."""
         w, r = self.env.world_size, self.env.rank
-        day_bias = self.cfg.model.day_bias
+        day_bias = self.cfg.uses_day_bias()
         columns = TRAIN_COLUMNS + (("timestamp",) if day_bias else ())
         parts: dict[str, list[np.ndarray]] = {c: [] for c in ("user", "item", "rating")}
         if day_bias:

@@ -50,7 +50,7 @@ class Replicated(TableLayout):
         if self.strata > 1:  # users and movies dealt to k blocks each, balanced by their training ratings
             deal = tuple(deal_rows(counts, self.strata) for counts in train_counts(data))
         day_rows = None
-        if cfg.model.day_bias:  # every rank holds every user's day biases, as it holds every user row
+        if cfg.uses_day_bias():  # every rank holds every user's day biases, as it holds every user row
             train = data.read_split("train")
             self._build_day_bias(train["user"], train["timestamp"])
             day_rows = self.day_bias.rows
