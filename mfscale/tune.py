@@ -7,7 +7,8 @@ Every trial is a real training run (``Trainer``, one process) of the job the oth
 
 - ``optim.lr`` (log-uniform 0.001-0.03), ``optim.reg_factor`` (log 0.003-0.3), ``optim.reg_bias`` (log
   0.0001-0.1), ``model.dim`` (16, 32, 64, 128), ``train.epochs`` (5-40);
-- the model options: ``model.biases`` (on, off) and ``model.max_norm`` (off, 1, 2, 4).
+- the model options: ``model.biases`` (on, off), ``model.max_norm`` (off, 1, 2, 4), ``model.day_bias`` (on, off) and
+  ``optim.reg_day`` (1-100, log).
 
 Its objective is the run's best validation RMSE (early stopping as configured). Each epoch's validation RMSE
 goes to a median pruner, which stops a trial that is worse than the median of earlier trials at the same
@@ -56,6 +57,8 @@ def sample(trial: Any, base: JobConfig, run_dir: Path) -> JobConfig:
         train__epochs=trial.suggest_int("epochs", 5, 40),
         model__biases=trial.suggest_categorical("biases", (True, False)),
         model__max_norm=trial.suggest_categorical("max_norm", MAX_NORMS),
+        model__day_bias=trial.suggest_categorical("day_bias", (True, False)),
+        optim__reg_day=trial.suggest_float("reg_day", 1.0, 100.0, log=True),
         checkpoint__resume="never",  # a trial that died is retried from scratch by a new trial
     ).validate()
 
