@@ -16,10 +16,12 @@ import torch
 import torch.distributed as dist
 
 from mfscale import config
+from mfscale.daybias import DayBias, day_key
 from mfscale.distributed import DistEnv
 from mfscale.evaluate import evaluate
 from mfscale.model import batch_errors
 from mfscale.monitor import read_scalars
+from mfscale.shards import Dataset
 from mfscale.stream import COLUMNS, RatingStream
 from mfscale.train import Trainer, run
 
@@ -47,8 +49,11 @@ def sync(device: torch.device) -> None:
 
 
 def first_batches(data: Path, batch: int, steps: int) -> list[dict[str, Any]]:
-    """The first ``steps`` training batches of one process (epoch 0, then epoch 1), as CPU tensors."""
-    stream = RatingStream(data, "train", batch_size=batch, seed=0)
+    """The first ``steps`` training batches of one process (epoch 0, then epoch 1), as CPU tensors, with each
+    rating's user-day bias row (the rows of any one-rank trainer of ``data``: the same keys)."""
+    train = Dataset(data).read_split("train")
+    days = DayBias(day_key(train["user"], train["timestamp"]))
+    stream = RatingStream(data, "train", batch_size=batch, seed=0, day_rows=days.rows)
     out: list[dict[str, Any]] = []
     for epoch in range(steps):
         stream.set_epoch(epoch)
@@ -116,6 +121,9 @@ def test_fused_step_on_cuda_equals_cpu_float64_reference(small_data, tmp_path, c
         ref.train_step(b)
     sync(CUDA)
     assert_close_rel(gpu.model.state_dict(), ref.model.state_dict(), initial)
+    # the user-day biases (on by default): their torch-ops step on the GPU
+    days = {"days": gpu.layout.day_bias.value}
+    assert_close_rel(days, {"days": ref.layout.day_bias.value}, {"days": torch.zeros_like(days["days"])})
 
 
 @pytest.mark.parametrize(("world", "rank", "batch"), [(1, 0, 512), (2, 1, 700)])
