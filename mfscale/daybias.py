@@ -25,7 +25,6 @@ import math
 import numpy as np
 import torch
 
-from . import cpu_step
 from .checkpoint import TableRows
 from .errors import DataError
 from .optim import sum_rows
@@ -38,11 +37,6 @@ def day_key(user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
     """The table key of each (global user id, unix timestamp)."""
     day = np.asarray(timestamp, dtype=np.int64) // DAY_SECONDS
     return (np.asarray(user, dtype=np.int64) << DAY_BITS) + day
-
-
-def key_user(key: np.ndarray) -> np.ndarray:
-    """The global user id of each key."""
-    return np.asarray(key, dtype=np.int64) >> DAY_BITS
 
 
 class DayBias:
@@ -60,7 +54,7 @@ class DayBias:
         # cache line, not one per array (the keys outnumber the users 25x on ml-10m: they live in memory, not cache).
         # The third column spreads a key's damping reg_day b^2 over its ratings.
         self.table = torch.zeros(n, 4, dtype=dtype, device=device)
-        self.table[:, 3] = math.nan  # the C++ step's "not touched in this step" (cpu_step.day_step)
+        self.table[:, 3] = math.nan  # the C++ step's "not touched in this step" (csrc: day_step_impl)
         self.table[:-1, 2] = torch.from_numpy(1.0 / np.maximum(counts, 1)).to(device, dtype)
         self.value, self.sq, self.inv_count = self.table[:, 0], self.table[:, 1], self.table[:, 2]
         self.steps = 0
@@ -100,17 +94,14 @@ class DayBias:
         self.sq[ids] = s
         self.value[ids] = b - size * g / (s.sqrt() + eps)
 
-    @torch.no_grad()
-    def update_fused(self, rows: torch.Tensor, errors: torch.Tensor, scale: float, *, lr: float, beta2: float,
-                     eps: float, l2: float) -> None:
-        """``update`` from each rating's row and error (gradient ``scale * error``) as one C++ op (CPU)."""
-        size = self._step_size(lr, beta2)
-        cpu_step.day_step(self.table, rows, errors.to(self.table.dtype), scale, size, beta2, eps, l2)
+    def op_args(self, rows: torch.Tensor, *, lr: float, beta2: float, l2: float) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                         float, float]:
+        """This step's arguments for the C++ table step, which takes the biases' step in the same op
+        (``cpu_step.fused_step``'s ``days``); counts the step."""
+        return self.table, rows, self._step_size(lr, beta2), l2
 
-    def targets(self, rows: torch.Tensor, rating: torch.Tensor, fused: bool = False) -> torch.Tensor:
-        """``rating - b`` for each rating's row: what the tables' step fits (``fused``: the C++ op, CPU)."""
-        if fused:
-            return cpu_step.day_offset(self.table, rows, rating.to(self.table.dtype))
+    def targets(self, rows: torch.Tensor, rating: torch.Tensor) -> torch.Tensor:
+        """``rating - b`` for each rating's row: what the tables' step fits."""
         return rating.to(self.table.dtype) - self.offset(rows)
 
     # -- checkpoints -------------------------------------------------------------------------------

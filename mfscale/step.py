@@ -101,24 +101,22 @@ class Step(abc.ABC):
         if day_row is None:
             raise ValueError("a job with user-day biases needs each rating's day_row")
         day_row = day_row.long()
-        fused = self.kind == "cpp"  # the biases' part as C++ too (as torch ops it cost half a step on ml-10m)
-        sse, err = self._step(user, item, days.targets(day_row, rating, fused), global_rows, global_step, True)
         group, scale = self.layout.opt.param_groups[0], 2.0 / global_rows
-        settings = {"lr": float(group["lr"]), "beta2": group["betas"][1], "eps": group["eps"],
-                    "l2": 2.0 * self.layout.cfg.optim.reg_day / global_rows}
-        if fused:
-            days.update_fused(day_row, err, scale, **settings)
-            return sse
+        lr, beta2, l2 = float(group["lr"]), group["betas"][1], 2.0 * self.layout.cfg.optim.reg_day / global_rows
+        if self.kind == "cpp":  # one C++ op: targets, tables and the biases' step (three passes as torch ops)
+            return self._step(user, item, rating, global_rows, global_step, False,
+                              days=days.op_args(day_row, lr=lr, beta2=beta2, l2=l2))[0]
+        sse, err = self._step(user, item, days.targets(day_row, rating), global_rows, global_step, True)
         ids, grad, counts = daybias.group(day_row, err.to(days.value.dtype) * scale, len(days.value))
         ids, grad, counts = self.layout.day_grads(ids, grad, counts)  # replicas: summed over the ranks
-        days.update(ids, grad, counts, **settings)
+        days.update(ids, grad, counts, lr=lr, beta2=beta2, eps=group["eps"], l2=l2)
         return sse
 
     @abc.abstractmethod
     def _step(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
-              global_step: int, errors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+              global_step: int, errors: bool, days: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tables' and global bias's step; returns the summed squared error and, with ``errors``, each rating's
-        error (prediction - rating, before the step)."""
+        error (prediction - rating, before the step). ``days``: ``DayBias.op_args``, for the C++ step alone."""
 
     def state_dict(self) -> dict[str, Any] | None:
         """The step's own checkpoint state (the fp16 GradScaler's), or None."""
@@ -173,7 +171,7 @@ class ClosedFormStep(Step):
         layout.opt.compile = compiled  # the optimizer runs its compiled kernels for this step
         self.scratch: dict[str, torch.Tensor] = {}  # gradient rows, reused every step (closed_form_grads)
 
-    def _step(self, user, item, rating, global_rows, global_step, errors):
+    def _step(self, user, item, rating, global_rows, global_step, errors, days=None):
         model = self.layout.model
         if self.max_norm:
             self.layout.renorm_touched(user, item, self.max_norm)
@@ -211,7 +209,7 @@ class CppStep(Step):
         super().__init__(env, layout, optims, reg_weights)
         self.scratch: dict[str, torch.Tensor] = {}  # the op's per-table marks and work memory
 
-    def _step(self, user, item, rating, global_rows, global_step, errors):
+    def _step(self, user, item, rating, global_rows, global_step, errors, days=None):
         model, opt = self.layout.model, self.layout.opt
         users, items = (p.detach() for p in model.sparse_parameters())
         err = None
@@ -233,7 +231,7 @@ class CppStep(Step):
                 users, items, state_u, state_i, user.to(torch.int64), item.to(torch.int64), rating.to(users.dtype),
                 float(model.global_bias.detach()), scale, self.reg_weights * scale, (size_u, size_i),
                 group["betas"], group["eps"], self.scratch, max_norm=self.max_norm, biases=model.biases,
-                row_wise=row_wise, errors=err))
+                row_wise=row_wise, errors=err, days=days))
 
         opt.step(update=update)
         g_sum, sse = out
@@ -284,7 +282,7 @@ class AutogradStep(Step):
         keep = torch.rand((n, self.cfg.model.dim + 1), generator=g, device=self.env.device) >= p  # bias col unused
         return keep.to(torch.float32) / (1 - p)
 
-    def _step(self, user, item, rating, global_rows, global_step, errors):
+    def _step(self, user, item, rating, global_rows, global_step, errors, days=None):
         dev = self.env.device
         opt_dense = self.optims.dense
         if self.max_norm:  # as nn.Embedding(max_norm=...)'s forward: in place, outside the graph

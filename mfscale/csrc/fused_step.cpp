@@ -186,6 +186,21 @@ struct Side {
   }
 };
 
+template <typename T>
+void day_step_impl(T* table, const int64_t* rows, const T* err, int64_t n, int64_t missing, double scale,
+                   double step_size, double beta2, double eps, double l2);
+
+// The user-day biases (mfscale/daybias.py) where the job has them: rows [bias, state, 1 / ratings, scratch] and each
+// rating's row. The step fits rating - bias (read as the rating is, prefetched with it), and the biases take their
+// step from its errors at the end: one op instead of three passes over the batch (a gather, the step, their step).
+template <typename T>
+struct Days {
+  T* table = nullptr;  // null: no user-day biases
+  const int64_t* rows = nullptr;
+  int64_t missing = 0;
+  double step_size = 0, l2 = 0;
+};
+
 // The major side (more touched rows) is streamed row by row: for each of its rows, the errors of its ratings,
 // its gradient summed in registers and its Adam update, once. The same loop adds each rating's share of the
 // minor side's gradient (from the major row before its update) into a per-thread buffer, kept in cache since
@@ -195,7 +210,7 @@ template <typename T>
 std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_users, int64_t n_items, int64_t w,
                               int64_t n, const T* r, double global_bias, double scale, const T* cw,
                               int32_t* mark_u, int32_t* mark_i, at::Tensor& work, double max_norm, bool biases,
-                              T* err_out) {
+                              T* err_out, const Days<T>& days) {
   const int64_t d = w - 1;
   Groups gu, gi;
   at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {  // the two sides at once (their own marks)
@@ -263,12 +278,13 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
             const int32_t ahead = gmaj.order[s + kAhead];
             prefetch_row(mnr.p + mnr.ids[ahead] * w, w, 0);
             prefetch_row(buf + gmin.slot[ahead] * w, w, 1);
+            if (days.table) prefetch_row(days.table + days.rows[ahead] * 4, 4, 0);
           }
           const T* q = mnr.p + mnr.ids[k] * w;
           const T* ru = users_major ? p : q;
           const T* ri = users_major ? q : p;
           const T x = ((gb + dot(ru, ri, d)) + ru[d]) + ri[d];
-          err[k] = x - r[k];
+          err[k] = x - (days.table ? r[k] - days.table[days.rows[k] * 4] : r[k]);
           const T a = err[k] * sc;
           for (int64_t c = 0; c < d; ++c) acc[c] += a * q[c];
           acc[d] += a * bias_grad;
@@ -302,6 +318,10 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       mnr.update(row, mnr.p + row * w, grad.data(), count, cw, w, tmp.data());
     }
   });
+  if (days.table) {  // the biases' values were only read above: their step sees the same old values
+    day_step_impl<T>(days.table, days.rows, err, n, days.missing, scale, days.step_size, maj.adam.beta2, maj.adam.eps,
+                     days.l2);
+  }
   double coef_sum = 0, sse = 0;  // in batch order: the same sums for any thread count
   for (int64_t k = 0; k < n; ++k) {
     coef_sum += static_cast<T>(err[k] * sc);
@@ -328,7 +348,8 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
                       at::Tensor v_i, at::Tensor user, at::Tensor item, at::Tensor rating, double global_bias,
                       double scale, at::Tensor col_w, double step_size_u, double step_size_i, double beta1,
                       double beta2, double eps, at::Tensor mark_u, at::Tensor mark_i, at::Tensor work,
-                      double max_norm, bool biases, bool row_wise, at::Tensor err_out) {
+                      double max_norm, bool biases, bool row_wise, at::Tensor err_out, at::Tensor day_table,
+                      at::Tensor day_rows, double day_step_size, double day_l2) {
   const auto dtype = users.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "fused_step: tables must be float32 or float64");
   for (const at::Tensor* t : {&users, &items, &m_u, &m_i, &rating, &col_w, &work}) {
@@ -366,8 +387,25 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
   TORCH_CHECK(!want_err || (err_out.numel() == n && err_out.is_contiguous() && err_out.device().is_cpu() &&
                             err_out.scalar_type() == dtype),
               "fused_step: err_out must be empty or one contiguous CPU value per rating, of the tables' dtype");
+  const bool with_days = day_table.numel() > 0;
+  if (with_days) {
+    TORCH_CHECK(day_table.device().is_cpu() && day_table.is_contiguous() && day_table.scalar_type() == dtype &&
+                    day_table.dim() == 2 && day_table.size(1) == 4,
+                "fused_step: the user-day biases must be a contiguous CPU (rows, 4) tensor of the tables' dtype");
+    TORCH_CHECK(day_rows.scalar_type() == at::kLong && day_rows.is_contiguous() && day_rows.numel() == n,
+                "fused_step: one contiguous int64 user-day row per rating");
+    check_ids(day_rows, day_table.size(0), "day");
+  }
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fused_step", [&] {
+    Days<scalar_t> days;
+    if (with_days) {
+      days.table = day_table.data_ptr<scalar_t>();
+      days.rows = day_rows.data_ptr<int64_t>();
+      days.missing = day_table.size(0) - 1;
+      days.step_size = day_step_size;
+      days.l2 = day_l2;
+    }
     scalar_t* vu = row_wise ? nullptr : v_u.data_ptr<scalar_t>();  // RowRMSprop has no second tensor
     scalar_t* vi = row_wise ? nullptr : v_i.data_ptr<scalar_t>();
     Side<scalar_t> su{users.data_ptr<scalar_t>(), m_u.data_ptr<scalar_t>(), vu, user.data_ptr<int64_t>(),
@@ -377,15 +415,15 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
     out = step_impl<scalar_t>(su, si, users.size(0), items.size(0), w, n, rating.data_ptr<scalar_t>(), global_bias,
                               scale, col_w.data_ptr<scalar_t>(), mark_u.data_ptr<int32_t>(),
                               mark_i.data_ptr<int32_t>(), work, max_norm, biases,
-                              want_err ? err_out.data_ptr<scalar_t>() : nullptr);
+                              want_err ? err_out.data_ptr<scalar_t>() : nullptr, days);
   });
   return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
 }
 
-// The user-day biases' step (mfscale/daybias.py, DayBias.update) from a batch's errors, rows [bias, state,
-// 1 / ratings, gradient]: each touched row's gradient (its ratings' errors and shares of its L2, from the old
-// bias) summed in batch order into its own row, then its RMSprop update, in one pass over the batch and one over
-// its rows. As torch ops (a unique, an index_add, five gathers and scatters) it cost half a step on ml-10m.
+// The user-day biases' step (mfscale/daybias.py, DayBias.update) from a batch's errors, at fused_step's end; rows
+// [bias, state, 1 / ratings, gradient]: each touched row's gradient (its ratings' errors and shares of its L2, from
+// the old bias) summed in batch order into its own row, then its RMSprop update: one pass over the batch and one
+// over its rows. As torch ops (a unique, an index_add, five gathers and scatters) it cost half a step on ml-10m.
 template <typename T>
 void day_step_impl(T* table, const int64_t* rows, const T* err, int64_t n, int64_t missing, double scale,
                    double step_size, double beta2, double eps, double l2) {
@@ -416,48 +454,6 @@ void day_step_impl(T* table, const int64_t* rows, const T* err, int64_t n, int64
   }
 }
 
-// rating - b_{u,day} for each rating (the table step's targets), the bias rows prefetched ahead: as a torch
-// gather, one cache miss after another, it took as long as the biases' step.
-at::Tensor day_offset(at::Tensor table, at::Tensor rows, at::Tensor rating) {
-  TORCH_CHECK(table.device().is_cpu() && table.is_contiguous() && table.dim() == 2 && table.size(1) == 4,
-              "day_offset: the table must be a contiguous CPU (rows, 4) tensor");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rating.is_contiguous() &&
-                  rating.scalar_type() == table.scalar_type() && rows.numel() == rating.numel(),
-              "day_offset: int64 rows and ratings of the table's dtype, one per rating");
-  check_ids(rows, table.size(0), "day");
-  at::Tensor out = at::empty_like(rating);
-  AT_DISPATCH_FLOATING_TYPES(table.scalar_type(), "day_offset", [&] {
-    const scalar_t* t = table.data_ptr<scalar_t>();
-    const scalar_t* r = rating.data_ptr<scalar_t>();
-    const int64_t* idx = rows.data_ptr<int64_t>();
-    scalar_t* o = out.data_ptr<scalar_t>();
-    const int64_t n = rows.numel();
-    for (int64_t k = 0; k < n; ++k) {
-      if (k + 16 < n) prefetch_row(t + idx[k + 16] * 4, 4, 0);
-      o[k] = r[k] - t[idx[k] * 4];
-    }
-  });
-  return out;
-}
-
-void day_step(at::Tensor table, at::Tensor rows, at::Tensor err, double scale, double step_size, double beta2,
-              double eps, double l2) {
-  const auto dtype = table.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "day_step: biases must be float32 or float64");
-  TORCH_CHECK(table.device().is_cpu() && table.is_contiguous() && table.dim() == 2 && table.size(1) == 4,
-              "day_step: the table must be a contiguous CPU (rows, 4) tensor");
-  TORCH_CHECK(err.device().is_cpu() && err.is_contiguous() && err.scalar_type() == dtype && err.dim() == 1,
-              "day_step: errors must be a contiguous 1-D CPU tensor of the table's dtype");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.numel() == err.numel(),
-              "day_step: rows must be contiguous int64, one per error");
-  const int64_t n_rows = table.size(0);
-  check_ids(rows, n_rows, "day");
-  AT_DISPATCH_FLOATING_TYPES(dtype, "day_step", [&] {
-    day_step_impl<scalar_t>(table.data_ptr<scalar_t>(), rows.data_ptr<int64_t>(), err.data_ptr<scalar_t>(),
-                            rows.numel(), n_rows - 1, scale, step_size, beta2, eps, l2);
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY(mfscale, m) {
@@ -465,12 +461,7 @@ TORCH_LIBRARY(mfscale, m) {
       "fused_step(Tensor(a!) users, Tensor(b!) items, Tensor(c!) m_u, Tensor(d!) v_u, Tensor(e!) m_i, "
       "Tensor(f!) v_i, Tensor user, Tensor item, Tensor rating, float global_bias, float scale, Tensor col_w, "
       "float step_size_u, float step_size_i, float beta1, float beta2, float eps, Tensor(g!) mark_u, "
-      "Tensor(h!) mark_i, Tensor(i!) work, float max_norm, bool biases, bool row_wise, Tensor(j!) err_out) -> Tensor");
+      "Tensor(h!) mark_i, Tensor(i!) work, float max_norm, bool biases, bool row_wise, Tensor(j!) err_out, "
+      "Tensor(k!) day_table, Tensor day_rows, float day_step_size, float day_l2) -> Tensor");
   m.impl("fused_step", c10::DispatchKey::CPU, &fused_step);
-  m.def(
-      "day_step(Tensor(a!) table, Tensor rows, Tensor err, float scale, float step_size, float beta2, float eps, "
-      "float l2) -> ()");
-  m.impl("day_step", c10::DispatchKey::CPU, &day_step);
-  m.def("day_offset(Tensor table, Tensor rows, Tensor rating) -> Tensor");
-  m.impl("day_offset", c10::DispatchKey::CPU, &day_offset);
 }
