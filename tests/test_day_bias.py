@@ -15,6 +15,7 @@ from mfscale import checkpoint, prepare
 from mfscale.daybias import DAY_SECONDS, DayBias, day_key
 from mfscale.train import run
 
+from .test_optim import float64  # noqa: F401 (a fixture)
 from .test_train import job
 
 
@@ -109,3 +110,61 @@ def prepare_keys(data: Path) -> np.ndarray:
 
     train = Dataset(data).read_split("train")
     return np.unique(day_key(train["user"], train["timestamp"]))
+
+
+@pytest.mark.parametrize("major", ["users", "items"])
+def test_the_cpp_op_steps_the_day_biases_as_torch_ops_do(float64, major):  # noqa: F811 (the fixture)
+    """The C++ table step with the biases inside (their targets read with each rating, their step in the pass when
+    users are the major side, at the op's end when movies are) against the torch-ops path (targets, the table step's
+    errors, ``DayBias.update``), float64, three steps: one where the batch touches more users than movies, one more
+    movies than users."""
+    from mfscale import cpu_step
+    from mfscale.daybias import group
+
+    from .test_cpu_step import adam, twin_models
+
+    g = torch.Generator().manual_seed(1)
+    n_users, n_items = 60, 40
+    users_of = n_users - 5 if major == "users" else 4  # few users: movies are the major side
+    days_of = torch.randint(0, 3, (n_users * 3,), generator=g)
+    key_user = np.repeat(np.arange(n_users), 3)
+    keys = day_key(key_user, days_of.numpy() * DAY_SECONDS)
+    models = twin_models(torch.float64, n_users, n_items)
+    days = [DayBias(keys), DayBias(keys)]
+    opts = [adam(m, 0.05, "row_rmsprop") for m in models]
+    reg = torch.full((models[0].dim + 1,), 0.02, dtype=torch.float64)
+    lr, beta2, eps, reg_day = 0.05, 0.999, 1e-8, 3.0
+    for _ in range(3):
+        n = 300
+        user = torch.randint(0, users_of, (n,), generator=g)
+        item = torch.randint(0, n_items, (n,), generator=g)
+        rating = torch.rand(n, generator=g, dtype=torch.float64) * 4 + 1
+        ts = torch.randint(0, 3, (n,), generator=g).numpy() * DAY_SECONDS
+        rows = [torch.from_numpy(d.rows(user.numpy(), ts)) for d in days]
+        assert (rows[0] < days[0].missing).sum() > n // 2  # most ratings have a day among the keys
+        l2 = 2 * reg_day / n
+        # torch ops: the table step on rating - b, then the biases from its errors
+        model, opt, d = models[0], opts[0], days[0]
+        gu, gi, _, _, err = model.closed_form_grads(user, item, d.targets(rows[0], rating), n, return_errors=True)
+        opt.step(rows=[(t.ids, t.rows, t.counts.to(reg.dtype), reg * (2.0 / n)) for t in (gu, gi)])
+        ids, grad, counts = group(rows[0], err * (2.0 / n), len(d.value))
+        d.update(ids, grad, counts, lr=lr, beta2=beta2, eps=eps, l2=l2)
+        # the op
+        model, opt, d = models[1], opts[1], days[1]
+        tables = [p.detach() for p in model.sparse_parameters()]
+
+        def update(steps, user=user, item=item, rating=rating, n=n, d=d, r=rows[1], l2=l2, model=model,
+                   tables=tables):
+            (su, lu), (si, li) = steps
+            cpu_step.fused_step(*tables, (su["row_sq"], None), (si["row_sq"], None), user, item, rating,
+                                float(model.global_bias.detach()), 2.0 / n, reg * (2.0 / n), (lu, li), (0.9, beta2),
+                                eps, {}, row_wise=True, days=d.op_args(r, lr=lr, beta2=beta2, l2=l2))
+
+        opt.step(update=update)
+        assert (user.unique().numel() >= item.unique().numel()) == (major == "users")
+    for a, b in zip(models[0].sparse_parameters(), models[1].sparse_parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert days[0].steps == days[1].steps == 3 and days[0].value.abs().max() > 0
+    for a, b in ((days[0].value, days[1].value), (days[0].sq, days[1].sq)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-14)
+    assert torch.isnan(days[1].table[:, 3]).all()  # every scratch back to "not touched"

@@ -201,6 +201,31 @@ struct Days {
   double step_size = 0, l2 = 0;
 };
 
+// Rating k's share of its day's gradient (``a`` = its error x scale, plus its share of the L2 from the old bias),
+// into the row's scratch column (NaN: not touched yet in this step).
+template <typename T>
+inline void day_add(const Days<T>& days, int64_t k, T a) {
+  const int64_t r = days.rows[k];
+  if (r == days.missing) return;
+  T* row = days.table + r * 4;
+  if (std::isnan(row[3])) row[3] = T(0);
+  row[3] += a + row[2] * static_cast<T>(days.l2) * row[0];
+}
+
+// Rating k's day takes its RMSprop step, once (its scratch back to NaN).
+template <typename T>
+inline void day_update(const Days<T>& days, int64_t k, T b2, T eps) {
+  const int64_t r = days.rows[k];
+  if (r == days.missing) return;
+  T* row = days.table + r * 4;
+  if (std::isnan(row[3])) return;  // stepped already (an earlier rating of the same day)
+  const T g = row[3];
+  row[3] = std::numeric_limits<T>::quiet_NaN();
+  const T s = row[1] + (g * g - row[1]) * (T(1) - b2);
+  row[1] = s;
+  row[0] -= static_cast<T>(days.step_size) * g / (std::sqrt(s) + eps);
+}
+
 // The major side (more touched rows) is streamed row by row: for each of its rows, the errors of its ratings,
 // its gradient summed in registers and its Adam update, once. The same loop adds each rating's share of the
 // minor side's gradient (from the major row before its update) into a per-thread buffer, kept in cache since
@@ -258,6 +283,10 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
     bound[t] = lo;
   }
 
+  // Users major (the usual case): each user's day biases take their step in the pass, right after the user's own
+  // ratings (a day belongs to one user, so to one thread; its ratings are summed in batch order, as below).
+  const bool days_here = days.table && users_major;
+  const T d_b2 = static_cast<T>(maj.adam.beta2), d_eps = static_cast<T>(maj.adam.eps);
   // One chunk of major rows per buffer, whatever OpenMP runtime and team size run them: chunk t owns buffer t.
   at::parallel_for(0, threads, 1, [&](int64_t t_begin, int64_t t_end) {
     for (int64_t tid = t_begin; tid < t_end; ++tid) {
@@ -286,6 +315,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
           const T x = ((gb + dot(ru, ri, d)) + ru[d]) + ri[d];
           err[k] = x - (days.table ? r[k] - days.table[days.rows[k] * 4] : r[k]);
           const T a = err[k] * sc;
+          if (days_here) day_add(days, k, a);
           for (int64_t c = 0; c < d; ++c) acc[c] += a * q[c];
           acc[d] += a * bias_grad;
           const int32_t mj = gmin.slot[k];
@@ -296,6 +326,9 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
           }
           for (int64_t c = 0; c < d; ++c) g[c] += a * p[c];
           g[d] += a * bias_grad;
+        }
+        if (days_here) {  // this user's days are this thread's alone, and still in cache: step them now
+          for (int32_t s = gmaj.start[j]; s < end; ++s) day_update(days, gmaj.order[s], d_b2, d_eps);
         }
         const T count = static_cast<T>(end - gmaj.start[j]);
         maj.update(gmaj.rows[j], p, acc.data(), count, cw, w, tmp.data());
@@ -318,7 +351,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       mnr.update(row, mnr.p + row * w, grad.data(), count, cw, w, tmp.data());
     }
   });
-  if (days.table) {  // the biases' values were only read above: their step sees the same old values
+  if (days.table && !users_major) {  // the biases' values were only read above: their step sees the old values
     day_step_impl<T>(days.table, days.rows, err, n, days.missing, scale, days.step_size, maj.adam.beta2, maj.adam.eps,
                      days.l2);
   }
