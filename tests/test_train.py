@@ -416,8 +416,7 @@ def test_fused_step_reuses_its_gradient_buffers(small_data, tmp_path):
     """The fused step writes gradient rows into buffers the trainer keeps (no multi-MB allocation per step)."""
     from mfscale.model import BiasedMF
 
-    # "errors": each rating's error, for the user-day biases' step (on by default)
-    for kernel, keys in (("off", {"users", "items"}), ("on", {"mark_users", "mark_items", "work", "unused", "errors"})):
+    for kernel, keys in (("off", {"users", "items"}), ("on", {"mark_users", "mark_items", "work", "unused"})):
         tr = Trainer(job(small_data, tmp_path / kernel, train__batch_size=4096, train__cpu_kernel=kernel),
                      DistEnv(0, 1, 0, CPU))
         assert tr.step_fn.kind != "autograd"
