@@ -122,8 +122,8 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
                rating: torch.Tensor, global_bias: float, scale: float, col_weights: torch.Tensor,
                step_sizes: tuple[float, float], betas: tuple[float, float], eps: float,
                scratch: dict[str, torch.Tensor], *, max_norm: float = 0.0, biases: bool = True,
-               row_wise: bool = False, errors: torch.Tensor | None = None,
-               days: tuple[torch.Tensor, torch.Tensor, float, float] | None = None) -> tuple[float, float]:
+               row_wise: bool = False, days: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
+               ) -> tuple[float, float]:
     """One step in place on both tables and their optimizer state; returns (sum of coef, sum of squared errors).
 
     coef = (prediction - rating) * ``scale``; the global bias's gradient is the first return value.
@@ -131,8 +131,7 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
     steps (per-table marks and the op's work memory, allocated once and grown when needed). ``max_norm`` > 0:
     the touched rows' factor vectors are first renormalized in place (``nn.Embedding(max_norm=...)``);
     ``biases`` False: the bias column gets a zero gradient (plain MF; the first return value is then unused).
-    ``moments_*``: Adam's (exp_avg, exp_avg_sq); with ``row_wise``, RowRMSprop's (row_sq, None). ``errors``: where
-    given, one value per rating, filled with each prediction - rating (before the update). ``days``: the user-day
+    ``moments_*``: Adam's (exp_avg, exp_avg_sq); with ``row_wise``, RowRMSprop's (row_sq, None). ``days``: the user-day
     biases ``(DayBias.table, each rating's row, step size, 2 reg_day / G)``: the step fits rating - bias and then
     steps the biases from its errors (``DayBias.update``'s arithmetic), in the same op.
     """
@@ -151,7 +150,7 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
         users, items, moments_u[0], moments_u[1] if moments_u[1] is not None else unused, moments_i[0],
         moments_i[1] if moments_i[1] is not None else unused, user, item, rating, global_bias, scale, col_weights,
         step_sizes[0], step_sizes[1], betas[0], betas[1], eps, scratch["mark_users"], scratch["mark_items"], work,
-        float(max_norm), bool(biases), bool(row_wise), unused if errors is None or user.numel() == 0 else errors,
+        float(max_norm), bool(biases), bool(row_wise),
         *((days[0], days[1], float(days[2]), float(days[3])) if days is not None and user.numel() else
           (unused, unused.new_empty(0, dtype=torch.int64), 0.0, 0.0)))
     coef_sum, sse = out.tolist()

@@ -10,12 +10,15 @@ top-N list.
 
 A day is ``timestamp // 86400`` (UTC). The biases are a table keyed by ``key = user * 2^20 + day`` (``day_key``),
 held by the rank that owns the user (blocks: its user block; replicated: every rank), so they never rotate.
-Each training rating carries its bias row (``rows``), found once when the split is loaded, not per step.
+Each training rating carries its bias row (``rows``), found once when a resident split is loaded (per batch when
+streamed).
 
-The step trains them with the tables: the table step is given ``rating - b`` and returns its errors e, and each
-touched bias gets ``g = sum 2 e / G + count * 2 * reg_bias * b / G`` (G the global batch's ratings, the per-rating
-L2 of the other biases), stepped as RowRMSprop steps a bias column: ``s += (g^2 - s)(1 - beta2)``,
-``b -= lr sqrt(1 - beta2^t) g / (sqrt(s) + eps)`` at the tables' learning rate and schedule, t this table's steps.
+The step trains them with the tables: the table step fits ``rating - b`` and its errors e (the whole model's) give
+each touched bias ``g = sum 2 e / G + count / n * 2 * reg_day * b / G`` (G the global batch's ratings, n the key's
+training ratings: its L2 ``reg_day b^2`` once per epoch, spread over them), stepped as RowRMSprop steps a bias
+column: ``s += (g^2 - s)(1 - beta2)``, ``b -= lr sqrt(1 - beta2^t) g / (sqrt(s) + eps)`` at the tables' learning
+rate and schedule, t this table's steps. On a CPU the C++ table step does all of it in its own pass
+(``cpu_step.fused_step``'s ``days``).
 """
 
 from __future__ import annotations

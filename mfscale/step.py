@@ -211,13 +211,9 @@ class CppStep(Step):
 
     def _step(self, user, item, rating, global_rows, global_step, errors, days=None):
         model, opt = self.layout.model, self.layout.opt
+        if errors:  # the user-day biases step inside the op (``days``), so nothing asks for the errors
+            raise ValueError("CppStep takes the user-day biases' step inside its op: pass days, not errors")
         users, items = (p.detach() for p in model.sparse_parameters())
-        err = None
-        if errors:  # the op writes each rating's error here (kept between steps: no allocation per step)
-            err = self.scratch.get("errors")
-            if err is None or err.numel() < user.numel() or err.dtype != users.dtype:
-                err = self.scratch["errors"] = torch.empty(max(user.numel(), 1), dtype=users.dtype)
-            err = err[: user.numel()]
         group, scale = opt.param_groups[0], 2.0 / global_rows
         out: list[float] = []
 
@@ -231,12 +227,12 @@ class CppStep(Step):
                 users, items, state_u, state_i, user.to(torch.int64), item.to(torch.int64), rating.to(users.dtype),
                 float(model.global_bias.detach()), scale, self.reg_weights * scale, (size_u, size_i),
                 group["betas"], group["eps"], self.scratch, max_norm=self.max_norm, biases=model.biases,
-                row_wise=row_wise, errors=err, days=days))
+                row_wise=row_wise, days=days))
 
         opt.step(update=update)
         g_sum, sse = out
         self.step_global_bias(torch.tensor(g_sum if model.biases else 0.0, dtype=model.global_bias.dtype))
-        return torch.tensor(sse, dtype=torch.float64), err
+        return torch.tensor(sse, dtype=torch.float64), None
 
 
 def _sum_allreduce_hook(state, bucket):  # no annotations: DDP checks them and ours are strings (PEP 563)

@@ -235,7 +235,7 @@ template <typename T>
 std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_users, int64_t n_items, int64_t w,
                               int64_t n, const T* r, double global_bias, double scale, const T* cw,
                               int32_t* mark_u, int32_t* mark_i, at::Tensor& work, double max_norm, bool biases,
-                              T* err_out, const Days<T>& days) {
+                              const Days<T>& days) {
   const int64_t d = w - 1;
   Groups gu, gi;
   at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {  // the two sides at once (their own marks)
@@ -264,9 +264,8 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   if (work.numel() < threads * nmin * w) work.resize_({threads * nmin * w});
   T* bufs = work.data_ptr<T>();
   std::vector<uint8_t> used(threads * nmin, 0);  // per thread: which minor rows its buffer holds
-  // Each rating's error: into the caller's buffer where given (the user-day biases' gradient), else our own.
-  std::unique_ptr<T[]> own(err_out ? nullptr : new T[n]);  // every entry written below: no zero fill
-  T* err = err_out ? err_out : own.get();
+  std::unique_ptr<T[]> err_buf(new T[n]);  // every entry written below: no zero fill
+  T* err = err_buf.get();
   const T gb = static_cast<T>(global_bias), sc = static_cast<T>(scale);
   // Chunk boundaries of equal work, a row costing about kRowCost ratings (its random read-modify-write of the
   // row and two moments against a rating's two row products): equal row counts left one thread waiting on the
@@ -381,7 +380,7 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
                       at::Tensor v_i, at::Tensor user, at::Tensor item, at::Tensor rating, double global_bias,
                       double scale, at::Tensor col_w, double step_size_u, double step_size_i, double beta1,
                       double beta2, double eps, at::Tensor mark_u, at::Tensor mark_i, at::Tensor work,
-                      double max_norm, bool biases, bool row_wise, at::Tensor err_out, at::Tensor day_table,
+                      double max_norm, bool biases, bool row_wise, at::Tensor day_table,
                       at::Tensor day_rows, double day_step_size, double day_l2) {
   const auto dtype = users.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "fused_step: tables must be float32 or float64");
@@ -416,10 +415,6 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
   check_ids(user, users.size(0), "user");
   check_ids(item, items.size(0), "item");
   const int64_t n = user.numel();
-  const bool want_err = err_out.numel() > 0;
-  TORCH_CHECK(!want_err || (err_out.numel() == n && err_out.is_contiguous() && err_out.device().is_cpu() &&
-                            err_out.scalar_type() == dtype),
-              "fused_step: err_out must be empty or one contiguous CPU value per rating, of the tables' dtype");
   const bool with_days = day_table.numel() > 0;
   if (with_days) {
     TORCH_CHECK(day_table.device().is_cpu() && day_table.is_contiguous() && day_table.scalar_type() == dtype &&
@@ -448,7 +443,7 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
     out = step_impl<scalar_t>(su, si, users.size(0), items.size(0), w, n, rating.data_ptr<scalar_t>(), global_bias,
                               scale, col_w.data_ptr<scalar_t>(), mark_u.data_ptr<int32_t>(),
                               mark_i.data_ptr<int32_t>(), work, max_norm, biases,
-                              want_err ? err_out.data_ptr<scalar_t>() : nullptr, days);
+                              days);
   });
   return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
 }
@@ -494,7 +489,7 @@ TORCH_LIBRARY(mfscale, m) {
       "fused_step(Tensor(a!) users, Tensor(b!) items, Tensor(c!) m_u, Tensor(d!) v_u, Tensor(e!) m_i, "
       "Tensor(f!) v_i, Tensor user, Tensor item, Tensor rating, float global_bias, float scale, Tensor col_w, "
       "float step_size_u, float step_size_i, float beta1, float beta2, float eps, Tensor(g!) mark_u, "
-      "Tensor(h!) mark_i, Tensor(i!) work, float max_norm, bool biases, bool row_wise, Tensor(j!) err_out, "
+      "Tensor(h!) mark_i, Tensor(i!) work, float max_norm, bool biases, bool row_wise, "
       "Tensor(k!) day_table, Tensor day_rows, float day_step_size, float day_l2) -> Tensor");
   m.impl("fused_step", c10::DispatchKey::CPU, &fused_step);
 }
