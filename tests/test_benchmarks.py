@@ -104,12 +104,18 @@ def test_peers_smoke(small_data, tmp_path):
     reason = _peers_importable()
     if reason:
         pytest.skip(reason)
-    out, md = tmp_path / "peers.jsonl", tmp_path / "peers.md"
     plot = _matplotlib_missing() is None  # then also test_peers_plot's checks, on this run's three trainers
-    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--epochs", "2", "--dim", "8",
-                           "--repeat", "2", "--threads", "1", "--out-jsonl", str(out),
-                           *(["--out-md", str(md)] if plot else [])],
-                          capture_output=True, text=True, timeout=180)
+    # LIBMF's hang (cjlin1/libmf#12) also came once with 1 thread (session 11's CI): peers.py stops a peer that
+    # has not finished in --peer-timeout s with its one-line error, and a run stopped so is tried once more, fresh
+    for attempt in range(2):
+        out, md = tmp_path / f"try{attempt}" / "peers.jsonl", tmp_path / f"try{attempt}" / "peers.md"
+        out.parent.mkdir()
+        proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--epochs", "2", "--dim", "8",
+                               "--repeat", "2", "--threads", "1", "--peer-timeout", "60", "--out-jsonl", str(out),
+                               *(["--out-md", str(md)] if plot else [])],
+                              capture_output=True, text=True, timeout=240)
+        if "peers.py: libmf did not finish" not in proc.stderr:
+            break
     assert proc.returncode == 0, proc.stderr[-3000:]
     if plot:
         assert_peers_plot(proc, md)
