@@ -31,6 +31,7 @@ import torch
 from .checkpoint import TableRows
 from .errors import DataError
 from .optim import sum_rows
+from .shards import find_sorted
 
 DAY_SECONDS = 86_400
 DAY_BITS = 20  # days since 1970 fit in 2^20 (until the year 4840)
@@ -68,11 +69,8 @@ class DayBias:
 
     def rows(self, user: np.ndarray, timestamp: np.ndarray) -> np.ndarray:
         """Row of each (global user, timestamp): its key's, or ``missing``."""
-        key = day_key(user, timestamp)
-        if len(self.keys) == 0:
-            return np.full(len(key), 0, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
-        return np.where(self.keys[pos] == key, pos, len(self.keys)).astype(np.int64)
+        pos, hit = find_sorted(self.keys, day_key(user, timestamp))
+        return np.where(hit, pos, len(self.keys))
 
     def offset(self, rows: torch.Tensor) -> torch.Tensor:
         """The biases of ``rows`` (a gather)."""
@@ -121,10 +119,7 @@ class DayBias:
         steps = 0
         for t in tables:
             keys = t.ids.numpy()
-            if len(self.keys) == 0 or len(keys) == 0:
-                continue
-            pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
-            hit = self.keys[pos] == keys
+            pos, hit = find_sorted(self.keys, keys)
             at = torch.from_numpy(pos[hit]).to(self.value.device)
             src = torch.from_numpy(np.flatnonzero(hit))
             self.value[at] = t.weight[src, 0].to(self.value)

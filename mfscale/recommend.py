@@ -32,7 +32,7 @@ import torch
 from .errors import ConfigError, DataError, cli_entry
 from .formats import read_pairs, read_ratings
 from .runs import Run, load_run, movie_label
-from .shards import write_text_atomic
+from .shards import find_sorted, write_text_atomic
 
 PROG = "mfscale.recommend"
 SCORE_BUDGET = 1 << 25  # floats in one batch's score matrix (128 MiB): bounds memory whatever the catalog size
@@ -82,8 +82,8 @@ def fold_in(run: Run, ratings: pl.DataFrame, where: str = "ratings") -> FoldIn:
                         "for users the model has not seen")
     movie_ids = run.movies["movie_id"].to_numpy()
     mid = ratings["movie_id"].to_numpy()
-    pos = np.clip(np.searchsorted(movie_ids, mid), 0, len(movie_ids) - 1)  # ids are encoded in sorted order
-    unknown = movie_ids[pos] != mid
+    pos, found = find_sorted(movie_ids, mid)
+    unknown = ~found
     if unknown.any():
         raise DataError(f"{where}: movie {int(mid[unknown][0])} is not in {run.data.root} "
                         f"({len(movie_ids):,} movies)")
@@ -186,14 +186,14 @@ class Recommender:
     def predict_folded(self, folded: FoldIn, pairs: pl.DataFrame, where: str = "pairs") -> np.ndarray:
         """Predicted ratings (clipped to the scale) of ``pairs`` (``user_id, movie_id``) for folded-in users."""
         uid, mid = pairs["user_id"].to_numpy(), pairs["movie_id"].to_numpy()
-        urow = np.clip(np.searchsorted(folded.user_ids, uid), 0, len(folded.user_ids) - 1)
-        if (folded.user_ids[urow] != uid).any():
-            bad = int(uid[folded.user_ids[urow] != uid][0])
+        urow, found = find_sorted(folded.user_ids, uid)
+        if not found.all():
+            bad = int(uid[~found][0])
             raise DataError(f"{where}: user {bad} has no ratings in the --ratings file")
         movie_ids = self.run.movies["movie_id"].to_numpy()
-        irow = np.clip(np.searchsorted(movie_ids, mid), 0, len(movie_ids) - 1)
-        if (movie_ids[irow] != mid).any():
-            bad = int(mid[movie_ids[irow] != mid][0])
+        irow, found = find_sorted(movie_ids, mid)
+        if not found.all():
+            bad = int(mid[~found][0])
             raise DataError(f"{where}: movie {bad} is not in {self.run.data.root} ({len(movie_ids):,} movies)")
         p, bu = folded.p.to(self.q.dtype), folded.bu.to(self.q.dtype)
         u, i = torch.from_numpy(urow), torch.from_numpy(irow)

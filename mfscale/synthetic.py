@@ -45,6 +45,7 @@ import numpy as np
 import polars as pl
 
 from .errors import ConfigError
+from .shards import find_sorted
 
 GENERATOR_VERSION = 1
 RATING_VALUES = np.arange(1, 11, dtype=np.float64) / 2  # 0.5, 1.0, ..., 5.0
@@ -370,10 +371,7 @@ def _draw_keys(rng: np.random.Generator, users: np.ndarray, n_draws: np.ndarray,
 
 
 def _sorted_member(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    if len(sorted_keys) == 0:
-        return np.zeros(len(keys), dtype=bool)
-    idx = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
-    return sorted_keys[idx] == keys
+    return find_sorted(sorted_keys, keys)[1]
 
 
 def _unique_sorted(keys: np.ndarray) -> np.ndarray:

@@ -18,7 +18,7 @@ from ..daybias import DayBias, day_key
 from ..distributed import DistEnv
 from ..errors import DataError
 from ..model import BiasedMF, renorm_rows_
-from ..shards import Dataset
+from ..shards import Dataset, find_sorted
 from ..stream import resident_fits
 from .rows import init_rows, train_counts
 
@@ -88,6 +88,7 @@ class TableLayout(abc.ABC):
         self.bytes_sent = 0
         self.decoded_bytes = 0  # of the training split, by this rank at start-up
         self.n_train_rows = train_counts(data)  # training ratings per user row and per movie row
+        self._eval_shares: dict[str, EvalShare] = {}  # eval_share's, per split
 
     def _build(self, user_ids: np.ndarray, item_rows: int, item_ids: np.ndarray) -> None:
         """Model with ``len(user_ids)`` user rows and ``item_rows`` movie rows (the first ``item_ids`` filled),
@@ -106,13 +107,12 @@ class TableLayout(abc.ABC):
                 table.weight[: len(ids)] = rows.to(self.env.device)
         self.opt = optim.build_tables(self.cfg.optim, self.model.sparse_parameters())
 
-    def _build_day_bias(self, user: np.ndarray, timestamp: np.ndarray) -> np.ndarray | None:
+    def _build_day_bias(self, user: np.ndarray, timestamp: np.ndarray) -> DayBias | None:
         """With --model.day_bias: the biases of every (user, day) of these training ratings (global user ids, all
-        of the held users' ratings), and each rating's row; None without."""
-        if not self.cfg.uses_day_bias():
-            return None
-        self.day_bias = DayBias(day_key(user, timestamp), self.env.device, self.model.users.weight.dtype)
-        return self.day_bias.rows(user, timestamp)
+        of the held users' ratings); None without."""
+        if self.cfg.uses_day_bias():
+            self.day_bias = DayBias(day_key(user, timestamp), self.env.device, self.model.users.weight.dtype)
+        return self.day_bias
 
     def weights(self) -> dict[str, torch.Tensor]:
         """A CPU copy of the trained values (the model's, and the day biases): early stopping's best weights."""
@@ -185,7 +185,17 @@ class TableLayout(abc.ABC):
         """(user rows of the users this rank evaluates, the whole movie table, global bias)."""
 
     def eval_share(self, split: str) -> EvalShare:
-        """This rank's ratings of ``split`` (read once per call; splits are read whole, then filtered)."""
+        """This rank's ratings of ``split`` (splits are read whole, then filtered). The held-out splits' are kept
+        after the first call (validation is evaluated every epoch, and its day rows are a search over the day
+        keys); the training split's, read for the ranking metrics at the end, is not (the whole split)."""
+        share = self._eval_shares.get(split)
+        if share is None:
+            share = self._read_eval_share(split)
+            if split != "train":
+                self._eval_shares[split] = share
+        return share
+
+    def _read_eval_share(self, split: str) -> EvalShare:
         arrays = self.data.read_split(split)
         user = arrays["user"].astype(np.int64)
         mine = self.user_owner(user) == self.env.rank
@@ -266,9 +276,7 @@ class TableLayout(abc.ABC):
                 t = part.tables[name]
                 gids = t.ids.numpy()
                 s_ids, order = sorted_held[k]
-                pos = np.searchsorted(s_ids, gids)
-                pos = np.minimum(pos, max(len(s_ids) - 1, 0))
-                hit = (s_ids[pos] == gids) if len(s_ids) else np.zeros(len(gids), dtype=bool)
+                pos, hit = find_sorted(s_ids, gids)
                 if not hit.any():
                     continue
                 at = order[pos[hit]]  # index into held[k]

@@ -143,7 +143,9 @@ class Blocks(TableLayout):
                   "timestamp": np.int64}
         parts = {k: [np.concatenate(v)[perm] if v else np.empty(0, dtypes[k])] for k, v in parts.items()}
         # --model.day_bias: the biases of this rank's users' days (all their ratings are here), and each rating's row
-        day_row = self._build_day_bias(parts.pop("global_user", [None])[0], parts.pop("timestamp", [None])[0])
+        user, timestamp = parts.pop("global_user", [None])[0], parts.pop("timestamp", [None])[0]
+        days = self._build_day_bias(user, timestamp)
+        day_row = None if days is None else days.rows(user, timestamp)
         item = np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64)
         n_groups = w * self.pieces
         group = self.item_block[item] * self.pieces + self.item_piece[item]  # by movie block, then piece

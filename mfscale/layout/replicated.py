@@ -51,7 +51,7 @@ class Replicated(TableLayout):
             deal = tuple(deal_rows(counts, self.strata) for counts in train_counts(data))
         day_rows = None
         if cfg.uses_day_bias():  # every rank holds every user's day biases, as it holds every user row
-            train = data.read_split("train")
+            train = data.read_split("train", ("user", "timestamp"))
             self._build_day_bias(train["user"], train["timestamp"])
             day_rows = self.day_bias.rows
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
