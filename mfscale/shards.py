@@ -638,8 +638,9 @@ def find_sorted(sorted_ids: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np
     ids = np.asarray(ids)
     if len(sorted_ids) == 0:
         return np.zeros(len(ids), dtype=np.int64), np.zeros(len(ids), dtype=bool)
-    table = torch.from_numpy(np.ascontiguousarray(sorted_ids, dtype=np.int64))
-    pos = torch.searchsorted(table, torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64)))
+    # "W": a read-only array (Arrow's, a memory map) is copied; torch.from_numpy warns on those
+    table, query = (torch.from_numpy(np.require(a, np.int64, ("C", "W"))) for a in (sorted_ids, ids))
+    pos = torch.searchsorted(table, query)
     pos = pos.clamp_(max=len(sorted_ids) - 1).numpy()
     return pos, table.numpy()[pos] == ids
 
