@@ -19,9 +19,9 @@ def test_search_writes_a_best_config_and_resumes(small_data, tmp_path, monkeypat
     read = []
     original = shards.Dataset.read_split
 
-    def recording(self, split):
+    def recording(self, split, *args, **kwargs):
         read.append(split)
-        return original(self, split)
+        return original(self, split, *args, **kwargs)
 
     monkeypatch.setattr(shards.Dataset, "read_split", recording)
     study = tmp_path / "study"
