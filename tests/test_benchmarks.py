@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark scripts: throughput.py, profile_step.py, gpu_summary.py, verify_cost.py, peers.py.
+"""Smoke tests of the benchmark scripts: throughput.py, profile_step.py, gpu_summary.py, op_variants.py,
+verify_cost.py, peers.py.
 
 Speed is measured by the script, never asserted here.
 """
@@ -66,6 +67,22 @@ def test_profile_step_and_gpu_summary_smoke(small_data, tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== targets" in proc.stdout and "no results" in proc.stdout and "train_step" in proc.stdout
+
+
+def test_op_variants_smoke(small_data, tmp_path):
+    """op_variants.py with no variant times the job's own op (nothing to build); a file that is not a copy of the
+    op is one line before any start-up. Building a variant is what a real run adds (about half a minute)."""
+    script = SCRIPT.parent / "op_variants.py"
+    proc = subprocess.run([sys.executable, str(script), "--data", str(small_data), "--passes", "2", "--batches", "3",
+                           "--warmup", "1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| baseline (this checkout) |" in proc.stdout and "1.000x" in proc.stdout
+    bogus = tmp_path / "bogus.cpp"
+    bogus.write_text("int main() { return 0; }\n")
+    proc = subprocess.run([sys.executable, str(script), "--data", str(small_data), str(bogus)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode != 0 and "is not a copy of mfscale/csrc/fused_step.cpp" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_verify_cost_smoke(small_data, tmp_path):
