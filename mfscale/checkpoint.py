@@ -240,8 +240,8 @@ def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torc
 
 def day_biases(path: Path, state: dict) -> tuple[np.ndarray, np.ndarray] | None:
     """A checkpoint's user-day biases from all its parts: (sorted ``daybias.day_key`` keys, biases), or None for a
-    run without them. The tools' models leave them out: a user's day bias moves all of that day's predictions alike,
-    so it never reorders a top-N list, and a prediction without a time has none."""
+    run without them. The tools' models leave them out (a user's day bias moves all of that day's predictions alike,
+    so it never reorders a top-N list, and a prediction without a time has none); ``export`` writes them out."""
     found = [part.days for part in (read_part(p, d) for p, d in part_paths(path, state)) if part.days is not None]
     if not found:
         return None

@@ -5,8 +5,8 @@ The prediction becomes ``mean + b_u + b_i + b_{u,day(t)} + <p_u, q_i>``, timeSVD
 MovieLens user rates in sessions, and how generous they are moves from one session to the next. On real
 ml-latest-small (random 10% test) it took 0.01 off the test RMSE, seeds 0-2 (benchmarks/RESULTS.md, session 11).
 A (user, day) with no training rating predicts with b = 0, as does a prediction made without a time (recommend,
-export, fold-in): a user's day bias moves all of their predictions of that day alike, so it never reorders a
-top-N list.
+fold-in): a user's day bias moves all of their predictions of that day alike, so it never reorders a top-N list.
+``export`` ships them for predictions with a time.
 
 A day is ``timestamp // 86400`` (UTC). The biases are a table keyed by ``key = user * 2^20 + day`` (``day_key``),
 held by the rank that owns the user (blocks: its user block; replicated: every rank), so they never rotate.

@@ -2,8 +2,9 @@
 
 The export needs neither mfscale nor torch to use: ``users.parquet``/``movies.parquet`` carry the ids,
 biases and factors (a fixed-size list column) beside the movie metadata, and the same numbers are in
-``.npy`` arrays aligned row by row with ``user_ids.npy``/``movie_ids.npy``. ``meta.json`` and
-``README.txt`` say how to predict. The directory is assembled under a temporary name and renamed into
+``.npy`` arrays aligned row by row with ``user_ids.npy``/``movie_ids.npy``; a run with user-day biases adds them
+(``user_day_*.npy`` and ``user_day_bias.parquet``: user, day, bias). ``meta.json`` and ``README.txt`` say how to
+predict. The directory is assembled under a temporary name and renamed into
 place, so a reader never sees a partial export; an existing one is replaced only with ``--overwrite``.
 """
 
@@ -19,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .daybias import DAY_BITS
 from .errors import ConfigError, DataError, cli_entry
 from .runs import Run, load_run
 from .shards import install_dir, staging_dir
@@ -43,7 +45,7 @@ Files (row r of every user file is the same user, row r of every movie file the 
   users.parquet     user_id, n_train, bias, factors (fixed-size list of {dim} float32)
   movies.parquet    movie_id, title, year, genres, n_train, bias, factors
   meta.json         dimensions, rating scale, source run and checkpoint
-
+{day_files}
 n_train is the number of training ratings; rows with n_train = 0 were never trained (their factors are
 the random initialization), so predictions for them are close to the global mean plus any known bias.
 
@@ -59,7 +61,7 @@ Predict with NumPy only:
     u, i = urow[USER_ID], mrow[MOVIE_ID]
     rating = np.clip(mu + bu[u] + bi[i] + P[u] @ Q[i], {lo:g}, {hi:g})
     all_movies_for_u = np.clip(mu + bu[u] + bi + Q @ P[u], {lo:g}, {hi:g})
-
+{day_note}
 With pyarrow: pyarrow.parquet.read_table(f"{{d}}/movies.parquet"); the factors column converts with
 np.stack(table["factors"].to_numpy(zero_copy_only=False)).
 
@@ -83,6 +85,24 @@ _NO_BIASES = "This model has no biases: drop the ones column and lam_b (X = Q[ro
 _CAPPED = "This model caps factor vectors at norm {max_norm:g}: scale p_new down to that norm if it is longer.\n"
 FOLD_IN_NOTES = {(True, False): "", (False, False): "\n" + _NO_BIASES, (True, True): "\n" + _CAPPED,
                  (False, True): "\n" + _NO_BIASES + _CAPPED}
+
+
+DAY_FILES = """\
+  user_day_user_ids.npy  int64 (n_days,)  the user (original userId) of each user-day bias
+  user_day_days.npy      int32 (n_days,)  its day: unix time // 86400 (UTC)
+  user_day_bias.npy      float32 (n_days,)
+  user_day_bias.parquet  user_id, day, bias: the same rows, sorted by user and day
+"""
+DAY_NOTE = """
+This model was trained with user-day biases (--model.day_bias): a rating made on a day (UTC) on which the same user
+has training ratings adds that day's bias (a user's day bias moves all of their predictions of that day alike: it
+never reorders a top-N list; without a time, or on a day without training ratings, it is 0):
+
+    day_bias = dict(zip(zip(np.load(f"{{d}}/user_day_user_ids.npy").tolist(),
+                            np.load(f"{{d}}/user_day_days.npy").tolist()), np.load(f"{{d}}/user_day_bias.npy")))
+    rating = np.clip(mu + bu[u] + bi[i] + day_bias.get((USER_ID, TIMESTAMP // 86400), 0.0) + P[u] @ Q[i],
+                     {lo:g}, {hi:g})
+"""
 
 
 MODEL_TEXT = {
@@ -122,6 +142,18 @@ def write_export(run: Run, directory: Path) -> dict:
                        "factors": _fixed_list(q)})
     pq.write_table(users, directory / "users.parquet")
     pq.write_table(movies, directory / "movies.parquet")
+    files = [f"{n}.npy" for n in arrays] + ["users.parquet", "movies.parquet", "README.txt"]
+    days = run.day_biases()
+    if days is not None:  # --model.day_bias: keyed by (global user index << DAY_BITS) + day
+        keys, values = days
+        day_arrays = {"user_day_user_ids": user_ids[keys >> DAY_BITS],
+                      "user_day_days": (keys & ((1 << DAY_BITS) - 1)).astype(np.int32),
+                      "user_day_bias": values.astype(np.float32)}
+        for name, arr in day_arrays.items():
+            np.save(directory / f"{name}.npy", arr)
+        pq.write_table(pa.table({"user_id": day_arrays["user_day_user_ids"], "day": day_arrays["user_day_days"],
+                                 "bias": day_arrays["user_day_bias"]}), directory / "user_day_bias.parquet")
+        files += [f"{n}.npy" for n in day_arrays] + ["user_day_bias.parquet"]
 
     lo, hi = run.rating_range
     dim = p.shape[1]
@@ -133,20 +165,24 @@ def write_export(run: Run, directory: Path) -> dict:
                        "rating_min, rating_max)" if biases else
                        "clip(dot(user_factors[u], item_factors[i]), rating_min, rating_max)"),
         "biases": biases, "max_norm": run.max_norm or None,
+        # the user-day biases' term, added inside the clip (README.txt); absent from top-N lists
+        "day_bias": (None if days is None else
+                     {"n": len(days[0]), "term": "user_day_bias[(user_id, timestamp // 86400)], 0 when absent"}),
         # the training objective's per-rating L2 weights: what a fold-in of a new user solves with (README.txt)
         "fold_in": {"reg_factor": run.reg_factor, "reg_bias": run.reg_bias if biases else 0.0},
         "dim": dim, "n_users": len(user_ids), "n_movies": len(movie_ids),
         "global_mean": float(mean), "rating_min": lo, "rating_max": hi,
         "run_dir": str(run.run_dir.resolve()), "checkpoint": str(run.checkpoint_path.resolve()), "step": run.step,
         "data": str(run.data.root.resolve()), "data_fingerprint": run.data.fingerprint,
-        "files": sorted([f"{n}.npy" for n in arrays] + ["users.parquet", "movies.parquet", "README.txt"]),
+        "files": sorted(files),
     }
     (directory / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     model = MODEL_TEXT[biases].format(lo=lo, hi=hi) + (MAX_NORM_TEXT.format(max_norm=run.max_norm)
                                                        if run.max_norm else "")
     note = FOLD_IN_NOTES[(biases, bool(run.max_norm))].format(max_norm=run.max_norm)
-    (directory / "README.txt").write_text(README.format(fmt=EXPORT_FORMAT, lo=lo, hi=hi, dim=dim, model=model,
-                                                        fold_in_note=note))
+    (directory / "README.txt").write_text(README.format(
+        fmt=EXPORT_FORMAT, lo=lo, hi=hi, dim=dim, model=model, fold_in_note=note,
+        day_files="" if days is None else DAY_FILES, day_note="" if days is None else DAY_NOTE.format(lo=lo, hi=hi)))
     return meta
 
 

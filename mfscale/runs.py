@@ -7,7 +7,7 @@ a run without a model, or a missing dataset the same way: one :class:`~mfscale.e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +36,7 @@ class Run:
     # the run's per-rating L2 weights (--optim.reg_factor, --optim.reg_bias): the fold-in solves the same objective
     reg_factor: float = 0.0
     reg_bias: float = 0.0
+    checkpoint_state: dict = field(default_factory=dict, repr=False)  # the checkpoint's metadata (its parts' paths)
 
     @property
     def rating_range(self) -> tuple[float, float]:
@@ -52,6 +53,11 @@ class Run:
             raise DataError(f"unknown user id {user_id}: not in {self.data.root} "
                             f"({len(ids):,} users, ids {ids[0]}..{ids[-1]})")
         return pos
+
+    def day_biases(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The run's user-day biases (``--model.day_bias``): sorted ``daybias.day_key`` keys (global user index
+        << 20 | day) and their biases, or None for a run without them. Read from the checkpoint's parts on call."""
+        return checkpoint.day_biases(self.checkpoint_path, self.checkpoint_state)
 
     def train_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Training ratings grouped by user as CSR: ``indptr`` (n_users + 1) and the items of each user."""
@@ -103,7 +109,7 @@ def load_run(run_dir: Path | str, data: Path | str | None = None) -> Run:
     return Run(run_dir=run_dir, checkpoint_path=path, step=int(state.get("global_step", 0) or 0), model=model,
                data=dataset, users=users, movies=movies, max_norm=max_norm,
                reg_factor=float(optim.get("reg_factor", defaults.reg_factor)),
-               reg_bias=float(optim.get("reg_bias", defaults.reg_bias)))
+               reg_bias=float(optim.get("reg_bias", defaults.reg_bias)), checkpoint_state=state)
 
 
 def movie_label(row: dict) -> str:

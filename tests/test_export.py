@@ -59,6 +59,38 @@ def test_numpy_predictions_equal_the_model(exported):
     assert "np.clip" in (out / "README.txt").read_text()
 
 
+def test_day_biases_exported_give_the_jobs_test_rmse(exported):
+    """The run trains user-day biases (the default): the README's formula over the exported files alone, the day
+    bias looked up by (original user id, timestamp // 86400), gives the test RMSE the job reported."""
+    data, run_dir, out = exported
+    a = load_npy(out)
+    users_id, days, bias = (np.load(out / f"user_day_{n}.npy") for n in ("user_ids", "days", "bias"))
+    assert len(bias) > 0 and days.dtype == np.int32 and bias.dtype == np.float32
+    table = pq.read_table(out / "user_day_bias.parquet")
+    assert table.column_names == ["user_id", "day", "bias"]
+    np.testing.assert_array_equal(table["bias"].to_numpy(), bias)
+    day_bias = dict(zip(zip(users_id.tolist(), days.tolist(), strict=True), bias.tolist(), strict=True))
+    assert len(day_bias) == len(bias)  # one row per (user, day)
+    run = load_run(run_dir)
+    test = Dataset(data).read_split("test")
+    uids = run.users["user_id"].to_numpy()[test["user"]]
+    mids = run.movies["movie_id"].to_numpy()[test["item"]]
+    urow = {int(x): r for r, x in enumerate(a["user_ids"])}
+    mrow = {int(x): r for r, x in enumerate(a["movie_ids"])}
+    ur = np.array([urow[x] for x in uids.tolist()])
+    mr = np.array([mrow[x] for x in mids.tolist()])
+    b = np.array([day_bias.get((u, t // 86400), 0.0) for u, t in zip(uids.tolist(), test["timestamp"].tolist(),
+                                                                         strict=True)])
+    assert (b != 0).any()  # some test ratings fall on a training day
+    pred = (a["global_mean"] + a["user_bias"][ur] + a["item_bias"][mr] + b
+            + np.einsum("ij,ij->i", a["user_factors"][ur], a["item_factors"][mr]))
+    rmse = np.sqrt(np.mean((np.clip(pred, 0.5, 5.0) - test["rating"]) ** 2))
+    assert rmse == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["test_rmse"], abs=2e-5)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["day_bias"]["n"] == len(bias) and "user_day_bias.parquet" in meta["files"]
+    assert "TIMESTAMP // 86400" in (out / "README.txt").read_text()
+
+
 def test_parquet_and_npy_agree(exported):
     _, run_dir, out = exported
     a = load_npy(out)

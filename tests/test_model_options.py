@@ -245,6 +245,7 @@ def test_a_plain_mf_run_saves_no_biases_and_the_tools_use_none(small_data, plain
     assert export_main(["--run", str(plain_run), "--out", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["biases"] is False and meta["max_norm"] == 0.6 and "bias" not in meta["prediction"]
+    assert meta["day_bias"] is None and not list(out.glob("user_day_*"))  # plain MF has no user-day biases
     assert "without biases" in (out / "README.txt").read_text()
     assert not np.load(out / "user_bias.npy").any() and float(np.load(out / "global_mean.npy")) == 0.0
     pu, qi = np.load(out / "user_factors.npy"), np.load(out / "item_factors.npy")
