@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
+import torch
 
-from mfscale import config, train
+from mfscale import config, daybias, train
 from mfscale.errors import DataError
 from mfscale.recommend import Recommender, fold_in, main
 from mfscale.runs import load_run
@@ -167,13 +168,21 @@ def test_the_exports_numpy_recipe_folds_in_the_same_user(trained, tmp_path):
     blocks.append(textwrap.dedent("\n".join(current)))
     ratings = new_user_ratings(run, 2, new_id=10**6)
     folded = fold_in(run, ratings)
+    # the run has user-day biases (the default): the README's day-bias lines need a time, one of user 0's training days
+    keys, values = run.day_biases()
+    user0 = keys >> daybias.DAY_BITS == 0
+    timestamp = int(keys[user0][0] & ((1 << daybias.DAY_BITS) - 1)) * daybias.DAY_SECONDS + 3600
     space = {"USER_ID": int(run.users["user_id"][0]), "MOVIE_ID": int(run.movies["movie_id"][0]),
+             "TIMESTAMP": timestamp,
              "NEW_USER_MOVIE_IDS": ratings["movie_id"].to_list(), "NEW_USER_RATINGS": ratings["rating"].to_list()}
     code = "\n".join(b for b in blocks if "np." in b).replace('d = "path/to/this/directory"',
                                                                f'd = "{tmp_path / "exp"}"')
     exec(code, space)  # noqa: S102 - the export's own documentation, run as a user would
     assert np.allclose(space["p_new"], folded.p[0].double().numpy(), atol=1e-5)
     assert space["b_new"] == pytest.approx(float(folded.bu[0]), abs=1e-5)
+    # user 0's rating of movie 0 on that day: the model's prediction plus that day's bias, clipped
+    plain = float(run.model.predict(torch.tensor([0]), torch.tensor([0]))[0])
+    assert space["rating"] == pytest.approx(min(max(plain + float(values[user0][0]), 0.5), 5.0), abs=1e-5)
 
 
 def test_foldin_benchmark_smoke(tmp_path):
