@@ -5,6 +5,7 @@ tests/test_layout.py."""
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 
 from mfscale import checkpoint, prepare
 from mfscale.daybias import DAY_SECONDS, DayBias, day_key
+from mfscale.shards import find_sorted
 from mfscale.train import run
 
 from .test_optim import float64  # noqa: F401 (a fixture)
@@ -61,6 +63,26 @@ def session_data(tmp_path_factory) -> Path:
     out = root / "data"
     assert prepare.main(["--input", str(_sessions_csv(root / "ratings.csv")), "--out", str(out), "--quiet"]) == 0
     return out
+
+
+def test_find_sorted_agrees_with_a_dict_lookup():
+    """The one sorted-id lookup (day keys, checkpoint parts, recommend): position and found flag of every id, against
+    a Python dict; ids not there, a read-only table (Arrow's, memory maps), int32 ids and an empty table."""
+    rng = np.random.default_rng(0)
+    table = np.unique(rng.integers(0, 1 << 40, 5000))
+    ids = np.concatenate([rng.choice(table, 3000), rng.integers(0, 1 << 40, 2000), [0, table[0], table[-1], 1 << 41]])
+    where = {int(k): r for r, k in enumerate(table)}
+    table.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.from_numpy warns on a read-only array: it is copied first
+        pos, found = find_sorted(table, ids)
+    assert found.tolist() == [int(x) in where for x in ids]
+    assert (pos[found] == [where[int(x)] for x in ids[found]]).all()
+    assert ((pos >= 0) & (pos < len(table))).all()  # a miss still indexes the table
+    pos, found = find_sorted(np.array([2, 5, 9], np.int32), np.array([5, 4, 9, 10], np.int32))
+    assert pos.tolist()[::2] == [1, 2] and found.tolist() == [True, False, True, False]
+    pos, found = find_sorted(np.empty(0, np.int64), np.array([1, 2]))
+    assert not found.any() and len(pos) == 2
 
 
 def test_day_biases_find_a_session_signal_and_every_step_kind_agrees(session_data, tmp_path):
