@@ -186,13 +186,10 @@ struct Side {
   }
 };
 
-template <typename T>
-void day_step_impl(T* table, const int64_t* rows, const T* err, int64_t n, int64_t missing, double scale,
-                   double step_size, double beta2, double eps, double l2);
-
 // The user-day biases (mfscale/daybias.py) where the job has them: rows [bias, state, 1 / ratings, scratch] and each
 // rating's row. The step fits rating - bias (read as the rating is, prefetched with it), and the biases take their
-// step from its errors at the end: one op instead of three passes over the batch (a gather, the step, their step).
+// step from its errors (users major: each user's right after its ratings; else at the op's end, day_step_impl): one
+// op instead of three passes over the batch (a gather, the step, their step).
 template <typename T>
 struct Days {
   T* table = nullptr;  // null: no user-day biases
@@ -224,6 +221,24 @@ inline void day_update(const Days<T>& days, int64_t k, T b2, T eps) {
   const T s = row[1] + (g * g - row[1]) * (T(1) - b2);
   row[1] = s;
   row[0] -= static_cast<T>(days.step_size) * g / (std::sqrt(s) + eps);
+}
+
+// The user-day biases' step (mfscale/daybias.py, DayBias.update) from a batch's errors, at fused_step's end where
+// movies are the major side (users major: in the pass, per user): day_add for every rating in batch order (the
+// gradient summed into each touched row's scratch, from the old bias), then day_update, each touched row once. As
+// torch ops (a unique, an index_add, five gathers and scatters) it cost half a step on ml-10m.
+template <typename T>
+void day_step_impl(const Days<T>& days, const T* err, int64_t n, double scale, T b2, T eps) {
+  constexpr int64_t kDayAhead = 16;  // the rows are random and in memory, not cache: more misses in flight
+  const T sc = static_cast<T>(scale);
+  for (int64_t k = 0; k < n; ++k) {
+    if (k + kDayAhead < n) prefetch_row(days.table + days.rows[k + kDayAhead] * 4, 4, 1);
+    day_add(days, k, err[k] * sc);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    if (k + kDayAhead < n) prefetch_row(days.table + days.rows[k + kDayAhead] * 4, 4, 1);
+    day_update(days, k, b2, eps);
+  }
 }
 
 // The major side (more touched rows) is streamed row by row: for each of its rows, the errors of its ratings,
@@ -351,8 +366,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
     }
   });
   if (days.table && !users_major) {  // the biases' values were only read above: their step sees the old values
-    day_step_impl<T>(days.table, days.rows, err, n, days.missing, scale, days.step_size, maj.adam.beta2, maj.adam.eps,
-                     days.l2);
+    day_step_impl<T>(days, err, n, scale, d_b2, d_eps);
   }
   double coef_sum = 0, sse = 0;  // in batch order: the same sums for any thread count
   for (int64_t k = 0; k < n; ++k) {
@@ -446,40 +460,6 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
                               days);
   });
   return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
-}
-
-// The user-day biases' step (mfscale/daybias.py, DayBias.update) from a batch's errors, at fused_step's end; rows
-// [bias, state, 1 / ratings, gradient]: each touched row's gradient (its ratings' errors and shares of its L2, from
-// the old bias) summed in batch order into its own row, then its RMSprop update: one pass over the batch and one
-// over its rows. As torch ops (a unique, an index_add, five gathers and scatters) it cost half a step on ml-10m.
-template <typename T>
-void day_step_impl(T* table, const int64_t* rows, const T* err, int64_t n, int64_t missing, double scale,
-                   double step_size, double beta2, double eps, double l2) {
-  constexpr int64_t W = 4;
-  constexpr int64_t kDayAhead = 16;  // the rows are random and in memory, not cache: more misses in flight
-  std::vector<int64_t> touched;
-  touched.reserve(n);
-  const T sc = static_cast<T>(scale), w = static_cast<T>(l2);
-  for (int64_t k = 0; k < n; ++k) {
-    if (k + kDayAhead < n) prefetch_row(table + rows[k + kDayAhead] * W, W, 1);
-    const int64_t r = rows[k];
-    if (r == missing) continue;  // the empty row never moves
-    T* row = table + r * W;
-    if (std::isnan(row[3])) {  // NaN: not touched yet in this step (no mark array: one cache line per rating)
-      touched.push_back(r);
-      row[3] = T(0);
-    }
-    row[3] += err[k] * sc + row[2] * w * row[0];
-  }
-  const T b2 = static_cast<T>(beta2), e = static_cast<T>(eps), sz = static_cast<T>(step_size);
-  for (const int64_t r : touched) {
-    T* row = table + r * W;
-    const T g = row[3];
-    row[3] = std::numeric_limits<T>::quiet_NaN();
-    const T s = row[1] + (g * g - row[1]) * (T(1) - b2);
-    row[1] = s;
-    row[0] -= sz * g / (std::sqrt(s) + e);
-  }
 }
 
 }  // namespace
