@@ -49,7 +49,8 @@ class ModelConfig:
     day_bias: bool = True
 
 
-FUSED_OPTIMIZERS = ("lazy_adam", "row_rmsprop")  # the tables' optimizers the fused steps implement
+FUSED_OPTIMIZERS = ("lazy_adam", "row_rmsprop", "sgd")  # the tables' optimizers the fused steps implement
+SGD_LR = 0.02  # --optim.optimizer sgd's learning rate on ml-10m, ml-1m and real ml-latest-small (RESULTS, session 13)
 
 
 @dataclass
@@ -57,7 +58,9 @@ class OptimConfig:
     # row_rmsprop (mfscale.optim.RowRMSprop: Adam without a first moment and one second moment per row: 1/3 of
     # Adam's memory; the CPU job 1.2-1.5x faster at the same test RMSE on ml-latest-small, ml-1m, ml-10m and ml-32m,
     # benchmarks/RESULTS.md, session 10) | lazy_adam (mfscale.optim.LazyAdam: SparseAdam's update, the default
-    # before) | sparse_adam (torch.optim.SparseAdam, the reference)
+    # before) | sparse_adam (torch.optim.SparseAdam, the reference) | sgd (one plain SGD update per rating, as
+    # cornac and LIBMF do, in a C++ op on the CPU, one process or blocks tables: 4-6x the ratings/s, better RMSE on
+    # the synthetic presets, 0.02 worse on real ml-latest-small; wants --optim.lr 0.02; RESULTS.md, session 13)
     optimizer: str = "row_rmsprop"
     # Defaults chosen on ml-10m and ml-1m synthetic and real ml-latest-small, several seeds each
     # (benchmarks/RESULTS.md, issue 12); every one of the three is better with them than with the previous
@@ -164,8 +167,8 @@ class JobConfig:
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.model.max_norm >= 0 and math.isfinite(self.model.max_norm),
              "model.max_norm must be a finite number >= 0 (0 = off)"),
-            (self.optim.optimizer in ("lazy_adam", "row_rmsprop", "sparse_adam"),
-             "optim.optimizer must be lazy_adam, row_rmsprop or sparse_adam"),
+            (self.optim.optimizer in ("lazy_adam", "row_rmsprop", "sparse_adam", "sgd"),
+             "optim.optimizer must be lazy_adam, row_rmsprop, sparse_adam or sgd"),
             (self.optim.lr > 0 and self.optim.dense_lr >= 0, "optim.lr must be > 0 and optim.dense_lr >= 0"),
             (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
             (min(self.optim.reg_factor, self.optim.reg_bias, self.optim.reg_day, self.optim.gravity) >= 0,
@@ -190,6 +193,13 @@ class JobConfig:
             (self.checkpoint.every_steps >= 0, "checkpoint.every_steps must be >= 0"),
             (self.checkpoint.resume in ("auto", "never"), "checkpoint.resume must be auto or never"),
         ]
+        if self.optim.optimizer == "sgd":
+            blockers = self.fused_blockers() + [name for name, on in (
+                ("model.max_norm > 0", self.model.max_norm > 0), ("train.step autograd", self.train.step == "autograd"),
+                ("train.cpu_kernel off", self.train.cpu_kernel == "off")) if on]
+            if blockers:
+                checks.append((False, "--optim.optimizer sgd (per-rating updates in the C++ op) cannot be used with "
+                               + ", ".join(blockers)))
         if self.train.step == "fused" and self.fused_blockers():
             checks.append((False, "--train.step fused cannot be used with " + ", ".join(self.fused_blockers())
                            + "; use --train.step auto or autograd"))

@@ -112,8 +112,9 @@ def load(verbose: bool = False) -> None:
         errors = [ln for ln in lines if "error" in ln.lower()]
         why = (errors[1] if len(errors) > 1 and lines and errors[0] == lines[0] else (errors or lines or [""])[0])
         raise KernelUnavailable(f"{type(exc).__name__}: {why[:300]}") from exc
-    if not hasattr(torch.ops.mfscale, "fused_step"):
-        raise KernelUnavailable("the built library does not define mfscale::fused_step")
+    for op in ("fused_step", "sgd_step"):
+        if not hasattr(torch.ops.mfscale, op):
+            raise KernelUnavailable(f"the built library does not define mfscale::{op}")
     _LOADED["ok"] = True
 
 
@@ -156,3 +157,23 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
     coef_sum, sse = out.tolist()
     return coef_sum, sse
 
+
+
+def sgd_step(users: torch.Tensor, items: torch.Tensor, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor,
+             global_bias: float, lr: float, reg_factor: float, reg_bias: float, *, biases: bool = True,
+             days: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[float, float]:
+    """``--optim.optimizer sgd``: one SGD update per rating of the batch, in place; returns (sum of errors, sum of
+    squared errors), each error (prediction - rating) taken just before its rating's update.
+
+    Per rating, e = prediction - rating: ``p_u -= lr (e q_i + reg_factor p_u)``, ``q_i -= lr (e p_u + reg_factor
+    q_i)``, ``b -= lr (e + reg_bias b)`` for both biases (``biases``), and with ``days`` = ``(DayBias.table, each
+    rating's row, reg_day)`` the user-day bias ``b -= lr (e + reg_day / n b)`` (n its key's training ratings). The
+    threads share the batch without locks (Hogwild): only one thread repeats bit for bit (see the source).
+    """
+    load()
+    table, rows, reg_day = days if days is not None and user.numel() else (
+        users.new_empty(0), torch.empty(0, dtype=torch.int64), 0.0)
+    out = torch.ops.mfscale.sgd_step(users, items, user, item, rating, float(global_bias), float(lr),
+                                     float(reg_factor), float(reg_bias), bool(biases), table, rows, float(reg_day))
+    e_sum, sse = out.tolist()
+    return e_sum, sse

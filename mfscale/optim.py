@@ -378,9 +378,35 @@ class RowRMSprop(RowOptimizer):
         fn(p.detach(), state["row_sq"], rows, values, l2[0], l2[1], step_size, group["betas"][1], group["eps"])
 
 
+class RatingSGD(RowOptimizer):
+    """``--optim.optimizer sgd``: plain SGD, one update per rating (Funk's and Koren's SGD), with no per-row state.
+
+    Its update has no mini-batch form here: ``mfscale.cpu_step.sgd_step`` applies it rating by rating, through
+    ``step(update=...)`` (which counts the step and hands over the scheduled learning rate), in ``step.SgdStep``.
+    ``betas`` are kept only so that every tables' optimizer has one config and checkpoint format.
+    """
+
+    state_keys = ()
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.02,
+                 betas: tuple[float, float] = (0.0, 0.0), eps: float = 1e-8):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    def _begin_step(self, p: Tensor, group: dict) -> tuple[dict, float]:
+        state = self._state(p)
+        state["step"] += 1
+        return state, float(group["lr"])
+
+    def _apply(self, group: dict, p: Tensor, rows: Tensor | None, values: Tensor,
+               l2: tuple[Tensor, Tensor] | None = None) -> None:
+        raise RuntimeError("RatingSGD updates rating by rating (mfscale.cpu_step.sgd_step), not from summed row "
+                           "gradients")
+
+
 # Per ``--optim.optimizer``: the class whose per-row state it keeps. Optimizers with the same state (lazy_adam and
 # sparse_adam: Adam's moments) can take over each other's checkpoints; others cannot.
-STATE_OF: dict[str, type[RowOptimizer]] = {"lazy_adam": LazyAdam, "sparse_adam": LazyAdam, "row_rmsprop": RowRMSprop}
+STATE_OF: dict[str, type[RowOptimizer]] = {"lazy_adam": LazyAdam, "sparse_adam": LazyAdam, "row_rmsprop": RowRMSprop,
+                                            "sgd": RatingSGD}
 
 
 def row_floats(optimizer: str, dim: int) -> int:
@@ -407,8 +433,11 @@ def row_state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
 
 
 def build_tables(cfg: OptimConfig, params: list[Tensor]) -> torch.optim.Optimizer:
-    """The embedding tables' optimizer from the config: LazyAdam, RowRMSprop, or SparseAdam (the reference)."""
+    """The embedding tables' optimizer from the config: LazyAdam, RowRMSprop, RatingSGD, or SparseAdam (the
+    reference)."""
     betas = (cfg.beta1, cfg.beta2)
+    if cfg.optimizer == "sgd":
+        return RatingSGD(params, lr=cfg.lr, betas=betas)
     if cfg.optimizer == "lazy_adam":
         return LazyAdam(params, lr=cfg.lr, betas=betas)
     if cfg.optimizer == "row_rmsprop":

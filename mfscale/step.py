@@ -10,6 +10,8 @@ tests and benchmarks read:
 - ``compiled`` / ``eager`` (:class:`ClosedFormStep`): the same math as torch ops
   (``BiasedMF.closed_form_grads``: no autograd), the per-rating L2 term reaching the optimizer as (ratings of the
   global batch touching each row) x (column weight); its kernels under torch.compile or not.
+- ``sgd`` (:class:`SgdStep`): ``--optim.optimizer sgd``, one plain SGD update per rating in a C++ op
+  (``cpu_step.sgd_step``), where CppStep applies; no torch-ops form (a per-rating loop is sequential).
 - ``autograd`` (:class:`AutogradStep`): forward/backward through ``nn.Embedding(sparse=True)``; the reference,
   and what dropout, gravity, mixed precision and SparseAdam need (``JobConfig.fused_blockers``).
 
@@ -35,12 +37,12 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from . import cpu_step, daybias
-from .config import JobConfig
+from .config import SGD_LR, JobConfig
 from .distributed import DistEnv
 from .errors import ConfigError
 from .layout import TableLayout
 from .model import SPARSE_TABLES, BiasedMF, batch_errors, compiled_batch_errors
-from .optim import LazyAdam, Optimizers, RowRMSprop, build_tables
+from .optim import LazyAdam, Optimizers, RatingSGD, RowRMSprop, build_tables
 
 log = logging.getLogger("mfscale")
 
@@ -235,6 +237,66 @@ class CppStep(Step):
         return torch.tensor(sse, dtype=torch.float64), None
 
 
+class SgdStep(Step):
+    """``--optim.optimizer sgd``: one SGD update per rating of the batch, in batch order, of the tables and the
+    user-day biases in one C++ op (``cpu_step.sgd_step``; Hogwild over the threads). The global bias takes the
+    batch's step as in the other steps (Adam on the mean error's gradient, summed over ranks).
+
+    Only where ``layout.rows_complete`` on a CPU (one process, or blocks tables: DSGD, each rank updating the rows of
+    its stratum): replicated ranks exchange summed row gradients, which per-rating updates do not have.
+    """
+
+    kind = "sgd"
+
+    def __init__(self, env: DistEnv, layout: TableLayout, optims: Optimizers, reg_weights: torch.Tensor):
+        if env.device.type != "cpu":
+            raise ConfigError("--optim.optimizer sgd updates the tables rating by rating in a C++ op on the CPU; on "
+                              "a GPU use --optim.optimizer row_rmsprop")
+        if not layout.rows_complete:
+            raise ConfigError("--optim.optimizer sgd needs one process or --train.tables blocks (replicated tables "
+                              "exchange summed row gradients, and per-rating updates have none)")
+        if not isinstance(layout.opt, RatingSGD):
+            raise ValueError("SgdStep needs the tables' optimizer RatingSGD")
+        try:
+            cpu_step.load()
+        except cpu_step.KernelUnavailable as exc:
+            raise ConfigError(f"--optim.optimizer sgd: the C++ op could not be built ({exc}); use --optim.optimizer "
+                              "row_rmsprop") from exc
+        super().__init__(env, layout, optims, reg_weights)
+        lr = layout.cfg.optim.lr
+        if lr < SGD_LR / 4 and env.is_main:
+            log.warning("--optim.optimizer sgd with --optim.lr %g: per-rating steps want about %g (README); this "
+                        "run may stop far from its best RMSE", lr, SGD_LR)
+
+    def __call__(self, user, item, rating, global_rows, global_step, day_row=None):
+        model, cfg = self.layout.model, self.layout.cfg
+        days = self.layout.day_bias
+        if days is not None and day_row is None:
+            raise ValueError("a job with user-day biases needs each rating's day_row")
+        day_args = None if days is None else (days.table, day_row.long(), cfg.optim.reg_day)
+        users, items = (p.detach() for p in model.sparse_parameters())
+        out: list[float] = []
+
+        def update(steps: list[tuple[dict, float]]) -> None:
+            (_, lr_u), (_, lr_i) = steps  # one schedule for both tables
+            if lr_u != lr_i:
+                raise ValueError("SgdStep: the op takes one learning rate for both tables")
+            out.extend(cpu_step.sgd_step(users, items, user.to(torch.int64), item.to(torch.int64),
+                                         rating.to(users.dtype), float(model.global_bias.detach()), lr_u,
+                                         cfg.optim.reg_factor, float(self.reg_weights[-1]), biases=model.biases,
+                                         days=day_args))
+
+        self.layout.opt.step(update=update)
+        e_sum, sse = out
+        # the global bias: Adam on the batch's mean squared error's gradient, as the other steps take it
+        self.step_global_bias(torch.tensor(2.0 * e_sum / global_rows if model.biases else 0.0,
+                                           dtype=model.global_bias.dtype))
+        return torch.tensor(sse, dtype=torch.float64)
+
+    def _step(self, user, item, rating, global_rows, global_step, errors, days=None):
+        raise NotImplementedError("SgdStep steps in __call__ (the user-day biases inside its op)")
+
+
 def _sum_allreduce_hook(state, bucket):  # no annotations: DDP checks them and ours are strings (PEP 563)
     """DDP comm hook that sums instead of averaging: losses are already divided by the global batch."""
     fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
@@ -388,6 +450,8 @@ def build(cfg: JobConfig, env: DistEnv, layout: TableLayout, optims: Optimizers)
     reg_weights = torch.full((cfg.model.dim + 1,), cfg.optim.reg_factor, device=env.device,
                              dtype=layout.model.users.weight.dtype)
     reg_weights[-1] = cfg.optim.reg_bias if cfg.model.biases else 0.0  # plain MF: no bias to regularize
+    if cfg.optim.optimizer == "sgd":  # no other form (config.validate has refused what it cannot do)
+        return _logged(SgdStep(env, layout, optims, reg_weights))
     closed_form = t.step == "fused" or (t.step == "auto" and not cfg.fused_blockers())
     if not closed_form:
         return _logged(AutogradStep(cfg, env, layout, optims, reg_weights))
@@ -399,7 +463,8 @@ def build(cfg: JobConfig, env: DistEnv, layout: TableLayout, optims: Optimizers)
 
 
 _DESCRIPTION = {"cpp": "fused, one C++ op (mfscale/csrc/fused_step.cpp)", "compiled": "fused, kernels compiled",
-                "eager": "fused, torch ops", "autograd": "autograd"}
+                "eager": "fused, torch ops", "autograd": "autograd",
+                "sgd": "one SGD update per rating, one C++ op (mfscale/csrc/fused_step.cpp)"}
 
 
 def _logged(step: Step) -> Step:

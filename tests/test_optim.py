@@ -196,7 +196,7 @@ def test_config_accepts_the_optimizers_and_names_them_on_error(tmp_path):
     assert config.JobConfig().optim.optimizer == "row_rmsprop"
     for name in ("lazy_adam", "row_rmsprop", "sparse_adam"):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer=name).validate()
-    with pytest.raises(Exception, match="lazy_adam, row_rmsprop or sparse_adam"):
+    with pytest.raises(Exception, match="lazy_adam, row_rmsprop, sparse_adam or sgd"):
         config.replace(config.JobConfig(), data__path=".", optim__optimizer="adagrad").validate()
     assert (config.JobConfig().optim.beta1, config.JobConfig().optim.beta2) == (0.9, 0.98)
     for beta in ({"optim__beta1": 1.0}, {"optim__beta2": -0.1}):
