@@ -12,6 +12,8 @@ scored on its test split, predictions clipped to the rating scale:
   defaults (plus ``--epochs``/``--dim``/``--seed`` at their values here), as a subprocess of this checkout.
   ratings/s and test RMSE come from its metrics.json (training steps only; early stopping on the val split
   may end it before ``--epochs``; the test RMSE is that of the best val epoch's weights).
+- mfscale_sgd (on request, ``--trainers mfscale,mfscale_sgd,libmf,cornac``): the same job with
+  ``--optim.optimizer sgd --optim.lr 0.02`` (one SGD update per rating, the peers' algorithm) before ``--extra``.
 - LIBMF (``libmf`` binding): FPSGD + AdaGrad, no biases, LIBMF's own defaults (``mf_get_default_param`` of
   the C++ library bundled in the binding: L1 0, eta 0.1, 26 bins, squared loss, no NMF, copy_data) except k,
   iterations, threads, quiet, and L2 regularization 0.05 on P and Q instead of 0.1 (``--libmf-lambda``,
@@ -93,9 +95,12 @@ except ModuleNotFoundError:  # Python 3.10: the backport, as mfscale.config does
     import tomli as tomllib
 
 REPO = Path(__file__).resolve().parents[1]
-TRAINERS = ("mfscale", "libmf", "cornac", "spark")
+TRAINERS = ("mfscale", "mfscale_sgd", "libmf", "cornac", "spark")
+OURS = ("mfscale", "mfscale_sgd")
+SGD_FLAGS = "--optim.optimizer sgd --optim.lr 0.02"  # mfscale_sgd: the job with these before --extra
 DEFAULT_TRAINERS = ("mfscale", "libmf", "cornac")  # spark on request: its own extra, Java, minutes of JVM work
-NAMES = {"mfscale": "mfscale", "libmf": "LIBMF", "cornac": "cornac", "spark": "Spark ALS"}  # in titles and the plot
+NAMES = {"mfscale": "mfscale", "mfscale_sgd": "mfscale sgd", "libmf": "LIBMF", "cornac": "cornac",
+         "spark": "Spark ALS"}  # in titles and the plot
 PEERS = ("libmf", "cornac", "spark")
 BENCH_PIP = "python -m pip install -e '.[bench]'  (libmf==0.9.2 cornac==3.0.1)"
 SPARK_PIP = "python -m pip install -e '.[spark]'  (pyspark==4.3.0)"
@@ -179,11 +184,12 @@ def clipped_rmse(pred: np.ndarray, rating: np.ndarray, lo: float, hi: float) -> 
     return float(np.sqrt(np.mean(err * err))) if len(err) else float("nan")
 
 
-def run_mfscale(a: argparse.Namespace, tmp: str, rnd: int) -> dict[str, Any]:
-    run_dir = str(Path(tmp) / f"mfscale-run-{rnd}")  # a fresh run each round: an existing one would resume
+def run_mfscale(a: argparse.Namespace, tmp: str, rnd: int, name: str = "mfscale") -> dict[str, Any]:
+    run_dir = str(Path(tmp) / f"{name}-run-{rnd}")  # a fresh run each round: an existing one would resume
+    extra = f"{SGD_FLAGS} {a.extra}" if name == "mfscale_sgd" else a.extra
     cmd = [sys.executable, "-m", "mfscale.train", "--data", str(a.data), "--run-dir", run_dir,
            "--train.ranking_k", "0", "--epochs", str(a.epochs), "--dim", str(a.dim), "--seed", str(a.seed),
-           *shlex.split(a.extra)]
+           *shlex.split(extra)]
     # This checkout's mfscale, whatever is pip-installed (the commit in the table must be the one measured)
     path = os.pathsep.join(x for x in (str(REPO), os.environ.get("PYTHONPATH", "")) if x)
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": str(a.threads)}
@@ -195,8 +201,8 @@ def run_mfscale(a: argparse.Namespace, tmp: str, rnd: int) -> dict[str, Any]:
     m = json.loads((Path(run_dir) / "metrics.json").read_text())
     rate = m["train_ratings_per_s"]
     opt = tomllib.loads((Path(run_dir) / "config.toml").read_text())["optim"]["optimizer"]
-    how = f"flags {a.extra}" if a.extra else "the job's defaults"
-    return {"trainer": "mfscale", "version": f"mfscale {git_commit()}, torch {version('torch')}",
+    how = f"flags {extra.strip()}" if extra.strip() else "the job's defaults"
+    return {"trainer": name, "version": f"mfscale {git_commit()}, torch {version('torch')}",
             "model": f"BiasedMF, {opt} ({how}), batch {m['batch_size']}, best val epoch {m['best_epoch']}",
             "biases": True, "epochs": m["epochs"], "train_ratings_per_s": rate,
             "train_s": m["epochs"] * a.n_train / rate if rate else None, "wall_s": wall,
@@ -524,8 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             for name in order:
                 print(f"round {rnd + 1}/{a.repeat}: running {name} ({a.epochs} epochs, d={a.dim}, "
                       f"{a.threads} threads) ...", file=sys.stderr)
-                if name == "mfscale":
-                    rnd_rows.append(run_mfscale(a, tmp, rnd))
+                if name in OURS:
+                    rnd_rows.append(run_mfscale(a, tmp, rnd, name))
                     continue
                 if data is None:
                     data = ds.read_split("train"), ds.read_split("test")
@@ -546,8 +552,8 @@ def main(argv: list[str] | None = None) -> int:
                         f.write(json.dumps({**common, **r}) + "\n")
     md: list[str] = []
     out = md.append
-    others = [NAMES[t] for t in trainers if t != "mfscale"]
-    who = (f"mfscale beside {', '.join(others)}" if "mfscale" in trainers and others
+    others = [NAMES[t] for t in trainers if t not in OURS]
+    who = (f"mfscale beside {', '.join(others)}" if set(OURS) & set(trainers) and others
            else ", ".join(NAMES[t] for t in trainers))
     title = (f"{who}: {a.data} ({a.n_train:,} training ratings, {ds.split_rows('test'):,} test), d={a.dim}, {a.epochs} "
              f"epochs, {a.threads} threads")
