@@ -13,7 +13,7 @@ scored on its test split, predictions clipped to the rating scale:
   ratings/s and test RMSE come from its metrics.json (training steps only; early stopping on the val split
   may end it before ``--epochs``; the test RMSE is that of the best val epoch's weights).
 - mfscale_sgd (on request, ``--trainers mfscale,mfscale_sgd,libmf,cornac``): the same job with
-  ``--optim.optimizer sgd --optim.lr 0.02`` (one SGD update per rating, the peers' algorithm) before ``--extra``.
+  ``--optim.optimizer sgd --optim.lr 0.03`` (one SGD update per rating, the peers' algorithm) before ``--extra``.
 - LIBMF (``libmf`` binding): FPSGD + AdaGrad, no biases, LIBMF's own defaults (``mf_get_default_param`` of
   the C++ library bundled in the binding: L1 0, eta 0.1, 26 bins, squared loss, no NMF, copy_data) except k,
   iterations, threads, quiet, and L2 regularization 0.05 on P and Q instead of 0.1 (``--libmf-lambda``,
@@ -97,7 +97,7 @@ except ModuleNotFoundError:  # Python 3.10: the backport, as mfscale.config does
 REPO = Path(__file__).resolve().parents[1]
 TRAINERS = ("mfscale", "mfscale_sgd", "libmf", "cornac", "spark")
 OURS = ("mfscale", "mfscale_sgd")
-SGD_FLAGS = "--optim.optimizer sgd --optim.lr 0.02"  # mfscale_sgd: the job with these before --extra
+SGD_FLAGS = "--optim.optimizer sgd --optim.lr 0.03"  # mfscale_sgd: the job with these before --extra
 DEFAULT_TRAINERS = ("mfscale", "libmf", "cornac")  # spark on request: its own extra, Java, minutes of JVM work
 NAMES = {"mfscale": "mfscale", "mfscale_sgd": "mfscale sgd", "libmf": "LIBMF", "cornac": "cornac",
          "spark": "Spark ALS"}  # in titles and the plot

@@ -264,7 +264,7 @@ class SgdStep(Step):
                               "row_rmsprop") from exc
         super().__init__(env, layout, optims, reg_weights)
         lr = layout.cfg.optim.lr
-        if lr < SGD_LR / 4 and env.is_main:
+        if lr < SGD_LR / 3 and env.is_main:
             log.warning("--optim.optimizer sgd with --optim.lr %g: per-rating steps want about %g (README); this "
                         "run may stop far from its best RMSE", lr, SGD_LR)
 
