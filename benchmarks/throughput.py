@@ -152,6 +152,8 @@ VARIANTS: dict[str, dict[str, str]] = {
     # issue 24's model options on the default path: plain MF (no biases), nn.Embedding's max_norm 1
     "fused-plain": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "model__biases": "off"},
     "fused-max_norm": {"optim__optimizer": "row_rmsprop", "train__step": "fused", "model__max_norm": "1"},
+    # --optim.optimizer sgd: one SGD update per rating in its own C++ op (CPU: one process or blocks tables)
+    "sgd": {"optim__optimizer": "sgd", "optim__lr": "0.03"},
 }
 
 
@@ -673,7 +675,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "fused-torch (CPU: torch ops), fused-compiled, fused-eager, autograd (backward + "
                         "RowRMSprop), fused-lazy_adam, sparse_adam (backward + torch.optim.SparseAdam, the "
                         "reference), fused-replicated, fused-blocks, fused-plain (--model.biases off), "
-                        "fused-max_norm (--model.max_norm 1)")
+                        "fused-max_norm (--model.max_norm 1), sgd (--optim.optimizer sgd --optim.lr 0.03)")
     p.add_argument("--resident", choices=["auto", "on", "off"], default="auto",
                    help="data.resident for training modes; input mode measures the resident stream only with on")
     p.add_argument("--precisions", type=_csv(str), default=["fp32"], help="fp32,bf16,fp16 (mixed: CUDA only)")

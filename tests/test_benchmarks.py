@@ -28,13 +28,13 @@ def test_throughput_smoke(small_data, tmp_path):
     out, md = tmp_path / "r.jsonl", tmp_path / "r.md"
     cmd = [sys.executable, str(SCRIPT), "--data", str(small_data), "--modes", "input,step,e2e", "--steps", "3",
            "--warmup-steps", "1", "--batch-sizes", "512", "--dims", "8", "--baseline-steps", "5",
-           "--baseline-warmup-steps", "1", "--device", "cpu", "--variants", "sparse_adam,no_such_variant",
+           "--baseline-warmup-steps", "1", "--device", "cpu", "--variants", "sparse_adam,sgd,no_such_variant",
            "--out-jsonl", str(out), "--out-md", str(md)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     runs = [x for x in lines if x["kind"] == "mfscale"]
-    assert sorted(x["config"]["bench"]["mode"] for x in runs) == ["e2e", "input", "step"]
+    assert sorted(x["config"]["bench"]["mode"] for x in runs) == ["e2e", "e2e", "input", "step", "step"]
     for x in lines:
         for f in FIELDS:
             assert f in x, (f, x)
@@ -50,6 +50,7 @@ def test_throughput_smoke(small_data, tmp_path):
     assert baselines == {"notebook", "plain_sparse_adam"}
     table = md.read_text()
     assert "| e2e | 1 | 512 | 8 | sparse_adam | fp32 |" in table and "no_such_variant" in table
+    assert "| step | 1 | 512 | 8 | sgd | fp32 |" in table  # --optim.optimizer sgd's op
     assert "| notebook | 128 | 8 |" in table and proc.stdout.count("| plain_sparse_adam |") == 1
 
 
