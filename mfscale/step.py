@@ -263,12 +263,21 @@ class SgdStep(Step):
             raise ConfigError(f"--optim.optimizer sgd: the C++ op could not be built ({exc}); use --optim.optimizer "
                               "row_rmsprop") from exc
         super().__init__(env, layout, optims, reg_weights)
-        lr = layout.cfg.optim.lr
-        if lr < SGD_LR / 3 and env.is_main:
+        self.lr_checked = False
+
+    def _check_lr(self) -> None:
+        """Warn once, at the first step (a resumed run's learning rate is the checkpoint's, known only then), when
+        the run's learning rate is one meant for RowRMSprop's normalized steps."""
+        self.lr_checked = True
+        group = self.layout.opt.param_groups[0]
+        lr = float(group.get("initial_lr", group["lr"]))
+        if lr < SGD_LR / 3 and self.env.is_main:
             log.warning("--optim.optimizer sgd with --optim.lr %g: per-rating steps want about %g (README); this "
                         "run may stop far from its best RMSE", lr, SGD_LR)
 
     def __call__(self, user, item, rating, global_rows, global_step, day_row=None):
+        if not self.lr_checked:
+            self._check_lr()
         model, cfg = self.layout.model, self.layout.cfg
         days = self.layout.day_bias
         if days is not None and day_row is None:

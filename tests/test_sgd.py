@@ -222,3 +222,15 @@ def test_sgd_on_a_gpu_or_replicated_ranks_is_one_config_error():
         SgdStep(DistEnv(0, 1, 0, cuda), layout, None, None)
     with pytest.raises(ConfigError, match="needs one process or --train.tables blocks"):
         SgdStep(DistEnv(0, 2, 0, cpu), types.SimpleNamespace(rows_complete=False), None, None)
+
+
+@needs_op
+def test_sgd_warns_of_a_learning_rate_meant_for_row_rmsprop_but_not_on_resume(small_data, tmp_path, capsys):
+    """--optim.lr 0.003 (RowRMSprop's default) with sgd: one warning. A run started at 0.05 and resumed with flags
+    that leave --optim.lr at its default trains at the checkpoint's 0.05: no warning."""
+    run(job(small_data, tmp_path / "low", optim__optimizer="sgd", train__batch_size=512, train__epochs=1))
+    assert "--optim.optimizer sgd with --optim.lr 0.003: per-rating steps want about 0.03" in capsys.readouterr().err
+    run(job(small_data, tmp_path / "r", optim__optimizer="sgd", optim__lr=0.05, train__batch_size=512,
+            train__epochs=1))
+    run(job(small_data, tmp_path / "r", optim__optimizer="sgd", train__batch_size=512, train__epochs=2))
+    assert "per-rating steps want" not in capsys.readouterr().err
