@@ -59,8 +59,9 @@ class OptimConfig:
     # Adam's memory; the CPU job 1.2-1.5x faster at the same test RMSE on ml-latest-small, ml-1m, ml-10m and ml-32m,
     # benchmarks/RESULTS.md, session 10) | lazy_adam (mfscale.optim.LazyAdam: SparseAdam's update, the default
     # before) | sparse_adam (torch.optim.SparseAdam, the reference) | sgd (one plain SGD update per rating, as
-    # cornac and LIBMF do, in a C++ op on the CPU, one process or blocks tables: 4-6x the ratings/s, better RMSE on
-    # the synthetic presets, 0.02 worse on real ml-latest-small; wants --optim.lr 0.02; RESULTS.md, session 13)
+    # cornac and LIBMF do, in a C++ op on the CPU, one process or blocks tables: 2-3x the default's ratings/s and
+    # better RMSE on the synthetic presets, 0.009 worse on real ml-latest-small; wants --optim.lr 0.03; RESULTS.md,
+    # session 13)
     optimizer: str = "row_rmsprop"
     # Defaults chosen on ml-10m and ml-1m synthetic and real ml-latest-small, several seeds each
     # (benchmarks/RESULTS.md, issue 12); every one of the three is better with them than with the previous

@@ -158,7 +158,6 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
     return coef_sum, sse
 
 
-
 def sgd_step(users: torch.Tensor, items: torch.Tensor, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor,
              global_bias: float, lr: float, reg_factor: float, reg_bias: float, *, biases: bool = True,
              days: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> tuple[float, float]:

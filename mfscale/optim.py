@@ -388,7 +388,7 @@ class RatingSGD(RowOptimizer):
 
     state_keys = ()
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.02,
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict], lr: float = 0.03,
                  betas: tuple[float, float] = (0.0, 0.0), eps: float = 1e-8):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
 

@@ -115,7 +115,7 @@ def test_sgd_op_equals_numpy_from_its_definition(one_thread, biases, days):
 @needs_op
 def test_sgd_op_refuses_out_of_range_ids():
     P, Q = torch.zeros(3, 4), torch.zeros(2, 4)
-    with pytest.raises(RuntimeError, match="item id out of range"):
+    with pytest.raises(RuntimeError, match="sgd_step: item id out of range"):
         cpu_step.sgd_step(P, Q, torch.tensor([0]), torch.tensor([2]), torch.tensor([4.0]), 3.5, 0.01, 0.0, 0.0)
 
 

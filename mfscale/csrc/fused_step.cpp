@@ -377,9 +377,9 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   return {coef_sum, sse};
 }
 
-void check_ids(const at::Tensor& ids, int64_t n_rows, const char* what) {
+void check_ids(const at::Tensor& ids, int64_t n_rows, const char* what, const char* op = "fused_step") {
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 1,
-              "fused_step: ", what, " ids must be a contiguous 1-D int64 tensor");
+              op, ": ", what, " ids must be a contiguous 1-D int64 tensor");
   if (ids.numel() == 0) return;
   const int64_t* p = ids.data_ptr<int64_t>();
   int64_t lo = p[0], hi = p[0];
@@ -387,7 +387,7 @@ void check_ids(const at::Tensor& ids, int64_t n_rows, const char* what) {
     lo = p[k] < lo ? p[k] : lo;
     hi = p[k] > hi ? p[k] : hi;
   }
-  TORCH_CHECK(lo >= 0 && hi < n_rows, "fused_step: ", what, " id out of range [0, ", n_rows, ")");
+  TORCH_CHECK(lo >= 0 && hi < n_rows, op, ": ", what, " id out of range [0, ", n_rows, ")");
 }
 
 // Returns [sum of coef (the global bias's gradient), sum of squared errors] as a float64 tensor.
@@ -544,8 +544,8 @@ at::Tensor sgd_step(at::Tensor users, at::Tensor items, at::Tensor user, at::Ten
               "sgd_step: tables must be 2-D with equal widths (factors and a bias column)");
   TORCH_CHECK(user.numel() == item.numel() && rating.numel() == user.numel(),
               "sgd_step: user, item and rating must have equal lengths");
-  check_ids(user, users.size(0), "user");
-  check_ids(item, items.size(0), "item");
+  check_ids(user, users.size(0), "user", "sgd_step");
+  check_ids(item, items.size(0), "item", "sgd_step");
   const int64_t n = user.numel();
   const bool with_days = day_table.numel() > 0;
   if (with_days) {
@@ -554,7 +554,7 @@ at::Tensor sgd_step(at::Tensor users, at::Tensor items, at::Tensor user, at::Ten
                 "sgd_step: the user-day biases must be a contiguous CPU (rows, 4) tensor of the tables' dtype");
     TORCH_CHECK(day_rows.scalar_type() == at::kLong && day_rows.is_contiguous() && day_rows.numel() == n,
                 "sgd_step: one contiguous int64 user-day row per rating");
-    check_ids(day_rows, day_table.size(0), "day");
+    check_ids(day_rows, day_table.size(0), "day", "sgd_step");
   }
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "sgd_step", [&] {
