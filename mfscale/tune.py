@@ -8,7 +8,12 @@ Every trial is a real training run (``Trainer``, one process) of the job the oth
 - ``optim.lr`` (log-uniform 0.001-0.03), ``optim.reg_factor`` (log 0.003-0.3), ``optim.reg_bias`` (log
   0.0001-0.1), ``model.dim`` (16, 32, 64, 128), ``train.epochs`` (5-40);
 - the model options: ``model.biases`` (on, off), ``model.max_norm`` (off, 1, 2, 4), ``model.day_bias`` (on, off) and
-  ``optim.reg_day`` (1-100, log).
+  ``optim.reg_day`` (1-100, log);
+- with ``--optimizers row_rmsprop,sgd`` (any of ``config``'s optimizers), ``optim.optimizer`` among them too, each with
+  its own learning-rate range (``lr``: log 0.001-0.03; ``lr_sgd``, for sgd's per-rating steps: log 0.005-0.06) and
+  no max_norm for sgd (which has none). Without it the base job's optimizer, and its ``lr`` range, as before. Which of
+  the two is better depends on the data (``benchmarks/RESULTS.md``, session 13): the search decides from the
+  validation split.
 
 Its objective is the run's best validation RMSE (early stopping as configured). Each epoch's validation RMSE
 goes to a median pruner, which stops a trial that is worse than the median of earlier trials at the same
@@ -44,19 +49,25 @@ STUDY_NAME = "mfscale"
 TUNE_PIP = "python -m pip install -e '.[tune]'"
 DIMS = (16, 32, 64, 128)
 MAX_NORMS = (0.0, 1.0, 2.0, 4.0)
+OPTIMIZERS = ("lazy_adam", "row_rmsprop", "sparse_adam", "sgd")
 
 
-def sample(trial: Any, base: JobConfig, run_dir: Path) -> JobConfig:
-    """The base job with this trial's sampled values (the search space in the module docstring)."""
+def sample(trial: Any, base: JobConfig, run_dir: Path, optimizers: tuple[str, ...] = ()) -> JobConfig:
+    """The base job with this trial's sampled values (the search space in the module docstring); ``optimizers``:
+    more than one, and the optimizer is sampled among them."""
+    optimizer = (trial.suggest_categorical("optimizer", optimizers) if len(optimizers) > 1
+                 else optimizers[0] if optimizers else base.optim.optimizer)
+    sgd = optimizer == "sgd"
     return config.replace(
-        base, run_dir=str(run_dir),
-        optim__lr=trial.suggest_float("lr", 1e-3, 3e-2, log=True),
+        base, run_dir=str(run_dir), optim__optimizer=optimizer,
+        optim__lr=(trial.suggest_float("lr_sgd", 5e-3, 6e-2, log=True) if sgd
+                   else trial.suggest_float("lr", 1e-3, 3e-2, log=True)),
         optim__reg_factor=trial.suggest_float("reg_factor", 3e-3, 0.3, log=True),
         optim__reg_bias=trial.suggest_float("reg_bias", 1e-4, 0.1, log=True),
         model__dim=trial.suggest_categorical("dim", DIMS),
         train__epochs=trial.suggest_int("epochs", 5, 40),
         model__biases=trial.suggest_categorical("biases", (True, False)),
-        model__max_norm=trial.suggest_categorical("max_norm", MAX_NORMS),
+        model__max_norm=0.0 if sgd else trial.suggest_categorical("max_norm", MAX_NORMS),
         model__day_bias=trial.suggest_categorical("day_bias", (True, False)),
         optim__reg_day=trial.suggest_float("reg_day", 1.0, 100.0, log=True),
         checkpoint__resume="never",  # a trial that died is retried from scratch by a new trial
@@ -71,7 +82,7 @@ def _import_optuna() -> Any:
     return optuna
 
 
-def best_config(study: Any, base: JobConfig) -> JobConfig | None:
+def best_config(study: Any, base: JobConfig, optimizers: tuple[str, ...] = ()) -> JobConfig | None:
     """The best finished trial's whole job config (``run_dir`` set to ``runs/tuned``), or None yet."""
     done = [t for t in study.trials if t.state.name == "COMPLETE" and t.value is not None]
     if not done:
@@ -87,7 +98,7 @@ def best_config(study: Any, base: JobConfig) -> JobConfig | None:
 
         suggest_int = suggest_categorical = suggest_float
 
-    return sample(Fixed(best.params), base, Path("runs/tuned"))
+    return sample(Fixed(best.params), base, Path("runs/tuned"), optimizers)
 
 
 def plot(study: Any, out: Path) -> bool:
@@ -132,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, metavar="S", help="stop starting trials after S seconds")
     p.add_argument("--tune-seed", type=int, default=0, help="seed of the sampler (TPE)")
     p.add_argument("--keep-runs", action="store_true", help="keep each trial's run directory")
+    p.add_argument("--optimizers", default="", metavar="LIST",
+                   help=f"comma list of tables' optimizers to choose among ({', '.join(OPTIMIZERS)}), e.g. "
+                        "row_rmsprop,sgd; default: the job's own (--optim.optimizer)")
     return p
 
 
@@ -140,11 +154,17 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {args.trials}")
+    optimizers = tuple(dict.fromkeys(x.strip() for x in args.optimizers.split(",") if x.strip()))
+    unknown = [x for x in optimizers if x not in OPTIMIZERS]
+    if unknown:
+        raise ConfigError(f"--optimizers: unknown {', '.join(unknown)} (choose from {', '.join(OPTIMIZERS)})")
     base = config.from_args([*rest, "--run-dir", str(args.study / "unused")] if "--run-dir" not in rest else rest)
     optuna = _import_optuna()
     env = distributed.init(base.train.device, base.train.timeout_s)
     if env.distributed:
         raise ConfigError("mfscale.tune runs its trials in one process: start it with python, not torchrun")
+    if "sgd" in optimizers and env.device.type != "cpu":
+        raise ConfigError("--optimizers sgd: sgd runs on a CPU (add --device cpu, or leave sgd out)")
     setup_logging(0)
     args.study.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -160,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def objective(trial: Any) -> float:
         run_dir = args.study / f"trial-{trial.number}"
-        cfg = sample(trial, base, run_dir)
+        cfg = sample(trial, base, run_dir, optimizers)
 
         def report(epoch: int, val_rmse: float | None) -> None:
             if val_rmse is None:
@@ -180,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return float(metrics["best_val_rmse"])
 
     def after(study: Any, trial: Any) -> None:
-        cfg = best_config(study, base)
+        cfg = best_config(study, base, optimizers)
         if cfg is not None:
             write_text_atomic(args.study / "best.toml", config.to_toml(cfg))
         plot(study, args.study / "trials.png")
@@ -193,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     if todo > 0:
         study.optimize(objective, n_trials=todo, timeout=args.timeout, callbacks=[after],
                        catch=(), gc_after_trial=True)
-    cfg = best_config(study, base)
+    cfg = best_config(study, base, optimizers)
     if cfg is None:
         raise ConfigError(f"no trial of {args.study} finished")
     write_text_atomic(args.study / "best.toml", config.to_toml(cfg))
