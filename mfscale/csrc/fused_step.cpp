@@ -470,7 +470,7 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
 //   b_ud -= lr (e + reg_day / n_ud b_ud)                                  (user-day biases: n_ud its ratings)
 // i.e. SGD on the job's objective (mfscale/model.py), each rating's share of it at a time, halved. A row costs one
 // read-modify-write per rating and no optimizer state, where the exact mini-batch step above groups the batch by
-// row first (issue 22: ~6x the ratings/s). The threads split the batch and update the shared rows without locks
+// row first (issue 22: 3-4x the op's ratings/s, 2.5x the job's on ml-10m). The threads split the batch and update the shared rows without locks
 // (Hogwild, Niu et al. 2011; cornac's MF does the same): two threads rarely hold the same row at once in a batch
 // of random ratings, and when they do an update can be lost. So only a run on one thread repeats bit for bit.
 template <typename T>
