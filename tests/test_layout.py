@@ -161,6 +161,19 @@ def state_keys(cfg: config.JobConfig) -> tuple[str, ...]:
     return ("row_sq",) if cfg.optim.optimizer == "row_rmsprop" else ("exp_avg", "exp_avg_sq")
 
 
+def global_bias_step(bias: np.ndarray, m: np.ndarray, v: np.ndarray, grad: np.ndarray, t: int, lr: float,
+                     sync: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each rank's copy of the global bias after step ``t``: torch.optim.Adam (its default betas, eps 1e-8) on the
+    rank's gradient, then at a sync point the copies and their moments replaced by their means over the ranks."""
+    b1, b2 = 0.9, 0.999
+    m = b1 * m + (1 - b1) * grad
+    v = b2 * v + (1 - b2) * grad**2
+    bias = bias - lr / (1 - b1**t) * m / (np.sqrt(v) / np.sqrt(1 - b2**t) + 1e-8)
+    if sync:
+        bias, m, v = (np.full(len(x), x.mean()) for x in (bias, m, v))
+    return bias, m, v
+
+
 def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str, np.ndarray]) -> dict[str, list]:
     """The blocks layout's closed-form step written out in NumPy (float64) from the config alone, fed each step the
     ranks' batches: squared error / G plus the per-rating L2, LazyAdam (or RowRMSprop: one second moment of the mean
@@ -235,12 +248,7 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
             g = day_g[rows] + day_c[rows] / day_n[rows] * 2 * o.reg_day / g_rows * day_b[rows]
             day_s[rows] += (g * g - day_s[rows]) * (1 - o.beta2)
             day_b[rows] -= o.lr * np.sqrt(1 - o.beta2**t) * g / (np.sqrt(day_s[rows]) + 1e-8)
-        b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults (the global bias)
-        bias_m = b1 * bias_m + (1 - b1) * g_bias
-        bias_v = b2 * bias_v + (1 - b2) * g_bias**2
-        bias -= o.dense_lr / (1 - b1**t) * bias_m / (np.sqrt(bias_v) / np.sqrt(1 - b2**t) + 1e-8)
-        if t in sync:
-            bias, bias_m, bias_v = (np.full(w, x.mean()) for x in (bias, bias_m, bias_v))
+        bias, bias_m, bias_v = global_bias_step(bias, bias_m, bias_v, g_bias, t, o.dense_lr, t in sync)
     out = {"tables": tables, "moments": moments, "bias": [bias, bias_m, bias_v]}
     if days:
         out["days"] = [day_b, day_s]

@@ -24,7 +24,7 @@ from mfscale.shards import Dataset
 from mfscale.step import SgdStep
 from mfscale.train import run
 
-from .test_layout import run_ranks
+from .test_layout import global_bias_step, run_ranks
 from .test_train import job
 
 try:
@@ -138,12 +138,7 @@ def sgd_blocks_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict
             e_sum, _ = numpy_sgd(p, q, b["user"], b["item"], b["rating"].astype(np.float64), bias[r], o.lr,
                                  o.reg_factor, o.reg_bias, True, (day_b, rows, day_n, o.reg_day))
             g_bias[r] = w * 2 * e_sum / g_rows
-        b1, b2 = 0.9, 0.999  # torch.optim.Adam's defaults (the global bias)
-        bias_m = b1 * bias_m + (1 - b1) * g_bias
-        bias_v = b2 * bias_v + (1 - b2) * g_bias**2
-        bias -= o.dense_lr / (1 - b1**t) * bias_m / (np.sqrt(bias_v) / np.sqrt(1 - b2**t) + 1e-8)
-        if t in sync:
-            bias, bias_m, bias_v = (np.full(w, x.mean()) for x in (bias, bias_m, bias_v))
+        bias, bias_m, bias_v = global_bias_step(bias, bias_m, bias_v, g_bias, t, o.dense_lr, t in sync)
     return {"users": p, "items": q, "days": day_b, "bias": bias}
 
 

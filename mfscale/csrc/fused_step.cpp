@@ -390,6 +390,18 @@ void check_ids(const at::Tensor& ids, int64_t n_rows, const char* what, const ch
   TORCH_CHECK(lo >= 0 && hi < n_rows, op, ": ", what, " id out of range [0, ", n_rows, ")");
 }
 
+// The user-day bias arguments of either op, when the job has them (a non-empty table): the table's layout (rows of
+// [bias, state, 1 / n, scratch]) and one in-range row per rating.
+void check_days(const at::Tensor& day_table, const at::Tensor& day_rows, at::ScalarType dtype, int64_t n,
+                const char* op) {
+  TORCH_CHECK(day_table.device().is_cpu() && day_table.is_contiguous() && day_table.scalar_type() == dtype &&
+                  day_table.dim() == 2 && day_table.size(1) == 4,
+              op, ": the user-day biases must be a contiguous CPU (rows, 4) tensor of the tables' dtype");
+  TORCH_CHECK(day_rows.scalar_type() == at::kLong && day_rows.is_contiguous() && day_rows.numel() == n,
+              op, ": one contiguous int64 user-day row per rating");
+  check_ids(day_rows, day_table.size(0), "day", op);
+}
+
 // Returns [sum of coef (the global bias's gradient), sum of squared errors] as a float64 tensor.
 at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Tensor v_u, at::Tensor m_i,
                       at::Tensor v_i, at::Tensor user, at::Tensor item, at::Tensor rating, double global_bias,
@@ -431,14 +443,7 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
   check_ids(item, items.size(0), "item");
   const int64_t n = user.numel();
   const bool with_days = day_table.numel() > 0;
-  if (with_days) {
-    TORCH_CHECK(day_table.device().is_cpu() && day_table.is_contiguous() && day_table.scalar_type() == dtype &&
-                    day_table.dim() == 2 && day_table.size(1) == 4,
-                "fused_step: the user-day biases must be a contiguous CPU (rows, 4) tensor of the tables' dtype");
-    TORCH_CHECK(day_rows.scalar_type() == at::kLong && day_rows.is_contiguous() && day_rows.numel() == n,
-                "fused_step: one contiguous int64 user-day row per rating");
-    check_ids(day_rows, day_table.size(0), "day");
-  }
+  if (with_days) check_days(day_table, day_rows, dtype, n, "fused_step");
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fused_step", [&] {
     Days<scalar_t> days;
@@ -548,14 +553,7 @@ at::Tensor sgd_step(at::Tensor users, at::Tensor items, at::Tensor user, at::Ten
   check_ids(item, items.size(0), "item", "sgd_step");
   const int64_t n = user.numel();
   const bool with_days = day_table.numel() > 0;
-  if (with_days) {
-    TORCH_CHECK(day_table.device().is_cpu() && day_table.is_contiguous() && day_table.scalar_type() == dtype &&
-                    day_table.dim() == 2 && day_table.size(1) == 4,
-                "sgd_step: the user-day biases must be a contiguous CPU (rows, 4) tensor of the tables' dtype");
-    TORCH_CHECK(day_rows.scalar_type() == at::kLong && day_rows.is_contiguous() && day_rows.numel() == n,
-                "sgd_step: one contiguous int64 user-day row per rating");
-    check_ids(day_rows, day_table.size(0), "day", "sgd_step");
-  }
+  if (with_days) check_days(day_table, day_rows, dtype, n, "sgd_step");
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "sgd_step", [&] {
     Days<scalar_t> days;
