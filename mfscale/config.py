@@ -49,6 +49,7 @@ class ModelConfig:
     day_bias: bool = True
 
 
+OPTIMIZERS = ("lazy_adam", "row_rmsprop", "sparse_adam", "sgd")  # --optim.optimizer's choices
 FUSED_OPTIMIZERS = ("lazy_adam", "row_rmsprop", "sgd")  # the tables' optimizers the fused steps implement
 SGD_LR = 0.03  # --optim.optimizer sgd: best by validation RMSE of 0.02-0.05 on ml-10m, ml-1m, ml-latest-small (RESULTS)
 
@@ -168,7 +169,7 @@ class JobConfig:
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.model.max_norm >= 0 and math.isfinite(self.model.max_norm),
              "model.max_norm must be a finite number >= 0 (0 = off)"),
-            (self.optim.optimizer in ("lazy_adam", "row_rmsprop", "sparse_adam", "sgd"),
+            (self.optim.optimizer in OPTIMIZERS,
              "optim.optimizer must be lazy_adam, row_rmsprop, sparse_adam or sgd"),
             (self.optim.lr > 0 and self.optim.dense_lr >= 0, "optim.lr must be > 0 and optim.dense_lr >= 0"),
             (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),

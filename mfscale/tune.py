@@ -49,7 +49,6 @@ STUDY_NAME = "mfscale"
 TUNE_PIP = "python -m pip install -e '.[tune]'"
 DIMS = (16, 32, 64, 128)
 MAX_NORMS = (0.0, 1.0, 2.0, 4.0)
-OPTIMIZERS = ("lazy_adam", "row_rmsprop", "sparse_adam", "sgd")
 
 
 def sample(trial: Any, base: JobConfig, run_dir: Path, optimizers: tuple[str, ...] = ()) -> JobConfig:
@@ -144,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-seed", type=int, default=0, help="seed of the sampler (TPE)")
     p.add_argument("--keep-runs", action="store_true", help="keep each trial's run directory")
     p.add_argument("--optimizers", default="", metavar="LIST",
-                   help=f"comma list of tables' optimizers to choose among ({', '.join(OPTIMIZERS)}), e.g. "
+                   help=f"comma list of tables' optimizers to choose among ({', '.join(config.OPTIMIZERS)}), e.g. "
                         "row_rmsprop,sgd; default: the job's own (--optim.optimizer)")
     return p
 
@@ -155,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.trials < 1:
         raise ConfigError(f"--trials must be >= 1, got {args.trials}")
     optimizers = tuple(dict.fromkeys(x.strip() for x in args.optimizers.split(",") if x.strip()))
-    unknown = [x for x in optimizers if x not in OPTIMIZERS]
+    unknown = [x for x in optimizers if x not in config.OPTIMIZERS]
     if unknown:
-        raise ConfigError(f"--optimizers: unknown {', '.join(unknown)} (choose from {', '.join(OPTIMIZERS)})")
+        raise ConfigError(f"--optimizers: unknown {', '.join(unknown)} (choose from {', '.join(config.OPTIMIZERS)})")
     base = config.from_args([*rest, "--run-dir", str(args.study / "unused")] if "--run-dir" not in rest else rest)
     optuna = _import_optuna()
     env = distributed.init(base.train.device, base.train.timeout_s)

@@ -402,6 +402,19 @@ void check_days(const at::Tensor& day_table, const at::Tensor& day_rows, at::Sca
   check_ids(day_rows, day_table.size(0), "day", op);
 }
 
+// The user-day biases of an op call: none (an empty table), or the table, each rating's row and the "missing" row
+// (the last: a day without training ratings, never stepped).
+template <typename T>
+Days<T> days_of(const at::Tensor& day_table, const at::Tensor& day_rows) {
+  Days<T> days;
+  if (day_table.numel() > 0) {
+    days.table = day_table.data_ptr<T>();
+    days.rows = day_rows.data_ptr<int64_t>();
+    days.missing = day_table.size(0) - 1;
+  }
+  return days;
+}
+
 // Returns [sum of coef (the global bias's gradient), sum of squared errors] as a float64 tensor.
 at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Tensor v_u, at::Tensor m_i,
                       at::Tensor v_i, at::Tensor user, at::Tensor item, at::Tensor rating, double global_bias,
@@ -442,18 +455,12 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
   check_ids(user, users.size(0), "user");
   check_ids(item, items.size(0), "item");
   const int64_t n = user.numel();
-  const bool with_days = day_table.numel() > 0;
-  if (with_days) check_days(day_table, day_rows, dtype, n, "fused_step");
+  if (day_table.numel() > 0) check_days(day_table, day_rows, dtype, n, "fused_step");
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fused_step", [&] {
-    Days<scalar_t> days;
-    if (with_days) {
-      days.table = day_table.data_ptr<scalar_t>();
-      days.rows = day_rows.data_ptr<int64_t>();
-      days.missing = day_table.size(0) - 1;
-      days.step_size = day_step_size;
-      days.l2 = day_l2;
-    }
+    Days<scalar_t> days = days_of<scalar_t>(day_table, day_rows);
+    days.step_size = day_step_size;
+    days.l2 = day_l2;
     scalar_t* vu = row_wise ? nullptr : v_u.data_ptr<scalar_t>();  // RowRMSprop has no second tensor
     scalar_t* vi = row_wise ? nullptr : v_i.data_ptr<scalar_t>();
     Side<scalar_t> su{users.data_ptr<scalar_t>(), m_u.data_ptr<scalar_t>(), vu, user.data_ptr<int64_t>(),
@@ -552,16 +559,10 @@ at::Tensor sgd_step(at::Tensor users, at::Tensor items, at::Tensor user, at::Ten
   check_ids(user, users.size(0), "user", "sgd_step");
   check_ids(item, items.size(0), "item", "sgd_step");
   const int64_t n = user.numel();
-  const bool with_days = day_table.numel() > 0;
-  if (with_days) check_days(day_table, day_rows, dtype, n, "sgd_step");
+  if (day_table.numel() > 0) check_days(day_table, day_rows, dtype, n, "sgd_step");
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "sgd_step", [&] {
-    Days<scalar_t> days;
-    if (with_days) {
-      days.table = day_table.data_ptr<scalar_t>();
-      days.rows = day_rows.data_ptr<int64_t>();
-      days.missing = day_table.size(0) - 1;
-    }
+    const Days<scalar_t> days = days_of<scalar_t>(day_table, day_rows);
     out = sgd_impl<scalar_t>(users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), w, user.data_ptr<int64_t>(),
                              item.data_ptr<int64_t>(), rating.data_ptr<scalar_t>(), n,
                              static_cast<scalar_t>(global_bias), static_cast<scalar_t>(lr),
