@@ -141,11 +141,14 @@ class Part:
     """One rank's piece of a checkpoint: its rows of each table (``tables``, keyed by TABLES) and, where the
     ranks keep their own copies of the global bias between sub-epoch ends (blocks), this rank's global bias
     and its Adam state (``dense``: ``value``, ``step``, ``exp_avg``, ``exp_avg_sq``); None elsewhere. ``days``:
-    the user-day biases of this rank's users (``--model.day_bias``; ids are ``daybias.day_key`` keys), or None."""
+    the user-day biases of this rank's users (``--model.day_bias``; ids are ``daybias.day_key`` keys), or None.
+    ``time``: the time-aware biases (``--model.time_bins`` / ``user_drift``; ``timebias.TimeBias.to_rows``): ``items``
+    and ``users`` tables with the same ids as ``tables``' and ``span`` = [first day, last day, bins]; or None."""
 
     tables: dict[str, TableRows]
     dense: dict[str, torch.Tensor] | None = None
     days: TableRows | None = None
+    time: dict[str, Any] | None = None
 
 
 def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> str:
@@ -158,6 +161,8 @@ def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> str:
         payload["dense"] = part.dense
     if part.days is not None:
         payload["days"] = part.days.to_dict()
+    if part.time is not None:
+        payload["time"] = {name: part.time[name].to_dict() for name in TABLES} | {"span": part.time["span"]}
     return _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": payload},
                               directory / part_name(step, k, n))
 
@@ -184,11 +189,20 @@ def read_part(path: Path, sha256: str | None = None) -> Part:
             raise ValueError("not an mfscale checkpoint part")
         body = payload["part"]
         days = TableRows.from_dict(body["days"]) if "days" in body else None
-        return Part({name: TableRows.from_dict(body.get(name)) for name in TABLES}, body.get("dense"), days)
+        return Part({name: TableRows.from_dict(body.get(name)) for name in TABLES}, body.get("dense"), days,
+                    _time_tables(body["time"]) if "time" in body else None)
     except UnsafeCheckpoint:
         raise
     except Exception as exc:
         raise DataError(f"cannot load checkpoint part {path}: {_reason(exc)}") from exc
+
+
+def _time_tables(d: Any) -> dict[str, Any]:
+    """A part's time-aware biases (``Part.time``), checked for shape."""
+    span = d.get("span") if isinstance(d, dict) else None
+    if not isinstance(span, torch.Tensor) or span.shape != (3,):
+        raise ValueError("its time-aware biases lack their span")
+    return {name: TableRows.from_dict(d.get(name)) for name in TABLES} | {"span": span}
 
 
 def part_sha256(state: dict, k: int) -> str | None:
@@ -249,6 +263,26 @@ def day_biases(path: Path, state: dict) -> tuple[np.ndarray, np.ndarray] | None:
     values = np.concatenate([t.weight[:, 0].numpy() for t in found])
     order = np.argsort(keys, kind="stable")
     return keys[order], values[order]
+
+
+def time_biases(path: Path, state: dict) -> dict[str, Any] | None:
+    """A checkpoint's time-aware biases (``--model.time_bins`` / ``user_drift``; mfscale/timebias.py) by global id,
+    from all its parts: ``bins`` (movies, B), ``alpha`` and ``mean_day`` (users,), the bins' ``first`` and ``last``
+    day and whether the run had the drift (``drift``); None for a run without them."""
+    parts = [part.time for part in (read_part(p, d) for p, d in part_paths(path, state)) if part.time is not None]
+    if not parts:
+        return None
+    shape = state["model_shape"]
+    first, last, k = (int(x) for x in parts[0]["span"])
+    out = {"bins": np.zeros((shape["n_items"], k), np.float64), "alpha": np.zeros(shape["n_users"], np.float64),
+           "mean_day": np.zeros(shape["n_users"], np.float64), "first": first, "last": last,
+           "drift": bool(((state.get("config") or {}).get("model") or {}).get("user_drift", False))}
+    for t in parts:
+        items, users = t["items"], t["users"]
+        out["bins"][items.ids.numpy()] = items.weight.numpy()
+        out["alpha"][users.ids.numpy()] = users.weight[:, 0].numpy()
+        out["mean_day"][users.ids.numpy()] = users.state["mean_day"][:, 0].numpy()
+    return out
 
 
 def load_model(path: Path, state: dict) -> BiasedMF:

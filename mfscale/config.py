@@ -47,10 +47,18 @@ class ModelConfig:
     # bias): real ml-latest-small 0.01 lower test RMSE (benchmarks/RESULTS.md, session 11). A bias term: plain MF
     # (biases off) has none.
     day_bias: bool = True
+    # timeSVD's other two time effects (Koren, KDD 2009; mfscale/timebias.py), both off by default: on real
+    # ml-latest-small they gain nothing beside the user-day biases (benchmarks/RESULTS.md, session 14).
+    # > 0: + b_{i,bin(t)}, an item bias per time bin, the training split's days cut into this many equal bins
+    time_bins: int = 0
+    # on: + alpha_u dev_u(t), each user's drift: dev = sign(t - t_u) |t - t_u|^0.4, t in days, t_u the mean day of
+    # the user's training ratings
+    user_drift: bool = False
 
 
 OPTIMIZERS = ("lazy_adam", "row_rmsprop", "sparse_adam", "sgd")  # --optim.optimizer's choices
 FUSED_OPTIMIZERS = ("lazy_adam", "row_rmsprop", "sgd")  # the tables' optimizers the fused steps implement
+MAX_TIME_BINS = 1000  # --model.time_bins: Koren used 30 over Netflix's ~6 years
 SGD_LR = 0.03  # --optim.optimizer sgd: best by validation RMSE of 0.02-0.05 on ml-10m, ml-1m, ml-latest-small (RESULTS)
 
 
@@ -83,6 +91,7 @@ class OptimConfig:
     # --model.day_bias: each user-day bias's L2, reg_day b^2 once per epoch (not per rating): a bias of n training
     # ratings is their mean error damped by n / (n + reg_day), so a day of few ratings keeps its bias small
     reg_day: float = 30.0
+    reg_time: float = 0.005  # --model.time_bins / user_drift: L2 on the bin biases and alpha_u, per rating
     gravity: float = 0.0  # penalty on predictions over all user-movie pairs (via d x d Gram matrices)
     schedule: str = "cosine"  # none | cosine | linear: decay of both learning rates over the run
     min_lr_frac: float = 0.1  # the schedule ends at this fraction of the initial learning rates
@@ -145,6 +154,10 @@ class JobConfig:
         """Whether the model has user-day biases: ``model.day_bias``, a bias term, so never in plain MF."""
         return self.model.day_bias and self.model.biases
 
+    def uses_time_bias(self) -> bool:
+        """Whether the model has time-aware biases (``model.time_bins`` > 0 or ``model.user_drift``)."""
+        return self.model.time_bins > 0 or self.model.user_drift
+
     def fused_blockers(self) -> list[str]:
         """Settings the fused (closed-form) training step does not implement; autograd handles them."""
         out = []
@@ -169,12 +182,16 @@ class JobConfig:
             (0 <= self.model.dropout < 1, "model.dropout must be in [0, 1)"),
             (self.model.max_norm >= 0 and math.isfinite(self.model.max_norm),
              "model.max_norm must be a finite number >= 0 (0 = off)"),
+            (0 <= self.model.time_bins <= MAX_TIME_BINS, f"model.time_bins must be in [0, {MAX_TIME_BINS}] (0 = off)"),
+            (not self.uses_time_bias() or self.model.biases,
+             "--model.time_bins and --model.user_drift are bias terms: they need --model.biases on"),
             (self.optim.optimizer in OPTIMIZERS,
              "optim.optimizer must be lazy_adam, row_rmsprop, sparse_adam or sgd"),
             (self.optim.lr > 0 and self.optim.dense_lr >= 0, "optim.lr must be > 0 and optim.dense_lr >= 0"),
             (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
-            (min(self.optim.reg_factor, self.optim.reg_bias, self.optim.reg_day, self.optim.gravity) >= 0,
-             "optim.reg_factor, optim.reg_bias, optim.reg_day and optim.gravity must be >= 0"),
+            (min(self.optim.reg_factor, self.optim.reg_bias, self.optim.reg_day, self.optim.reg_time,
+                 self.optim.gravity) >= 0,
+             "optim.reg_factor, optim.reg_bias, optim.reg_day, optim.reg_time and optim.gravity must be >= 0"),
             (self.optim.schedule in ("none", "cosine", "linear"), "optim.schedule must be none, cosine or linear"),
             (0 <= self.optim.min_lr_frac <= 1, "optim.min_lr_frac must be in [0, 1]"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
@@ -198,7 +215,8 @@ class JobConfig:
         if self.optim.optimizer == "sgd":
             blockers = self.fused_blockers() + [name for name, on in (
                 ("model.max_norm > 0", self.model.max_norm > 0), ("train.step autograd", self.train.step == "autograd"),
-                ("train.cpu_kernel off", self.train.cpu_kernel == "off")) if on]
+                ("train.cpu_kernel off", self.train.cpu_kernel == "off"),
+                ("model.time_bins or model.user_drift", self.uses_time_bias())) if on]
             if blockers:
                 checks.append((False, "--optim.optimizer sgd (per-rating updates in the C++ op) cannot be used with "
                                + ", ".join(blockers)))

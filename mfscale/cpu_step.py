@@ -123,8 +123,8 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
                rating: torch.Tensor, global_bias: float, scale: float, col_weights: torch.Tensor,
                step_sizes: tuple[float, float], betas: tuple[float, float], eps: float,
                scratch: dict[str, torch.Tensor], *, max_norm: float = 0.0, biases: bool = True,
-               row_wise: bool = False, days: tuple[torch.Tensor, torch.Tensor, float, float] | None = None
-               ) -> tuple[float, float]:
+               row_wise: bool = False, days: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
+               errors: torch.Tensor | None = None) -> tuple[float, float]:
     """One step in place on both tables and their optimizer state; returns (sum of coef, sum of squared errors).
 
     coef = (prediction - rating) * ``scale``; the global bias's gradient is the first return value.
@@ -134,7 +134,9 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
     ``biases`` False: the bias column gets a zero gradient (plain MF; the first return value is then unused).
     ``moments_*``: Adam's (exp_avg, exp_avg_sq); with ``row_wise``, RowRMSprop's (row_sq, None). ``days``: the user-day
     biases ``(DayBias.table, each rating's row, step size, 2 reg_day / G)``: the step fits rating - bias and then
-    steps the biases from its errors (``DayBias.update``'s arithmetic), in the same op.
+    steps the biases from its errors (``DayBias.update``'s arithmetic), in the same op. ``errors``: a tensor of one
+    value per rating (the tables' dtype) that receives each rating's error, prediction - target (the time-aware
+    biases' gradient, ``mfscale.timebias``).
     """
     load()
     for name, table in (("users", users), ("items", items)):
@@ -153,7 +155,8 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
         step_sizes[0], step_sizes[1], betas[0], betas[1], eps, scratch["mark_users"], scratch["mark_items"], work,
         float(max_norm), bool(biases), bool(row_wise),
         *((days[0], days[1], float(days[2]), float(days[3])) if days is not None and user.numel() else
-          (unused, unused.new_empty(0, dtype=torch.int64), 0.0, 0.0)))
+          (unused, unused.new_empty(0, dtype=torch.int64), 0.0, 0.0)),
+        errors if errors is not None else unused)
     coef_sum, sse = out.tolist()
     return coef_sum, sse
 

@@ -31,9 +31,8 @@ import torch
 from .checkpoint import TableRows
 from .errors import DataError
 from .optim import sum_rows
-from .shards import find_sorted
+from .shards import DAY_SECONDS, find_sorted
 
-DAY_SECONDS = 86_400
 DAY_BITS = 20  # days since 1970 fit in 2^20 (until the year 4840)
 
 

@@ -39,6 +39,9 @@ def evaluate(layout: TableLayout, split: str, *, batch_size: int, tables: Tables
     lo, hi = data.rating_range
     share = layout.eval_share(split)
     users, items, global_bias = tables or layout.eval_tables()
+    time = layout.time_bias
+    if time is not None:  # --model.time_bins / user_drift: (alpha_u, t_u) by user row, every movie's bin biases
+        time_users, time_bins = layout.eval_time()
     dev = users.device
     sums = torch.zeros(3, dtype=torch.float64, device=dev)  # squared error, absolute error, count
     for start in range(0, len(share.user), batch_size):
@@ -48,6 +51,12 @@ def evaluate(layout: TableLayout, split: str, *, batch_size: int, tables: Tables
         pred = predict_rows(users, items, global_bias, user, item, layout.cfg.model.max_norm)
         if share.day_row is not None:  # --model.day_bias: b_{u,day} (0 for a day without training ratings)
             pred = pred + layout.day_bias.offset(torch.from_numpy(share.day_row[start : start + batch_size]).to(dev))
+        if time is not None:  # b_{i,bin(t)} + alpha_u dev_u(t)
+            day = torch.from_numpy(share.day[start : start + batch_size]).to(dev)
+            if time.n_bins:
+                pred = pred + time_bins[item, time.bin_of(day)]
+            if time.drift:
+                pred = pred + time_users[user, 0] * time.dev_of(time_users[user, 2], day)
         err = (pred.float().clamp(lo, hi) - rating).double()
         sums[0] += err.square().sum()
         sums[1] += err.abs().sum()

@@ -24,6 +24,7 @@ from .daybias import DAY_BITS
 from .errors import ConfigError, DataError, cli_entry
 from .runs import Run, load_run
 from .shards import install_dir, staging_dir
+from .timebias import DRIFT_POWER
 
 PROG = "mfscale.export"
 EXPORT_FORMAT = 1
@@ -61,7 +62,7 @@ Predict with NumPy only:
     u, i = urow[USER_ID], mrow[MOVIE_ID]
     rating = np.clip(mu + bu[u] + bi[i] + P[u] @ Q[i], {lo:g}, {hi:g})
     all_movies_for_u = np.clip(mu + bu[u] + bi + Q @ P[u], {lo:g}, {hi:g})
-{day_note}
+{day_note}{time_note}
 With pyarrow: pyarrow.parquet.read_table(f"{{d}}/movies.parquet"); the factors column converts with
 np.stack(table["factors"].to_numpy(zero_copy_only=False)).
 
@@ -102,6 +103,27 @@ never reorders a top-N list; without a time, or on a day without training rating
                             np.load(f"{{d}}/user_day_days.npy").tolist()), np.load(f"{{d}}/user_day_bias.npy")))
     rating = np.clip(mu + bu[u] + bi[i] + day_bias.get((USER_ID, TIMESTAMP // 86400), 0.0) + P[u] @ Q[i],
                      {lo:g}, {hi:g})
+"""
+
+
+TIME_FILES = """\
+  item_time_bias.npy     float32 (n_movies, {bins})  each movie's bias per time bin (--model.time_bins; 0 without)
+  user_drift.npy         float32 (n_users,)  alpha_u, each user's drift (--model.user_drift; 0 without)
+  user_mean_day.npy      float32 (n_users,)  t_u, the mean day of the user's training ratings
+"""
+TIME_NOTE = """
+This model was trained with time-aware biases (--model.time_bins {bins}, --model.user_drift {drift}): a rating
+made at TIMESTAMP adds its movie's bias for the time bin of its day and the user's drift (both inside the clip;
+first_day and last_day, the training ratings' first and last day, are in meta.json "time_bias"):
+
+    t = meta["time_bias"]                      # meta = json.load(open(f"{{d}}/meta.json"))
+    day = TIMESTAMP // 86400
+    b = min(max((day - t["first_day"]) * t["bins"] // (t["last_day"] - t["first_day"] + 1), 0), t["bins"] - 1)
+    x = day - np.load(f"{{d}}/user_mean_day.npy")[u]
+    dev = np.sign(x) * abs(x) ** 0.4
+    rating += np.load(f"{{d}}/item_time_bias.npy")[i, b] + np.load(f"{{d}}/user_drift.npy")[u] * dev
+
+Without a time, leave both out (as mfscale's recommend does).
 """
 
 
@@ -154,6 +176,14 @@ def write_export(run: Run, directory: Path) -> dict:
         pq.write_table(pa.table({"user_id": day_arrays["user_day_user_ids"], "day": day_arrays["user_day_days"],
                                  "bias": day_arrays["user_day_bias"]}), directory / "user_day_bias.parquet")
         files += [f"{n}.npy" for n in day_arrays] + ["user_day_bias.parquet"]
+    time = run.time_biases()
+    if time is not None:  # --model.time_bins / user_drift: rows aligned with the movie and user files
+        time_arrays = {"item_time_bias": time["bins"].astype(np.float32),
+                       "user_drift": time["alpha"].astype(np.float32),
+                       "user_mean_day": time["mean_day"].astype(np.float32)}
+        for name, arr in time_arrays.items():
+            np.save(directory / f"{name}.npy", arr)
+        files += [f"{n}.npy" for n in time_arrays]
 
     lo, hi = run.rating_range
     dim = p.shape[1]
@@ -168,6 +198,11 @@ def write_export(run: Run, directory: Path) -> dict:
         # the user-day biases' term, added inside the clip (README.txt); absent from top-N lists
         "day_bias": (None if days is None else
                      {"n": len(days[0]), "term": "user_day_bias[(user_id, timestamp // 86400)], 0 when absent"}),
+        # the time-aware biases' terms, added inside the clip (README.txt); absent from top-N lists
+        "time_bias": (None if time is None else
+                      {"bins": int(time["bins"].shape[1]), "first_day": time["first"], "last_day": time["last"],
+                       "drift_power": DRIFT_POWER,
+                       "term": "item_time_bias[i, bin(day)] + user_drift[u] * dev_u(day), day = timestamp // 86400"}),
         # the training objective's per-rating L2 weights: what a fold-in of a new user solves with (README.txt)
         "fold_in": {"reg_factor": run.reg_factor, "reg_bias": run.reg_bias if biases else 0.0},
         "dim": dim, "n_users": len(user_ids), "n_movies": len(movie_ids),
@@ -182,7 +217,11 @@ def write_export(run: Run, directory: Path) -> dict:
     note = FOLD_IN_NOTES[(biases, bool(run.max_norm))].format(max_norm=run.max_norm)
     (directory / "README.txt").write_text(README.format(
         fmt=EXPORT_FORMAT, lo=lo, hi=hi, dim=dim, model=model, fold_in_note=note,
-        day_files="" if days is None else DAY_FILES, day_note="" if days is None else DAY_NOTE.format(lo=lo, hi=hi)))
+        day_files=("" if days is None else DAY_FILES) + ("" if time is None else
+                                                          TIME_FILES.format(bins=time["bins"].shape[1])),
+        day_note="" if days is None else DAY_NOTE.format(lo=lo, hi=hi),
+        time_note="" if time is None else TIME_NOTE.format(bins=time["bins"].shape[1],
+                                                           drift="on" if time["drift"] else "off")))
     return meta
 
 

@@ -46,9 +46,10 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
     terms it started with, as it keeps its betas. Adam's moments and RowRMSprop's row state are different things,
     so a run started with one cannot continue with the other; a run started before RowRMSprop became the default
     continues with Adam whatever its command line says. Likewise a run started with or without user-day biases
-    (``--model.day_bias``) continues so. Rank 0 reads the newest checkpoint metadata that loads (all of a run's
-    checkpoints name the same settings; damaged or refused files are left to the resume's vote, which reports
-    them) and every rank takes its answer. The switched config is validated again (a one-line ConfigError)."""
+    (``--model.day_bias``) or time-aware biases (``--model.time_bins``, ``--model.user_drift``) continues so.
+    Rank 0 reads the newest checkpoint metadata that loads (all of a run's checkpoints name the same settings;
+    damaged or refused files are left to the resume's vote, which reports them) and every rank takes its answer.
+    The switched config is validated again (a one-line ConfigError)."""
     if cfg.checkpoint.resume == "never":
         return
     started = None
@@ -59,8 +60,9 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
             except Exception:  # damaged or refused: the resume's vote decides and says why
                 continue
             saved = state.get("config", {})
-            started = (saved.get("optim", {}).get("optimizer", "lazy_adam"),
-                       bool(saved.get("model", {}).get("day_bias", False)))
+            model = saved.get("model", {})
+            started = (saved.get("optim", {}).get("optimizer", "lazy_adam"), bool(model.get("day_bias", False)),
+                       int(model.get("time_bins", 0)), bool(model.get("user_drift", False)))
             break
     if env.distributed and dist.is_initialized():  # (a DistEnv without a process group: tests of setup errors)
         box = [started]
@@ -69,7 +71,8 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
         started = box[0]
     if started is None:
         return
-    optimizer, day_bias = started
+    optimizer, day_bias, *time = started
+    time = time or [0, False]  # a checkpoint read before the time-aware biases existed had none
     changed = False
     if STATE_OF.get(optimizer) is not STATE_OF[cfg.optim.optimizer]:
         if env.is_main:
@@ -82,6 +85,13 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
             log.warning("resumed run keeps --model.day_bias %s, as it started, not %s", on_off[day_bias],
                         on_off[cfg.model.day_bias])
         cfg.model.day_bias, changed = day_bias, True
+    for name, was in zip(("time_bins", "user_drift"), time, strict=True):
+        if was != getattr(cfg.model, name):
+            if env.is_main:
+                log.warning("resumed run keeps --model.%s %s, as it started, not %s", name, was,
+                            getattr(cfg.model, name))
+            setattr(cfg.model, name, was)
+            changed = True
     if changed:
         cfg.validate()  # e.g. --train.step fused with a run started with sparse_adam: one clear line
 

@@ -59,6 +59,10 @@ class Run:
         << 20 | day) and their biases, or None for a run without them. Read from the checkpoint's parts on call."""
         return checkpoint.day_biases(self.checkpoint_path, self.checkpoint_state)
 
+    def time_biases(self) -> dict | None:
+        """The run's time-aware biases by row (``checkpoint.time_biases``), or None for a run without them."""
+        return checkpoint.time_biases(self.checkpoint_path, self.checkpoint_state)
+
     def train_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Training ratings grouped by user as CSR: ``indptr`` (n_users + 1) and the items of each user."""
         train = self.data.read_split("train")

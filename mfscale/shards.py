@@ -70,6 +70,13 @@ HASH_BLOCK = 8 << 20  # bytes per read when hashing (hashlib releases the GIL on
 # deserialize thrift"), ArrowIOError (an OSError), ...
 READ_ERRORS = (pa.ArrowException, OSError)
 
+DAY_SECONDS = 86_400  # a day of the timestamps (UTC): the time-aware biases' unit (daybias, timebias)
+
+
+def days_of(timestamp: np.ndarray) -> np.ndarray:
+    """Days since 1970 (UTC) of unix timestamps, int32."""
+    return (np.asarray(timestamp, dtype=np.int64) // DAY_SECONDS).astype(np.int32)
+
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:
     """Hex digest of a file, read in ``HASH_BLOCK`` blocks into one reused buffer."""

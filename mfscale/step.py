@@ -90,28 +90,45 @@ class Step(abc.ABC):
         self.max_norm = layout.cfg.model.max_norm  # 0 = off
 
     def __call__(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
-                 global_step: int, day_row: torch.Tensor | None = None) -> torch.Tensor:
+                 global_step: int, day_row: torch.Tensor | None = None, day: torch.Tensor | None = None
+                 ) -> torch.Tensor:
         """One step on the batch; returns its summed squared error (a tensor: no sync on a GPU).
 
-        With user-day biases (``layout.day_bias``; ``day_row``: each rating's) the tables' step fits ``rating - b``
-        and returns its errors, which are the whole model's, and the biases take their step from them
-        (``mfscale.daybias``): the gradient of every parameter at the same point, as one step of the whole model.
+        With user-day biases (``layout.day_bias``; ``day_row``: each rating's) or time-aware biases
+        (``layout.time_bias``; ``day``: each rating's day) the tables' step fits ``rating`` minus those biases and
+        returns its errors, which are the whole model's, and the biases take their step from them
+        (``mfscale.daybias``, ``mfscale.timebias``): the gradient of every parameter at the same point, as one step
+        of the whole model.
         """
-        days = self.layout.day_bias
-        if days is None:
+        days, time = self.layout.day_bias, self.layout.time_bias
+        if days is None and time is None:
             return self._step(user, item, rating, global_rows, global_step, False)[0]
-        if day_row is None:
+        if days is not None and day_row is None:
             raise ValueError("a job with user-day biases needs each rating's day_row")
-        day_row = day_row.long()
+        if time is not None and day is None:
+            raise ValueError("a job with time-aware biases needs each rating's day")
         group, scale = self.layout.opt.param_groups[0], 2.0 / global_rows
-        lr, beta2, l2 = float(group["lr"]), group["betas"][1], 2.0 * self.layout.cfg.optim.reg_day / global_rows
-        if self.kind == "cpp":  # one C++ op: targets, tables and the biases' step (three passes as torch ops)
-            return self._step(user, item, rating, global_rows, global_step, False,
-                              days=days.op_args(day_row, lr=lr, beta2=beta2, l2=l2))[0]
-        sse, err = self._step(user, item, days.targets(day_row, rating), global_rows, global_step, True)
-        ids, grad, counts = daybias.group(day_row, err.to(days.value.dtype) * scale, len(days.value))
-        ids, grad, counts = self.layout.day_grads(ids, grad, counts)  # replicas: summed over the ranks
-        days.update(ids, grad, counts, lr=lr, beta2=beta2, eps=group["eps"], l2=l2)
+        lr, beta2, eps = float(group["lr"]), group["betas"][1], group["eps"]
+        target, features = rating, None
+        if time is not None:  # the tables fit rating - b_{i,bin} - alpha_u dev
+            features = time.features(user, day)
+            target = rating.to(time.users.dtype) - time.offset(user, item, *features)
+        if days is not None:
+            day_row = day_row.long()
+            l2 = 2.0 * self.layout.cfg.optim.reg_day / global_rows
+        if self.kind == "cpp":  # one C++ op: targets, tables and the day biases' step (three passes as torch ops)
+            sse, err = self._step(user, item, target, global_rows, global_step, time is not None,
+                                  days=None if days is None else days.op_args(day_row, lr=lr, beta2=beta2, l2=l2))
+        else:
+            sse, err = self._step(user, item, target if days is None else days.targets(day_row, target),
+                                  global_rows, global_step, True)
+            if days is not None:
+                ids, grad, counts = daybias.group(day_row, err.to(days.value.dtype) * scale, len(days.value))
+                ids, grad, counts = self.layout.day_grads(ids, grad, counts)  # replicas: summed over the ranks
+                days.update(ids, grad, counts, lr=lr, beta2=beta2, eps=eps, l2=l2)
+        if time is not None:
+            time.update(user, item, *features, err, global_rows=global_rows, lr=lr, beta2=beta2, eps=eps,
+                        reg=self.layout.cfg.optim.reg_time, combine=self.layout.time_combine())
         return sse
 
     @abc.abstractmethod
@@ -213,9 +230,8 @@ class CppStep(Step):
 
     def _step(self, user, item, rating, global_rows, global_step, errors, days=None):
         model, opt = self.layout.model, self.layout.opt
-        if errors:  # the user-day biases step inside the op (``days``), so nothing asks for the errors
-            raise ValueError("CppStep takes the user-day biases' step inside its op: pass days, not errors")
         users, items = (p.detach() for p in model.sparse_parameters())
+        err = users.new_empty(user.shape[0]) if errors else None  # the op writes each rating's error there
         group, scale = opt.param_groups[0], 2.0 / global_rows
         out: list[float] = []
 
@@ -229,12 +245,12 @@ class CppStep(Step):
                 users, items, state_u, state_i, user.to(torch.int64), item.to(torch.int64), rating.to(users.dtype),
                 float(model.global_bias.detach()), scale, self.reg_weights * scale, (size_u, size_i),
                 group["betas"], group["eps"], self.scratch, max_norm=self.max_norm, biases=model.biases,
-                row_wise=row_wise, days=days))
+                row_wise=row_wise, days=days, errors=err))
 
         opt.step(update=update)
         g_sum, sse = out
         self.step_global_bias(torch.tensor(g_sum if model.biases else 0.0, dtype=model.global_bias.dtype))
-        return torch.tensor(sse, dtype=torch.float64), None
+        return torch.tensor(sse, dtype=torch.float64), err
 
 
 class SgdStep(Step):
@@ -275,7 +291,10 @@ class SgdStep(Step):
             log.warning("--optim.optimizer sgd with --optim.lr %g: per-rating steps want about %g (README); this "
                         "run may stop far from its best RMSE", lr, SGD_LR)
 
-    def __call__(self, user, item, rating, global_rows, global_step, day_row=None):
+    def __call__(self, user, item, rating, global_rows, global_step, day_row=None, day=None):
+        if self.layout.time_bias is not None:  # config.validate refuses it first
+            raise ConfigError("--optim.optimizer sgd does not step the time-aware biases (--model.time_bins, "
+                              "--model.user_drift)")
         if not self.lr_checked:
             self._check_lr()
         model, cfg = self.layout.model, self.layout.cfg

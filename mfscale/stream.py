@@ -56,11 +56,12 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import ConfigError, DataError
-from .shards import TRAIN_COLUMNS, Dataset, Stripe, read_stripe
+from .shards import TRAIN_COLUMNS, Dataset, Stripe, days_of, read_stripe
 
 COLUMNS = TRAIN_COLUMNS
 RESIDENT_CPU_MAX_BYTES = 1 << 30  # beyond this, streaming from the page cache costs little in comparison
-_DTYPES = {"user": np.int32, "item": np.int32, "rating": np.float32, "timestamp": np.int32, "day_row": np.int32}
+_DTYPES = {"user": np.int32, "item": np.int32, "rating": np.float32, "timestamp": np.int32, "day_row": np.int32,
+           "day": np.int32}
 
 
 class _Epoch:
@@ -161,6 +162,7 @@ class RatingStream(IterableDataset):
         resident: torch.device | str | None = None,
         strata: tuple[np.ndarray, np.ndarray] | None = None,
         day_rows: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+        days: bool = False,
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -180,7 +182,9 @@ class RatingStream(IterableDataset):
         # --model.day_bias: each batch also carries its ratings' user-day bias rows (``day_rows(user, timestamp)``),
         # found once for a resident split, per batch for a streamed one
         self.day_rows = day_rows
-        self.read_columns = COLUMNS + (("timestamp",) if day_rows else ())
+        # --model.time_bins / user_drift: each batch also carries its ratings' days (``shards.days_of``)
+        self.days = days
+        self.read_columns = COLUMNS + (("timestamp",) if day_rows or days else ())
         self.groups = self.data.stripes(split)
         # The units the virtual sequence permutes: stripes (row groups of a split prepared without user
         # buckets), or strata of a resident split (below).
@@ -214,11 +218,15 @@ class RatingStream(IterableDataset):
         self._group_start = np.concatenate([[0], np.cumsum(self.units)]).astype(np.int64)
 
     def _with_day_rows(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``cols`` with the timestamps replaced by the ratings' user-day bias rows (--model.day_bias)."""
-        if self.day_rows is None:
+        """``cols`` with the timestamps replaced by the ratings' user-day bias rows (--model.day_bias) and their
+        days (--model.time_bins / user_drift)."""
+        if "timestamp" not in cols:
             return cols
         timestamp = cols.pop("timestamp")
-        cols["day_row"] = self.day_rows(cols["user"], timestamp).astype(np.int32)
+        if self.day_rows is not None:
+            cols["day_row"] = self.day_rows(cols["user"], timestamp).astype(np.int32)
+        if self.days:
+            cols["day"] = days_of(timestamp)
         return cols
 
     def _regroup(self, cols: dict[str, np.ndarray], user_block: np.ndarray,

@@ -79,10 +79,11 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns the batch's summed squared error."""
         dev = self.env.device
-        day_row = batch.get("day_row")
+        day_row, day = batch.get("day_row"), batch.get("day")
         sse = self.step_fn(batch["user"].to(dev, non_blocking=True), batch["item"].to(dev, non_blocking=True),
                            batch["rating"].to(dev, non_blocking=True), max(int(batch["global_rows"]), 1),
-                           self.progress.global_step, None if day_row is None else day_row.to(dev, non_blocking=True))
+                           self.progress.global_step, None if day_row is None else day_row.to(dev, non_blocking=True),
+                           None if day is None else day.to(dev, non_blocking=True))
         self.optims.schedule_step()
         return sse
 

@@ -251,7 +251,7 @@ template <typename T>
 std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_users, int64_t n_items, int64_t w,
                               int64_t n, const T* r, double global_bias, double scale, const T* cw,
                               int32_t* mark_u, int32_t* mark_i, at::Tensor& work, double max_norm, bool biases,
-                              const Days<T>& days) {
+                              const Days<T>& days, T* err_out) {
   const int64_t d = w - 1;
   Groups gu, gi;
   at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {  // the two sides at once (their own marks)
@@ -280,8 +280,10 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   if (work.numel() < threads * nmin * w) work.resize_({threads * nmin * w});
   T* bufs = work.data_ptr<T>();
   std::vector<uint8_t> used(threads * nmin, 0);  // per thread: which minor rows its buffer holds
-  std::unique_ptr<T[]> err_buf(new T[n]);  // every entry written below: no zero fill
-  T* err = err_buf.get();
+  // Each rating's error, written below for every rating (no zero fill); into the caller's tensor where it asks for
+  // them (the time-aware biases step from them, mfscale/timebias.py)
+  std::unique_ptr<T[]> err_buf(err_out ? nullptr : new T[n]);
+  T* err = err_out ? err_out : err_buf.get();
   const T gb = static_cast<T>(global_bias), sc = static_cast<T>(scale);
   // Chunk boundaries of equal work, a row costing about kRowCost ratings (its random read-modify-write of the
   // row and two moments against a rating's two row products): equal row counts left one thread waiting on the
@@ -415,13 +417,14 @@ Days<T> days_of(const at::Tensor& day_table, const at::Tensor& day_rows) {
   return days;
 }
 
-// Returns [sum of coef (the global bias's gradient), sum of squared errors] as a float64 tensor.
+// Returns [sum of coef (the global bias's gradient), sum of squared errors] as a float64 tensor; ``errors``
+// (empty, or one per rating) receives each rating's error, prediction - target.
 at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Tensor v_u, at::Tensor m_i,
                       at::Tensor v_i, at::Tensor user, at::Tensor item, at::Tensor rating, double global_bias,
                       double scale, at::Tensor col_w, double step_size_u, double step_size_i, double beta1,
                       double beta2, double eps, at::Tensor mark_u, at::Tensor mark_i, at::Tensor work,
                       double max_norm, bool biases, bool row_wise, at::Tensor day_table,
-                      at::Tensor day_rows, double day_step_size, double day_l2) {
+                      at::Tensor day_rows, double day_step_size, double day_l2, at::Tensor errors) {
   const auto dtype = users.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "fused_step: tables must be float32 or float64");
   for (const at::Tensor* t : {&users, &items, &m_u, &m_i, &rating, &col_w, &work}) {
@@ -456,6 +459,9 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
   check_ids(item, items.size(0), "item");
   const int64_t n = user.numel();
   if (day_table.numel() > 0) check_days(day_table, day_rows, dtype, n, "fused_step");
+  TORCH_CHECK(errors.numel() == 0 || (errors.numel() == n && errors.is_contiguous() && errors.device().is_cpu() &&
+                                      errors.scalar_type() == dtype),
+              "fused_step: errors must be empty or one contiguous CPU value per rating, of the tables' dtype");
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fused_step", [&] {
     Days<scalar_t> days = days_of<scalar_t>(day_table, day_rows);
@@ -470,7 +476,7 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
     out = step_impl<scalar_t>(su, si, users.size(0), items.size(0), w, n, rating.data_ptr<scalar_t>(), global_bias,
                               scale, col_w.data_ptr<scalar_t>(), mark_u.data_ptr<int32_t>(),
                               mark_i.data_ptr<int32_t>(), work, max_norm, biases,
-                              days);
+                              days, errors.numel() ? errors.data_ptr<scalar_t>() : nullptr);
   });
   return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
 }
@@ -580,7 +586,7 @@ TORCH_LIBRARY(mfscale, m) {
       "Tensor(f!) v_i, Tensor user, Tensor item, Tensor rating, float global_bias, float scale, Tensor col_w, "
       "float step_size_u, float step_size_i, float beta1, float beta2, float eps, Tensor(g!) mark_u, "
       "Tensor(h!) mark_i, Tensor(i!) work, float max_norm, bool biases, bool row_wise, "
-      "Tensor(k!) day_table, Tensor day_rows, float day_step_size, float day_l2) -> Tensor");
+      "Tensor(k!) day_table, Tensor day_rows, float day_step_size, float day_l2, Tensor(l!) errors) -> Tensor");
   m.impl("fused_step", c10::DispatchKey::CPU, &fused_step);
   m.def(
       "sgd_step(Tensor(a!) users, Tensor(b!) items, Tensor user, Tensor item, Tensor rating, float global_bias, "

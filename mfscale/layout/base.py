@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .. import optim
 from ..checkpoint import TABLES, Part, TableRows, check_complete
@@ -18,8 +19,9 @@ from ..daybias import DayBias, day_key
 from ..distributed import DistEnv
 from ..errors import DataError
 from ..model import BiasedMF, renorm_rows_
-from ..shards import Dataset, find_sorted
+from ..shards import Dataset, days_of, find_sorted
 from ..stream import resident_fits
+from ..timebias import Combine, TimeBias, user_mean_days
 from .rows import init_rows, train_counts
 
 log = logging.getLogger("mfscale")
@@ -40,6 +42,7 @@ class EvalShare:
     item: np.ndarray  # global movie ids
     rating: np.ndarray
     day_row: np.ndarray | None = None  # each rating's row of ``TableLayout.day_bias`` (--model.day_bias)
+    day: np.ndarray | None = None  # each rating's day (--model.time_bins / user_drift)
 
 
 def train_mean(data: Dataset) -> float:
@@ -82,6 +85,9 @@ class TableLayout(abc.ABC):
     # --model.day_bias: the user-day biases of the users this rank holds (their rows are the user's rank's, as the
     # user rows are); every training batch then carries each rating's bias row as ``day_row``
     day_bias: DayBias | None = None
+    # --model.time_bins / user_drift: the time-aware biases, row for row beside this rank's user and movie rows
+    # (mfscale/timebias.py); every training batch then carries each rating's ``day``
+    time_bias: TimeBias | None = None
 
     def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
         self.cfg, self.env, self.data, self.batch_size = cfg, env, data, batch_size
@@ -114,19 +120,50 @@ class TableLayout(abc.ABC):
             self.day_bias = DayBias(day_key(user, timestamp), self.env.device, self.model.users.weight.dtype)
         return self.day_bias
 
+    def _build_time_bias(self, user_rows: np.ndarray, day: np.ndarray) -> TimeBias | None:
+        """With --model.time_bins / user_drift: the time-aware biases, from this rank's training ratings (local user
+        rows and days; every rating of the held users). The bins span the training split's first to last day,
+        agreed over the ranks."""
+        if not self.cfg.uses_time_bias():
+            return None
+        span = torch.tensor([-int(day.min()) if len(day) else -(1 << 40), int(day.max()) if len(day) else -(1 << 40)],
+                            dtype=torch.int64)
+        if self.env.distributed:  # each rank sees its users' ratings: the span is the max of both over the ranks
+            self.env.count("all_reduce")
+            dist.all_reduce(span, op=dist.ReduceOp.MAX)
+        first, last = -int(span[0]), int(span[1])
+        if last < first:  # no training ratings anywhere (prepare refuses that): one bin of any day
+            first = last = 0
+        n_users = self.model.users.weight.shape[0]
+        m = self.cfg.model
+        self.time_bias = TimeBias(n_users, self.model.items.weight.shape[0], m.time_bins, m.user_drift, first, last,
+                                  user_mean_days(user_rows, day, n_users), self.env.device,
+                                  self.model.users.weight.dtype)
+        return self.time_bias
+
+    def time_combine(self) -> Combine | None:
+        """How a step's time-bias gradients combine over the ranks: None where each rank's rows are its own (one
+        process, blocks); replicas override this."""
+        return None
+
     def weights(self) -> dict[str, torch.Tensor]:
-        """A CPU copy of the trained values (the model's, and the day biases): early stopping's best weights."""
+        """A CPU copy of the trained values (the model's, the day and time biases): early stopping's best weights."""
         out = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         if self.day_bias is not None:
             out[DAY_BIAS_KEY] = self.day_bias.value.detach().cpu().clone()
+        if self.time_bias is not None:
+            out.update(self.time_bias.values())
         return out
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take up values ``weights`` gave."""
         dev = self.env.device
-        self.model.load_state_dict({k: v.to(dev) for k, v in weights.items() if k != DAY_BIAS_KEY})
+        self.model.load_state_dict({k: v.to(dev) for k, v in weights.items()
+                                    if k != DAY_BIAS_KEY and not k.startswith("time.")})
         if self.day_bias is not None and DAY_BIAS_KEY in weights:
             self.day_bias.value.copy_(weights[DAY_BIAS_KEY].to(dev))
+        if self.time_bias is not None:
+            self.time_bias.load_values(weights)
 
     # -- training batches --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -184,6 +221,13 @@ class TableLayout(abc.ABC):
     def eval_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(user rows of the users this rank evaluates, the whole movie table, global bias)."""
 
+    def eval_time(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """--model.time_bins / user_drift: (the time biases' user rows, as ``eval_tables``'s users; the bin biases of
+        every movie by global id). Where this rank holds every movie row in global order (replicas, one process)
+        its own; blocks override this (a collective)."""
+        t = self.time_bias
+        return t.users, t.bins[:, : t.n_bins]
+
     def eval_share(self, split: str) -> EvalShare:
         """This rank's ratings of ``split`` (splits are read whole, then filtered). The held-out splits' are kept
         after the first call (validation is evaluated every epoch, and its day rows are a search over the day
@@ -200,8 +244,9 @@ class TableLayout(abc.ABC):
         user = arrays["user"].astype(np.int64)
         mine = self.user_owner(user) == self.env.rank
         day_row = None if self.day_bias is None else self.day_bias.rows(user[mine], arrays["timestamp"][mine])
+        day = None if self.time_bias is None else days_of(arrays["timestamp"][mine])
         return EvalShare(self.user_local(user[mine]), arrays["item"][mine].astype(np.int64),
-                         arrays["rating"][mine].astype(np.float32), day_row)
+                         arrays["rating"][mine].astype(np.float32), day_row, day)
 
     # -- checkpoint parts --------------------------------------------------------------------------
     @property
@@ -239,8 +284,8 @@ class TableLayout(abc.ABC):
         """
         position = self.position()
         out: dict[str, TableRows] = {}
-        for name, ids, rows, p in zip(TABLES, self.held_ids(position), self.local_rows(position),
-                                      self.model.sparse_parameters(), strict=True):
+        held, local = self.held_ids(position), self.local_rows(position)
+        for name, ids, rows, p in zip(TABLES, held, local, self.model.sparse_parameters(), strict=True):
             state = self.opt.state.get(p, {})
             n = len(ids)
             idx = None if rows is None else torch.from_numpy(rows).to(p.device)
@@ -248,7 +293,13 @@ class TableLayout(abc.ABC):
                 ids=torch.from_numpy(ids), weight=_take(p.detach(), n, idx),
                 state={k: _take(state[k], n, idx) for k in optim.state_keys(self.opt) if k in state},
                 step=int(state.get("step", 0)))
-        return Part(out, days=None if self.day_bias is None else self.day_bias.to_rows())
+        time = None
+        if self.time_bias is not None:  # row for row with the tables: the same ids and local rows
+            tb = self.time_bias
+            idx = [None if r is None else torch.from_numpy(r).to(self.env.device) for r in local]
+            time = tb.to_rows(held[0], held[1], _take(tb.users, len(held[0]), idx[0]),
+                              _take(tb.bins, len(held[1]), idx[1]))
+        return Part(out, days=None if self.day_bias is None else self.day_bias.to_rows(), time=time)
 
     def load_parts(self, parts: Iterable[Part], position: dict[str, Any], *, weights_only: bool = False,
                    where: object = "") -> None:
@@ -272,6 +323,8 @@ class TableLayout(abc.ABC):
                 raise DataError(f"checkpoint {where} holds no user-day biases (trained without --model.day_bias)")
             self.day_bias.load([part.days for part in parts], where, weights_only=weights_only)
         for part in parts:
+            if self.time_bias is not None:
+                self.time_bias.check_part(part.time, {n: part.tables[n].ids.numpy() for n in TABLES}, where)
             for k, (name, p) in enumerate(zip(TABLES, self.model.sparse_parameters(), strict=True)):
                 t = part.tables[name]
                 gids = t.ids.numpy()
@@ -285,6 +338,8 @@ class TableLayout(abc.ABC):
                 dev = p.device
                 with torch.no_grad():
                     p[local.to(dev)] = t.weight[src].to(dev, p.dtype)
+                if self.time_bias is not None:
+                    self.time_bias.load_rows(name, part.time[name], src, local, weights_only)
                 filled[name][at] = True
                 keys = optim.state_keys(self.opt)
                 if weights_only or not t.state:

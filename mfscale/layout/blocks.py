@@ -34,7 +34,7 @@ from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
 from ..optim import row_state, state_keys
-from ..shards import TRAIN_COLUMNS, Dataset, read_row_groups
+from ..shards import TRAIN_COLUMNS, Dataset, days_of, read_row_groups
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
 from .rows import deal_pieces, deal_users, local_index, movie_block
 
@@ -111,10 +111,11 @@ class Blocks(TableLayout):
     def _load_strata(self, resident: str) -> None:
         """This rank's training ratings (its user block), grouped by movie block; 12 bytes per rating."""
         w, r = self.env.world_size, self.env.rank
-        day_bias = self.cfg.uses_day_bias()
-        columns = TRAIN_COLUMNS + (("timestamp",) if day_bias else ())
+        day_bias, time_bias = self.cfg.uses_day_bias(), self.cfg.uses_time_bias()
+        timed = day_bias or time_bias
+        columns = TRAIN_COLUMNS + (("timestamp",) if timed else ())
         parts: dict[str, list[np.ndarray]] = {c: [] for c in ("user", "item", "rating")}
-        if day_bias:
+        if timed:
             parts.update(global_user=[], timestamp=[])
         groups = self.data.row_groups("train")
         if self.bucket_rank is not None:  # only this rank's user buckets: about 1/W of the split
@@ -132,7 +133,7 @@ class Blocks(TableLayout):
                 parts["user"].append(self.user_local_idx[a["user"][mine]].astype(np.int32))
                 parts["item"].append(a["item"][mine].astype(np.int64))
                 parts["rating"].append(a["rating"][mine].astype(np.float32))
-                if day_bias:
+                if timed:
                     parts["global_user"].append(a["user"][mine].astype(np.int64))
                     parts["timestamp"].append(a["timestamp"][mine].astype(np.int64))
         # One seeded shuffle at load: the row groups hold a bucket each, so in file order a run of ratings (a
@@ -144,8 +145,13 @@ class Blocks(TableLayout):
         parts = {k: [np.concatenate(v)[perm] if v else np.empty(0, dtypes[k])] for k, v in parts.items()}
         # --model.day_bias: the biases of this rank's users' days (all their ratings are here), and each rating's row
         user, timestamp = parts.pop("global_user", [None])[0], parts.pop("timestamp", [None])[0]
-        days = self._build_day_bias(user, timestamp)
+        days = self._build_day_bias(user, timestamp) if day_bias else None
         day_row = None if days is None else days.rows(user, timestamp)
+        # --model.time_bins / user_drift: each rating's day, and the biases (t_u of this rank's users: all their
+        # ratings are here)
+        day = days_of(timestamp) if time_bias else None
+        if time_bias:
+            self._build_time_bias(np.concatenate(parts["user"]) if parts["user"] else np.empty(0, np.int32), day)
         item = np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64)
         n_groups = w * self.pieces
         group = self.item_block[item] * self.pieces + self.item_piece[item]  # by movie block, then piece
@@ -157,6 +163,8 @@ class Blocks(TableLayout):
                 "rating": np.concatenate(parts["rating"])[order]}
         if day_row is not None:
             cols["day_row"] = day_row[order].astype(np.int32)
+        if day is not None:
+            cols["day"] = day[order]
         # The whole count matrix on every rank: each rank's steps per phase depend on all strata.
         mine = torch.tensor(counts, dtype=torch.long, device=self.env.device)
         if self.env.distributed:
@@ -242,10 +250,11 @@ class Blocks(TableLayout):
 
     def _slot_tensors(self) -> list[torch.Tensor]:
         """What travels with a movie row: the row and its optimizer state (Adam's two moments, or RowRMSprop's
-        row state), each with one row per table row."""
+        row state), and its time bins' biases and state (--model.time_bins), each with one row per table row."""
         p = self.model.items.weight
         state = row_state(self.opt, p)
-        return [p.detach()] + [state[k] for k in state_keys(self.opt)]
+        time = [self.time_bias.bins] if self.time_bias is not None and self.time_bias.n_bins else []
+        return [p.detach()] + [state[k] for k in state_keys(self.opt)] + time
 
     def _buffer(self, kind: str, q: int) -> torch.Tensor:
         """Slot q's send or staging buffer (flat, room for a whole slot's rows and state), kept for the job."""
@@ -336,8 +345,18 @@ class Blocks(TableLayout):
         """Users stay local; the movie table is all-gathered (weights only, no Adam state): every rank then
         holds one whole movie table for the duration of the evaluation."""
         self._install_all()  # every rank's custody complete (all ranks are at the same step)
+        return self.model.users.weight.detach(), self._gather_items(self.model.items.weight.detach()), \
+            self.model.global_bias.detach()
+
+    def eval_time(self):
+        """The time biases' user rows (local, as the user rows) and every movie's bin biases, all-gathered."""
+        self._install_all()
+        t = self.time_bias
+        return t.users, self._gather_items(t.bins[:, : t.n_bins].contiguous())
+
+    def _gather_items(self, p: torch.Tensor) -> torch.Tensor:
+        """A tensor of one row per local movie row, as one whole table by global movie id (all_gather)."""
         w = self.env.world_size
-        p = self.model.items.weight.detach()
         full = p.new_empty((self.data.n_items, p.shape[1]))
         tables = [p]
         if self.env.distributed:
@@ -347,7 +366,7 @@ class Blocks(TableLayout):
         for x, rows in enumerate(tables):
             ids, local = self._custody(x, self.held, self.phase)
             full[torch.from_numpy(ids).to(p.device)] = rows[torch.from_numpy(local).to(p.device)]
-        return self.model.users.weight.detach(), full, self.model.global_bias.detach()
+        return full
 
     # -- checkpoint parts --------------------------------------------------------------------------
     @property

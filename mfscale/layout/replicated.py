@@ -18,7 +18,7 @@ from ..config import JobConfig
 from ..distributed import DistEnv
 from ..errors import ConfigError
 from ..optim import RowOptimizer, row_floats
-from ..shards import TRAIN_ROW_BYTES, Dataset
+from ..shards import TRAIN_ROW_BYTES, Dataset, days_of
 from ..stream import RatingStream, make_loader
 from ..sync import all_gather_ids, all_sum_rows, sync_sparse_grads, sync_sparse_rows
 from .base import DENSE_SWEEP_MIN_FRACTION, TableLayout, fits_on_device
@@ -50,13 +50,15 @@ class Replicated(TableLayout):
         if self.strata > 1:  # users and movies dealt to k blocks each, balanced by their training ratings
             deal = tuple(deal_rows(counts, self.strata) for counts in train_counts(data))
         day_rows = None
-        if cfg.uses_day_bias():  # every rank holds every user's day biases, as it holds every user row
+        if cfg.uses_day_bias() or cfg.uses_time_bias():  # every rank holds every user's, as it holds every user row
             train = data.read_split("train", ("user", "timestamp"))
-            self._build_day_bias(train["user"], train["timestamp"])
-            day_rows = self.day_bias.rows
+            if cfg.uses_day_bias():
+                self._build_day_bias(train["user"], train["timestamp"])
+                day_rows = self.day_bias.rows
+            self._build_time_bias(train["user"].astype(np.int64), days_of(train["timestamp"]))
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
                                    seed=cfg.train.seed, resident=env.device if self.resident else None,
-                                   strata=deal, day_rows=day_rows)
+                                   strata=deal, day_rows=day_rows, days=cfg.uses_time_bias())
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.rows_complete = not env.distributed
         self.meets_every_step = env.distributed
@@ -106,6 +108,19 @@ class Replicated(TableLayout):
         self.env.count("all_gather", 3)  # sizes, ids, rows
         (ids, v), = all_sum_rows(local, [len(self.day_bias.keys) + 1])
         return ids, v[:, 0], v[:, 1]
+
+    def time_combine(self):
+        """Every replica applies the sum of the ranks' time-bias gradients (one all_gather of their rows)."""
+        if not self.env.distributed:
+            return None
+
+        def combine(local, n_rows):
+            self.bytes_sent += sum(ids.numel() * (8 + 2 * v.element_size()) for ids, v in local) \
+                * (self.env.world_size - 1)
+            self.env.count("all_gather", 3)  # sizes, ids, rows
+            return all_sum_rows(local, n_rows)
+
+        return combine
 
     def renorm_touched(self, user, item, max_norm) -> None:
         """Every replica renormalizes the rows any rank's batch touches (the union), so the replicas stay equal

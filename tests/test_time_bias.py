@@ -1,0 +1,159 @@
+"""Time-aware biases (``--model.time_bins``, ``--model.user_drift``; mfscale/timebias.py): the bins and the drift
+as documented, a signal they find where the data has one, every step kind agreeing, runs resumed exactly and
+keeping the setting they started with, and the export predicting as the job does. Their step against a NumPy
+reference written from the config, on 2 ranks of the blocks layout (the bins rotating with their movies), is in
+tests/test_layout.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mfscale import checkpoint, export, prepare
+from mfscale.errors import ConfigError
+from mfscale.runs import load_run
+from mfscale.shards import DAY_SECONDS, Dataset
+from mfscale.timebias import TimeBias, user_mean_days
+from mfscale.train import run
+
+from .test_train import job
+
+DAYS = 1000  # the span of the drifting data's ratings
+
+
+def test_bins_and_drift_follow_the_documented_formulas():
+    """bin(t) = clip((day - first) B // (last - first + 1), 0, B - 1) (days outside the span in the end bins) and
+    dev_u(t) = sign(day - t_u) |day - t_u|^0.4, written out here from the module's text; t_u is the mean day of the
+    user's ratings (0 without any)."""
+    mean = user_mean_days(np.array([0, 0, 2]), np.array([10, 21, 40]), 4)
+    assert mean.tolist() == [15.5, 0.0, 40.0, 0.0]
+    t = TimeBias(4, 3, 7, True, first=10, last=40, mean_day=mean, dtype=torch.float64)
+    day = torch.tensor([10, 14, 15, 40, 41, 3, 100, 25])
+    want = [min(max((x - 10) * 7 // 31, 0), 6) for x in day.tolist()]
+    assert t.bin_of(day).tolist() == want and want[:5] == [0, 0, 1, 6, 6]
+    user = torch.tensor([0, 0, 2, 2, 1, 0, 2, 3])
+    b, dev = t.features(user, day)
+    x = day.numpy() - mean[user.numpy()]
+    np.testing.assert_allclose(dev.numpy(), np.sign(x) * np.abs(x) ** 0.4, rtol=1e-12)
+    assert b.tolist() == want
+    t.bins[:, :7] = torch.arange(21, dtype=torch.float64).reshape(3, 7)
+    t.users[:, 0] = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
+    item = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    want_offset = [float(item[k] * 7 + want[k]) + t.users[user[k], 0].item() * dev[k].item() for k in range(8)]
+    np.testing.assert_allclose(t.offset(user, item, b, dev).numpy(), want_offset, rtol=1e-12)
+
+
+def _drifting_csv(path: Path, n_users: int = 150, n_items: int = 120, per_user: int = 60, seed: int = 0) -> Path:
+    """ratings.csv over DAYS days where each movie's bias moves linearly with time (slope N(0, 1.5) over the span)
+    and each user's ratings drift as alpha_u dev_u(t), alpha N(0, 0.03): mean + biases + <p, q> + both + N(0, 0.3),
+    rounded to half stars."""
+    rng = np.random.default_rng(seed)
+    p, q = rng.normal(0, 0.5, (n_users, 2)), rng.normal(0, 0.5, (n_items, 2))
+    bu, bi, slope = rng.normal(0, 0.3, n_users), rng.normal(0, 0.3, n_items), rng.normal(0, 1.5, n_items)
+    alpha = rng.normal(0, 0.03, n_users)
+    lines = ["userId,movieId,rating,timestamp"]
+    for u in range(n_users):
+        items = rng.choice(n_items, per_user, replace=False)
+        days = rng.integers(0, DAYS, per_user)
+        x = days - days.mean()
+        dev = np.sign(x) * np.abs(x) ** 0.4
+        for i, day, d in zip(items, days, dev, strict=True):
+            score = (3.3 + bu[u] + bi[i] + p[u] @ q[i] + slope[i] * (day / DAYS - 0.5) + alpha[u] * d
+                     + rng.normal(0, 0.3))
+            ts = 1_200_000_000 + int(day) * DAY_SECONDS + int(rng.integers(0, DAY_SECONDS))
+            lines.append(f"{u + 1},{i + 1},{np.clip(np.round(score * 2) / 2, 0.5, 5.0):.1f},{ts}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def drift_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("drift")
+    out = root / "data"
+    assert prepare.main(["--input", str(_drifting_csv(root / "ratings.csv")), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_time_biases_find_a_drift_signal_and_every_step_kind_agrees(drift_data, tmp_path):
+    """Where movies' biases move with time and users drift, the bins and the drift take part of that out of the
+    test error, each alone and more together; with the user-day biases on (the default) too. The C++ step (the
+    errors written by the op), the torch-ops step and autograd train the same model."""
+    def fit(name, **kw):
+        base = dict(train__epochs=25, train__patience=0, model__day_bias=False)
+        return run(job(drift_data, tmp_path / name, **(base | kw)))["test_rmse"]
+
+    off = fit("off")
+    bins, drift = fit("bins", model__time_bins=5), fit("drift", model__user_drift=True)
+    both = fit("both", model__time_bins=5, model__user_drift=True)
+    assert bins < off - 0.03 and drift < off - 0.03 and both < min(bins, drift) - 0.03, (off, bins, drift, both)
+    days = dict(model__time_bins=5, model__user_drift=True, model__day_bias=True)
+    on = fit("days", **days)
+    assert on < off - 0.02, (on, off)
+    assert abs(fit("eager", train__cpu_kernel="off", **days) - on) < 1e-4
+    assert abs(fit("autograd", train__step="autograd", **days) - on) < 1e-4
+
+
+def test_runs_resume_exactly_and_keep_the_time_setting_they_started_with(drift_data, tmp_path, capsys):
+    """Two epochs in one go equal one, a restart and one more; a restart whose flags say otherwise keeps what the
+    run started with, with a warning. The checkpoint carries each movie's bins and each user's drift, with the ids
+    of the table rows."""
+    def cfg(name, **kw):
+        return job(drift_data, tmp_path / name, train__batch_size=256, optim__schedule="none", **kw)
+
+    on = dict(model__time_bins=6, model__user_drift=True)
+    whole = run(cfg("whole", train__epochs=2, **on))
+    run(cfg("split", train__epochs=1, **on))
+    capsys.readouterr()
+    split = run(cfg("split", train__epochs=2))  # the flags left out: the run keeps its bins and drift
+    err = capsys.readouterr().err
+    assert "keeps --model.time_bins 6, as it started, not 0" in err and "keeps --model.user_drift True" in err
+    assert split["test_rmse"] == whole["test_rmse"] and whole["test_rmse"] < 1.2
+    state, path = checkpoint.load_latest(tmp_path / "split")
+    (part,) = [checkpoint.read_part(p, d) for p, d in checkpoint.part_paths(path, state)]
+    data = Dataset(drift_data)
+    assert part.time["items"].weight.shape == (data.n_items, 6) and part.time["users"].weight.shape == (data.n_users, 1)
+    assert torch.equal(part.time["items"].ids, part.tables["items"].ids)
+    assert part.time["items"].weight.abs().max() > 0 and part.time["users"].weight.abs().max() > 0
+    assert part.time["span"].tolist()[2] == 6
+
+
+def test_export_predicts_with_the_time_biases_as_the_job_does(drift_data, tmp_path):
+    """The export's files and its README's formula (meta.json's span) give the job's own test RMSE."""
+    metrics = run(job(drift_data, tmp_path / "r", train__epochs=3, model__time_bins=8, model__user_drift=True))
+    meta = export.export(load_run(tmp_path / "r"), tmp_path / "out")
+    d = tmp_path / "out"
+    assert meta["time_bias"]["bins"] == 8 and json.loads((d / "meta.json").read_text())["time_bias"] is not None
+    assert "item_time_bias" in (d / "README.txt").read_text()
+    arr = {n: np.load(d / f"{n}.npy") for n in ("user_factors", "item_factors", "user_bias", "item_bias",
+                                               "global_mean", "user_ids", "item_time_bias", "user_drift",
+                                               "user_mean_day", "user_day_user_ids", "user_day_days",
+                                               "user_day_bias")}
+    test = Dataset(drift_data).read_split("test")
+    u, i = test["user"].astype(np.int64), test["item"].astype(np.int64)
+    day = test["timestamp"].astype(np.int64) // 86400
+    day_bias = dict(zip(zip(arr["user_day_user_ids"].tolist(), arr["user_day_days"].tolist(), strict=True),
+                        arr["user_day_bias"].tolist(), strict=True))
+    t = meta["time_bias"]
+    b = np.clip((day - t["first_day"]) * t["bins"] // (t["last_day"] - t["first_day"] + 1), 0, t["bins"] - 1)
+    x = day - arr["user_mean_day"][u]
+    pred = (arr["global_mean"] + arr["user_bias"][u] + arr["item_bias"][i]
+            + (arr["user_factors"][u] * arr["item_factors"][i]).sum(1)
+            + np.array([day_bias.get((int(arr["user_ids"][a]), int(y)), 0.0) for a, y in zip(u, day, strict=True)])
+            + arr["item_time_bias"][i, b] + arr["user_drift"][u] * np.sign(x) * np.abs(x) ** 0.4)
+    rmse = float(np.sqrt(np.mean((np.clip(pred, 0.5, 5.0) - test["rating"]) ** 2)))
+    assert abs(rmse - metrics["test_rmse"]) < 1e-5, (rmse, metrics["test_rmse"])
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (dict(model__time_bins=4, model__biases=False), "need --model.biases on"),
+    (dict(model__user_drift=True, optim__optimizer="sgd", optim__lr=0.03), "model.time_bins or model.user_drift"),
+    (dict(model__time_bins=-1), "model.time_bins must be in"),
+    (dict(model__time_bins=5, optim__reg_time=-1.0), "optim.reg_time"),
+])
+def test_settings_it_cannot_train_are_one_clear_line(small_data, tmp_path, flags, message):
+    with pytest.raises(ConfigError, match=message):
+        job(small_data, tmp_path, **flags)
