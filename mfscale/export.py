@@ -123,7 +123,9 @@ first_day and last_day, the training ratings' first and last day, are in meta.js
     dev = np.sign(x) * abs(x) ** 0.4
     rating += np.load(f"{{d}}/item_time_bias.npy")[i, b] + np.load(f"{{d}}/user_drift.npy")[u] * dev
 
-Without a time, leave both out (as mfscale's recommend does).
+Without a time (mfscale's recommend: top-N lists, fold-in, --predict), use the last bin, b = bins - 1 (the movie's
+most recent popularity), and leave the drift out (it moves all of a user's predictions alike, and extrapolated past
+the training ratings it grows without bound).
 """
 
 

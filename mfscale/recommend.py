@@ -8,6 +8,9 @@
   timestamp optional), folded in without retraining (``fold_in``), then their top-N; with
   ``--predict PAIRS.csv`` (``userId,movieId``) their predicted ratings instead, as CSV (``--out`` or stdout).
 
+A run with ``--model.time_bins`` predicts with each movie's latest bin (``Run.at_latest_time``); the user-day
+biases and the user drift move all of a user's predictions alike and are left out (no time is given).
+
 Ids are the original MovieLens ids. Scores are predicted ratings clipped to the rating scale; ranking uses
 the unclipped prediction, so order among clipped ties still follows the model. Movies without a single
 training rating are never recommended: their factors are the random initialization, not learned.
@@ -331,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ratings is not None:  # read before the model: a bad file is one line at once
         ratings = read_ratings(args.ratings, timestamp_optional=True)
         pairs = read_pairs(args.predict) if args.predict is not None else None
-    run = load_run(args.run, args.data)
+    run = load_run(args.run, args.data).at_latest_time()  # --model.time_bins: the movies' latest popularity
     if args.ratings is not None:
         return _fold_in_cli(run, args, ratings, pairs)
     if args.similar_to is not None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import torch
 
 from . import checkpoint
 from .config import OptimConfig
@@ -58,6 +59,21 @@ class Run:
         """The run's user-day biases (``--model.day_bias``): sorted ``daybias.day_key`` keys (global user index
         << 20 | day) and their biases, or None for a run without them. Read from the checkpoint's parts on call."""
         return checkpoint.day_biases(self.checkpoint_path, self.checkpoint_state)
+
+    def at_latest_time(self) -> Run:
+        """This run as ``recommend`` predicts without a time, in place: with ``--model.time_bins`` each movie's bias
+        gains its last bin's (its most recent popularity: a recommendation is made after the training ratings),
+        which reorders top-N lists as the bins meant; a user's drift is left out (it moves all of the user's
+        predictions alike, and extrapolated past the training span it would grow without bound). Returns itself."""
+        model_cfg = (self.checkpoint_state.get("config") or {}).get("model") or {}
+        if not int(model_cfg.get("time_bins", 0) or 0):
+            return self
+        time = self.time_biases()
+        if time is not None and time["bins"].shape[1]:
+            w = self.model.items.weight
+            with torch.no_grad():
+                w[:, self.model.dim] += torch.from_numpy(time["bins"][:, -1]).to(w.dtype)
+        return self
 
     def time_biases(self) -> dict | None:
         """The run's time-aware biases by row (``checkpoint.time_biases``), or None for a run without them."""

@@ -157,3 +157,28 @@ def test_export_predicts_with_the_time_biases_as_the_job_does(drift_data, tmp_pa
 def test_settings_it_cannot_train_are_one_clear_line(small_data, tmp_path, flags, message):
     with pytest.raises(ConfigError, match=message):
         job(small_data, tmp_path, **flags)
+
+
+def test_recommend_ranks_with_each_movies_latest_bin(drift_data, tmp_path, capsys):
+    """Without a time, recommend scores with the movie's bias plus its last bin's (its latest popularity), and
+    leaves the user drift out: the top-N printed is the order of mean + b_u + b_i + b_{i,last} + <p_u, q_i>."""
+    from mfscale import recommend
+
+    run(job(drift_data, tmp_path / "r", train__epochs=3, model__time_bins=4, model__user_drift=True))
+    raw = load_run(tmp_path / "r")
+    time = raw.time_biases()
+    p, bu, q, bi = (t.detach().numpy().astype(np.float64) for t in raw.model.factors())
+    latest = load_run(tmp_path / "r").at_latest_time()
+    np.testing.assert_allclose(latest.model.factors()[3].detach().numpy(), bi + time["bins"][:, 3], rtol=1e-6)
+    assert np.abs(time["bins"][:, 3]).max() > 0.01
+    assert recommend.main(["--run", str(tmp_path / "r"), "--user", "7", "-k", "5"]) == 0
+    out = capsys.readouterr().out
+    u = raw.user_index(7)
+    indptr, items = raw.train_pairs()
+    seen = set(items[indptr[u]:indptr[u + 1]].tolist())
+    score = float(raw.model.global_bias) + bu[u] + bi + time["bins"][:, 3] + q @ p[u]
+    n_train = raw.movies["n_train"].to_numpy()
+    order = [int(i) for i in np.argsort(-score) if int(i) not in seen and n_train[i] > 0][:5]
+    want = [int(raw.movies["movie_id"][i]) for i in order]
+    got = [int(line.split("[")[1].split("]")[0]) for line in out.splitlines() if "[" in line][:5]
+    assert got == want, (got, want, out)
