@@ -7,8 +7,9 @@ Every trial is a real training run (``Trainer``, one process) of the job the oth
 
 - ``optim.lr`` (log-uniform 0.001-0.03), ``optim.reg_factor`` (log 0.003-0.3), ``optim.reg_bias`` (log
   0.0001-0.1), ``model.dim`` (16, 32, 64, 128), ``train.epochs`` (5-40);
-- the model options: ``model.biases`` (on, off), ``model.max_norm`` (off, 1, 2, 4), ``model.day_bias`` (on, off) and
-  ``optim.reg_day`` (1-100, log);
+- the model options: ``model.biases`` (on, off), ``model.max_norm`` (off, 1, 2, 4), ``model.day_bias`` (on, off),
+  ``optim.reg_day`` (1-100, log) and, with biases and not sgd, ``model.time_bins`` (0, 10, 30) and
+  ``model.user_drift`` (off, on);
 - with ``--optimizers row_rmsprop,sgd`` (any of ``config``'s optimizers), ``optim.optimizer`` among them too, each with
   its own learning-rate range (``lr``: log 0.001-0.03; ``lr_sgd``, for sgd's per-rating steps: log 0.005-0.06) and
   no max_norm for sgd (which has none). Without it the base job's optimizer, and its ``lr`` range, as before. Which of
@@ -49,6 +50,7 @@ STUDY_NAME = "mfscale"
 TUNE_PIP = "python -m pip install -e '.[tune]'"
 DIMS = (16, 32, 64, 128)
 MAX_NORMS = (0.0, 1.0, 2.0, 4.0)
+TIME_BINS = (0, 10, 30)
 
 
 def sample(trial: Any, base: JobConfig, run_dir: Path, optimizers: tuple[str, ...] = ()) -> JobConfig:
@@ -57,6 +59,8 @@ def sample(trial: Any, base: JobConfig, run_dir: Path, optimizers: tuple[str, ..
     optimizer = (trial.suggest_categorical("optimizer", optimizers) if len(optimizers) > 1
                  else optimizers[0] if optimizers else base.optim.optimizer)
     sgd = optimizer == "sgd"
+    biases = trial.suggest_categorical("biases", (True, False))
+    timed = biases and not sgd  # the time-aware biases are bias terms, and sgd's op does not step them
     return config.replace(
         base, run_dir=str(run_dir), optim__optimizer=optimizer,
         optim__lr=(trial.suggest_float("lr_sgd", 5e-3, 6e-2, log=True) if sgd
@@ -65,10 +69,12 @@ def sample(trial: Any, base: JobConfig, run_dir: Path, optimizers: tuple[str, ..
         optim__reg_bias=trial.suggest_float("reg_bias", 1e-4, 0.1, log=True),
         model__dim=trial.suggest_categorical("dim", DIMS),
         train__epochs=trial.suggest_int("epochs", 5, 40),
-        model__biases=trial.suggest_categorical("biases", (True, False)),
+        model__biases=biases,
         model__max_norm=0.0 if sgd else trial.suggest_categorical("max_norm", MAX_NORMS),
         model__day_bias=trial.suggest_categorical("day_bias", (True, False)),
         optim__reg_day=trial.suggest_float("reg_day", 1.0, 100.0, log=True),
+        model__time_bins=trial.suggest_categorical("time_bins", TIME_BINS) if timed else 0,
+        model__user_drift=trial.suggest_categorical("user_drift", (False, True)) if timed else False,
         checkpoint__resume="never",  # a trial that died is retried from scratch by a new trial
     ).validate()
 

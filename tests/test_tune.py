@@ -58,7 +58,8 @@ def test_without_optuna_is_one_line(small_data, tmp_path, monkeypatch, capsys):
 
 def test_search_chooses_between_optimizers_each_with_its_own_lr_range(small_data, tmp_path):
     """``--optimizers row_rmsprop,sgd``: the optimizer is sampled, sgd's trials draw ``lr_sgd`` (its per-rating
-    range) and no max_norm (sgd has none), and best.toml replays whichever won. An unknown name is one line."""
+    range) and no max_norm (sgd has none) nor time-aware biases, and best.toml replays whichever won. An unknown name
+    is one line."""
     study = tmp_path / "study"
     base = ["--data", str(small_data), "--train.ranking_k", "0", "--train.patience", "2", "--device", "cpu"]
     assert tune.main(["--study", str(study), "--trials", "4", "--optimizers", "row_rmsprop,sgd", *base]) == 0
@@ -67,12 +68,17 @@ def test_search_chooses_between_optimizers_each_with_its_own_lr_range(small_data
     for t in done:
         sgd = t.params["optimizer"] == "sgd"
         assert ("lr_sgd" in t.params, "lr" in t.params, "max_norm" in t.params) == (sgd, not sgd, not sgd)
+        # the time-aware biases are drawn where the trial can train them: bias terms, not in sgd's op
+        timed = t.params["biases"] and not sgd
+        assert ("time_bins" in t.params, "user_drift" in t.params) == (timed, timed)
         if sgd:
             assert 5e-3 <= t.params["lr_sgd"] <= 6e-2
     best = min((t for t in done if t.state.name == "COMPLETE"), key=lambda t: t.value)
     cfg = config.from_args(["--config", str(study / "best.toml"), "--run-dir", str(tmp_path / "run")])
     assert cfg.optim.optimizer == best.params["optimizer"]
     assert cfg.optim.lr == best.params["lr_sgd" if cfg.optim.optimizer == "sgd" else "lr"]
+    assert (cfg.model.time_bins, cfg.model.user_drift) == (best.params.get("time_bins", 0),
+                                                           best.params.get("user_drift", False))
     with pytest.raises(SystemExit) as se:
         tune.main(["--study", str(tmp_path / "s2"), "--optimizers", "row_rmsprop,adagrad", *base])
     assert se.value.code == 2
