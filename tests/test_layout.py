@@ -42,6 +42,12 @@ def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
         out["days.ids"] = part.days.ids.numpy()
         out["days.weight"] = part.days.weight.numpy()[:, 0]
         out["days.sq"] = part.days.state["sq"].numpy()[:, 0]
+    if part.time is not None:  # the time-aware biases beside this rank's rows: bins by movie, drift by user
+        for name in ("users", "items"):
+            t = part.time[name]
+            out[f"time.{name}.ids"] = t.ids.numpy()
+            out[f"time.{name}.weight"] = t.weight.numpy()
+            out[f"time.{name}.sq"] = t.state["sq"].numpy()
     out["global_bias"] = tr.model.global_bias.detach().numpy().copy()
     dense = tr.optims.dense.state[tr.model.global_bias]
     out["global_bias.exp_avg"] = dense["exp_avg"].numpy().copy()
@@ -75,7 +81,8 @@ def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) 
             for j, batch in enumerate(tr.layout.batches(0, 0), start=1):  # to the end of the epoch
                 user, item = tr.layout.global_ids(batch)
                 batches.append({"user": user, "item": item, "rating": batch["rating"].numpy().copy(),
-                                "global_rows": batch["global_rows"], "day": day_keys(tr, batch)})
+                                "global_rows": batch["global_rows"], "day": day_keys(tr, batch),
+                                "days": batch["day"].numpy().copy() if "day" in batch else None})
                 tr.train_step(batch)
                 if tr.layout.sync_point(j):  # as the loop does (train.Trainer._train_epoch)
                     tr.step_fn.reconcile()
@@ -184,7 +191,11 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     with max_norm the factor vectors of the step's touched rows (all ranks') renormalized first, as nn.Embedding
     does. With user-day biases (model.day_bias; ``initial["days.keys"]``, ``["days.count"]``: every key of the
     training split and its ratings) each prediction adds its key's bias b, and each touched b steps by RMSprop on
-    its summed 2 e / G plus its share of reg_day b^2: count / n_key x 2 reg_day b / G (mfscale/daybias.py)."""
+    its summed 2 e / G plus its share of reg_day b^2: count / n_key x 2 reg_day b / G (mfscale/daybias.py). With
+    time-aware biases (model.time_bins, model.user_drift; ``initial["time.span"]``: the training split's first and
+    last day, ``["time.mean_day"]``: each user's mean training day) each prediction adds its movie's bias for the bin
+    of its day and alpha_u dev_u(day), and each touched bin bias and alpha steps by RMSprop on its summed 2 e / G
+    (times dev for alpha) plus count x 2 reg_time x value / G (mfscale/timebias.py)."""
     o, d, w = cfg.optim, cfg.model.dim, len(ranks)
     ones = 1.0 if cfg.model.biases else 0.0  # the bias column's derivative
     assert o.schedule == "none"
@@ -202,10 +213,19 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     if days:
         day_keys, day_n = initial["days.keys"], initial["days.count"]
         day_b, day_s = np.zeros(len(day_keys)), np.zeros(len(day_keys))
+    n_bins, drift = cfg.model.time_bins, cfg.model.user_drift
+    timed = n_bins > 0 or drift
+    if timed:
+        first, last = initial["time.span"]
+        bins, bins_s = np.zeros((len(tables["items"]), n_bins)), np.zeros((len(tables["items"]), n_bins))
+        alpha, alpha_s = np.zeros(len(tables["users"])), np.zeros(len(tables["users"]))
     for t, step in enumerate(zip(*(r["batches"] for r in ranks), strict=True), start=1):
         g_rows = step[0]["global_rows"]
         if days:
             day_g, day_c = np.zeros(len(day_keys)), np.zeros(len(day_keys))
+        if timed:
+            bins_g, bins_c = np.zeros_like(bins), np.zeros_like(bins)
+            alpha_g, alpha_c = np.zeros_like(alpha), np.zeros_like(alpha)
         grads = {k: np.zeros_like(v) for k, v in tables.items()}
         counts = {k: np.zeros(len(v)) for k, v in tables.items()}
         p, q = tables["users"], tables["items"]
@@ -220,10 +240,24 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
             u, i, y = b["user"], b["item"], b["rating"].astype(np.float64)
             at = np.searchsorted(day_keys, b["day"]) if days else None
             day = day_b[at] if days else 0.0
-            coef = 2 * (bias[r] + (p[u, :d] * q[i, :d]).sum(1) + p[u, d] + q[i, d] + day - y) / g_rows
+            time = 0.0
+            if timed:
+                when = b["days"].astype(np.int64)
+                k = np.clip((when - first) * max(n_bins, 1) // (last - first + 1), 0, max(n_bins, 1) - 1)
+                x = when - initial["time.mean_day"][u]
+                dev = np.sign(x) * np.abs(x) ** 0.4
+                time = (bins[i, k] if n_bins else 0.0) + (alpha[u] * dev if drift else 0.0)
+            coef = 2 * (bias[r] + (p[u, :d] * q[i, :d]).sum(1) + p[u, d] + q[i, d] + day + time - y) / g_rows
             if days:
                 np.add.at(day_g, at, coef)
                 np.add.at(day_c, at, 1)
+            if timed:
+                if n_bins:
+                    np.add.at(bins_g, (i, k), coef)
+                    np.add.at(bins_c, (i, k), 1)
+                if drift:
+                    np.add.at(alpha_g, u, coef * dev)
+                    np.add.at(alpha_c, u, 1)
             np.add.at(grads["users"], u, coef[:, None] * np.c_[q[i, :d], np.full(len(i), ones)])
             np.add.at(grads["items"], i, coef[:, None] * np.c_[p[u, :d], np.full(len(u), ones)])
             np.add.at(counts["users"], u, 1)
@@ -248,10 +282,18 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
             g = day_g[rows] + day_c[rows] / day_n[rows] * 2 * o.reg_day / g_rows * day_b[rows]
             day_s[rows] += (g * g - day_s[rows]) * (1 - o.beta2)
             day_b[rows] -= o.lr * np.sqrt(1 - o.beta2**t) * g / (np.sqrt(day_s[rows]) + 1e-8)
+        if timed:
+            for value, state, grad, count in ((bins, bins_s, bins_g, bins_c), (alpha, alpha_s, alpha_g, alpha_c)):
+                rows = count > 0
+                g = grad[rows] + count[rows] * 2 * o.reg_time / g_rows * value[rows]
+                state[rows] += (g * g - state[rows]) * (1 - o.beta2)
+                value[rows] -= o.lr * np.sqrt(1 - o.beta2**t) * g / (np.sqrt(state[rows]) + 1e-8)
         bias, bias_m, bias_v = global_bias_step(bias, bias_m, bias_v, g_bias, t, o.dense_lr, t in sync)
     out = {"tables": tables, "moments": moments, "bias": [bias, bias_m, bias_v]}
     if days:
         out["days"] = [day_b, day_s]
+    if timed:
+        out["time"] = {"items": [bins, bins_s], "users": [alpha, alpha_s]}
     return out
 
 
@@ -266,6 +308,10 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
     start = {k: v.detach().numpy() for k, v in initial.state_dict().items()}
     train = data.read_split("train")
     start["days.keys"], start["days.count"] = np.unique(day_key(train["user"], train["timestamp"]), return_counts=True)
+    when = train["timestamp"].astype(np.int64) // 86400  # the time biases' days, span and users' mean days
+    start["time.span"] = (int(when.min()), int(when.max()))
+    n = np.bincount(train["user"], minlength=data.n_users)
+    start["time.mean_day"] = np.bincount(train["user"], weights=when, minlength=data.n_users) / np.maximum(n, 1)
     want = numpy_reference(ranks, cfg, start)
     assert len(want["tables"]["users"]) == data.n_users
     for r, rank in enumerate(ranks):
@@ -285,6 +331,16 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
             for key, ref in zip(("weight", "sq"), want["days"], strict=True):
                 np.testing.assert_allclose(t[f"days.{key}"], ref[pos], rtol=1e-6, atol=1e-10,
                                            err_msg=f"rank {r} days.{key}")
+        if "time" in want:  # the bins beside the movies this rank holds, the drift beside its users
+            for name in ("users", "items"):
+                ids = t[f"time.{name}.ids"]
+                assert np.array_equal(ids, t[f"{name}.ids"])
+                for key, ref in zip(("weight", "sq"), want["time"][name], strict=True):
+                    got = t[f"time.{name}.{key}"]
+                    np.testing.assert_allclose(got.reshape(len(ids), -1), ref[ids].reshape(len(ids), -1), rtol=1e-6,
+                                               atol=1e-10, err_msg=f"rank {r} time.{name}.{key}")
+    if "time" in want:
+        assert all(np.abs(v[0]).max() > 0 for v in want["time"].values())  # both terms moved
     if cfg.model.day_bias:  # the ranks' keys are the split's, each once
         assert np.array_equal(np.sort(np.concatenate([rank["tensors"]["days.ids"] for rank in ranks])),
                               start["days.keys"])
