@@ -128,7 +128,8 @@ class Step(abc.ABC):
                 days.update(ids, grad, counts, lr=lr, beta2=beta2, eps=eps, l2=l2)
         if time is not None:
             time.update(user, item, *features, err, global_rows=global_rows, lr=lr, beta2=beta2, eps=eps,
-                        reg=self.layout.cfg.optim.reg_time, combine=self.layout.time_combine())
+                        reg=self.layout.cfg.optim.reg_time, reg_drift=self.layout.cfg.optim.reg_drift,
+                        combine=self.layout.time_combine())
         return sse
 
     @abc.abstractmethod

@@ -17,11 +17,14 @@ global movie id, at any world size); alpha_u and t_u sit beside the user table, 
 
 Training: the tables' step fits ``rating - b_bin - alpha dev`` (and the user-day bias, ``mfscale.daybias``) and
 returns its errors e, which are the whole model's; each touched bin bias then takes the gradient
-``g = sum 2 e / G + count 2 reg_time b / G`` and each alpha ``g = sum 2 e dev / G + count 2 reg_time alpha / G``
-(G the global batch's ratings: the job's per-rating L2, as for b_u and b_i), stepped as RowRMSprop steps a bias
-column: ``s += (g^2 - s)(1 - beta2)``, ``x -= lr sqrt(1 - beta2^t) g / (sqrt(s) + eps)`` at the tables'
-learning rate and schedule, t this term's steps. On real ml-latest-small neither pays beside the user-day
-biases (benchmarks/RESULTS.md, session 14): both are off by default.
+``g = sum 2 e / G + count / n 2 reg_time b / G`` and each alpha ``g = sum 2 e dev / G + count / n 2 reg_drift
+alpha / G`` (G the global batch's ratings, n the bin's or the user's training ratings: an L2 of ``reg x^2`` once per
+epoch, spread over them, as the user-day biases' ``reg_day``; a per-rating L2 would not damp a bin of few ratings
+at all, and on the synthetic presets, which have no time signal, it cost 0.005), stepped as RowRMSprop steps a
+bias column: ``s += (g^2 - s)(1 - beta2)``, ``x -= lr sqrt(1 - beta2^t) g / (sqrt(s) + eps)`` at the tables'
+learning rate and schedule, t this term's steps. Each bin's n travels with it (it is the whole split's count, which
+a blocks rank alone does not see). On real ml-latest-small neither pays beside the user-day biases
+(benchmarks/RESULTS.md, session 14): both are off by default.
 """
 
 from __future__ import annotations
@@ -51,18 +54,34 @@ def user_mean_days(user_rows: np.ndarray, day: np.ndarray, n_rows: int) -> np.nd
 
 
 class TimeBias:
-    """This rank's time-aware biases: ``bins`` (movie rows, 2B) = [bias per bin | its RMSprop state], row for row
-    with the movie table, and ``users`` (user rows, 3) = [alpha_u, its RMSprop state, t_u], row for row with the
-    user table. ``first``/``last``: the training split's first and last day (the bins' span)."""
+    """This rank's time-aware biases: ``bins`` (movie rows, 3B) = [bias per bin | its RMSprop state | 1 / the bin's
+    training ratings], row for row with the movie table, and ``users`` (user rows, 4) = [alpha_u, its RMSprop state,
+    t_u, 1 / the user's training ratings], row for row with the user table. ``first``/``last``: the training split's
+    first and last day (the bins' span). The bins' counts are set by ``set_bin_counts``."""
 
     def __init__(self, user_rows: int, item_rows: int, n_bins: int, drift: bool, first: int, last: int,
-                 mean_day: np.ndarray, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+                 mean_day: np.ndarray, user_count: np.ndarray, device: torch.device | str = "cpu",
+                 dtype: torch.dtype | None = None):
         dtype = dtype or torch.get_default_dtype()
         self.n_bins, self.drift, self.first, self.last = int(n_bins), bool(drift), int(first), int(last)
-        self.bins = torch.zeros(item_rows, 2 * self.n_bins, dtype=dtype, device=device)
-        self.users = torch.zeros(user_rows, 3, dtype=dtype, device=device)
+        self.bins = torch.zeros(item_rows, 3 * self.n_bins, dtype=dtype, device=device)
+        self.users = torch.zeros(user_rows, 4, dtype=dtype, device=device)
         self.users[: len(mean_day), 2] = torch.from_numpy(np.asarray(mean_day, dtype=np.float64)).to(device, dtype)
+        self.users[: len(user_count), 3] = torch.from_numpy(1.0 / np.maximum(np.asarray(user_count, np.float64), 1)
+                                                            ).to(device, dtype)
         self.steps = 0
+
+    def bin_counts(self, item: np.ndarray, day: np.ndarray, n_items: int) -> np.ndarray:
+        """Training ratings per (global movie, bin) of ratings ``item`` (global ids) on ``day``: (n_items, B)."""
+        k = self.bin_of(torch.from_numpy(np.asarray(day, np.int64))).numpy()
+        return np.bincount(np.asarray(item, np.int64) * self.n_bins + k, minlength=n_items * self.n_bins
+                           ).reshape(n_items, self.n_bins)
+
+    def set_bin_counts(self, rows: np.ndarray, counts: np.ndarray) -> None:
+        """The whole split's ratings per bin (``counts``: one row per local row ``rows``), as 1 / n."""
+        k = self.n_bins
+        inv = torch.from_numpy(1.0 / np.maximum(np.asarray(counts, np.float64), 1)).to(self.bins)
+        self.bins[torch.from_numpy(np.asarray(rows, np.int64)).to(self.bins.device), 2 * k:] = inv
 
     # -- features and predictions -------------------------------------------------------------------
     def bin_of(self, day: torch.Tensor) -> torch.Tensor:
@@ -95,7 +114,7 @@ class TimeBias:
     @torch.no_grad()
     def update(self, user: torch.Tensor, item: torch.Tensor, bin_: torch.Tensor | None, dev: torch.Tensor | None,
                err: torch.Tensor, *, global_rows: int, lr: float, beta2: float, eps: float, reg: float,
-               combine: Combine | None = None) -> None:
+               reg_drift: float, combine: Combine | None = None) -> None:
         """One step from the batch's errors ``err`` (prediction - rating, before the step): see the module."""
         self.steps += 1
         size = lr * math.sqrt(1 - beta2 ** self.steps)
@@ -111,12 +130,11 @@ class TimeBias:
             n_rows.append(self.users.shape[0])
         if combine is not None:
             local = combine(local, n_rows)
-        l2 = 2.0 * reg / global_rows
         if bin_ is not None:
             ids, v = local.pop(0)
             row, col = ids // k, ids % k
             b = self.bins[row, col]
-            g = v[:, 0] + v[:, 1] * l2 * b
+            g = v[:, 0] + v[:, 1] * self.bins[row, col + 2 * k] * (2.0 * reg / global_rows) * b
             s = self.bins[row, col + k]
             s = s + (g * g - s) * (1 - beta2)
             self.bins[row, col + k] = s
@@ -124,7 +142,7 @@ class TimeBias:
         if dev is not None:
             ids, v = local.pop(0)
             a = self.users[ids, 0]
-            g = v[:, 0] + v[:, 1] * l2 * a
+            g = v[:, 0] + v[:, 1] * self.users[ids, 3] * (2.0 * reg_drift / global_rows) * a
             s = self.users[ids, 1]
             s = s + (g * g - s) * (1 - beta2)
             self.users[ids, 1] = s
@@ -136,8 +154,8 @@ class TimeBias:
         """This rank's rows as checkpoint tables: ``users``/``bins``, the rows of ``self.users``/``self.bins``
         beside the held table rows of global ids ``user_ids``/``item_ids`` (on the CPU)."""
         k = self.n_bins
-        return {"items": TableRows(torch.from_numpy(item_ids), bins[:, :k].clone(), {"sq": bins[:, k:].clone()},
-                                   self.steps),
+        return {"items": TableRows(torch.from_numpy(item_ids), bins[:, :k].clone(),
+                                   {"sq": bins[:, k:2 * k].clone(), "inv_count": bins[:, 2 * k:].clone()}, self.steps),
                 "users": TableRows(torch.from_numpy(user_ids), users[:, :1].clone(),
                                    {"sq": users[:, 1:2].clone(), "mean_day": users[:, 2:3].clone()}, self.steps),
                 "span": torch.tensor([self.first, self.last, k], dtype=torch.int64)}
@@ -162,8 +180,11 @@ class TimeBias:
         local, k = local.to(dev), self.n_bins
         if name == "items":
             self.bins[local, :k] = rows.weight[src].to(dev, self.bins.dtype)
+            # a bin's count is the data's, wherever the checkpoint's custody put its movie
+            if "inv_count" in rows.state:  # (weights-only parts, at epoch boundaries: the counts built are right)
+                self.bins[local, 2 * k:] = rows.state["inv_count"][src].to(dev, self.bins.dtype)
             if not weights_only and "sq" in rows.state:
-                self.bins[local, k:] = rows.state["sq"][src].to(dev, self.bins.dtype)
+                self.bins[local, k:2 * k] = rows.state["sq"][src].to(dev, self.bins.dtype)
         else:
             self.users[local, 0] = rows.weight[src, 0].to(dev, self.users.dtype)
             if not weights_only and "sq" in rows.state:

@@ -193,9 +193,11 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     training split and its ratings) each prediction adds its key's bias b, and each touched b steps by RMSprop on
     its summed 2 e / G plus its share of reg_day b^2: count / n_key x 2 reg_day b / G (mfscale/daybias.py). With
     time-aware biases (model.time_bins, model.user_drift; ``initial["time.span"]``: the training split's first and
-    last day, ``["time.mean_day"]``: each user's mean training day) each prediction adds its movie's bias for the bin
-    of its day and alpha_u dev_u(day), and each touched bin bias and alpha steps by RMSprop on its summed 2 e / G
-    (times dev for alpha) plus count x 2 reg_time x value / G (mfscale/timebias.py)."""
+    last day, ``["time.mean_day"]``: each user's mean training day, ``["time.count"]``: each user's training ratings,
+    ``["time.item"]``, ``["time.day"]``: each training rating's movie and day)
+    each prediction adds its movie's bias for the bin of its day and alpha_u dev_u(day), and each touched bin bias and
+    alpha steps by RMSprop on its summed 2 e / G (times dev for alpha) plus its share of reg_time b^2 (reg_drift
+    alpha^2): count / n x 2 reg x value / G, n the bin's (the user's) training ratings (mfscale/timebias.py)."""
     o, d, w = cfg.optim, cfg.model.dim, len(ranks)
     ones = 1.0 if cfg.model.biases else 0.0  # the bias column's derivative
     assert o.schedule == "none"
@@ -217,6 +219,9 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     timed = n_bins > 0 or drift
     if timed:
         first, last = initial["time.span"]
+        k_of = lambda when: np.clip((when - first) * max(n_bins, 1) // (last - first + 1), 0, max(n_bins, 1) - 1)  # noqa: E731
+        bin_n = np.zeros((len(tables["items"]), max(n_bins, 1)))  # training ratings per (movie, bin), from the split
+        np.add.at(bin_n, (initial["time.item"], k_of(initial["time.day"])), 1)
         bins, bins_s = np.zeros((len(tables["items"]), n_bins)), np.zeros((len(tables["items"]), n_bins))
         alpha, alpha_s = np.zeros(len(tables["users"])), np.zeros(len(tables["users"]))
     for t, step in enumerate(zip(*(r["batches"] for r in ranks), strict=True), start=1):
@@ -243,7 +248,7 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
             time = 0.0
             if timed:
                 when = b["days"].astype(np.int64)
-                k = np.clip((when - first) * max(n_bins, 1) // (last - first + 1), 0, max(n_bins, 1) - 1)
+                k = k_of(when)
                 x = when - initial["time.mean_day"][u]
                 dev = np.sign(x) * np.abs(x) ** 0.4
                 time = (bins[i, k] if n_bins else 0.0) + (alpha[u] * dev if drift else 0.0)
@@ -283,9 +288,11 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
             day_s[rows] += (g * g - day_s[rows]) * (1 - o.beta2)
             day_b[rows] -= o.lr * np.sqrt(1 - o.beta2**t) * g / (np.sqrt(day_s[rows]) + 1e-8)
         if timed:
-            for value, state, grad, count in ((bins, bins_s, bins_g, bins_c), (alpha, alpha_s, alpha_g, alpha_c)):
+            for value, state, grad, count, n, l2 in ((bins, bins_s, bins_g, bins_c, bin_n[:, :n_bins], o.reg_time),
+                                                     (alpha, alpha_s, alpha_g, alpha_c, initial["time.count"],
+                                                      o.reg_drift)):
                 rows = count > 0
-                g = grad[rows] + count[rows] * 2 * o.reg_time / g_rows * value[rows]
+                g = grad[rows] + count[rows] / n[rows] * 2 * l2 / g_rows * value[rows]
                 state[rows] += (g * g - state[rows]) * (1 - o.beta2)
                 value[rows] -= o.lr * np.sqrt(1 - o.beta2**t) * g / (np.sqrt(state[rows]) + 1e-8)
         bias, bias_m, bias_v = global_bias_step(bias, bias_m, bias_v, g_bias, t, o.dense_lr, t in sync)
@@ -312,6 +319,7 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
     start["time.span"] = (int(when.min()), int(when.max()))
     n = np.bincount(train["user"], minlength=data.n_users)
     start["time.mean_day"] = np.bincount(train["user"], weights=when, minlength=data.n_users) / np.maximum(n, 1)
+    start["time.count"], start["time.item"], start["time.day"] = n, train["item"].astype(np.int64), when
     want = numpy_reference(ranks, cfg, start)
     assert len(want["tables"]["users"]) == data.n_users
     for r, rank in enumerate(ranks):
@@ -339,8 +347,9 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
                     got = t[f"time.{name}.{key}"]
                     np.testing.assert_allclose(got.reshape(len(ids), -1), ref[ids].reshape(len(ids), -1), rtol=1e-6,
                                                atol=1e-10, err_msg=f"rank {r} time.{name}.{key}")
-    if "time" in want:
-        assert all(np.abs(v[0]).max() > 0 for v in want["time"].values())  # both terms moved
+    if "time" in want:  # the terms that are on moved
+        assert bool(want["time"]["items"][0].any()) == (cfg.model.time_bins > 0)
+        assert bool(want["time"]["users"][0].any()) == cfg.model.user_drift
     if cfg.model.day_bias:  # the ranks' keys are the split's, each once
         assert np.array_equal(np.sort(np.concatenate([rank["tensors"]["days.ids"] for rank in ranks])),
                               start["days.keys"])

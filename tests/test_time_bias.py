@@ -31,7 +31,8 @@ def test_bins_and_drift_follow_the_documented_formulas():
     user's ratings (0 without any)."""
     mean = user_mean_days(np.array([0, 0, 2]), np.array([10, 21, 40]), 4)
     assert mean.tolist() == [15.5, 0.0, 40.0, 0.0]
-    t = TimeBias(4, 3, 7, True, first=10, last=40, mean_day=mean, dtype=torch.float64)
+    t = TimeBias(4, 3, 7, True, first=10, last=40, mean_day=mean, user_count=np.array([2, 0, 1, 0]),
+                 dtype=torch.float64)
     day = torch.tensor([10, 14, 15, 40, 41, 3, 100, 25])
     want = [min(max((x - 10) * 7 // 31, 0), 6) for x in day.tolist()]
     assert t.bin_of(day).tolist() == want and want[:5] == [0, 0, 1, 6, 6]
@@ -195,5 +196,5 @@ def test_blocks_on_two_ranks_equal_the_numpy_reference_with_the_bins_rotating(dr
     (ranks,) = run_ranks([cfg], 2, tmp_path)
     data = Dataset(drift_data)
     assert_numpy_reference(ranks, cfg, data)
-    # a movie row travels with its 5 bins' biases and their state: 2 x 5 float64 more per movie
-    assert {r["bytes_sent"] for r in ranks} == {data.n_items * (row_floats(cfg) + 2 * 5) * 8}
+    # a movie row travels with its 5 bins: their biases, state and 1 / count, 3 x 5 float64 more per movie
+    assert {r["bytes_sent"] for r in ranks} == {data.n_items * (row_floats(cfg) + 3 * 5) * 8}

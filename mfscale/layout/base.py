@@ -120,10 +120,13 @@ class TableLayout(abc.ABC):
             self.day_bias = DayBias(day_key(user, timestamp), self.env.device, self.model.users.weight.dtype)
         return self.day_bias
 
-    def _build_time_bias(self, user_rows: np.ndarray, day: np.ndarray) -> TimeBias | None:
+    def _build_time_bias(self, user_rows: np.ndarray, item: np.ndarray, day: np.ndarray,
+                         held_items: tuple[np.ndarray, np.ndarray] | None) -> TimeBias | None:
         """With --model.time_bins / user_drift: the time-aware biases, from this rank's training ratings (local user
-        rows and days; every rating of the held users). The bins span the training split's first to last day,
-        agreed over the ranks."""
+        rows, global movie ids and days; every rating of the held users). The bins span the training split's first
+        to last day, agreed over the ranks, and their counts are the whole split's (summed over the ranks where
+        each holds its users' ratings only: ``held_items``, the (global ids, local rows) of the movies this rank
+        holds; None: every rank has every rating, and rows are global ids)."""
         if not self.cfg.uses_time_bias():
             return None
         span = torch.tensor([-int(day.min()) if len(day) else -(1 << 40), int(day.max()) if len(day) else -(1 << 40)],
@@ -136,10 +139,22 @@ class TableLayout(abc.ABC):
             first = last = 0
         n_users = self.model.users.weight.shape[0]
         m = self.cfg.model
-        self.time_bias = TimeBias(n_users, self.model.items.weight.shape[0], m.time_bins, m.user_drift, first, last,
-                                  user_mean_days(user_rows, day, n_users), self.env.device,
-                                  self.model.users.weight.dtype)
-        return self.time_bias
+        t = self.time_bias = TimeBias(n_users, self.model.items.weight.shape[0], m.time_bins, m.user_drift, first,
+                                      last, user_mean_days(user_rows, day, n_users),
+                                      np.bincount(user_rows, minlength=n_users), self.env.device,
+                                      self.model.users.weight.dtype)
+        if t.n_bins:
+            counts = t.bin_counts(item, day, self.data.n_items)
+            if held_items is None:
+                t.set_bin_counts(np.arange(self.data.n_items), counts)
+            else:
+                if self.env.distributed:
+                    total = torch.from_numpy(counts.astype(np.int64))
+                    self.env.count("all_reduce")
+                    dist.all_reduce(total)
+                    counts = total.numpy()
+                t.set_bin_counts(held_items[1], counts[held_items[0]])
+        return t
 
     def time_combine(self) -> Combine | None:
         """How a step's time-bias gradients combine over the ranks: None where each rank's rows are its own (one

@@ -150,8 +150,10 @@ class Blocks(TableLayout):
         # --model.time_bins / user_drift: each rating's day, and the biases (t_u of this rank's users: all their
         # ratings are here)
         day = days_of(timestamp) if time_bias else None
-        if time_bias:
-            self._build_time_bias(np.concatenate(parts["user"]) if parts["user"] else np.empty(0, np.int32), day)
+        if time_bias:  # (the movies held now: the epoch's start, sub-epoch 0)
+            self._build_time_bias(np.concatenate(parts["user"]) if parts["user"] else np.empty(0, np.int32),
+                                  np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64), day,
+                                  self._custody(self.env.rank, 0, 0))
         item = np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64)
         n_groups = w * self.pieces
         group = self.item_block[item] * self.pieces + self.item_piece[item]  # by movie block, then piece

@@ -51,11 +51,12 @@ class Replicated(TableLayout):
             deal = tuple(deal_rows(counts, self.strata) for counts in train_counts(data))
         day_rows = None
         if cfg.uses_day_bias() or cfg.uses_time_bias():  # every rank holds every user's, as it holds every user row
-            train = data.read_split("train", ("user", "timestamp"))
+            train = data.read_split("train", ("user", "item", "timestamp"))
             if cfg.uses_day_bias():
                 self._build_day_bias(train["user"], train["timestamp"])
                 day_rows = self.day_bias.rows
-            self._build_time_bias(train["user"].astype(np.int64), days_of(train["timestamp"]))
+            self._build_time_bias(train["user"].astype(np.int64), train["item"].astype(np.int64),
+                                  days_of(train["timestamp"]), None)
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
                                    seed=cfg.train.seed, resident=env.device if self.resident else None,
                                    strata=deal, day_rows=day_rows, days=cfg.uses_time_bias())
