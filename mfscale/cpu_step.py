@@ -112,7 +112,7 @@ def load(verbose: bool = False) -> None:
         errors = [ln for ln in lines if "error" in ln.lower()]
         why = (errors[1] if len(errors) > 1 and lines and errors[0] == lines[0] else (errors or lines or [""])[0])
         raise KernelUnavailable(f"{type(exc).__name__}: {why[:300]}") from exc
-    for op in ("fused_step", "sgd_step"):
+    for op in ("fused_step", "sgd_step", "bias_step"):
         if not hasattr(torch.ops.mfscale, op):
             raise KernelUnavailable(f"the built library does not define mfscale::{op}")
     _LOADED["ok"] = True
@@ -179,3 +179,24 @@ def sgd_step(users: torch.Tensor, items: torch.Tensor, user: torch.Tensor, item:
                                      float(reg_factor), float(reg_bias), bool(biases), table, rows, float(reg_day))
     e_sum, sse = out.tolist()
     return e_sum, sse
+
+
+def loads() -> bool:
+    """Whether the op builds and loads here (tried once per process; a failure is kept, not retried)."""
+    if "failed" not in _LOADED:
+        try:
+            load()
+            _LOADED["failed"] = False
+        except KernelUnavailable:
+            _LOADED["failed"] = True
+    return not _LOADED["failed"]
+
+
+def bias_step(table: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, step_size: float, l2: float, beta2: float,
+              eps: float) -> None:
+    """One RMSprop step, in place, of bias rows ``table`` ((n, 4): value, state, 1 / training ratings, scratch NaN at
+    rest) from a batch: row ``rows[k]`` gets ``coef[k]`` plus ``table[., 2] * l2 * value`` per rating, then each
+    touched row ``s += (g^2 - s)(1 - beta2)``, ``value -= step_size g / (sqrt(s) + eps)`` (``mfscale.timebias``)."""
+    load()
+    if rows.numel():
+        torch.ops.mfscale.bias_step(table, rows, coef, float(step_size), float(l2), float(beta2), float(eps))

@@ -41,7 +41,7 @@ def evaluate(layout: TableLayout, split: str, *, batch_size: int, tables: Tables
     users, items, global_bias = tables or layout.eval_tables()
     time = layout.time_bias
     if time is not None:  # --model.time_bins / user_drift: (alpha_u, t_u) by user row, every movie's bin biases
-        time_users, time_bins = layout.eval_time()
+        alpha, mean_day, time_bins = layout.eval_time()
     dev = users.device
     sums = torch.zeros(3, dtype=torch.float64, device=dev)  # squared error, absolute error, count
     for start in range(0, len(share.user), batch_size):
@@ -56,7 +56,7 @@ def evaluate(layout: TableLayout, split: str, *, batch_size: int, tables: Tables
             if time.n_bins:
                 pred = pred + time_bins[item, time.bin_of(day)]
             if time.drift:
-                pred = pred + time_users[user, 0] * time.dev_of(time_users[user, 2], day)
+                pred = pred + alpha[user] * time.dev_of(mean_day[user], day)
         err = (pred.float().clamp(lo, hi) - rating).double()
         sums[0] += err.square().sum()
         sums[1] += err.abs().sum()

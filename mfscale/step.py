@@ -111,8 +111,8 @@ class Step(abc.ABC):
         lr, beta2, eps = float(group["lr"]), group["betas"][1], group["eps"]
         target, features = rating, None
         if time is not None:  # the tables fit rating - b_{i,bin} - alpha_u dev
-            features = time.features(user, day)
-            target = rating.to(time.users.dtype) - time.offset(user, item, *features)
+            features = time.features(user, item, day)
+            target = rating.to(time.users.dtype) - time.offset(user, *features)
         if days is not None:
             day_row = day_row.long()
             l2 = 2.0 * self.layout.cfg.optim.reg_day / global_rows
@@ -127,7 +127,7 @@ class Step(abc.ABC):
                 ids, grad, counts = self.layout.day_grads(ids, grad, counts)  # replicas: summed over the ranks
                 days.update(ids, grad, counts, lr=lr, beta2=beta2, eps=eps, l2=l2)
         if time is not None:
-            time.update(user, item, *features, err, global_rows=global_rows, lr=lr, beta2=beta2, eps=eps,
+            time.update(user, *features, err, global_rows=global_rows, lr=lr, beta2=beta2, eps=eps,
                         reg=self.layout.cfg.optim.reg_time, reg_drift=self.layout.cfg.optim.reg_drift,
                         combine=self.layout.time_combine())
         return sse

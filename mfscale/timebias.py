@@ -35,6 +35,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from . import cpu_step
 from .checkpoint import TableRows
 from .errors import DataError
 from .optim import sum_rows
@@ -54,22 +55,33 @@ def user_mean_days(user_rows: np.ndarray, day: np.ndarray, n_rows: int) -> np.nd
 
 
 class TimeBias:
-    """This rank's time-aware biases: ``bins`` (movie rows, 3B) = [bias per bin | its RMSprop state | 1 / the bin's
-    training ratings], row for row with the movie table, and ``users`` (user rows, 4) = [alpha_u, its RMSprop state,
-    t_u, 1 / the user's training ratings], row for row with the user table. ``first``/``last``: the training split's
-    first and last day (the bins' span). The bins' counts are set by ``set_bin_counts``."""
+    """This rank's time-aware biases as rows [value, RMSprop state, 1 / training ratings, scratch] (the C++
+    ``bias_step``'s and the user-day biases' layout; the scratch is NaN at rest): ``bins`` (movie rows, 4B), B such
+    rows per movie, row for row with the movie table (``bin_rows``: the same memory as (movie rows x B, 4)), and
+    ``users`` (user rows, 4), alpha_u's, row for row with the user table, with ``mean_day`` (t_u) beside them.
+    ``first``/``last``: the training split's first and last day (the bins' span). The bins' counts are set by
+    ``set_bin_counts``."""
 
     def __init__(self, user_rows: int, item_rows: int, n_bins: int, drift: bool, first: int, last: int,
                  mean_day: np.ndarray, user_count: np.ndarray, device: torch.device | str = "cpu",
                  dtype: torch.dtype | None = None):
         dtype = dtype or torch.get_default_dtype()
         self.n_bins, self.drift, self.first, self.last = int(n_bins), bool(drift), int(first), int(last)
-        self.bins = torch.zeros(item_rows, 3 * self.n_bins, dtype=dtype, device=device)
+        self.bins = torch.zeros(item_rows, 4 * self.n_bins, dtype=dtype, device=device)
+        self.bin_rows = self.bins.view(-1, 4)
+        self.bin_rows[:, 2] = 1.0
+        self.bin_rows[:, 3] = math.nan
         self.users = torch.zeros(user_rows, 4, dtype=dtype, device=device)
-        self.users[: len(mean_day), 2] = torch.from_numpy(np.asarray(mean_day, dtype=np.float64)).to(device, dtype)
-        self.users[: len(user_count), 3] = torch.from_numpy(1.0 / np.maximum(np.asarray(user_count, np.float64), 1)
+        self.users[: len(user_count), 2] = torch.from_numpy(1.0 / np.maximum(np.asarray(user_count, np.float64), 1)
                                                             ).to(device, dtype)
+        self.users[:, 3] = math.nan
+        self.mean_day = torch.zeros(user_rows, dtype=dtype, device=device)
+        self.mean_day[: len(mean_day)] = torch.from_numpy(np.asarray(mean_day, dtype=np.float64)).to(device, dtype)
         self.steps = 0
+
+    def bin_view(self, t: torch.Tensor) -> torch.Tensor:
+        """Rows of ``bins`` (or a copy of some) as (rows, B, 4)."""
+        return t.view(t.shape[0], self.n_bins, 4)
 
     def bin_counts(self, item: np.ndarray, day: np.ndarray, n_items: int) -> np.ndarray:
         """Training ratings per (global movie, bin) of ratings ``item`` (global ids) on ``day``: (n_items, B)."""
@@ -79,9 +91,8 @@ class TimeBias:
 
     def set_bin_counts(self, rows: np.ndarray, counts: np.ndarray) -> None:
         """The whole split's ratings per bin (``counts``: one row per local row ``rows``), as 1 / n."""
-        k = self.n_bins
         inv = torch.from_numpy(1.0 / np.maximum(np.asarray(counts, np.float64), 1)).to(self.bins)
-        self.bins[torch.from_numpy(np.asarray(rows, np.int64)).to(self.bins.device), 2 * k:] = inv
+        self.bin_view(self.bins)[torch.from_numpy(np.asarray(rows, np.int64)).to(self.bins.device), :, 2] = inv
 
     # -- features and predictions -------------------------------------------------------------------
     def bin_of(self, day: torch.Tensor) -> torch.Tensor:
@@ -94,71 +105,65 @@ class TimeBias:
         x = day.to(mean_day.dtype) - mean_day
         return torch.sign(x) * x.abs().pow(DRIFT_POWER)
 
-    def features(self, user: torch.Tensor, day: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(bin, dev) of each rating of a batch (``user``: local user rows), None for a term that is off."""
-        b = self.bin_of(day) if self.n_bins else None
-        d = self.dev_of(self.users[user.long(), 2], day) if self.drift else None
+    def features(self, user: torch.Tensor, item: torch.Tensor, day: torch.Tensor
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(bin row, dev) of each rating of a batch (local user and movie rows): the row of ``bin_rows`` of its
+        movie's bin, and dev_u(t); None for a term that is off."""
+        b = item.long() * self.n_bins + self.bin_of(day) if self.n_bins else None
+        d = self.dev_of(self.mean_day[user.long()], day) if self.drift else None
         return b, d
 
-    def offset(self, user: torch.Tensor, item: torch.Tensor, bin_: torch.Tensor | None,
-               dev: torch.Tensor | None) -> torch.Tensor:
-        """b_{i,bin} + alpha_u dev for each rating (local rows)."""
+    def offset(self, user: torch.Tensor, bin_row: torch.Tensor | None, dev: torch.Tensor | None) -> torch.Tensor:
+        """b_{i,bin} + alpha_u dev for each rating (``features``' rows)."""
         out = torch.zeros(user.shape[0], dtype=self.users.dtype, device=self.users.device)
-        if bin_ is not None:
-            out += self.bins[item.long(), bin_]
+        if bin_row is not None:
+            out += self.bin_rows[bin_row, 0]
         if dev is not None:
             out += self.users[user.long(), 0] * dev
         return out
 
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, user: torch.Tensor, item: torch.Tensor, bin_: torch.Tensor | None, dev: torch.Tensor | None,
-               err: torch.Tensor, *, global_rows: int, lr: float, beta2: float, eps: float, reg: float,
-               reg_drift: float, combine: Combine | None = None) -> None:
-        """One step from the batch's errors ``err`` (prediction - rating, before the step): see the module."""
+    def update(self, user: torch.Tensor, bin_row: torch.Tensor | None, dev: torch.Tensor | None, err: torch.Tensor,
+               *, global_rows: int, lr: float, beta2: float, eps: float, reg: float, reg_drift: float,
+               combine: Combine | None = None, op: bool | None = None) -> None:
+        """One step from the batch's errors ``err`` (prediction - rating, before the step): see the module. In the C++
+        ``bias_step`` on a CPU where each rank's rows are its own (no ``combine``), else torch ops (``op``: force
+        either)."""
         self.steps += 1
         size = lr * math.sqrt(1 - beta2 ** self.steps)
         coef = err.to(self.users.dtype) * (2.0 / global_rows)
-        ones = torch.ones_like(coef)
-        k = self.n_bins
-        local, n_rows = [], []
-        if bin_ is not None:  # flat index of (movie row, bin) into the (rows, B) values
-            local.append(sum_rows(item.long() * k + bin_, torch.stack([coef, ones], 1), self.bins.shape[0] * k))
-            n_rows.append(self.bins.shape[0] * k)
-        if dev is not None:
-            local.append(sum_rows(user.long(), torch.stack([coef * dev, ones], 1), self.users.shape[0]))
-            n_rows.append(self.users.shape[0])
+        terms = [(t, rows, c, 2.0 * r / global_rows) for t, rows, c, r in (
+            (self.bin_rows, bin_row, coef, reg), (self.users, None if dev is None else user.long(),
+                                                  None if dev is None else coef * dev, reg_drift)) if rows is not None]
+        if op is None:
+            op = combine is None and self.users.device.type == "cpu" and cpu_step.loads()
+        if op:
+            for table, rows, c, l2 in terms:
+                cpu_step.bias_step(table, rows.contiguous(), c.contiguous(), size, l2, beta2, eps)
+            return
+        local = [sum_rows(rows, torch.stack([c, torch.ones_like(c)], 1), len(table)) for table, rows, c, _ in terms]
         if combine is not None:
-            local = combine(local, n_rows)
-        if bin_ is not None:
-            ids, v = local.pop(0)
-            row, col = ids // k, ids % k
-            b = self.bins[row, col]
-            g = v[:, 0] + v[:, 1] * self.bins[row, col + 2 * k] * (2.0 * reg / global_rows) * b
-            s = self.bins[row, col + k]
+            local = combine(local, [len(table) for table, *_ in terms])
+        for (table, _, _, l2), (ids, v) in zip(terms, local, strict=True):
+            x = table[ids, 0]
+            g = v[:, 0] + v[:, 1] * table[ids, 2] * l2 * x
+            s = table[ids, 1]
             s = s + (g * g - s) * (1 - beta2)
-            self.bins[row, col + k] = s
-            self.bins[row, col] = b - size * g / (s.sqrt() + eps)
-        if dev is not None:
-            ids, v = local.pop(0)
-            a = self.users[ids, 0]
-            g = v[:, 0] + v[:, 1] * self.users[ids, 3] * (2.0 * reg_drift / global_rows) * a
-            s = self.users[ids, 1]
-            s = s + (g * g - s) * (1 - beta2)
-            self.users[ids, 1] = s
-            self.users[ids, 0] = a - size * g / (s.sqrt() + eps)
+            table[ids, 1] = s
+            table[ids, 0] = x - size * g / (s.sqrt() + eps)
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def to_rows(self, user_ids: np.ndarray, item_ids: np.ndarray, users: torch.Tensor, bins: torch.Tensor
-                ) -> dict[str, object]:
-        """This rank's rows as checkpoint tables: ``users``/``bins``, the rows of ``self.users``/``self.bins``
+    def to_rows(self, user_ids: np.ndarray, item_ids: np.ndarray, users: torch.Tensor, bins: torch.Tensor,
+                mean_day: torch.Tensor) -> dict[str, object]:
+        """This rank's rows as checkpoint tables: ``users``/``bins``/``mean_day``, the rows of this object's tensors
         beside the held table rows of global ids ``user_ids``/``item_ids`` (on the CPU)."""
-        k = self.n_bins
-        return {"items": TableRows(torch.from_numpy(item_ids), bins[:, :k].clone(),
-                                   {"sq": bins[:, k:2 * k].clone(), "inv_count": bins[:, 2 * k:].clone()}, self.steps),
+        b = self.bin_view(bins)
+        return {"items": TableRows(torch.from_numpy(item_ids), b[:, :, 0].clone(),
+                                   {"sq": b[:, :, 1].clone(), "inv_count": b[:, :, 2].clone()}, self.steps),
                 "users": TableRows(torch.from_numpy(user_ids), users[:, :1].clone(),
-                                   {"sq": users[:, 1:2].clone(), "mean_day": users[:, 2:3].clone()}, self.steps),
-                "span": torch.tensor([self.first, self.last, k], dtype=torch.int64)}
+                                   {"sq": users[:, 1:2].clone(), "mean_day": mean_day[:, None].clone()}, self.steps),
+                "span": torch.tensor([self.first, self.last, self.n_bins], dtype=torch.int64)}
 
     def check_part(self, time: dict[str, object] | None, ids: dict[str, np.ndarray], where: object) -> None:
         """A checkpoint part's time tables exist, hold this run's bins and the part's table ids."""
@@ -177,14 +182,15 @@ class TimeBias:
                   weights_only: bool) -> None:
         """Rows ``src`` of a part's ``name`` time table into this rank's local rows ``local``."""
         dev = self.users.device
-        local, k = local.to(dev), self.n_bins
+        local = local.to(dev)
         if name == "items":
-            self.bins[local, :k] = rows.weight[src].to(dev, self.bins.dtype)
+            b = self.bin_view(self.bins)
+            b[local, :, 0] = rows.weight[src].to(dev, self.bins.dtype)
             # a bin's count is the data's, wherever the checkpoint's custody put its movie
             if "inv_count" in rows.state:  # (weights-only parts, at epoch boundaries: the counts built are right)
-                self.bins[local, 2 * k:] = rows.state["inv_count"][src].to(dev, self.bins.dtype)
+                b[local, :, 2] = rows.state["inv_count"][src].to(dev, self.bins.dtype)
             if not weights_only and "sq" in rows.state:
-                self.bins[local, k:2 * k] = rows.state["sq"][src].to(dev, self.bins.dtype)
+                b[local, :, 1] = rows.state["sq"][src].to(dev, self.bins.dtype)
         else:
             self.users[local, 0] = rows.weight[src, 0].to(dev, self.users.dtype)
             if not weights_only and "sq" in rows.state:
@@ -194,10 +200,10 @@ class TimeBias:
 
     # -- early stopping's best values --------------------------------------------------------------
     def values(self) -> dict[str, torch.Tensor]:
-        return {"time.bins": self.bins[:, : self.n_bins].detach().cpu().clone(),
+        return {"time.bins": self.bin_view(self.bins)[:, :, 0].detach().cpu().clone(),
                 "time.alpha": self.users[:, 0].detach().cpu().clone()}
 
     def load_values(self, values: dict[str, torch.Tensor]) -> None:
         if "time.bins" in values:
-            self.bins[:, : self.n_bins] = values["time.bins"].to(self.bins)
+            self.bin_view(self.bins)[:, :, 0] = values["time.bins"].to(self.bins)
             self.users[:, 0] = values["time.alpha"].to(self.users)

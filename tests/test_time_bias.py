@@ -37,15 +37,37 @@ def test_bins_and_drift_follow_the_documented_formulas():
     want = [min(max((x - 10) * 7 // 31, 0), 6) for x in day.tolist()]
     assert t.bin_of(day).tolist() == want and want[:5] == [0, 0, 1, 6, 6]
     user = torch.tensor([0, 0, 2, 2, 1, 0, 2, 3])
-    b, dev = t.features(user, day)
+    item = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    b, dev = t.features(user, item, day)
     x = day.numpy() - mean[user.numpy()]
     np.testing.assert_allclose(dev.numpy(), np.sign(x) * np.abs(x) ** 0.4, rtol=1e-12)
-    assert b.tolist() == want
-    t.bins[:, :7] = torch.arange(21, dtype=torch.float64).reshape(3, 7)
+    assert b.tolist() == [int(item[k]) * 7 + want[k] for k in range(8)]  # its movie's row of that bin
+    t.bin_view(t.bins)[:, :, 0] = torch.arange(21, dtype=torch.float64).reshape(3, 7)
     t.users[:, 0] = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
-    item = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     want_offset = [float(item[k] * 7 + want[k]) + t.users[user[k], 0].item() * dev[k].item() for k in range(8)]
-    np.testing.assert_allclose(t.offset(user, item, b, dev).numpy(), want_offset, rtol=1e-12)
+    np.testing.assert_allclose(t.offset(user, b, dev).numpy(), want_offset, rtol=1e-12)
+
+
+def test_the_cpp_bias_step_and_torch_ops_step_alike():
+    """The C++ ``bias_step`` (each rating's share added in batch order, then each touched row once) and the torch-ops
+    step (a unique and an index_add, for replicas that sum their gradients first) give the same biases, RMSprop
+    state and scratch (NaN again), float64, three steps of 400 ratings over few rows (many repeats)."""
+    g = torch.Generator().manual_seed(0)
+    tb = [TimeBias(30, 20, 6, True, first=0, last=99, mean_day=np.full(30, 50.0), user_count=np.arange(30),
+                   dtype=torch.float64) for _ in range(2)]
+    for t in tb:
+        t.set_bin_counts(np.arange(20), np.arange(120).reshape(20, 6) % 7)
+    for _ in range(3):
+        user, item = torch.randint(0, 30, (400,), generator=g), torch.randint(0, 20, (400,), generator=g)
+        day = torch.randint(-5, 110, (400,), generator=g)
+        err = torch.randn(400, generator=g, dtype=torch.float64)
+        for t, op in zip(tb, (True, False), strict=True):
+            t.update(user, *t.features(user, item, day), err, global_rows=512, lr=0.05, beta2=0.9, eps=1e-8, reg=30.0,
+                     reg_drift=300.0, op=op)
+    for a, b in ((tb[0].bins, tb[1].bins), (tb[0].users, tb[1].users)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, equal_nan=True)
+    assert tb[0].bin_view(tb[0].bins)[:, :, 0].abs().max() > 0 and tb[0].users[:, 0].abs().max() > 0
+    assert torch.isnan(tb[0].bin_rows[:, 3]).all() and torch.isnan(tb[0].users[:, 3]).all()
 
 
 def _drifting_csv(path: Path, n_users: int = 150, n_items: int = 120, per_user: int = 60, seed: int = 0) -> Path:
@@ -90,7 +112,7 @@ def test_time_biases_find_a_drift_signal_and_every_step_kind_agrees(drift_data, 
     off = fit("off")
     bins, drift = fit("bins", model__time_bins=5), fit("drift", model__user_drift=True)
     both = fit("both", model__time_bins=5, model__user_drift=True)
-    assert bins < off - 0.03 and drift < off - 0.03 and both < min(bins, drift) - 0.03, (off, bins, drift, both)
+    assert bins < off - 0.01 and drift < off - 0.03 and both < min(bins, drift) - 0.01, (off, bins, drift, both)
     days = dict(model__time_bins=5, model__user_drift=True, model__day_bias=True)
     on = fit("days", **days)
     assert on < off - 0.02, (on, off)
@@ -196,5 +218,5 @@ def test_blocks_on_two_ranks_equal_the_numpy_reference_with_the_bins_rotating(dr
     (ranks,) = run_ranks([cfg], 2, tmp_path)
     data = Dataset(drift_data)
     assert_numpy_reference(ranks, cfg, data)
-    # a movie row travels with its 5 bins: their biases, state and 1 / count, 3 x 5 float64 more per movie
-    assert {r["bytes_sent"] for r in ranks} == {data.n_items * (row_floats(cfg) + 3 * 5) * 8}
+    # a movie row travels with its 5 bins: their biases, state, 1 / count and scratch, 4 x 5 float64 more per movie
+    assert {r["bytes_sent"] for r in ranks} == {data.n_items * (row_floats(cfg) + 4 * 5) * 8}

@@ -236,12 +236,12 @@ class TableLayout(abc.ABC):
     def eval_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(user rows of the users this rank evaluates, the whole movie table, global bias)."""
 
-    def eval_time(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """--model.time_bins / user_drift: (the time biases' user rows, as ``eval_tables``'s users; the bin biases of
-        every movie by global id). Where this rank holds every movie row in global order (replicas, one process)
-        its own; blocks override this (a collective)."""
+    def eval_time(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """--model.time_bins / user_drift: (alpha_u and t_u by user row, as ``eval_tables``'s users; the bin biases of
+        every movie by global id, (movies, B)). Where this rank holds every movie row in global order (replicas, one
+        process) its own; blocks override this (a collective)."""
         t = self.time_bias
-        return t.users, t.bins[:, : t.n_bins]
+        return t.users[:, 0], t.mean_day, t.bin_view(t.bins)[:, :, 0]
 
     def eval_share(self, split: str) -> EvalShare:
         """This rank's ratings of ``split`` (splits are read whole, then filtered). The held-out splits' are kept
@@ -313,7 +313,7 @@ class TableLayout(abc.ABC):
             tb = self.time_bias
             idx = [None if r is None else torch.from_numpy(r).to(self.env.device) for r in local]
             time = tb.to_rows(held[0], held[1], _take(tb.users, len(held[0]), idx[0]),
-                              _take(tb.bins, len(held[1]), idx[1]))
+                              _take(tb.bins, len(held[1]), idx[1]), _take(tb.mean_day, len(held[0]), idx[0]))
         return Part(out, days=None if self.day_bias is None else self.day_bias.to_rows(), time=time)
 
     def load_parts(self, parts: Iterable[Part], position: dict[str, Any], *, weights_only: bool = False,

@@ -351,10 +351,10 @@ class Blocks(TableLayout):
             self.model.global_bias.detach()
 
     def eval_time(self):
-        """The time biases' user rows (local, as the user rows) and every movie's bin biases, all-gathered."""
+        """alpha_u and t_u (local, as the user rows) and every movie's bin biases, all-gathered."""
         self._install_all()
         t = self.time_bias
-        return t.users, self._gather_items(t.bins[:, : t.n_bins].contiguous())
+        return t.users[:, 0], t.mean_day, self._gather_items(t.bin_view(t.bins)[:, :, 0].contiguous())
 
     def _gather_items(self, p: torch.Tensor) -> torch.Tensor:
         """A tensor of one row per local movie row, as one whole table by global movie id (all_gather)."""
