@@ -41,7 +41,7 @@ def evaluate(layout: TableLayout, split: str, *, batch_size: int, tables: Tables
     users, items, global_bias = tables or layout.eval_tables()
     time = layout.time_bias
     if time is not None:  # --model.time_bins / user_drift: (alpha_u, t_u) by user row, every movie's bin biases
-        alpha, mean_day, time_bins = layout.eval_time()
+        alpha, _, time_bins = layout.eval_time()
     dev = users.device
     sums = torch.zeros(3, dtype=torch.float64, device=dev)  # squared error, absolute error, count
     for start in range(0, len(share.user), batch_size):
@@ -52,11 +52,12 @@ def evaluate(layout: TableLayout, split: str, *, batch_size: int, tables: Tables
         if share.day_row is not None:  # --model.day_bias: b_{u,day} (0 for a day without training ratings)
             pred = pred + layout.day_bias.offset(torch.from_numpy(share.day_row[start : start + batch_size]).to(dev))
         if time is not None:  # b_{i,bin(t)} + alpha_u dev_u(t)
-            day = torch.from_numpy(share.day[start : start + batch_size]).to(dev)
+            sl = slice(start, start + batch_size)
             if time.n_bins:
-                pred = pred + time_bins[item, time.bin_of(day)]
+                k = torch.from_numpy(share.time["time_bin"][sl]).to(dev).long()
+                pred = pred + time_bins.reshape(-1)[item * time.n_bins + k]
             if time.drift:
-                pred = pred + alpha[user] * time.dev_of(mean_day[user], day)
+                pred = pred + alpha[user] * torch.from_numpy(share.time["time_dev"][sl]).to(dev, alpha.dtype)
         err = (pred.float().clamp(lo, hi) - rating).double()
         sums[0] += err.square().sum()
         sums[1] += err.abs().sum()

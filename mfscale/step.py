@@ -90,12 +90,13 @@ class Step(abc.ABC):
         self.max_norm = layout.cfg.model.max_norm  # 0 = off
 
     def __call__(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
-                 global_step: int, day_row: torch.Tensor | None = None, day: torch.Tensor | None = None
-                 ) -> torch.Tensor:
+                 global_step: int, day_row: torch.Tensor | None = None, time_bin: torch.Tensor | None = None,
+                 time_dev: torch.Tensor | None = None) -> torch.Tensor:
         """One step on the batch; returns its summed squared error (a tensor: no sync on a GPU).
 
         With user-day biases (``layout.day_bias``; ``day_row``: each rating's) or time-aware biases
-        (``layout.time_bias``; ``day``: each rating's day) the tables' step fits ``rating`` minus those biases and
+        (``layout.time_bias``; ``time_bin``, ``time_dev``: each rating's ``TimeBias.rating_features``) the tables'
+        step fits ``rating`` minus those biases and
         returns its errors, which are the whole model's, and the biases take their step from them
         (``mfscale.daybias``, ``mfscale.timebias``): the gradient of every parameter at the same point, as one step
         of the whole model.
@@ -105,13 +106,13 @@ class Step(abc.ABC):
             return self._step(user, item, rating, global_rows, global_step, False)[0]
         if days is not None and day_row is None:
             raise ValueError("a job with user-day biases needs each rating's day_row")
-        if time is not None and day is None:
-            raise ValueError("a job with time-aware biases needs each rating's day")
+        if time is not None and (time_bin is None or time_dev is None):
+            raise ValueError("a job with time-aware biases needs each rating's time_bin and time_dev")
         group, scale = self.layout.opt.param_groups[0], 2.0 / global_rows
         lr, beta2, eps = float(group["lr"]), group["betas"][1], group["eps"]
         target, features = rating, None
         if time is not None:  # the tables fit rating - b_{i,bin} - alpha_u dev
-            features = time.features(user, item, day)
+            features = time.features(item, time_bin, time_dev)
             target = rating.to(time.users.dtype) - time.offset(user, *features)
         if days is not None:
             day_row = day_row.long()
@@ -292,7 +293,7 @@ class SgdStep(Step):
             log.warning("--optim.optimizer sgd with --optim.lr %g: per-rating steps want about %g (README); this "
                         "run may stop far from its best RMSE", lr, SGD_LR)
 
-    def __call__(self, user, item, rating, global_rows, global_step, day_row=None, day=None):
+    def __call__(self, user, item, rating, global_rows, global_step, day_row=None, time_bin=None, time_dev=None):
         if self.layout.time_bias is not None:  # config.validate refuses it first
             raise ConfigError("--optim.optimizer sgd does not step the time-aware biases (--model.time_bins, "
                               "--model.user_drift)")

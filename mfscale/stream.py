@@ -61,7 +61,7 @@ from .shards import TRAIN_COLUMNS, Dataset, Stripe, days_of, read_stripe
 COLUMNS = TRAIN_COLUMNS
 RESIDENT_CPU_MAX_BYTES = 1 << 30  # beyond this, streaming from the page cache costs little in comparison
 _DTYPES = {"user": np.int32, "item": np.int32, "rating": np.float32, "timestamp": np.int32, "day_row": np.int32,
-           "day": np.int32}
+           "time_bin": np.int16, "time_dev": np.float32}
 
 
 class _Epoch:
@@ -162,7 +162,7 @@ class RatingStream(IterableDataset):
         resident: torch.device | str | None = None,
         strata: tuple[np.ndarray, np.ndarray] | None = None,
         day_rows: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
-        days: bool = False,
+        time_features: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]] | None = None,
     ):
         super().__init__()
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -182,9 +182,10 @@ class RatingStream(IterableDataset):
         # --model.day_bias: each batch also carries its ratings' user-day bias rows (``day_rows(user, timestamp)``),
         # found once for a resident split, per batch for a streamed one
         self.day_rows = day_rows
-        # --model.time_bins / user_drift: each batch also carries its ratings' days (``shards.days_of``)
-        self.days = days
-        self.read_columns = COLUMNS + (("timestamp",) if day_rows or days else ())
+        # --model.time_bins / user_drift: each batch also carries its ratings' time bins and drift terms
+        # (``time_features(user, day)``: timebias.TimeBias.rating_features)
+        self.time_features = time_features
+        self.read_columns = COLUMNS + (("timestamp",) if day_rows or time_features else ())
         self.groups = self.data.stripes(split)
         # The units the virtual sequence permutes: stripes (row groups of a split prepared without user
         # buckets), or strata of a resident split (below).
@@ -218,15 +219,15 @@ class RatingStream(IterableDataset):
         self._group_start = np.concatenate([[0], np.cumsum(self.units)]).astype(np.int64)
 
     def _with_day_rows(self, cols: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """``cols`` with the timestamps replaced by the ratings' user-day bias rows (--model.day_bias) and their
-        days (--model.time_bins / user_drift)."""
+        """``cols`` with the timestamps replaced by the ratings' user-day bias rows (--model.day_bias) and their time
+        features (--model.time_bins / user_drift)."""
         if "timestamp" not in cols:
             return cols
         timestamp = cols.pop("timestamp")
         if self.day_rows is not None:
             cols["day_row"] = self.day_rows(cols["user"], timestamp).astype(np.int32)
-        if self.days:
-            cols["day"] = days_of(timestamp)
+        if self.time_features is not None:
+            cols.update(self.time_features(cols["user"], days_of(timestamp)))
         return cols
 
     def _regroup(self, cols: dict[str, np.ndarray], user_block: np.ndarray,

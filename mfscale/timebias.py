@@ -100,26 +100,35 @@ class TimeBias:
         span = self.last - self.first + 1
         return ((day.long() - self.first) * self.n_bins).div(span, rounding_mode="floor").clamp_(0, self.n_bins - 1)
 
-    def dev_of(self, mean_day: torch.Tensor, day: torch.Tensor) -> torch.Tensor:
-        """dev_u(t) from each rating's t_u and day."""
-        x = day.to(mean_day.dtype) - mean_day
-        return torch.sign(x) * x.abs().pow(DRIFT_POWER)
+    def rating_features(self, user_rows: np.ndarray, day: np.ndarray) -> dict[str, np.ndarray]:
+        """Each rating's bin (int16; 0 without bins) and dev_u(t) (float32; 0 without the drift), from its local user
+        row and day: fixed for a rating, so found once where its split is loaded (per batch when streamed), as the
+        user-day biases' rows are; batches carry them as ``time_bin`` and ``time_dev``."""
+        day = np.asarray(day, np.int64)
+        out = {"time_bin": np.zeros(len(day), np.int16), "time_dev": np.zeros(len(day), np.float32)}
+        if self.n_bins:
+            span = self.last - self.first + 1
+            out["time_bin"] = np.clip((day - self.first) * self.n_bins // span, 0, self.n_bins - 1).astype(np.int16)
+        if self.drift:
+            x = day - self.mean_day.cpu().numpy().astype(np.float64)[np.asarray(user_rows, np.int64)]
+            out["time_dev"] = (np.sign(x) * np.abs(x) ** DRIFT_POWER).astype(np.float32)
+        return out
 
-    def features(self, user: torch.Tensor, item: torch.Tensor, day: torch.Tensor
+    def features(self, item: torch.Tensor, time_bin: torch.Tensor, time_dev: torch.Tensor
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(bin row, dev) of each rating of a batch (local user and movie rows): the row of ``bin_rows`` of its
-        movie's bin, and dev_u(t); None for a term that is off."""
-        b = item.long() * self.n_bins + self.bin_of(day) if self.n_bins else None
-        d = self.dev_of(self.mean_day[user.long()], day) if self.drift else None
+        """(bin row, dev) of each rating of a batch from its ``rating_features``: the row of ``bin_rows`` of its
+        movie's bin, and dev_u(t) in the tables' dtype; None for a term that is off."""
+        b = item.long() * self.n_bins + time_bin.long() if self.n_bins else None
+        d = time_dev.to(self.users.dtype) if self.drift else None
         return b, d
 
     def offset(self, user: torch.Tensor, bin_row: torch.Tensor | None, dev: torch.Tensor | None) -> torch.Tensor:
-        """b_{i,bin} + alpha_u dev for each rating (``features``' rows)."""
+        """b_{i,bin} + alpha_u dev for each rating (``features``' rows), by gathers from the flat tables."""
         out = torch.zeros(user.shape[0], dtype=self.users.dtype, device=self.users.device)
         if bin_row is not None:
-            out += self.bin_rows[bin_row, 0]
+            out += self.bins.view(-1).index_select(0, bin_row * 4)
         if dev is not None:
-            out += self.users[user.long(), 0] * dev
+            out += self.users.view(-1).index_select(0, user.long() * 4) * dev
         return out
 
     # -- the step ----------------------------------------------------------------------------------

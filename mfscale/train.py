@@ -79,11 +79,10 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns the batch's summed squared error."""
         dev = self.env.device
-        day_row, day = batch.get("day_row"), batch.get("day")
+        extra = {k: batch[k].to(dev, non_blocking=True) for k in ("day_row", "time_bin", "time_dev") if k in batch}
         sse = self.step_fn(batch["user"].to(dev, non_blocking=True), batch["item"].to(dev, non_blocking=True),
                            batch["rating"].to(dev, non_blocking=True), max(int(batch["global_rows"]), 1),
-                           self.progress.global_step, None if day_row is None else day_row.to(dev, non_blocking=True),
-                           None if day is None else day.to(dev, non_blocking=True))
+                           self.progress.global_step, **extra)
         self.optims.schedule_step()
         return sse
 

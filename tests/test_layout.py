@@ -81,8 +81,7 @@ def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) 
             for j, batch in enumerate(tr.layout.batches(0, 0), start=1):  # to the end of the epoch
                 user, item = tr.layout.global_ids(batch)
                 batches.append({"user": user, "item": item, "rating": batch["rating"].numpy().copy(),
-                                "global_rows": batch["global_rows"], "day": day_keys(tr, batch),
-                                "days": batch["day"].numpy().copy() if "day" in batch else None})
+                                "global_rows": batch["global_rows"], "day": day_keys(tr, batch)})
                 tr.train_step(batch)
                 if tr.layout.sync_point(j):  # as the loop does (train.Trainer._train_epoch)
                     tr.step_fn.reconcile()
@@ -194,7 +193,8 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     its summed 2 e / G plus its share of reg_day b^2: count / n_key x 2 reg_day b / G (mfscale/daybias.py). With
     time-aware biases (model.time_bins, model.user_drift; ``initial["time.span"]``: the training split's first and
     last day, ``["time.mean_day"]``: each user's mean training day, ``["time.count"]``: each user's training ratings,
-    ``["time.item"]``, ``["time.day"]``: each training rating's movie and day)
+    ``["time.item"]``, ``["time.day"]``: each training rating's movie and day; ``["time.day_of"]``: the day of a
+    rating by its user and movie)
     each prediction adds its movie's bias for the bin of its day and alpha_u dev_u(day), and each touched bin bias and
     alpha steps by RMSprop on its summed 2 e / G (times dev for alpha) plus its share of reg_time b^2 (reg_drift
     alpha^2): count / n x 2 reg x value / G, n the bin's (the user's) training ratings (mfscale/timebias.py)."""
@@ -247,10 +247,10 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
             day = day_b[at] if days else 0.0
             time = 0.0
             if timed:
-                when = b["days"].astype(np.int64)
+                when = initial["time.day_of"](u, i)  # each rating's day, found in the split by (user, movie)
                 k = k_of(when)
                 x = when - initial["time.mean_day"][u]
-                dev = np.sign(x) * np.abs(x) ** 0.4
+                dev = (np.sign(x) * np.abs(x) ** 0.4).astype(np.float32)  # batches carry it as float32, as ratings
                 time = (bins[i, k] if n_bins else 0.0) + (alpha[u] * dev if drift else 0.0)
             coef = 2 * (bias[r] + (p[u, :d] * q[i, :d]).sum(1) + p[u, d] + q[i, d] + day + time - y) / g_rows
             if days:
@@ -320,6 +320,15 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
     n = np.bincount(train["user"], minlength=data.n_users)
     start["time.mean_day"] = np.bincount(train["user"], weights=when, minlength=data.n_users) / np.maximum(n, 1)
     start["time.count"], start["time.item"], start["time.day"] = n, train["item"].astype(np.int64), when
+    pair = train["user"].astype(np.int64) * data.n_items + train["item"]
+    order = np.argsort(pair)
+
+    def day_of(user: np.ndarray, item: np.ndarray) -> np.ndarray:
+        at = order[np.searchsorted(pair[order], user * data.n_items + item)]
+        assert np.array_equal(pair[at], user * data.n_items + item)
+        return when[at]
+
+    start["time.day_of"] = day_of
     want = numpy_reference(ranks, cfg, start)
     assert len(want["tables"]["users"]) == data.n_users
     for r, rank in enumerate(ranks):

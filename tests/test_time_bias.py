@@ -38,9 +38,11 @@ def test_bins_and_drift_follow_the_documented_formulas():
     assert t.bin_of(day).tolist() == want and want[:5] == [0, 0, 1, 6, 6]
     user = torch.tensor([0, 0, 2, 2, 1, 0, 2, 3])
     item = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
-    b, dev = t.features(user, item, day)
+    feats = t.rating_features(user.numpy(), day.numpy())
+    assert feats["time_bin"].tolist() == want
+    b, dev = t.features(item, *(torch.from_numpy(feats[k]) for k in ("time_bin", "time_dev")))
     x = day.numpy() - mean[user.numpy()]
-    np.testing.assert_allclose(dev.numpy(), np.sign(x) * np.abs(x) ** 0.4, rtol=1e-12)
+    np.testing.assert_allclose(dev.numpy(), np.sign(x) * np.abs(x) ** 0.4, rtol=1e-6)  # float32 in the batches
     assert b.tolist() == [int(item[k]) * 7 + want[k] for k in range(8)]  # its movie's row of that bin
     t.bin_view(t.bins)[:, :, 0] = torch.arange(21, dtype=torch.float64).reshape(3, 7)
     t.users[:, 0] = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
@@ -59,11 +61,12 @@ def test_the_cpp_bias_step_and_torch_ops_step_alike():
         t.set_bin_counts(np.arange(20), np.arange(120).reshape(20, 6) % 7)
     for _ in range(3):
         user, item = torch.randint(0, 30, (400,), generator=g), torch.randint(0, 20, (400,), generator=g)
-        day = torch.randint(-5, 110, (400,), generator=g)
+        feats = {k: torch.from_numpy(v) for k, v in tb[0].rating_features(user.numpy(), np.random.default_rng(
+            int(torch.randint(0, 1000, (1,), generator=g))).integers(-5, 110, 400)).items()}
         err = torch.randn(400, generator=g, dtype=torch.float64)
         for t, op in zip(tb, (True, False), strict=True):
-            t.update(user, *t.features(user, item, day), err, global_rows=512, lr=0.05, beta2=0.9, eps=1e-8, reg=30.0,
-                     reg_drift=300.0, op=op)
+            t.update(user, *t.features(item, feats["time_bin"], feats["time_dev"]), err, global_rows=512, lr=0.05,
+                     beta2=0.9, eps=1e-8, reg=30.0, reg_drift=300.0, op=op)
     for a, b in ((tb[0].bins, tb[1].bins), (tb[0].users, tb[1].users)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, equal_nan=True)
     assert tb[0].bin_view(tb[0].bins)[:, :, 0].abs().max() > 0 and tb[0].users[:, 0].abs().max() > 0

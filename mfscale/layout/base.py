@@ -42,7 +42,7 @@ class EvalShare:
     item: np.ndarray  # global movie ids
     rating: np.ndarray
     day_row: np.ndarray | None = None  # each rating's row of ``TableLayout.day_bias`` (--model.day_bias)
-    day: np.ndarray | None = None  # each rating's day (--model.time_bins / user_drift)
+    time: dict[str, np.ndarray] | None = None  # each rating's TimeBias.rating_features (--model.time_bins, user_drift)
 
 
 def train_mean(data: Dataset) -> float:
@@ -86,7 +86,7 @@ class TableLayout(abc.ABC):
     # user rows are); every training batch then carries each rating's bias row as ``day_row``
     day_bias: DayBias | None = None
     # --model.time_bins / user_drift: the time-aware biases, row for row beside this rank's user and movie rows
-    # (mfscale/timebias.py); every training batch then carries each rating's ``day``
+    # (mfscale/timebias.py); every training batch then carries each rating's ``time_bin`` and ``time_dev``
     time_bias: TimeBias | None = None
 
     def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
@@ -241,7 +241,7 @@ class TableLayout(abc.ABC):
         every movie by global id, (movies, B)). Where this rank holds every movie row in global order (replicas, one
         process) its own; blocks override this (a collective)."""
         t = self.time_bias
-        return t.users[:, 0], t.mean_day, t.bin_view(t.bins)[:, :, 0]
+        return t.users[:, 0], t.mean_day, t.bin_view(t.bins)[:, :, 0].contiguous()
 
     def eval_share(self, split: str) -> EvalShare:
         """This rank's ratings of ``split`` (splits are read whole, then filtered). The held-out splits' are kept
@@ -259,9 +259,11 @@ class TableLayout(abc.ABC):
         user = arrays["user"].astype(np.int64)
         mine = self.user_owner(user) == self.env.rank
         day_row = None if self.day_bias is None else self.day_bias.rows(user[mine], arrays["timestamp"][mine])
-        day = None if self.time_bias is None else days_of(arrays["timestamp"][mine])
-        return EvalShare(self.user_local(user[mine]), arrays["item"][mine].astype(np.int64),
-                         arrays["rating"][mine].astype(np.float32), day_row, day)
+        local = self.user_local(user[mine])
+        time = None if self.time_bias is None else self.time_bias.rating_features(local,
+                                                                                  days_of(arrays["timestamp"][mine]))
+        return EvalShare(local, arrays["item"][mine].astype(np.int64), arrays["rating"][mine].astype(np.float32),
+                         day_row, time)
 
     # -- checkpoint parts --------------------------------------------------------------------------
     @property

@@ -147,13 +147,15 @@ class Blocks(TableLayout):
         user, timestamp = parts.pop("global_user", [None])[0], parts.pop("timestamp", [None])[0]
         days = self._build_day_bias(user, timestamp) if day_bias else None
         day_row = None if days is None else days.rows(user, timestamp)
-        # --model.time_bins / user_drift: each rating's day, and the biases (t_u of this rank's users: all their
-        # ratings are here)
-        day = days_of(timestamp) if time_bias else None
-        if time_bias:  # (the movies held now: the epoch's start, sub-epoch 0)
-            self._build_time_bias(np.concatenate(parts["user"]) if parts["user"] else np.empty(0, np.int32),
-                                  np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64), day,
-                                  self._custody(self.env.rank, 0, 0))
+        # --model.time_bins / user_drift: the biases (t_u of this rank's users: all their ratings are here; the
+        # movies held now: the epoch's start, sub-epoch 0) and each rating's bin and drift term
+        time = None
+        if time_bias:
+            day = days_of(timestamp)
+            user_rows = np.concatenate(parts["user"]) if parts["user"] else np.empty(0, np.int32)
+            tb = self._build_time_bias(user_rows, np.concatenate(parts["item"]) if parts["item"] else
+                                       np.empty(0, np.int64), day, self._custody(self.env.rank, 0, 0))
+            time = tb.rating_features(user_rows, day)
         item = np.concatenate(parts["item"]) if parts["item"] else np.empty(0, np.int64)
         n_groups = w * self.pieces
         group = self.item_block[item] * self.pieces + self.item_piece[item]  # by movie block, then piece
@@ -165,8 +167,8 @@ class Blocks(TableLayout):
                 "rating": np.concatenate(parts["rating"])[order]}
         if day_row is not None:
             cols["day_row"] = day_row[order].astype(np.int32)
-        if day is not None:
-            cols["day"] = day[order]
+        if time is not None:
+            cols.update({k: v[order] for k, v in time.items()})
         # The whole count matrix on every rank: each rank's steps per phase depend on all strata.
         mine = torch.tensor(counts, dtype=torch.long, device=self.env.device)
         if self.env.distributed:

@@ -59,7 +59,8 @@ class Replicated(TableLayout):
                                   days_of(train["timestamp"]), None)
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
                                    seed=cfg.train.seed, resident=env.device if self.resident else None,
-                                   strata=deal, day_rows=day_rows, days=cfg.uses_time_bias())
+                                   strata=deal, day_rows=day_rows,
+                                   time_features=None if self.time_bias is None else self.time_bias.rating_features)
         self.steps_per_epoch = self.stream.steps_per_epoch
         self.rows_complete = not env.distributed
         self.meets_every_step = env.distributed
