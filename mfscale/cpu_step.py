@@ -112,7 +112,7 @@ def load(verbose: bool = False) -> None:
         errors = [ln for ln in lines if "error" in ln.lower()]
         why = (errors[1] if len(errors) > 1 and lines and errors[0] == lines[0] else (errors or lines or [""])[0])
         raise KernelUnavailable(f"{type(exc).__name__}: {why[:300]}") from exc
-    for op in ("fused_step", "sgd_step", "bias_step"):
+    for op in ("fused_step", "sgd_step", "time_target", "time_step"):
         if not hasattr(torch.ops.mfscale, op):
             raise KernelUnavailable(f"the built library does not define mfscale::{op}")
     _LOADED["ok"] = True
@@ -192,11 +192,23 @@ def loads() -> bool:
     return not _LOADED["failed"]
 
 
-def bias_step(table: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, step_size: float, l2: float, beta2: float,
-              eps: float) -> None:
-    """One RMSprop step, in place, of bias rows ``table`` ((n, 4): value, state, 1 / training ratings, scratch NaN at
-    rest) from a batch: row ``rows[k]`` gets ``coef[k]`` plus ``table[., 2] * l2 * value`` per rating, then each
-    touched row ``s += (g^2 - s)(1 - beta2)``, ``value -= step_size g / (sqrt(s) + eps)`` (``mfscale.timebias``)."""
+def time_target(bins: torch.Tensor, users: torch.Tensor, user: torch.Tensor, item: torch.Tensor,
+                time_bin: torch.Tensor, time_dev: torch.Tensor, rating: torch.Tensor, n_bins: int, drift: bool
+                ) -> torch.Tensor:
+    """``rating - b_{i,bin} - alpha_u dev`` per rating (``mfscale.timebias``: ``bins`` (movie rows, 4B) and ``users``
+    (user rows, 4) of rows [value, state, 1 / n, scratch]; user and movie int64, time_bin int16, time_dev float32)."""
     load()
-    if rows.numel():
-        torch.ops.mfscale.bias_step(table, rows, coef, float(step_size), float(l2), float(beta2), float(eps))
+    return torch.ops.mfscale.time_target(bins, users, user, item, time_bin, time_dev, rating, int(n_bins), bool(drift))
+
+
+def time_step(bins: torch.Tensor, users: torch.Tensor, user: torch.Tensor, item: torch.Tensor, time_bin: torch.Tensor,
+              time_dev: torch.Tensor, err: torch.Tensor, n_bins: int, drift: bool, scale: float, step_size: float,
+              l2: tuple[float, float], beta2: float, eps: float) -> None:
+    """The time-aware biases' RMSprop step, in place, from a batch's errors: each touched bin row (and user row, times
+    dev) gets ``err * scale`` per rating plus ``1 / n * l2 * value``, then ``s += (g^2 - s)(1 - beta2)``, ``value -=
+    step_size g / (sqrt(s) + eps)`` (``l2``: the bins' and the drift's)."""
+    load()
+    if user.numel():
+        torch.ops.mfscale.time_step(bins, users, user, item, time_bin, time_dev, err, int(n_bins), bool(drift),
+                                    float(scale), float(step_size), float(l2[0]), float(l2[1]), float(beta2),
+                                    float(eps))

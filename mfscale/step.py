@@ -110,10 +110,11 @@ class Step(abc.ABC):
             raise ValueError("a job with time-aware biases needs each rating's time_bin and time_dev")
         group, scale = self.layout.opt.param_groups[0], 2.0 / global_rows
         lr, beta2, eps = float(group["lr"]), group["betas"][1], group["eps"]
-        target, features = rating, None
+        target, combine = rating, self.layout.time_combine()
         if time is not None:  # the tables fit rating - b_{i,bin} - alpha_u dev
-            features = time.features(item, time_bin, time_dev)
-            target = rating.to(time.users.dtype) - time.offset(user, *features)
+            user, item = user.long(), item.long()  # once (the C++ table step takes int64 too)
+            op = time.uses_op(combine)
+            target = time.target(user, item, time_bin, time_dev, rating, op)
         if days is not None:
             day_row = day_row.long()
             l2 = 2.0 * self.layout.cfg.optim.reg_day / global_rows
@@ -128,9 +129,9 @@ class Step(abc.ABC):
                 ids, grad, counts = self.layout.day_grads(ids, grad, counts)  # replicas: summed over the ranks
                 days.update(ids, grad, counts, lr=lr, beta2=beta2, eps=eps, l2=l2)
         if time is not None:
-            time.update(user, *features, err, global_rows=global_rows, lr=lr, beta2=beta2, eps=eps,
+            time.update(user, item, time_bin, time_dev, err, global_rows=global_rows, lr=lr, beta2=beta2, eps=eps,
                         reg=self.layout.cfg.optim.reg_time, reg_drift=self.layout.cfg.optim.reg_drift,
-                        combine=self.layout.time_combine())
+                        combine=combine, op=op)
         return sse
 
     @abc.abstractmethod

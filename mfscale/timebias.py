@@ -56,7 +56,7 @@ def user_mean_days(user_rows: np.ndarray, day: np.ndarray, n_rows: int) -> np.nd
 
 class TimeBias:
     """This rank's time-aware biases as rows [value, RMSprop state, 1 / training ratings, scratch] (the C++
-    ``bias_step``'s and the user-day biases' layout; the scratch is NaN at rest): ``bins`` (movie rows, 4B), B such
+    ``time_step``'s and the user-day biases' layout; the scratch is NaN at rest): ``bins`` (movie rows, 4B), B such
     rows per movie, row for row with the movie table (``bin_rows``: the same memory as (movie rows x B, 4)), and
     ``users`` (user rows, 4), alpha_u's, row for row with the user table, with ``mean_day`` (t_u) beside them.
     ``first``/``last``: the training split's first and last day (the bins' span). The bins' counts are set by
@@ -114,49 +114,61 @@ class TimeBias:
             out["time_dev"] = (np.sign(x) * np.abs(x) ** DRIFT_POWER).astype(np.float32)
         return out
 
-    def features(self, item: torch.Tensor, time_bin: torch.Tensor, time_dev: torch.Tensor
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(bin row, dev) of each rating of a batch from its ``rating_features``: the row of ``bin_rows`` of its
-        movie's bin, and dev_u(t) in the tables' dtype; None for a term that is off."""
-        b = item.long() * self.n_bins + time_bin.long() if self.n_bins else None
+    def uses_op(self, combine: Combine | None) -> bool:
+        """Whether the C++ ops step these biases: on a CPU where each rank's rows are its own (no ``combine``)."""
+        return combine is None and self.users.device.type == "cpu" and cpu_step.loads()
+
+    def target(self, user: torch.Tensor, item: torch.Tensor, time_bin: torch.Tensor, time_dev: torch.Tensor,
+               rating: torch.Tensor, op: bool) -> torch.Tensor:
+        """``rating - b_{i,bin} - alpha_u dev`` per rating of a batch (local rows, int64; its ``rating_features``), in
+        the tables' dtype: what the tables' step fits."""
+        rating = rating.to(self.users.dtype)
+        if op:
+            return cpu_step.time_target(self.bins, self.users, user, item, time_bin, time_dev, rating.contiguous(),
+                                        self.n_bins, self.drift)
+        bin_row, dev = self._rows(item, time_bin, time_dev)
+        out = rating.clone()
+        if bin_row is not None:
+            out -= self.bins.view(-1).index_select(0, bin_row * 4)
+        if dev is not None:
+            out -= self.users.view(-1).index_select(0, user * 4) * dev
+        return out
+
+    def _rows(self, item: torch.Tensor, time_bin: torch.Tensor, time_dev: torch.Tensor
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(row of ``bin_rows``, dev in the tables' dtype) per rating; None for a term that is off."""
+        b = item * self.n_bins + time_bin.long() if self.n_bins else None
         d = time_dev.to(self.users.dtype) if self.drift else None
         return b, d
 
-    def offset(self, user: torch.Tensor, bin_row: torch.Tensor | None, dev: torch.Tensor | None) -> torch.Tensor:
-        """b_{i,bin} + alpha_u dev for each rating (``features``' rows), by gathers from the flat tables."""
-        out = torch.zeros(user.shape[0], dtype=self.users.dtype, device=self.users.device)
-        if bin_row is not None:
-            out += self.bins.view(-1).index_select(0, bin_row * 4)
-        if dev is not None:
-            out += self.users.view(-1).index_select(0, user.long() * 4) * dev
-        return out
-
     # -- the step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def update(self, user: torch.Tensor, bin_row: torch.Tensor | None, dev: torch.Tensor | None, err: torch.Tensor,
-               *, global_rows: int, lr: float, beta2: float, eps: float, reg: float, reg_drift: float,
-               combine: Combine | None = None, op: bool | None = None) -> None:
-        """One step from the batch's errors ``err`` (prediction - rating, before the step): see the module. In the C++
-        ``bias_step`` on a CPU where each rank's rows are its own (no ``combine``), else torch ops (``op``: force
-        either)."""
+    def update(self, user: torch.Tensor, item: torch.Tensor, time_bin: torch.Tensor, time_dev: torch.Tensor,
+               err: torch.Tensor, *, global_rows: int, lr: float, beta2: float, eps: float, reg: float,
+               reg_drift: float, combine: Combine | None = None, op: bool = False) -> None:
+        """One step from the batch's errors ``err`` (prediction - rating, before the step; local rows, int64): see the
+        module. ``op``: in the C++ ``time_step`` (``uses_op``), else torch ops, the ranks' sums combined by
+        ``combine`` (replicas)."""
         self.steps += 1
         size = lr * math.sqrt(1 - beta2 ** self.steps)
-        coef = err.to(self.users.dtype) * (2.0 / global_rows)
-        terms = [(t, rows, c, 2.0 * r / global_rows) for t, rows, c, r in (
-            (self.bin_rows, bin_row, coef, reg), (self.users, None if dev is None else user.long(),
-                                                  None if dev is None else coef * dev, reg_drift)) if rows is not None]
-        if op is None:
-            op = combine is None and self.users.device.type == "cpu" and cpu_step.loads()
+        l2 = (2.0 * reg / global_rows, 2.0 * reg_drift / global_rows)
+        err = err.to(self.users.dtype)
         if op:
-            for table, rows, c, l2 in terms:
-                cpu_step.bias_step(table, rows.contiguous(), c.contiguous(), size, l2, beta2, eps)
+            cpu_step.time_step(self.bins, self.users, user, item, time_bin, time_dev, err.contiguous(), self.n_bins,
+                               self.drift, 2.0 / global_rows, size, l2, beta2, eps)
             return
+        coef = err * (2.0 / global_rows)
+        bin_row, dev = self._rows(item, time_bin, time_dev)
+        terms = [(t, rows, c, w) for t, rows, c, w in (
+            (self.bin_rows, bin_row, coef, l2[0]),
+            (self.users, None if dev is None else user, None if dev is None else coef * dev, l2[1]))
+            if rows is not None]
         local = [sum_rows(rows, torch.stack([c, torch.ones_like(c)], 1), len(table)) for table, rows, c, _ in terms]
         if combine is not None:
             local = combine(local, [len(table) for table, *_ in terms])
-        for (table, _, _, l2), (ids, v) in zip(terms, local, strict=True):
+        for (table, _, _, w), (ids, v) in zip(terms, local, strict=True):
             x = table[ids, 0]
-            g = v[:, 0] + v[:, 1] * table[ids, 2] * l2 * x
+            g = v[:, 0] + v[:, 1] * table[ids, 2] * w * x
             s = table[ids, 1]
             s = s + (g * g - s) * (1 - beta2)
             table[ids, 1] = s

@@ -40,18 +40,20 @@ def test_bins_and_drift_follow_the_documented_formulas():
     item = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
     feats = t.rating_features(user.numpy(), day.numpy())
     assert feats["time_bin"].tolist() == want
-    b, dev = t.features(item, *(torch.from_numpy(feats[k]) for k in ("time_bin", "time_dev")))
+    dev = feats["time_dev"].astype(np.float64)
     x = day.numpy() - mean[user.numpy()]
-    np.testing.assert_allclose(dev.numpy(), np.sign(x) * np.abs(x) ** 0.4, rtol=1e-6)  # float32 in the batches
-    assert b.tolist() == [int(item[k]) * 7 + want[k] for k in range(8)]  # its movie's row of that bin
-    t.bin_view(t.bins)[:, :, 0] = torch.arange(21, dtype=torch.float64).reshape(3, 7)
+    np.testing.assert_allclose(dev, np.sign(x) * np.abs(x) ** 0.4, rtol=1e-6)  # float32 in the batches, as ratings
+    t.bin_view(t.bins)[:, :, 0] = torch.arange(21, dtype=torch.float64).reshape(3, 7)  # movie i, bin b: 7 i + b
     t.users[:, 0] = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64)
-    want_offset = [float(item[k] * 7 + want[k]) + t.users[user[k], 0].item() * dev[k].item() for k in range(8)]
-    np.testing.assert_allclose(t.offset(user, b, dev).numpy(), want_offset, rtol=1e-12)
+    rating = torch.full((8,), 3.0, dtype=torch.float64)
+    want_target = [3.0 - (int(item[k]) * 7 + want[k]) - t.users[user[k], 0].item() * dev[k] for k in range(8)]
+    for op in (True, False):  # the C++ op and torch ops
+        got = t.target(user, item, *(torch.from_numpy(feats[k]) for k in ("time_bin", "time_dev")), rating, op)
+        np.testing.assert_allclose(got.numpy(), want_target, rtol=1e-12)
 
 
-def test_the_cpp_bias_step_and_torch_ops_step_alike():
-    """The C++ ``bias_step`` (each rating's share added in batch order, then each touched row once) and the torch-ops
+def test_the_cpp_time_step_and_torch_ops_step_alike():
+    """The C++ ``time_step`` (each rating's share added in batch order, then each touched row once) and the torch-ops
     step (a unique and an index_add, for replicas that sum their gradients first) give the same biases, RMSprop
     state and scratch (NaN again), float64, three steps of 400 ratings over few rows (many repeats)."""
     g = torch.Generator().manual_seed(0)
@@ -65,8 +67,8 @@ def test_the_cpp_bias_step_and_torch_ops_step_alike():
             int(torch.randint(0, 1000, (1,), generator=g))).integers(-5, 110, 400)).items()}
         err = torch.randn(400, generator=g, dtype=torch.float64)
         for t, op in zip(tb, (True, False), strict=True):
-            t.update(user, *t.features(item, feats["time_bin"], feats["time_dev"]), err, global_rows=512, lr=0.05,
-                     beta2=0.9, eps=1e-8, reg=30.0, reg_drift=300.0, op=op)
+            t.update(user, item, feats["time_bin"], feats["time_dev"], err, global_rows=512, lr=0.05, beta2=0.9,
+                     eps=1e-8, reg=30.0, reg_drift=300.0, op=op)
     for a, b in ((tb[0].bins, tb[1].bins), (tb[0].users, tb[1].users)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-15, equal_nan=True)
     assert tb[0].bin_view(tb[0].bins)[:, :, 0].abs().max() > 0 and tb[0].users[:, 0].abs().max() > 0

@@ -578,31 +578,118 @@ at::Tensor sgd_step(at::Tensor users, at::Tensor items, at::Tensor user, at::Ten
   return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
 }
 
-// One RMSprop step of bias rows [value, state, 1 / training ratings, scratch (NaN at rest)] from a batch: rating k
-// adds coef[k] (its error x 2 / G, times dev for a drift) and its share of the L2, inv_count x l2 x value, to row
-// rows[k], then each touched row steps once (day_step_impl: the user-day biases' arithmetic). The time-aware biases
-// (mfscale/timebias.py) step so: their bins as rows movie x B + bin, their drift as user rows. As torch ops (a
-// unique, an index_add, the gathers and scatters) two such steps cost about a table step on ml-10m.
-void bias_step(at::Tensor table, at::Tensor rows, at::Tensor coef, double step_size, double l2, double beta2,
-               double eps) {
-  const auto dtype = table.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "bias_step: the table must be float32 or float64");
-  TORCH_CHECK(table.device().is_cpu() && table.is_contiguous() && table.dim() == 2 && table.size(1) == 4,
-              "bias_step: the table must be a contiguous CPU (rows, 4) tensor");
-  TORCH_CHECK(coef.device().is_cpu() && coef.is_contiguous() && coef.scalar_type() == dtype &&
-                  coef.numel() == rows.numel(),
-              "bias_step: one contiguous coefficient per row id, of the table's dtype");
-  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous(), "bias_step: row ids must be contiguous int64");
-  check_ids(rows, table.size(0), "bias", "bias_step");
-  AT_DISPATCH_FLOATING_TYPES(dtype, "bias_step", [&] {
-    Days<scalar_t> days;
-    days.table = table.data_ptr<scalar_t>();
-    days.rows = rows.data_ptr<int64_t>();
-    days.missing = -1;  // every row is a real one
-    days.step_size = step_size;
-    days.l2 = l2;
-    day_step_impl<scalar_t>(days, coef.data_ptr<scalar_t>(), rows.numel(), 1.0, static_cast<scalar_t>(beta2),
-                            static_cast<scalar_t>(eps));
+// The time-aware biases (mfscale/timebias.py): bins (movie rows, 4B) and users (user rows, 4), each bias a row
+// [value, RMSprop state, 1 / training ratings, scratch (NaN at rest)] as the user-day biases' rows. Rating k reads the
+// bin row item[k] B + time_bin[k] and, with the drift, its user's row times time_dev[k]. As torch ops (int64
+// conversions, gathers, a unique and an index_add per term) they cost about a table step on ml-10m.
+template <typename T>
+struct TimeRows {
+  T* bins;
+  T* users;
+  const int64_t* user;
+  const int64_t* item;
+  const int16_t* bin;
+  const float* dev;
+  int64_t n_bins;
+  bool drift;
+};
+
+// rating - b_{i,bin} - alpha_u dev, per rating
+template <typename T>
+void time_target_impl(const TimeRows<T>& t, const T* rating, T* out, int64_t n) {
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t k = b; k < e; ++k) {
+      T x = rating[k];
+      if (t.n_bins) x -= t.bins[(t.item[k] * t.n_bins + t.bin[k]) * 4];
+      if (t.drift) x -= t.users[t.user[k] * 4] * static_cast<T>(t.dev[k]);
+      out[k] = x;
+    }
+  });
+}
+
+// Rating k's share of a bias row's gradient (``a``, plus its share of the L2 from the old value) into its scratch.
+template <typename T>
+inline void bias_add(T* row, T a, T l2) {
+  if (std::isnan(row[3])) row[3] = T(0);
+  row[3] += a + row[2] * l2 * row[0];
+}
+
+// A touched bias row takes its RMSprop step, once (its scratch back to NaN).
+template <typename T>
+inline void bias_update(T* row, T size, T b2, T eps) {
+  if (std::isnan(row[3])) return;
+  const T g = row[3];
+  row[3] = std::numeric_limits<T>::quiet_NaN();
+  const T s = row[1] + (g * g - row[1]) * (T(1) - b2);
+  row[1] = s;
+  row[0] -= size * g / (std::sqrt(s) + eps);
+}
+
+// Both terms' step from the batch's errors, in batch order (one thread: the sums repeat bit for bit): every rating's
+// share added, then each touched row stepped once (the user-day biases' arithmetic, day_step_impl).
+template <typename T>
+void time_step_impl(const TimeRows<T>& t, const T* err, int64_t n, T scale, T size, T l2_bins, T l2_drift, T b2,
+                    T eps) {
+  for (int64_t k = 0; k < n; ++k) {
+    const T a = err[k] * scale;
+    if (t.n_bins) bias_add(t.bins + (t.item[k] * t.n_bins + t.bin[k]) * 4, a, l2_bins);
+    if (t.drift) bias_add(t.users + t.user[k] * 4, a * static_cast<T>(t.dev[k]), l2_drift);
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    if (t.n_bins) bias_update(t.bins + (t.item[k] * t.n_bins + t.bin[k]) * 4, size, b2, eps);
+    if (t.drift) bias_update(t.users + t.user[k] * 4, size, b2, eps);
+  }
+}
+
+template <typename T>
+TimeRows<T> time_rows(const at::Tensor& bins, const at::Tensor& users, const at::Tensor& user, const at::Tensor& item,
+                      const at::Tensor& time_bin, const at::Tensor& time_dev, int64_t n_bins, bool drift,
+                      const char* op) {
+  const auto dtype = users.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, op, ": tables must be float32 or float64");
+  TORCH_CHECK(bins.device().is_cpu() && bins.is_contiguous() && bins.scalar_type() == dtype && bins.dim() == 2 &&
+                  bins.size(1) == 4 * n_bins && users.device().is_cpu() && users.is_contiguous() && users.dim() == 2 &&
+                  users.size(1) == 4,
+              op, ": bins must be contiguous (movie rows, 4 x bins), users (user rows, 4), CPU, one dtype");
+  const int64_t n = user.numel();
+  TORCH_CHECK(item.numel() == n && time_bin.numel() == n && time_dev.numel() == n && user.is_contiguous() &&
+                  item.is_contiguous() && time_bin.is_contiguous() && time_dev.is_contiguous(),
+              op, ": one contiguous user, movie, bin and drift term per rating");
+  TORCH_CHECK(user.scalar_type() == at::kLong && item.scalar_type() == at::kLong &&
+                  time_bin.scalar_type() == at::kShort && time_dev.scalar_type() == at::kFloat,
+              op, ": user and movie int64, time_bin int16, time_dev float32");
+  check_ids(user, users.size(0), "user", op);
+  check_ids(item, bins.size(0), "item", op);
+  if (n_bins) {
+    const int16_t* b = time_bin.data_ptr<int16_t>();
+    for (int64_t k = 0; k < n; ++k)
+      TORCH_CHECK(b[k] >= 0 && b[k] < n_bins, op, ": time bin ", b[k], " out of range [0, ", n_bins, ")");
+  }
+  return {bins.data_ptr<T>(), users.data_ptr<T>(), user.data_ptr<int64_t>(), item.data_ptr<int64_t>(),
+          time_bin.data_ptr<int16_t>(), time_dev.data_ptr<float>(), n_bins, drift};
+}
+
+at::Tensor time_target(at::Tensor bins, at::Tensor users, at::Tensor user, at::Tensor item, at::Tensor time_bin,
+                       at::Tensor time_dev, at::Tensor rating, int64_t n_bins, bool drift) {
+  at::Tensor out = at::empty({user.numel()}, users.options());
+  TORCH_CHECK(rating.numel() == user.numel() && rating.is_contiguous() && rating.scalar_type() == users.scalar_type(),
+              "time_target: one rating per rating, of the tables' dtype");
+  AT_DISPATCH_FLOATING_TYPES(users.scalar_type(), "time_target", [&] {
+    const auto t = time_rows<scalar_t>(bins, users, user, item, time_bin, time_dev, n_bins, drift, "time_target");
+    time_target_impl<scalar_t>(t, rating.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), user.numel());
+  });
+  return out;
+}
+
+void time_step(at::Tensor bins, at::Tensor users, at::Tensor user, at::Tensor item, at::Tensor time_bin,
+               at::Tensor time_dev, at::Tensor err, int64_t n_bins, bool drift, double scale, double step_size,
+               double l2_bins, double l2_drift, double beta2, double eps) {
+  TORCH_CHECK(err.numel() == user.numel() && err.is_contiguous() && err.scalar_type() == users.scalar_type(),
+              "time_step: one error per rating, of the tables' dtype");
+  AT_DISPATCH_FLOATING_TYPES(users.scalar_type(), "time_step", [&] {
+    const auto t = time_rows<scalar_t>(bins, users, user, item, time_bin, time_dev, n_bins, drift, "time_step");
+    time_step_impl<scalar_t>(t, err.data_ptr<scalar_t>(), user.numel(), scale, step_size, l2_bins, l2_drift, beta2,
+                             eps);
   });
 }
 
@@ -621,6 +708,13 @@ TORCH_LIBRARY(mfscale, m) {
       "float lr, float reg_f, float reg_b, bool biases, Tensor(c!) day_table, Tensor day_rows, float reg_day) "
       "-> Tensor");
   m.impl("sgd_step", c10::DispatchKey::CPU, &sgd_step);
-  m.def("bias_step(Tensor(a!) table, Tensor rows, Tensor coef, float step_size, float l2, float beta2, float eps) -> ()");
-  m.impl("bias_step", c10::DispatchKey::CPU, &bias_step);
+  m.def(
+      "time_target(Tensor bins, Tensor users, Tensor user, Tensor item, Tensor time_bin, Tensor time_dev, "
+      "Tensor rating, int n_bins, bool drift) -> Tensor");
+  m.impl("time_target", c10::DispatchKey::CPU, &time_target);
+  m.def(
+      "time_step(Tensor(a!) bins, Tensor(b!) users, Tensor user, Tensor item, Tensor time_bin, Tensor time_dev, "
+      "Tensor err, int n_bins, bool drift, float scale, float step_size, float l2_bins, float l2_drift, float beta2, "
+      "float eps) -> ()");
+  m.impl("time_step", c10::DispatchKey::CPU, &time_step);
 }
