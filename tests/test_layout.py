@@ -81,7 +81,8 @@ def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) 
             for j, batch in enumerate(tr.layout.batches(0, 0), start=1):  # to the end of the epoch
                 user, item = tr.layout.global_ids(batch)
                 batches.append({"user": user, "item": item, "rating": batch["rating"].numpy().copy(),
-                                "global_rows": batch["global_rows"], "day": day_keys(tr, batch)})
+                                "global_rows": batch["global_rows"], "day": day_keys(tr, batch),
+                                **{k: batch[k].numpy().copy() for k in ("time_bin", "time_dev") if k in batch}})
                 tr.train_step(batch)
                 if tr.layout.sync_point(j):  # as the loop does (train.Trainer._train_epoch)
                     tr.step_fn.reconcile()
@@ -122,6 +123,9 @@ def assert_union_equal(ranks: list[dict], cfg: config.JobConfig, data: Dataset) 
         union = {k: torch.from_numpy(np.concatenate([b[k] for b in step])) for k in ("user", "item", "rating")}
         if cfg.model.day_bias:
             union["day_row"] = day_rows_of(single, np.concatenate([b["day"] for b in step]))
+        for k in ("time_bin", "time_dev"):  # (replicas: user rows are global ids, as in the one process)
+            if k in step[0]:
+                union[k] = torch.from_numpy(np.concatenate([b[k] for b in step]))
         single.train_step({**union, "global_rows": g})
     assert len(sizes) > 1  # some batches are short (a remainder), not only full ones
     want = trainer_tensors(single)
@@ -151,6 +155,11 @@ def assert_union_equal(ranks: list[dict], cfg: config.JobConfig, data: Dataset) 
                                            err_msg=f"days.{key}")
         assert (seen == (1 if cfg.train.tables == "blocks" else len(ranks))).all()
         assert np.abs(want["days.weight"]).max() > 0
+    time_keys = [k for k in want if k.startswith("time.") and not k.endswith(".ids")]
+    for key in time_keys:  # the time-aware biases: every replica holds them all
+        for r in ranks:
+            np.testing.assert_allclose(r["tensors"][key], want[key], rtol=1e-6, atol=1e-10, err_msg=key)
+    assert not time_keys or (np.abs(want["time.items.weight"]).max() > 0) == (cfg.model.time_bins > 0)
     for key in ("global_bias", "global_bias.exp_avg", "global_bias.exp_avg_sq"):
         for r in ranks:
             np.testing.assert_allclose(r["tensors"][key], want[key], rtol=1e-9, atol=0, err_msg=key)

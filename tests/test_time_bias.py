@@ -212,16 +212,20 @@ def test_recommend_ranks_with_each_movies_latest_bin(drift_data, tmp_path, capsy
     assert got == want, (got, want, out)
 
 
-def test_blocks_on_two_ranks_equal_the_numpy_reference_with_the_bins_rotating(drift_data, tmp_path):
+def test_two_ranks_equal_the_numpy_reference_and_one_process(drift_data, tmp_path):
     """Blocks on 2 ranks, the rotation in 2 pieces: every rank's rows, bins (which travel with their movies) and
     drift equal the NumPy reference written from the config (tests/test_layout.py: each term of the objective, the
-    user-day biases too, every L2 weight), float64, one epoch."""
-    from .test_layout import assert_numpy_reference, row_floats, run_ranks
+    user-day biases too, every L2 weight), float64, one epoch. Replicated tables on 2 ranks (the biases' gradients
+    summed over the ranks, torch ops) equal one process fed the union of their batches."""
+    from .test_layout import assert_numpy_reference, assert_union_equal, row_floats, run_ranks
 
-    cfg = job(drift_data, tmp_path / "a", train__batch_size=97, optim__lr=0.02, train__seed=3, optim__schedule="none",
-              train__tables="blocks", train__block_pieces=2, model__time_bins=5, model__user_drift=True)
-    (ranks,) = run_ranks([cfg], 2, tmp_path)
+    base = dict(train__batch_size=97, optim__lr=0.02, train__seed=3, optim__schedule="none", model__time_bins=5,
+                model__user_drift=True)
+    cfg = job(drift_data, tmp_path / "a", **base, train__tables="blocks", train__block_pieces=2)
+    replicated = job(drift_data, tmp_path / "b", **base, train__tables="replicated")
+    ranks, replicas = run_ranks([cfg, replicated], 2, tmp_path)
     data = Dataset(drift_data)
+    assert_union_equal(replicas, replicated, data)
     assert_numpy_reference(ranks, cfg, data)
     # a movie row travels with its 5 bins: their biases, state, 1 / count and scratch, 4 x 5 float64 more per movie
     assert {r["bytes_sent"] for r in ranks} == {data.n_items * (row_floats(cfg) + 4 * 5) * 8}
