@@ -96,10 +96,9 @@ class Step(abc.ABC):
 
         With user-day biases (``layout.day_bias``; ``day_row``: each rating's) or time-aware biases
         (``layout.time_bias``; ``time_bin``, ``time_dev``: each rating's ``TimeBias.rating_features``) the tables'
-        step fits ``rating`` minus those biases and
-        returns its errors, which are the whole model's, and the biases take their step from them
-        (``mfscale.daybias``, ``mfscale.timebias``): the gradient of every parameter at the same point, as one step
-        of the whole model.
+        step fits ``rating`` minus those biases and returns its errors, which are the whole model's, and the biases
+        take their step from them (``mfscale.daybias``, ``mfscale.timebias``): the gradient of every parameter at the
+        same point, as one step of the whole model.
         """
         days, time = self.layout.day_bias, self.layout.time_bias
         if days is None and time is None:
