@@ -1,5 +1,6 @@
 """Issue 24's model options beside the defaults: test RMSE of plain MF (``--model.biases off``) and of
-``--model.max_norm`` against biased MF with L2 alone, over several training seeds.
+``--model.max_norm`` against biased MF with L2 alone, over several training seeds; issue 23's time-aware biases too
+(``time_bins``, ``user_drift``, ``time_both``).
 
     python benchmarks/model_options.py --data DIR [--seeds 0,1,2] [--variants defaults,plain,...]
         [--workdir /tmp/mfscale-options] [--extra "--epochs 20"] [--out-jsonl FILE]
@@ -38,6 +39,10 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                          ["--model.max_norm", "2", "--optim.reg_factor", "0"]),
     "plain_max_norm_no_l2": ("plain MF, max_norm 1, no L2 (a notebook with max_norm=1)",
                              ["--model.biases", "off", "--model.max_norm", "1", "--optim.reg_factor", "0"]),
+    # issue 23's time-aware biases (benchmarks/RESULTS.md, session 14)
+    "time_bins": ("+ an item bias per time bin (30 bins)", ["--model.time_bins", "30"]),
+    "user_drift": ("+ each user's drift alpha_u dev_u(t)", ["--model.user_drift", "on"]),
+    "time_both": ("+ time bins and user drift", ["--model.time_bins", "30", "--model.user_drift", "on"]),
 }
 
 

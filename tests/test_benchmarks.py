@@ -86,6 +86,17 @@ def test_op_variants_smoke(small_data, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_step_ab_smoke(small_data, tmp_path):
+    """step_ab.py interleaves two configs' steps and prints each one's ratings/s against the first's."""
+    script = SCRIPT.parent / "step_ab.py"
+    proc = subprocess.run([sys.executable, str(script), "--data", str(small_data), "--steps", "4", "--warmup", "1",
+                           "--workdir", str(tmp_path), "--variant", "base=", "--variant",
+                           "time=--model.time_bins 3 --model.user_drift on"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| base |" in proc.stdout and "1.00x |" in proc.stdout and "| time |" in proc.stdout
+
+
 def test_verify_cost_smoke(small_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(small_data, data)  # the script removes and rewrites the dataset's .verified.json
