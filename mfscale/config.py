@@ -48,7 +48,8 @@ class ModelConfig:
     # (biases off) has none.
     day_bias: bool = True
     # timeSVD's other two time effects (Koren, KDD 2009; mfscale/timebias.py), both off by default: on real
-    # ml-latest-small they gain nothing beside the user-day biases (benchmarks/RESULTS.md, session 14).
+    # ml-latest-small together 0.0011 better beside the user-day biases (about one seed spread), on the synthetic
+    # presets 0.0008-0.0009 worse, 0.73x the ratings/s (benchmarks/RESULTS.md, session 14).
     # > 0: + b_{i,bin(t)}, an item bias per time bin, the training split's days cut into this many equal bins
     time_bins: int = 0
     # on: + alpha_u dev_u(t), each user's drift: dev = sign(t - t_u) |t - t_u|^0.4, t in days, t_u the mean day of
