@@ -199,29 +199,38 @@ struct Days {
   double step_size = 0, l2 = 0;
 };
 
-// Rating k's share of its day's gradient (``a`` = its error x scale, plus its share of the L2 from the old bias),
-// into the row's scratch column (NaN: not touched yet in this step).
+// A bias row [value, RMSprop state, 1 / training ratings, scratch] (the user-day biases', the time-aware biases'):
+// a rating's share of its gradient (``a`` = its error x scale, plus its share of the L2 from the old value) into the
+// scratch column (NaN: not touched yet in this step).
 template <typename T>
-inline void day_add(const Days<T>& days, int64_t k, T a) {
-  const int64_t r = days.rows[k];
-  if (r == days.missing) return;
-  T* row = days.table + r * 4;
+inline void bias_add(T* row, T a, T l2) {
   if (std::isnan(row[3])) row[3] = T(0);
-  row[3] += a + row[2] * static_cast<T>(days.l2) * row[0];
+  row[3] += a + row[2] * l2 * row[0];
 }
 
-// Rating k's day takes its RMSprop step, once (its scratch back to NaN).
+// A touched bias row takes its RMSprop step, once (its scratch back to NaN; already stepped: nothing).
 template <typename T>
-inline void day_update(const Days<T>& days, int64_t k, T b2, T eps) {
-  const int64_t r = days.rows[k];
-  if (r == days.missing) return;
-  T* row = days.table + r * 4;
-  if (std::isnan(row[3])) return;  // stepped already (an earlier rating of the same day)
+inline void bias_update(T* row, T size, T b2, T eps) {
+  if (std::isnan(row[3])) return;
   const T g = row[3];
   row[3] = std::numeric_limits<T>::quiet_NaN();
   const T s = row[1] + (g * g - row[1]) * (T(1) - b2);
   row[1] = s;
-  row[0] -= static_cast<T>(days.step_size) * g / (std::sqrt(s) + eps);
+  row[0] -= size * g / (std::sqrt(s) + eps);
+}
+
+// Rating k's share of its day's gradient (the "missing" row never moves).
+template <typename T>
+inline void day_add(const Days<T>& days, int64_t k, T a) {
+  const int64_t r = days.rows[k];
+  if (r != days.missing) bias_add(days.table + r * 4, a, static_cast<T>(days.l2));
+}
+
+// Rating k's day takes its RMSprop step, once (an earlier rating of the same day may have stepped it).
+template <typename T>
+inline void day_update(const Days<T>& days, int64_t k, T b2, T eps) {
+  const int64_t r = days.rows[k];
+  if (r != days.missing) bias_update(days.table + r * 4, static_cast<T>(days.step_size), b2, eps);
 }
 
 // The user-day biases' step (mfscale/daybias.py, DayBias.update) from a batch's errors, at fused_step's end where
@@ -609,24 +618,6 @@ void time_target_impl(const TimeRows<T>& t, const T* rating, T* out, int64_t n) 
       out[k] = x;
     }
   });
-}
-
-// Rating k's share of a bias row's gradient (``a``, plus its share of the L2 from the old value) into its scratch.
-template <typename T>
-inline void bias_add(T* row, T a, T l2) {
-  if (std::isnan(row[3])) row[3] = T(0);
-  row[3] += a + row[2] * l2 * row[0];
-}
-
-// A touched bias row takes its RMSprop step, once (its scratch back to NaN).
-template <typename T>
-inline void bias_update(T* row, T size, T b2, T eps) {
-  if (std::isnan(row[3])) return;
-  const T g = row[3];
-  row[3] = std::numeric_limits<T>::quiet_NaN();
-  const T s = row[1] + (g * g - row[1]) * (T(1) - b2);
-  row[1] = s;
-  row[0] -= size * g / (std::sqrt(s) + eps);
 }
 
 // Both terms' step from the batch's errors, in batch order (one thread: the sums repeat bit for bit): every rating's
