@@ -8,7 +8,8 @@ fold-in half and the evaluation half. Two datasets are prepared with the evaluat
 (``prepare --test-input``), and the job trains on each with its defaults:
 
 - ``without``: the other users only. Then the held-out users are folded in from their fold-in halves
-  (``recommend.fold_in``, the run fixed) and their evaluation halves predicted (``predict_folded``);
+  (``recommend.fold_in``, the run fixed, at the run's calibrated prior or ``--prior``) and their evaluation
+  halves predicted (``predict_folded``);
 - ``with``: the other users plus the fold-in halves: the baseline, a run that trained on them.
 
 Both report RMSE on the same evaluation halves, predictions clipped to the rating scale. The ``with`` run's
@@ -50,11 +51,13 @@ def main() -> None:
     p.add_argument("--frac", type=float, default=0.1, help="share of users held out (default 0.1)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-args", default="", help="extra flags for both training runs")
+    p.add_argument("--prior", type=float, help="fold-in prior (default: the run's calibrated one; 0: the training "
+                   "objective exactly)")
     p.add_argument("--out-jsonl", type=Path)
     a = p.parse_args()
 
     from mfscale import formats, synthetic
-    from mfscale.recommend import Recommender, fold_in
+    from mfscale.recommend import Recommender, fold_in, fold_in_prior
     from mfscale.runs import load_run
 
     a.work.mkdir(parents=True, exist_ok=True)
@@ -103,13 +106,17 @@ def main() -> None:
     run = runs["without"]
     rec = Recommender(run)
     t0 = time.perf_counter()
-    folded = fold_in(run, fold)
+    calibration = fold_in_prior(run)  # once per run (then kept in RUN/foldin.json): timed on its own
+    calibrate_seconds = time.perf_counter() - t0
+    prior = calibration["prior"] if a.prior is None else a.prior
+    t0 = time.perf_counter()
+    folded = fold_in(run, fold, prior=prior)
     pred = rec.predict_folded(folded, evaluate.select("user_id", "movie_id"))
     fold_seconds = time.perf_counter() - t0
     rmse["folded in"] = float(np.sqrt(np.mean((pred - truth) ** 2)))
     one = fold.filter(pl.col("user_id") == int(held[0]))
     t0 = time.perf_counter()
-    rec.top_k(np.array([0]), 10, fold_in(run, one))
+    rec.top_k(np.array([0]), 10, fold_in(run, one, prior=prior))
     one_seconds = time.perf_counter() - t0
 
     print(f"{len(held):,} of {len(users):,} users held out ({a.frac:.0%}, seed {a.seed}); fold-in halves "
@@ -118,13 +125,16 @@ def main() -> None:
     print("| held-out users | RMSE on their evaluation halves |\n|---|---|")
     for name, value in rmse.items():
         print(f"| {name} | {value:.4f} |")
-    print(f"fold-in minus trained-in: {rmse['folded in'] - rmse['trained in']:+.4f}")
+    print(f"fold-in minus trained-in: {rmse['folded in'] - rmse['trained in']:+.4f} (fold-in prior {prior:g}"
+          f"{'' if a.prior is not None else ', calibrated on the run without them'})")
     print(f"time: fold-in + predictions of all {len(held):,} users {fold_seconds:.3f} s; one user's fold-in + "
-          f"top 10 {one_seconds * 1000:.1f} ms ({one.height} ratings; the run already loaded)")
+          f"top 10 {one_seconds * 1000:.1f} ms ({one.height} ratings; the run already loaded); the prior's calibration "
+          f"(once per run) {calibrate_seconds:.3f} s on {calibration['users']:,} training users")
     if a.out_jsonl:
         with open(a.out_jsonl, "a") as f:
             f.write(json.dumps({"source": str(a.input or a.synthetic), "seed": a.seed, "frac": a.frac,
-                                "held_users": len(held), "rmse": rmse, "fold_seconds": fold_seconds,
+                                "held_users": len(held), "rmse": rmse, "fold_seconds": fold_seconds, "prior": prior,
+                                "calibration": calibration, "calibrate_seconds": calibrate_seconds,
                                 "one_user_seconds": one_seconds}) + "\n")
 
 

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from .daybias import DAY_BITS
 from .errors import ConfigError, DataError, cli_entry
+from .recommend import fold_in_prior
 from .runs import Run, load_run
 from .shards import install_dir, staging_dir
 from .timebias import DRIFT_POWER
@@ -67,17 +68,20 @@ With pyarrow: pyarrow.parquet.read_table(f"{{d}}/movies.parquet"); the factors c
 np.stack(table["factors"].to_numpy(zero_copy_only=False)).
 
 Fold in a new user (not in training) from their ratings, without retraining: the training objective with
-the movies fixed, a ridge regression (mfscale.recommend --ratings does exactly this). reg_factor and reg_bias
-are in meta.json ("fold_in"); movies with n_train = 0 are best left out (their factors are untrained):
+the movies fixed and the L2 of "prior" more ratings than the user gave, a ridge regression (mfscale.recommend
+--ratings does exactly this). reg_factor, reg_bias and prior are in meta.json ("fold_in"; the prior was
+calibrated on the run's validation split: a user with fewer ratings than dimensions is otherwise almost
+unregularized); movies with n_train = 0 are best left out (their factors are untrained):
 
     import json
     meta = json.load(open(f"{{d}}/meta.json"))
     lam_f, lam_b = meta["fold_in"]["reg_factor"], meta["fold_in"]["reg_bias"]
+    prior = meta["fold_in"]["prior"]
     rows = np.array([mrow[m] for m in NEW_USER_MOVIE_IDS])       # the movies they rated
     r = np.array(NEW_USER_RATINGS, dtype=np.float64)
     X = np.hstack([Q[rows], np.ones((len(rows), 1))])            # [q_i, 1]
     y = r - mu - bi[rows]
-    lam = np.r_[np.full(Q.shape[1], lam_f), lam_b] * len(rows)   # per-rating L2, n ratings
+    lam = np.r_[np.full(Q.shape[1], lam_f), lam_b] * (len(rows) + prior)   # per-rating L2: n ratings + prior
     w = np.linalg.solve(X.T @ X + np.diag(lam), X.T @ y)
     p_new, b_new = w[:-1], w[-1]
     scores = np.clip(mu + b_new + bi + Q @ p_new, {lo:g}, {hi:g})
@@ -205,8 +209,10 @@ def write_export(run: Run, directory: Path) -> dict:
                       {"bins": int(time["bins"].shape[1]), "first_day": time["first"], "last_day": time["last"],
                        "drift_power": DRIFT_POWER,
                        "term": "item_time_bias[i, bin(day)] + user_drift[u] * dev_u(day), day = timestamp // 86400"}),
-        # the training objective's per-rating L2 weights: what a fold-in of a new user solves with (README.txt)
-        "fold_in": {"reg_factor": run.reg_factor, "reg_bias": run.reg_bias if biases else 0.0},
+        # the training objective's per-rating L2 weights and the calibrated prior (recommend.fold_in_prior): what a
+        # fold-in of a new user solves with (README.txt)
+        "fold_in": {"reg_factor": run.reg_factor, "reg_bias": run.reg_bias if biases else 0.0,
+                    "prior": fold_in_prior(run)["prior"]},
         "dim": dim, "n_users": len(user_ids), "n_movies": len(movie_ids),
         "global_mean": float(mean), "rating_min": lo, "rating_max": hi,
         "run_dir": str(run.run_dir.resolve()), "checkpoint": str(run.checkpoint_path.resolve()), "step": run.step,

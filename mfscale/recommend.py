@@ -19,7 +19,9 @@ training rating are never recommended: their factors are the random initializati
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import json
 import os
 import sys
 import time
@@ -62,18 +64,30 @@ class FoldIn:
     skipped: int  # ratings of movies without training ratings (untrained factors): not used in the solve
 
 
-def fold_in(run: Run, ratings: pl.DataFrame, where: str = "ratings") -> FoldIn:
-    """Factors and a bias for each user in ``ratings`` (``user_id, movie_id, rating``), none of whom was in
-    training, by the training objective with every movie row fixed: for user u with n rated movies,
+# Fold-in's prior: a new user's L2 counts as ``prior`` more ratings than they gave (below). The calibration tries these
+# values (0: the training objective exactly) and keeps the one that predicts the run's validation ratings best.
+FOLD_IN_PRIORS = (0, 4, 16, 32, 64, 128, 256, 512)
+CALIBRATION_USERS = 2000  # training users folded in by the calibration (a sample: seconds at ML-32M scale)
+CALIBRATION_FILE = "foldin.json"  # in the run directory: the calibrated prior, for the checkpoint it was found with
+_SOLVE_USERS = 4096  # users' normal equations solved at once (4096 x 65 x 65 float64: 138 MB)
 
-        minimize over p, b:  sum_i (r_ui - mean - b_i - b - p . q_i)^2 + n (reg_factor |p|^2 + reg_bias b^2)
+
+def fold_in(run: Run, ratings: pl.DataFrame, where: str = "ratings", prior: float | None = None) -> FoldIn:
+    """Factors and a bias for each user in ``ratings`` (``user_id, movie_id, rating``), none of whom was in
+    training, by the training objective with every movie row fixed and the L2 of ``prior`` more ratings: for user
+    u with n rated movies,
+
+        minimize over p, b:  sum_i (r_ui - mean - b_i - b - p . q_i)^2 + (n + prior) (reg_factor |p|^2 + reg_bias b^2)
 
     (mfscale's per-rating L2: each rating adds reg x |row|^2 for the rows it touches). That is a ridge
-    regression on x_i = [q_i, 1]: w = [p, b] = (X^T X + n diag(reg_factor, ..., reg_bias))^-1 X^T y with
-    y_i = r_ui - mean - b_i. A run without biases drops the bias column and the mean (y_i = r_ui); a run with
-    --model.max_norm caps |p| afterwards as nn.Embedding does. Movies with no training ratings are left out
-    (their factors are untrained); a user left with none gets p = 0, b = 0. Raises DataError for a user who
-    has training ratings or a movie the dataset does not have.
+    regression on x_i = [q_i, 1]: w = [p, b] = (X^T X + (n + prior) diag(reg_factor, ..., reg_bias))^-1 X^T y with
+    y_i = r_ui - mean - b_i. With prior = 0 it is the training objective's exact minimum; but training never reaches
+    that minimum for a user (early stopping, from small vectors), and a user with fewer ratings than dimensions gets
+    an almost unregularized solve (a vector of norm 5 where trained users have ~1.4; benchmarks/RESULTS.md). So
+    ``prior`` None takes the run's calibrated value (``fold_in_prior``). A run without biases drops the bias
+    column and the mean (y_i = r_ui); a run with --model.max_norm caps |p| afterwards as nn.Embedding does. Movies
+    with no training ratings are left out (their factors are untrained); a user left with none gets p = 0, b = 0.
+    Raises DataError for a user who has training ratings or a movie the dataset does not have.
     """
     # A user the dataset lists without training ratings (seen only in its val/test splits) has untrained
     # factors: fold-in is for them too.
@@ -90,40 +104,146 @@ def fold_in(run: Run, ratings: pl.DataFrame, where: str = "ratings") -> FoldIn:
     if unknown.any():
         raise DataError(f"{where}: movie {int(mid[unknown][0])} is not in {run.data.root} "
                         f"({len(movie_ids):,} movies)")
+    return _fold_in_at(run, _fold_in_systems(run, ratings, pos),
+                       fold_in_prior(run)["prior"] if prior is None else prior)
+
+
+def _fold_in_systems(run: Run, ratings: pl.DataFrame, pos: np.ndarray) -> dict:
+    """The new users of ``ratings`` (movie rows ``pos``) grouped, and their ridge systems (``_normal_equations``)."""
+    new_ids, row = np.unique(ratings["user_id"].to_numpy(), return_inverse=True)
+    order = np.argsort(row, kind="stable")
+    bounds = np.searchsorted(row[order], np.arange(len(new_ids) + 1))
+    trained = run.movies["n_train"].to_numpy()[pos] > 0
+    systems = _normal_equations(run, pos, ratings["rating"].to_numpy().astype(np.float64), order, bounds, trained)
+    return {"new_ids": new_ids, "bounds": bounds, "seen": pos[order], "skipped": int((~trained).sum()),
+            "systems": systems}
+
+
+def _fold_in_at(run: Run, users: dict, prior: float) -> FoldIn:
+    p, bu = _solve(run, users["systems"], prior)
+    dtype = run.model.factors()[2].dtype  # the model's own (float32, or float64 in tests)
+    return FoldIn(user_ids=users["new_ids"], p=torch.from_numpy(p).to(dtype), bu=torch.from_numpy(bu).to(dtype),
+                  indptr=users["bounds"].astype(np.int64), seen=users["seen"].astype(np.int64),
+                  skipped=users["skipped"])
+
+
+def _normal_equations(run: Run, movie_rows: np.ndarray, rating: np.ndarray, order: np.ndarray, bounds: np.ndarray,
+                      use: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's ridge system without its L2: X^T X, X^T y and n (ratings used), users' ratings at
+    ``order[bounds[r]:bounds[r + 1]]`` (``use``: the ratings of trained movies)."""
     _, _, q, bi = (t.detach().to(torch.float64).numpy() for t in run.model.factors())
     mean = float(run.model.global_bias.detach())
     biases = run.model.biases
-    trained = run.movies["n_train"].to_numpy()[pos] > 0
-    user = ratings["user_id"].to_numpy()
-    rating = ratings["rating"].to_numpy().astype(np.float64)
-    new_ids, row = np.unique(user, return_inverse=True)
-    d = q.shape[1]
-    width = d + 1 if biases else d
-    reg = np.full(width, run.reg_factor)
-    if biases:
-        reg[-1] = run.reg_bias
-    w = np.zeros((len(new_ids), width))
-    order = np.argsort(row, kind="stable")
-    bounds = np.searchsorted(row[order], np.arange(len(new_ids) + 1))
-    for r in range(len(new_ids)):
+    width = q.shape[1] + 1 if biases else q.shape[1]
+    n_users = len(bounds) - 1
+    xtx, xty, n = np.zeros((n_users, width, width)), np.zeros((n_users, width)), np.zeros(n_users)
+    for r in range(n_users):
         take = order[bounds[r]:bounds[r + 1]]
-        take = take[trained[take]]
+        take = take[use[take]]
         if not len(take):
             continue
-        x = q[pos[take]]
+        x = q[movie_rows[take]]
         y = rating[take]
         if biases:
             x = np.hstack([x, np.ones((len(take), 1))])
-            y = y - mean - bi[pos[take]]
-        w[r] = np.linalg.solve(x.T @ x + len(take) * np.diag(reg), x.T @ y)
+            y = y - mean - bi[movie_rows[take]]
+        xtx[r], xty[r], n[r] = x.T @ x, x.T @ y, len(take)
+    return xtx, xty, n
+
+
+def _solve(run: Run, systems: tuple[np.ndarray, np.ndarray, np.ndarray], prior: float) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's [p, b] from their normal equations with (n + prior) x the per-rating L2; a user without ratings
+    (n = 0) gets zeros."""
+    xtx, xty, n = systems
+    d = run.model.dim
+    width = xtx.shape[1]
+    reg = np.full(width, run.reg_factor)
+    if run.model.biases:
+        reg[-1] = run.reg_bias
+    w = np.zeros((len(n), width))
+    for lo in range(0, len(n), _SOLVE_USERS):
+        sl = slice(lo, lo + _SOLVE_USERS)
+        has = n[sl] > 0
+        a = xtx[sl][has] + (n[sl][has] + prior)[:, None, None] * np.diag(reg)
+        w[sl][has] = np.linalg.solve(a, xty[sl][has][:, :, None])[:, :, 0]
     p = w[:, :d]
     if run.max_norm:
         norm = np.linalg.norm(p, axis=1, keepdims=True)
         p = np.where(norm > run.max_norm, p * (run.max_norm / (norm + 1e-7)), p)
-    bu = w[:, d] if biases else np.zeros(len(new_ids))
-    dtype = run.model.factors()[2].dtype  # the model's own (float32, or float64 in tests)
-    return FoldIn(user_ids=new_ids, p=torch.from_numpy(p).to(dtype), bu=torch.from_numpy(bu).to(dtype),
-                  indptr=bounds.astype(np.int64), seen=pos[order].astype(np.int64), skipped=int((~trained).sum()))
+    bu = w[:, d] if run.model.biases else np.zeros(len(n))
+    return p, bu
+
+
+def calibration_sample(run: Run, users: int = CALIBRATION_USERS, seed: int = 0
+                       ) -> tuple[pl.DataFrame, pl.DataFrame, np.ndarray] | None:
+    """What ``calibrate_prior`` folds in and predicts, from the training and validation splits alone: up to ``users``
+    training users who have validation ratings, under new ids (above every id the run knows), with a random half of
+    their training ratings (a new user brings fewer ratings than a trained one) as ``ratings``, and their validation
+    ratings as ``pairs`` (``user_id, movie_id``) and ``truth``. None where no user has both."""
+    data = run.data
+    if not data.split_rows("val"):
+        return None
+    val = data.read_split("val", ("user", "item", "rating"))
+    train = data.read_split("train", ("user", "item", "rating"))
+    candidates = np.intersect1d(np.unique(val["user"]), np.unique(train["user"]))
+    if not len(candidates):
+        return None
+    rng = np.random.default_rng(seed)
+    sample = np.sort(rng.choice(candidates, min(users, len(candidates)), replace=False))
+    first_new = int(run.users["user_id"].max()) + 1
+    movie_ids = run.movies["movie_id"].to_numpy()
+    mine = np.isin(train["user"], sample)
+    half = rng.random(int(mine.sum())) < 0.5
+    user, item, rating = (train[k][mine][half] for k in ("user", "item", "rating"))
+    ratings = pl.DataFrame({"user_id": first_new + np.searchsorted(sample, user), "movie_id": movie_ids[item],
+                            "rating": rating.astype(np.float64)})
+    mine = np.isin(val["user"], sample)
+    # a user whose half came out empty has nothing to fold in from: left out of the pairs too
+    keep = np.isin(np.searchsorted(sample, val["user"][mine]), np.searchsorted(sample, user))
+    vuser, vitem = val["user"][mine][keep], val["item"][mine][keep]
+    pairs = pl.DataFrame({"user_id": first_new + np.searchsorted(sample, vuser), "movie_id": movie_ids[vitem]})
+    return ratings, pairs, val["rating"][mine][keep].astype(np.float64)
+
+
+def calibrate_prior(run: Run, users: int = CALIBRATION_USERS, seed: int = 0) -> dict:
+    """The fold-in prior that predicts the run's validation split best, never reading the test split: the users of
+    ``calibration_sample`` are folded in (``fold_in``) at each of ``FOLD_IN_PRIORS`` and their validation ratings
+    predicted as ``recommend --ratings --predict`` would. Returns ``{"prior", "users", "val_rmse": {prior: rmse}}``;
+    prior 0 (the training objective) where there is nothing to calibrate on."""
+    sample = calibration_sample(run, users, seed)
+    if sample is None:
+        return {"prior": 0.0, "users": 0, "val_rmse": {}}
+    ratings, pairs, truth = sample
+    rec = Recommender(run)
+    users = _fold_in_systems(run, ratings, find_sorted(run.movies["movie_id"].to_numpy(),
+                                                       ratings["movie_id"].to_numpy())[0])
+    scores = {}
+    for prior in FOLD_IN_PRIORS:  # fold_in's solve at each prior (the systems built once)
+        pred = rec.predict_folded(_fold_in_at(run, users, float(prior)), pairs)
+        scores[prior] = float(np.sqrt(np.mean((pred - truth) ** 2)))
+    best = min(scores, key=lambda k: (scores[k], k))
+    return {"prior": float(best), "users": int(ratings["user_id"].n_unique()),
+            "val_rmse": {str(k): v for k, v in scores.items()}}
+
+
+def fold_in_prior(run: Run) -> dict:
+    """The run's calibrated fold-in prior (``calibrate_prior``), found once per checkpoint and kept in
+    ``RUN/foldin.json`` (recomputed when the run's checkpoint changes; not kept where the run directory is
+    read-only)."""
+    st = run.checkpoint_path.stat()
+    key = {"checkpoint": run.checkpoint_path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+           "data": run.data.fingerprint, "priors": list(FOLD_IN_PRIORS), "users": CALIBRATION_USERS}
+    path = run.run_dir / CALIBRATION_FILE
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("key") == key:
+            return saved["calibration"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # none yet, or unreadable: calibrate
+    calibration = calibrate_prior(run)
+    with contextlib.suppress(OSError):  # a read-only run directory: calibrate again next time
+        write_text_atomic(path, json.dumps({"key": key, "calibration": calibration}, indent=1) + "\n")
+    return calibration
 
 
 class Recommender:
@@ -308,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--predict", type=Path, metavar="PAIRS.csv",
                    help="--ratings: predicted ratings of these userId,movieId pairs instead of top-N, as CSV "
                         "userId,movieId,rating to --out (default: stdout)")
+    p.add_argument("--fold-in-prior", type=float, metavar="N",
+                   help="--ratings: a new user's L2 counts as N more ratings than they gave (default: calibrated on "
+                        "the run's validation split and kept in RUN/foldin.json; 0: the training objective exactly)")
     p.add_argument("-k", "--top", type=int, default=10, dest="k", help="movies per list (default 10)")
     p.add_argument("--out", type=Path, metavar="FILE",
                    help="--all-users: output Parquet file; --predict: output CSV file")
@@ -323,6 +446,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"-k must be >= 1, got {args.k}")
     if args.batch_users < 0:
         raise ConfigError(f"--batch-users must be >= 0, got {args.batch_users}")
+    if args.fold_in_prior is not None and (args.ratings is None or not args.fold_in_prior >= 0):
+        raise ConfigError("--fold-in-prior goes with --ratings and must be >= 0, got "
+                          f"{args.fold_in_prior:g}")
     if args.predict is not None and args.ratings is None:
         raise ConfigError("--predict PAIRS.csv goes with --ratings FILE (the new users to predict for)")
     if args.all_users and args.out is None:
@@ -358,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fold_in_cli(run: Run, args: argparse.Namespace, ratings: pl.DataFrame, pairs: pl.DataFrame | None) -> int:
     t0 = time.perf_counter()
-    folded = fold_in(run, ratings, str(args.ratings))
+    folded = fold_in(run, ratings, str(args.ratings), prior=args.fold_in_prior)
     rec = Recommender(run)
     if folded.skipped:
         print(f"{PROG}: note: {folded.skipped} rating(s) of movies without training ratings left out of the "

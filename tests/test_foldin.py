@@ -14,7 +14,15 @@ import torch
 
 from mfscale import config, daybias, train
 from mfscale.errors import DataError
-from mfscale.recommend import Recommender, fold_in, main
+from mfscale.recommend import (
+    FOLD_IN_PRIORS,
+    Recommender,
+    calibrate_prior,
+    calibration_sample,
+    fold_in,
+    fold_in_prior,
+    main,
+)
 from mfscale.runs import load_run
 
 from .test_recommend import prepare_synthetic, tiny_run
@@ -34,14 +42,14 @@ def new_user_ratings(run, user_row: int, new_id: int) -> pl.DataFrame:
                          "rating": train_split["rating"][mine].astype(np.float64)})
 
 
-def objective_gradient(run, ratings: pl.DataFrame, p: np.ndarray, b: float) -> np.ndarray:
-    """d/d[p, b] of sum_i (r_i - mean - b_i - b - p.q_i)^2 + n (reg_factor |p|^2 + reg_bias b^2), straight
-    from the formula (float64)."""
+def objective_gradient(run, ratings: pl.DataFrame, p: np.ndarray, b: float, prior: float = 0.0) -> np.ndarray:
+    """d/d[p, b] of sum_i (r_i - mean - b_i - b - p.q_i)^2 + (n + prior) (reg_factor |p|^2 + reg_bias b^2),
+    straight from the formula (float64)."""
     _, _, q, bi = (t.detach().double().numpy() for t in run.model.factors())
     rows = np.searchsorted(run.movies["movie_id"].to_numpy(), ratings["movie_id"].to_numpy())
     mean = float(run.model.global_bias)
     err = ratings["rating"].to_numpy() - mean - bi[rows] - b - q[rows] @ p
-    n = len(rows)
+    n = len(rows) + prior
     grad_p = -2 * (err[:, None] * q[rows]).sum(0) + 2 * n * run.reg_factor * p
     grad_b = -2 * err.sum() + 2 * n * run.reg_bias * b
     return np.r_[grad_p, grad_b]
@@ -54,10 +62,15 @@ def test_fold_in_minimizes_the_training_objective(trained):
     counts = run.users["n_train"].to_numpy()
     row = int(np.argmax(counts))
     ratings = new_user_ratings(run, row, new_id=10**6)
-    folded = fold_in(run, ratings)
+    for prior in (0.0, 64.0):  # the training objective itself, and with a prior's extra L2
+        folded = fold_in(run, ratings, prior=prior)
+        p, b = folded.p[0].double().numpy(), float(folded.bu[0])
+        scale = np.abs(objective_gradient(run, ratings, np.zeros_like(p), 0.0, prior)).max()
+        assert np.abs(objective_gradient(run, ratings, p, b, prior)).max() < 1e-4 * scale
+    calibrated = fold_in_prior(run)["prior"]
+    folded = fold_in(run, ratings)  # the default: the calibrated prior
     p, b = folded.p[0].double().numpy(), float(folded.bu[0])
-    scale = np.abs(objective_gradient(run, ratings, np.zeros_like(p), 0.0)).max()
-    assert np.abs(objective_gradient(run, ratings, p, b)).max() < 1e-4 * scale
+    assert np.abs(objective_gradient(run, ratings, p, b, calibrated)).max() < 1e-4 * scale
     # the folded-in user fits its ratings about as well as training fitted the same user
     rec = Recommender(run)
     pairs = ratings.select("user_id", "movie_id")
@@ -119,6 +132,72 @@ def test_cli_top_n_and_predict(trained, tmp_path, capsys):
     capsys.readouterr()
     assert main(["--run", str(run_dir), "--ratings", str(ratings), "--predict", str(pairs)]) == 0
     assert pl.read_csv(capsys.readouterr().out.encode())["rating"].to_list() == pred["rating"].to_list()
+    # --fold-in-prior: the solve at that prior instead of the calibrated one
+    assert main(["--run", str(run_dir), "--ratings", str(ratings), "--predict", str(pairs),
+                 "--fold-in-prior", "0"]) == 0
+    exact = fold_in(run, pl.read_csv(ratings).rename({"userId": "user_id", "movieId": "movie_id"}), prior=0.0)
+    expected = Recommender(run).predict_folded(exact, pl.read_csv(pairs).rename({"userId": "user_id",
+                                                                                 "movieId": "movie_id"}))
+    got = pl.read_csv(capsys.readouterr().out.encode())["rating"].to_numpy()
+    assert np.allclose(got, expected, atol=1e-6)
+
+
+def test_the_fold_in_prior_is_calibrated_on_validation_alone(trained, monkeypatch):
+    """The calibration reads the training and validation splits, never the test split; each prior's RMSE is the
+    ridge written from the formula with NumPy (not fold_in) on the sample's ratings, scored on their validation
+    ratings; the best is kept."""
+    run = load_run(trained[1])
+    reads = []
+    real_read = run.data.read_split
+    monkeypatch.setattr(run.data, "read_split", lambda split, *a, **k: reads.append(split) or real_read(split, *a, **k))
+    calibration = calibrate_prior(run)
+    assert reads and set(reads) == {"train", "val"}
+    assert set(calibration["val_rmse"]) == {str(p) for p in FOLD_IN_PRIORS}
+    assert calibration["val_rmse"][str(int(calibration["prior"]))] == min(calibration["val_rmse"].values())
+    ratings, pairs, truth = calibration_sample(run)
+    assert ratings["user_id"].min() > run.users["user_id"].max()  # new ids: fold_in would refuse known users
+    assert calibration["users"] == ratings["user_id"].n_unique() > 10
+    _, _, q, bi = (t.detach().double().numpy() for t in run.model.factors())
+    mean, d = float(run.model.global_bias), q.shape[1]
+    movie_ids = run.movies["movie_id"].to_numpy()
+    trained_movie = run.movies["n_train"].to_numpy() > 0
+    lo, hi = run.rating_range
+    for prior in (0, 16):
+        pred = np.empty(pairs.height)
+        for uid in np.unique(pairs["user_id"].to_numpy()):
+            mine = ratings.filter(pl.col("user_id") == uid)
+            rows = np.searchsorted(movie_ids, mine["movie_id"].to_numpy())
+            rows = rows[trained_movie[rows]]
+            y = mine["rating"].to_numpy()[trained_movie[np.searchsorted(movie_ids, mine["movie_id"].to_numpy())]]
+            x = np.hstack([q[rows], np.ones((len(rows), 1))])
+            lam = (len(rows) + prior) * np.r_[np.full(d, run.reg_factor), run.reg_bias]
+            w = np.linalg.solve(x.T @ x + np.diag(lam), x.T @ (y - mean - bi[rows]))
+            at = (pairs["user_id"] == uid).to_numpy()
+            items = np.searchsorted(movie_ids, pairs["movie_id"].to_numpy()[at])
+            pred[at] = np.clip(mean + w[d] + bi[items] + q[items] @ w[:d], lo, hi)
+        assert calibration["val_rmse"][str(prior)] == pytest.approx(np.sqrt(np.mean((pred - truth) ** 2)), abs=1e-6)
+
+
+def test_the_calibrated_prior_is_kept_per_checkpoint(trained, tmp_path, monkeypatch):
+    """``RUN/foldin.json`` keeps the calibration: found once, found again when the checkpoint changes."""
+    import os
+    import shutil
+
+    from mfscale import recommend
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[1], run_dir)
+    (run_dir / recommend.CALIBRATION_FILE).unlink(missing_ok=True)
+    calls = []
+    real = recommend.calibrate_prior
+    monkeypatch.setattr(recommend, "calibrate_prior", lambda run: calls.append(1) or real(run))
+    first = fold_in_prior(load_run(run_dir))
+    assert fold_in_prior(load_run(run_dir)) == first and len(calls) == 1
+    assert (run_dir / recommend.CALIBRATION_FILE).is_file()
+    run = load_run(run_dir)
+    st = run.checkpoint_path.stat()
+    os.utime(run.checkpoint_path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a newer checkpoint
+    assert fold_in_prior(load_run(run_dir)) == first and len(calls) == 2
 
 
 @pytest.mark.parametrize("content, pairs, message", [
@@ -128,13 +207,16 @@ def test_cli_top_n_and_predict(trained, tmp_path, capsys):
     ("userId,movieId,rating\n900001,{movie},7\n", None, "outside the scale"),
     ("userId,movie,rating\n900001,{movie},4\n", None, "missing column(s) movieId"),
     ("userId,movieId,rating\n900001,{movie},4\n", "userId,movieId\n900002,{movie}\n", "user 900002 has no ratings"),
+    ("userId,movieId,rating\n900001,{movie},4\n", "--fold-in-prior=-1", "--fold-in-prior goes with --ratings and must"),
 ])
 def test_cli_bad_input_is_one_line(trained, tmp_path, capsys, content, pairs, message):
     _, run_dir = trained
     run = load_run(run_dir)
     fill = {"known": int(run.users["user_id"][0]), "movie": int(run.movies["movie_id"][0])}
     args = ["--run", str(run_dir), "--ratings", str(write(tmp_path / "r.csv", content.format(**fill)))]
-    if pairs:
+    if pairs and pairs.startswith("--"):
+        args.append(pairs)
+    elif pairs:
         args += ["--predict", str(write(tmp_path / "p.csv", pairs.format(**fill)))]
     with pytest.raises(SystemExit) as se:
         main(args)
