@@ -143,12 +143,15 @@ class Part:
     and its Adam state (``dense``: ``value``, ``step``, ``exp_avg``, ``exp_avg_sq``); None elsewhere. ``days``:
     the user-day biases of this rank's users (``--model.day_bias``; ids are ``daybias.day_key`` keys), or None.
     ``time``: the time-aware biases (``--model.time_bins`` / ``user_drift``; ``timebias.TimeBias.to_rows``): ``items``
-    and ``users`` tables with the same ids as ``tables``' and ``span`` = [first day, last day, bins]; or None."""
+    and ``users`` tables with the same ids as ``tables``' and ``span`` = [first day, last day, bins]; or None.
+    ``implicit``: SVD++'s implicit rows (``--model.implicit``; ``implicit.Implicit.to_rows``): ``items`` ([y, 1 / D])
+    and ``users`` ([z, z']) tables with the same ids as ``tables``'; or None."""
 
     tables: dict[str, TableRows]
     dense: dict[str, torch.Tensor] | None = None
     days: TableRows | None = None
     time: dict[str, Any] | None = None
+    implicit: dict[str, TableRows] | None = None
 
 
 def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> str:
@@ -163,6 +166,8 @@ def write_part(run_dir: Path, step: int, k: int, n: int, part: Part) -> str:
         payload["days"] = part.days.to_dict()
     if part.time is not None:
         payload["time"] = {name: part.time[name].to_dict() for name in TABLES} | {"span": part.time["span"]}
+    if part.implicit is not None:
+        payload["implicit"] = {name: part.implicit[name].to_dict() for name in TABLES}
     return _atomic_torch_save({FORMAT_KEY: FORMAT_VERSION, "step": step, "part": payload},
                               directory / part_name(step, k, n))
 
@@ -189,8 +194,10 @@ def read_part(path: Path, sha256: str | None = None) -> Part:
             raise ValueError("not an mfscale checkpoint part")
         body = payload["part"]
         days = TableRows.from_dict(body["days"]) if "days" in body else None
+        implicit = body.get("implicit")
         return Part({name: TableRows.from_dict(body.get(name)) for name in TABLES}, body.get("dense"), days,
-                    _time_tables(body["time"]) if "time" in body else None)
+                    _time_tables(body["time"]) if "time" in body else None,
+                    None if implicit is None else {name: TableRows.from_dict(implicit.get(name)) for name in TABLES})
     except UnsafeCheckpoint:
         raise
     except Exception as exc:
@@ -282,6 +289,20 @@ def time_biases(path: Path, state: dict) -> dict[str, Any] | None:
         out["bins"][items.ids.numpy()] = items.weight.numpy()
         out["alpha"][users.ids.numpy()] = users.weight[:, 0].numpy()
         out["mean_day"][users.ids.numpy()] = users.state["mean_day"][:, 0].numpy()
+    return out
+
+
+def implicit_rows(path: Path, state: dict) -> np.ndarray | None:
+    """A checkpoint's implicit rows y (``--model.implicit``; mfscale/implicit.py), (movies, dim) by global movie id
+    from all its parts, or None for a run without them (a new user's fold-in is pulled toward their sum)."""
+    parts = [part.implicit for part in (read_part(p, d) for p, d in part_paths(path, state))
+             if part.implicit is not None]
+    if not parts:
+        return None
+    dim = int(state["model_shape"]["dim"])
+    out = np.zeros((state["model_shape"]["n_items"], dim), np.float64)
+    for t in parts:
+        out[t["items"].ids.numpy()] = t["items"].weight[:, :dim].double().numpy()
     return out
 
 

@@ -55,6 +55,11 @@ class ModelConfig:
     # on: + alpha_u dev_u(t), each user's drift: dev = sign(t - t_u) |t - t_u|^0.4, t in days, t_u the mean day of
     # the user's training ratings
     user_drift: bool = False
+    # on: SVD++'s implicit feedback (Koren, KDD 2008; mfscale/implicit.py): the user's vector is regularized toward
+    # |N(u)|^-1/2 sum_{j in N(u)} y_j, the movies they rated in training, instead of toward 0 (the same objective as
+    # SVD++'s p_u + |N(u)|^-1/2 sum y_j). Off by default: on real ml-latest-small it cost 0.001-0.01 in every setting
+    # tried (benchmarks/RESULTS.md, session 15).
+    implicit: bool = False
 
 
 OPTIMIZERS = ("lazy_adam", "row_rmsprop", "sparse_adam", "sgd")  # --optim.optimizer's choices
@@ -97,6 +102,8 @@ class OptimConfig:
     # 10/30/100 and 100/1000/10000 on real ml-latest-small and the ml-1m preset, seed 0 (RESULTS.md, session 14)
     reg_time: float = 100.0
     reg_drift: float = 1000.0
+    # --model.implicit: each implicit row y_j's L2, per training rating of its movie (reg_implicit m_j |y_j|^2)
+    reg_implicit: float = 30.0
     gravity: float = 0.0  # penalty on predictions over all user-movie pairs (via d x d Gram matrices)
     schedule: str = "cosine"  # none | cosine | linear: decay of both learning rates over the run
     min_lr_frac: float = 0.1  # the schedule ends at this fraction of the initial learning rates
@@ -195,9 +202,9 @@ class JobConfig:
             (self.optim.lr > 0 and self.optim.dense_lr >= 0, "optim.lr must be > 0 and optim.dense_lr >= 0"),
             (0 <= self.optim.beta1 < 1 and 0 <= self.optim.beta2 < 1, "optim.beta1 and optim.beta2 must be in [0, 1)"),
             (min(self.optim.reg_factor, self.optim.reg_bias, self.optim.reg_day, self.optim.reg_time,
-                 self.optim.reg_drift, self.optim.gravity) >= 0,
-             "optim.reg_factor, optim.reg_bias, optim.reg_day, optim.reg_time, optim.reg_drift and optim.gravity "
-             "must be >= 0"),
+                 self.optim.reg_drift, self.optim.reg_implicit, self.optim.gravity) >= 0,
+             "optim.reg_factor, optim.reg_bias, optim.reg_day, optim.reg_time, optim.reg_drift, optim.reg_implicit "
+             "and optim.gravity must be >= 0"),
             (self.optim.schedule in ("none", "cosine", "linear"), "optim.schedule must be none, cosine or linear"),
             (0 <= self.optim.min_lr_frac <= 1, "optim.min_lr_frac must be in [0, 1]"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
@@ -222,7 +229,8 @@ class JobConfig:
             blockers = self.fused_blockers() + [name for name, on in (
                 ("model.max_norm > 0", self.model.max_norm > 0), ("train.step autograd", self.train.step == "autograd"),
                 ("train.cpu_kernel off", self.train.cpu_kernel == "off"),
-                ("model.time_bins or model.user_drift", self.uses_time_bias())) if on]
+                ("model.time_bins or model.user_drift", self.uses_time_bias()),
+                ("model.implicit", self.model.implicit)) if on]
             if blockers:
                 checks.append((False, "--optim.optimizer sgd (per-rating updates in the C++ op) cannot be used with "
                                + ", ".join(blockers)))

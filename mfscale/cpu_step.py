@@ -124,7 +124,7 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
                step_sizes: tuple[float, float], betas: tuple[float, float], eps: float,
                scratch: dict[str, torch.Tensor], *, max_norm: float = 0.0, biases: bool = True,
                row_wise: bool = False, days: tuple[torch.Tensor, torch.Tensor, float, float] | None = None,
-               errors: torch.Tensor | None = None) -> tuple[float, float]:
+               errors: torch.Tensor | None = None, user_prior: torch.Tensor | None = None) -> tuple[float, float]:
     """One step in place on both tables and their optimizer state; returns (sum of coef, sum of squared errors).
 
     coef = (prediction - rating) * ``scale``; the global bias's gradient is the first return value.
@@ -136,7 +136,8 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
     biases ``(DayBias.table, each rating's row, step size, 2 reg_day / G)``: the step fits rating - bias and then
     steps the biases from its errors (``DayBias.update``'s arithmetic), in the same op. ``errors``: a tensor of one
     value per rating (the tables' dtype) that receives each rating's error, prediction - target (the time-aware
-    biases' gradient, ``mfscale.timebias``).
+    biases' gradient, ``mfscale.timebias``). ``user_prior``: (user rows, dim), what each user row's factor columns are
+    pulled toward by their L2 instead of 0 (implicit feedback, ``mfscale.implicit``).
     """
     load()
     for name, table in (("users", users), ("items", items)):
@@ -156,7 +157,7 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
         float(max_norm), bool(biases), bool(row_wise),
         *((days[0], days[1], float(days[2]), float(days[3])) if days is not None and user.numel() else
           (unused, unused.new_empty(0, dtype=torch.int64), 0.0, 0.0)),
-        errors if errors is not None else unused)
+        errors if errors is not None else unused, user_prior if user_prior is not None else unused)
     coef_sum, sse = out.tolist()
     return coef_sum, sse
 

@@ -82,11 +82,15 @@ unregularized); movies with n_train = 0 are best left out (their factors are unt
     X = np.hstack([Q[rows], np.ones((len(rows), 1))])            # [q_i, 1]
     y = r - mu - bi[rows]
     lam = np.r_[np.full(Q.shape[1], lam_f), lam_b] * (len(rows) + prior)   # per-rating L2: n ratings + prior
-    w = np.linalg.solve(X.T @ X + np.diag(lam), X.T @ y)
+    z = np.zeros(Q.shape[1])                                      # what the L2 pulls p toward:
+    if meta["implicit"]:                                          # --model.implicit: the rated movies' y rows
+        z = np.load(f"{{d}}/item_implicit.npy")[rows].sum(0) / np.sqrt(len(rows))
+    w = np.linalg.solve(X.T @ X + np.diag(lam), X.T @ y + lam * np.r_[z, 0])
     p_new, b_new = w[:-1], w[-1]
     scores = np.clip(mu + b_new + bi + Q @ p_new, {lo:g}, {hi:g})
 {fold_in_note}"""
-_NO_BIASES = "This model has no biases: drop the ones column and lam_b (X = Q[rows], y = r), and b_new = 0.\n"
+_NO_BIASES = ("This model has no biases: drop the ones column, lam_b and the 0 after z (X = Q[rows], y = r, "
+              "lam * z), and b_new = 0.\n")
 _CAPPED = "This model caps factor vectors at norm {max_norm:g}: scale p_new down to that norm if it is longer.\n"
 FOLD_IN_NOTES = {(True, False): "", (False, False): "\n" + _NO_BIASES, (True, True): "\n" + _CAPPED,
                  (False, True): "\n" + _NO_BIASES + _CAPPED}
@@ -114,6 +118,10 @@ TIME_FILES = """\
   item_time_bias.npy     float32 (n_movies, {bins})  each movie's bias per time bin (--model.time_bins; 0 without)
   user_drift.npy         float32 (n_users,)  alpha_u, each user's drift (--model.user_drift; 0 without)
   user_mean_day.npy      float32 (n_users,)  t_u, the mean day of the user's training ratings
+"""
+IMPLICIT_FILES = """\
+  item_implicit.npy      float32 (n_movies, dim)  y_j, each movie's implicit row (--model.implicit, SVD++): the user
+                         factors already hold their implicit part; a new user's fold-in is pulled toward it (below)
 """
 TIME_NOTE = """
 This model was trained with time-aware biases (--model.time_bins {bins}, --model.user_drift {drift}): a rating
@@ -191,6 +199,11 @@ def write_export(run: Run, directory: Path) -> dict:
             np.save(directory / f"{name}.npy", arr)
         files += [f"{n}.npy" for n in time_arrays]
 
+    implicit = run.implicit_rows()
+    if implicit is not None:  # --model.implicit: y by movie row, for fold-in
+        np.save(directory / "item_implicit.npy", implicit.astype(np.float32))
+        files.append("item_implicit.npy")
+
     lo, hi = run.rating_range
     dim = p.shape[1]
     biases = run.model.biases
@@ -213,6 +226,9 @@ def write_export(run: Run, directory: Path) -> dict:
         # fold-in of a new user solves with (README.txt)
         "fold_in": {"reg_factor": run.reg_factor, "reg_bias": run.reg_bias if biases else 0.0,
                     "prior": fold_in_prior(run)["prior"]},
+        # --model.implicit (SVD++): the users' factors already include their implicit part; a new user's fold-in is
+        # pulled toward n^-1/2 times the sum of item_implicit.npy's rows of the movies they rated (README.txt)
+        "implicit": implicit is not None,
         "dim": dim, "n_users": len(user_ids), "n_movies": len(movie_ids),
         "global_mean": float(mean), "rating_min": lo, "rating_max": hi,
         "run_dir": str(run.run_dir.resolve()), "checkpoint": str(run.checkpoint_path.resolve()), "step": run.step,
@@ -226,7 +242,8 @@ def write_export(run: Run, directory: Path) -> dict:
     (directory / "README.txt").write_text(README.format(
         fmt=EXPORT_FORMAT, lo=lo, hi=hi, dim=dim, model=model, fold_in_note=note,
         day_files=("" if days is None else DAY_FILES) + ("" if time is None else
-                                                          TIME_FILES.format(bins=time["bins"].shape[1])),
+                                                          TIME_FILES.format(bins=time["bins"].shape[1]))
+        + ("" if implicit is None else IMPLICIT_FILES),
         day_note="" if days is None else DAY_NOTE.format(lo=lo, hi=hi),
         time_note="" if time is None else TIME_NOTE.format(bins=time["bins"].shape[1],
                                                            drift="on" if time["drift"] else "off")))

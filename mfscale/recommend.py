@@ -77,7 +77,9 @@ def fold_in(run: Run, ratings: pl.DataFrame, where: str = "ratings", prior: floa
     training, by the training objective with every movie row fixed and the L2 of ``prior`` more ratings: for user
     u with n rated movies,
 
-        minimize over p, b:  sum_i (r_ui - mean - b_i - b - p . q_i)^2 + (n + prior) (reg_factor |p|^2 + reg_bias b^2)
+        min over p, b:  sum_i (r_ui - mean - b_i - b - p . q_i)^2 + (n + prior) (reg_factor |p - z|^2 + reg_bias b^2)
+
+    (z = 0; with --model.implicit, SVD++, z = n^-1/2 sum_i y_i over the rated movies' implicit rows, as in training)
 
     (mfscale's per-rating L2: each rating adds reg x |row|^2 for the rows it touches). That is a ridge
     regression on x_i = [q_i, 1]: w = [p, b] = (X^T X + (n + prior) diag(reg_factor, ..., reg_bias))^-1 X^T y with
@@ -128,8 +130,9 @@ def _fold_in_at(run: Run, users: dict, prior: float) -> FoldIn:
 
 
 def _normal_equations(run: Run, movie_rows: np.ndarray, rating: np.ndarray, order: np.ndarray, bounds: np.ndarray,
-                      use: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each user's ridge system without its L2: X^T X, X^T y and n (ratings used), users' ratings at
+                      use: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Each user's ridge system without its L2: X^T X, X^T y, n (ratings used) and the implicit vector the L2 pulls
+    p toward (``--model.implicit``: n^-1/2 sum of the rated movies' y rows; else 0), users' ratings at
     ``order[bounds[r]:bounds[r + 1]]`` (``use``: the ratings of trained movies)."""
     _, _, q, bi = (t.detach().to(torch.float64).numpy() for t in run.model.factors())
     mean = float(run.model.global_bias.detach())
@@ -137,6 +140,8 @@ def _normal_equations(run: Run, movie_rows: np.ndarray, rating: np.ndarray, orde
     width = q.shape[1] + 1 if biases else q.shape[1]
     n_users = len(bounds) - 1
     xtx, xty, n = np.zeros((n_users, width, width)), np.zeros((n_users, width)), np.zeros(n_users)
+    y_rows = run.implicit_rows()
+    z = np.zeros((n_users, q.shape[1]))
     for r in range(n_users):
         take = order[bounds[r]:bounds[r + 1]]
         take = take[use[take]]
@@ -148,13 +153,16 @@ def _normal_equations(run: Run, movie_rows: np.ndarray, rating: np.ndarray, orde
             x = np.hstack([x, np.ones((len(take), 1))])
             y = y - mean - bi[movie_rows[take]]
         xtx[r], xty[r], n[r] = x.T @ x, x.T @ y, len(take)
-    return xtx, xty, n
+        if y_rows is not None:
+            z[r] = y_rows[movie_rows[take]].sum(0) / np.sqrt(len(take))
+    return xtx, xty, n, z
 
 
-def _solve(run: Run, systems: tuple[np.ndarray, np.ndarray, np.ndarray], prior: float) -> tuple[np.ndarray, np.ndarray]:
-    """Every user's [p, b] from their normal equations with (n + prior) x the per-rating L2; a user without ratings
-    (n = 0) gets zeros."""
-    xtx, xty, n = systems
+def _solve(run: Run, systems: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], prior: float
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Every user's [p, b] from their normal equations with (n + prior) x the per-rating L2, which pulls p toward
+    the user's implicit vector z (0 without --model.implicit); a user without ratings (n = 0) gets zeros."""
+    xtx, xty, n, z = systems
     d = run.model.dim
     width = xtx.shape[1]
     reg = np.full(width, run.reg_factor)
@@ -164,8 +172,11 @@ def _solve(run: Run, systems: tuple[np.ndarray, np.ndarray, np.ndarray], prior: 
     for lo in range(0, len(n), _SOLVE_USERS):
         sl = slice(lo, lo + _SOLVE_USERS)
         has = n[sl] > 0
-        a = xtx[sl][has] + (n[sl][has] + prior)[:, None, None] * np.diag(reg)
-        w[sl][has] = np.linalg.solve(a, xty[sl][has][:, :, None])[:, :, 0]
+        lam = (n[sl][has] + prior)[:, None] * reg  # (users, width): each one's L2 weights
+        target = np.zeros_like(lam)
+        target[:, :d] = z[sl][has]
+        a = xtx[sl][has] + lam[:, :, None] * np.eye(width)
+        w[sl][has] = np.linalg.solve(a, (xty[sl][has] + lam * target)[:, :, None])[:, :, 0]
     p = w[:, :d]
     if run.max_norm:
         norm = np.linalg.norm(p, axis=1, keepdims=True)

@@ -46,7 +46,8 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
     terms it started with, as it keeps its betas. Adam's moments and RowRMSprop's row state are different things,
     so a run started with one cannot continue with the other; a run started before RowRMSprop became the default
     continues with Adam whatever its command line says. Likewise a run started with or without user-day biases
-    (``--model.day_bias``) or time-aware biases (``--model.time_bins``, ``--model.user_drift``) continues so.
+    (``--model.day_bias``), time-aware biases (``--model.time_bins``, ``--model.user_drift``) or implicit feedback
+    (``--model.implicit``) continues so.
     Rank 0 reads the newest checkpoint metadata that loads (all of a run's checkpoints name the same settings;
     damaged or refused files are left to the resume's vote, which reports them) and every rank takes its answer.
     The switched config is validated again (a one-line ConfigError)."""
@@ -62,7 +63,8 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
             saved = state.get("config", {})
             model = saved.get("model", {})
             started = (saved.get("optim", {}).get("optimizer", "lazy_adam"), bool(model.get("day_bias", False)),
-                       int(model.get("time_bins", 0)), bool(model.get("user_drift", False)))
+                       int(model.get("time_bins", 0)), bool(model.get("user_drift", False)),
+                       bool(model.get("implicit", False)))
             break
     if env.distributed and dist.is_initialized():  # (a DistEnv without a process group: tests of setup errors)
         box = [started]
@@ -72,7 +74,7 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
     if started is None:
         return
     optimizer, day_bias, *time = started
-    time = time or [0, False]  # a checkpoint read before the time-aware biases existed had none
+    time = list(time) + [0, False, False][len(time):]  # a checkpoint from before these terms existed had none
     changed = False
     if STATE_OF.get(optimizer) is not STATE_OF[cfg.optim.optimizer]:
         if env.is_main:
@@ -85,7 +87,7 @@ def keep_started_optimizer(cfg: JobConfig, env: DistEnv) -> None:
             log.warning("resumed run keeps --model.day_bias %s, as it started, not %s", on_off[day_bias],
                         on_off[cfg.model.day_bias])
         cfg.model.day_bias, changed = day_bias, True
-    for name, was in zip(("time_bins", "user_drift"), time, strict=True):
+    for name, was in zip(("time_bins", "user_drift", "implicit"), time, strict=True):
         if was != getattr(cfg.model, name):
             if env.is_main:
                 log.warning("resumed run keeps --model.%s %s, as it started, not %s", name, was,

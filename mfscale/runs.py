@@ -38,6 +38,7 @@ class Run:
     reg_factor: float = 0.0
     reg_bias: float = 0.0
     checkpoint_state: dict = field(default_factory=dict, repr=False)  # the checkpoint's metadata (its parts' paths)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def rating_range(self) -> tuple[float, float]:
@@ -78,6 +79,14 @@ class Run:
     def time_biases(self) -> dict | None:
         """The run's time-aware biases by row (``checkpoint.time_biases``), or None for a run without them."""
         return checkpoint.time_biases(self.checkpoint_path, self.checkpoint_state)
+
+    def implicit_rows(self) -> np.ndarray | None:
+        """The run's implicit rows y (``--model.implicit``), (movies, dim) float64, or None; read once."""
+        if "implicit" not in self._cache:
+            model_cfg = (self.checkpoint_state.get("config") or {}).get("model") or {}
+            self._cache["implicit"] = (checkpoint.implicit_rows(self.checkpoint_path, self.checkpoint_state)
+                                       if model_cfg.get("implicit") else None)
+        return self._cache["implicit"]
 
     def train_pairs(self) -> tuple[np.ndarray, np.ndarray]:
         """Training ratings grouped by user as CSR: ``indptr`` (n_users + 1) and the items of each user."""

@@ -200,8 +200,13 @@ class ClosedFormStep(Step):
                                                            dense_min=self.dense_min, scratch=self.scratch,
                                                            return_errors=True)
         dtype = gu.rows.dtype
-        self.layout.apply_row_grads([(g.ids, g.rows, g.counts.to(dtype)) for g in (gu, gi)],
-                                    self.reg_weights * (2.0 / global_rows))
+        col_weights = self.reg_weights * (2.0 / global_rows)
+        implicit = self.layout.implicit
+        if implicit is not None:  # the users' L2 pulls toward z_u: the optimizer adds count w p, this takes count w z
+            d = implicit.dim
+            z = implicit.z if gu.ids is None else implicit.z[gu.ids.long()]  # dense form: every row
+            gu.rows[:, :d] -= gu.counts.to(dtype)[:, None] * col_weights[:d] * z
+        self.layout.apply_row_grads([(g.ids, g.rows, g.counts.to(dtype)) for g in (gu, gi)], col_weights)
         self.step_global_bias(g_mean)
         return sse, err
 
@@ -247,7 +252,8 @@ class CppStep(Step):
                 users, items, state_u, state_i, user.to(torch.int64), item.to(torch.int64), rating.to(users.dtype),
                 float(model.global_bias.detach()), scale, self.reg_weights * scale, (size_u, size_i),
                 group["betas"], group["eps"], self.scratch, max_norm=self.max_norm, biases=model.biases,
-                row_wise=row_wise, days=days, errors=err))
+                row_wise=row_wise, days=days, errors=err,
+                user_prior=None if self.layout.implicit is None else self.layout.implicit.z))
 
         opt.step(update=update)
         g_sum, sse = out
@@ -381,7 +387,9 @@ class AutogradStep(Step):
             err = pred.to(torch.promote_types(pred.dtype, torch.float32)) - rating  # fp32 at least, f64 kept
             sse = err.square().sum()
             # Per-column weights (reg_factor on factors, reg_bias on the bias column) in one matmul each.
-            reg = (u.square() @ self.reg_weights).sum() + (v.square() @ self.reg_weights).sum()
+            implicit = self.layout.implicit
+            pulled = u if implicit is None else u - torch.nn.functional.pad(implicit.z[user.long()], (0, 1))
+            reg = (pulled.square() @ self.reg_weights).sum() + (v.square() @ self.reg_weights).sum()
             loss = (sse + reg) / global_rows
             if self.cfg.optim.gravity > 0:
                 d = self.cfg.model.dim

@@ -136,11 +136,14 @@ struct AdamArgs {
 
 // SparseAdam's update of one row, in optim._adam_rows's operation order.
 template <typename T>
-inline void adam_row(T* p, T* m, T* v, const T* grad, T count, const T* col_w, int64_t w, const AdamArgs& a) {
+inline void adam_row(T* p, T* m, T* v, const T* grad, T count, const T* col_w, int64_t w, const AdamArgs& a,
+                     const T* prior) {
   const T b1 = static_cast<T>(1 - a.beta1), b2 = static_cast<T>(1 - a.beta2);
   const T eps = static_cast<T>(a.eps), neg_step = static_cast<T>(-a.step_size);
   for (int64_t c = 0; c < w; ++c) {
-    const T g = grad[c] + (count * col_w[c]) * p[c];
+    // the L2 pulls the factor columns toward the prior where there is one (implicit feedback), else toward 0
+    const T pull = prior == nullptr || c == w - 1 ? p[c] : p[c] - prior[c];
+    const T g = grad[c] + (count * col_w[c]) * pull;
     const T mc = m[c] + (g - m[c]) * b1;
     const T vc = v[c] + (g * g - v[c]) * b2;
     m[c] = mc;
@@ -154,9 +157,14 @@ inline void adam_row(T* p, T* m, T* v, const T* grad, T count, const T* col_w, i
 // moments, of the mean square of the factor columns' gradient and of the bias column's.
 template <typename T>
 inline void row_rmsprop_row(T* p, T* s, const T* grad, T count, const T* col_w, int64_t w, const AdamArgs& a,
-                            T* g) {
+                            T* g, const T* prior) {
   const int64_t d = w - 1;
-  for (int64_t c = 0; c < w; ++c) g[c] = grad[c] + (count * col_w[c]) * p[c];
+  if (prior) {  // implicit feedback: the factor columns' L2 pulls toward the prior, the bias column's toward 0
+    for (int64_t c = 0; c < d; ++c) g[c] = grad[c] + (count * col_w[c]) * (p[c] - prior[c]);
+    g[d] = grad[d] + (count * col_w[d]) * p[d];
+  } else {
+    for (int64_t c = 0; c < w; ++c) g[c] = grad[c] + (count * col_w[c]) * p[c];
+  }
   const T b2 = static_cast<T>(1 - a.beta2), eps = static_cast<T>(a.eps), neg_step = static_cast<T>(-a.step_size);
   const T ms = dot(g, g, d) / static_cast<T>(d);
   const T vf = s[0] + (ms - s[0]) * b2;
@@ -179,11 +187,21 @@ struct Side {
   T* v;
   const int64_t* ids;  // the batch's row ids on this side
   AdamArgs adam;
+  // Implicit feedback (mfscale/implicit.py): per row, d values its factor columns' L2 pulls toward instead of 0 (the
+  // user's implicit vector |N(u)|^-1/2 sum y_j); null: toward 0.
+  const T* prior = nullptr;
 
   // The optimizer's update of table row ``row`` (parameters at ``p``) from its summed gradient; ``tmp``: w floats.
   inline void update(int64_t row, T* p, const T* grad, T count, const T* col_w, int64_t w, T* tmp) const {
-    if (adam.row_wise) row_rmsprop_row(p, m + row * 2, grad, count, col_w, w, adam, tmp);
-    else adam_row(p, m + row * w, v + row * w, grad, count, col_w, w, adam);
+    const T* z = prior ? prior + row * (w - 1) : nullptr;
+    if (adam.row_wise) row_rmsprop_row(p, m + row * 2, grad, count, col_w, w, adam, tmp, z);
+    else adam_row(p, m + row * w, v + row * w, grad, count, col_w, w, adam, z);
+  }
+
+  // Prefetch what update() will touch of row ``row``.
+  inline void prefetch(int64_t row, int64_t w) const {
+    prefetch_update(p, m, v, row, w, adam.row_wise);
+    if (prior) prefetch_row(prior + row * (w - 1), w - 1, 0);
   }
 };
 
@@ -322,7 +340,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       std::vector<T> acc(w), tmp(w);
       const int32_t last = gmaj.start[e];  // end of this thread's ratings
       for (int64_t j = b; j < e; ++j) {
-        if (j + kAhead < e) prefetch_update(maj.p, maj.m, maj.v, gmaj.rows[j + kAhead], w, maj.adam.row_wise);
+        if (j + kAhead < e) maj.prefetch(gmaj.rows[j + kAhead], w);
         T* p = maj.p + gmaj.rows[j] * w;
         if (max_norm > 0) renorm_row(p, d, max_norm);
         for (int64_t c = 0; c < w; ++c) acc[c] = 0;
@@ -364,7 +382,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   at::parallel_for(0, nmin, kGrain, [&](int64_t b, int64_t e) {
     std::vector<T> grad(w), tmp(w);
     for (int64_t j = b; j < e; ++j) {
-      if (j + kAhead < e) prefetch_update(mnr.p, mnr.m, mnr.v, gmin.rows[j + kAhead], w, mnr.adam.row_wise);
+      if (j + kAhead < e) mnr.prefetch(gmin.rows[j + kAhead], w);
       bool first = true;
       for (int64_t t = 0; t < threads; ++t) {
         if (!used[t * nmin + j]) continue;
@@ -433,7 +451,8 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
                       double scale, at::Tensor col_w, double step_size_u, double step_size_i, double beta1,
                       double beta2, double eps, at::Tensor mark_u, at::Tensor mark_i, at::Tensor work,
                       double max_norm, bool biases, bool row_wise, at::Tensor day_table,
-                      at::Tensor day_rows, double day_step_size, double day_l2, at::Tensor errors) {
+                      at::Tensor day_rows, double day_step_size, double day_l2, at::Tensor errors,
+                      at::Tensor user_prior) {
   const auto dtype = users.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "fused_step: tables must be float32 or float64");
   for (const at::Tensor* t : {&users, &items, &m_u, &m_i, &rating, &col_w, &work}) {
@@ -471,6 +490,10 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
   TORCH_CHECK(errors.numel() == 0 || (errors.numel() == n && errors.is_contiguous() && errors.device().is_cpu() &&
                                       errors.scalar_type() == dtype),
               "fused_step: errors must be empty or one contiguous CPU value per rating, of the tables' dtype");
+  TORCH_CHECK(user_prior.numel() == 0 ||
+                  (user_prior.dim() == 2 && user_prior.size(0) == users.size(0) && user_prior.size(1) == w - 1 &&
+                   user_prior.is_contiguous() && user_prior.device().is_cpu() && user_prior.scalar_type() == dtype),
+              "fused_step: user_prior must be empty or a contiguous CPU (user rows, dim) tensor of the tables' dtype");
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fused_step", [&] {
     Days<scalar_t> days = days_of<scalar_t>(day_table, day_rows);
@@ -480,6 +503,7 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
     scalar_t* vi = row_wise ? nullptr : v_i.data_ptr<scalar_t>();
     Side<scalar_t> su{users.data_ptr<scalar_t>(), m_u.data_ptr<scalar_t>(), vu, user.data_ptr<int64_t>(),
                       {step_size_u, beta1, beta2, eps, row_wise}};
+    if (user_prior.numel()) su.prior = user_prior.data_ptr<scalar_t>();
     Side<scalar_t> si{items.data_ptr<scalar_t>(), m_i.data_ptr<scalar_t>(), vi, item.data_ptr<int64_t>(),
                       {step_size_i, beta1, beta2, eps, row_wise}};
     out = step_impl<scalar_t>(su, si, users.size(0), items.size(0), w, n, rating.data_ptr<scalar_t>(), global_bias,
@@ -706,7 +730,8 @@ TORCH_LIBRARY(mfscale, m) {
       "Tensor(f!) v_i, Tensor user, Tensor item, Tensor rating, float global_bias, float scale, Tensor col_w, "
       "float step_size_u, float step_size_i, float beta1, float beta2, float eps, Tensor(g!) mark_u, "
       "Tensor(h!) mark_i, Tensor(i!) work, float max_norm, bool biases, bool row_wise, "
-      "Tensor(k!) day_table, Tensor day_rows, float day_step_size, float day_l2, Tensor(l!) errors) -> Tensor");
+      "Tensor(k!) day_table, Tensor day_rows, float day_step_size, float day_l2, Tensor(l!) errors, "
+      "Tensor user_prior) -> Tensor");
   m.impl("fused_step", c10::DispatchKey::CPU, &fused_step);
   m.def(
       "sgd_step(Tensor(a!) users, Tensor(b!) items, Tensor user, Tensor item, Tensor rating, float global_bias, "

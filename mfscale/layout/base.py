@@ -18,6 +18,7 @@ from ..config import JobConfig
 from ..daybias import DayBias, day_key
 from ..distributed import DistEnv
 from ..errors import DataError
+from ..implicit import Implicit
 from ..model import BiasedMF, renorm_rows_
 from ..shards import Dataset, days_of, find_sorted
 from ..stream import resident_fits
@@ -88,6 +89,9 @@ class TableLayout(abc.ABC):
     # --model.time_bins / user_drift: the time-aware biases, row for row beside this rank's user and movie rows
     # (mfscale/timebias.py); every training batch then carries each rating's ``time_bin`` and ``time_dev``
     time_bias: TimeBias | None = None
+    # --model.implicit: SVD++'s implicit rows (mfscale/implicit.py), y beside the movie rows, z beside the user rows;
+    # the layout visits them at each phase's start and ends their epoch
+    implicit: Implicit | None = None
 
     def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
         self.cfg, self.env, self.data, self.batch_size = cfg, env, data, batch_size
@@ -155,6 +159,30 @@ class TableLayout(abc.ABC):
                     counts = total.numpy()
                 t.set_bin_counts(held_items[1], counts[held_items[0]])
         return t
+
+    def _build_implicit(self, user_rows: np.ndarray, item: np.ndarray, held_items: tuple[np.ndarray, np.ndarray] | None
+                        ) -> Implicit | None:
+        """With --model.implicit: the implicit rows, from this rank's training ratings (local user rows, global movie
+        ids; every rating of the held users). Each movie's D_j sums over the whole split: over the ranks where each
+        holds its users' ratings only (``held_items``: the (global ids, local rows) of the movies held now; None: every
+        rank has every rating, and rows are global ids)."""
+        if not self.cfg.model.implicit:
+            return None
+        m = self.model
+        imp = self.implicit = Implicit(self.cfg.model.dim, user_rows, m.users.weight.shape[0], m.items.weight.shape[0],
+                                       self.cfg.optim.reg_factor, self.cfg.optim.reg_implicit, self.env.device,
+                                       m.users.weight.dtype)
+        d_sums = np.bincount(item, weights=imp.d_terms(user_rows), minlength=self.data.n_items)
+        if held_items is None:
+            imp.set_inverse_d(np.arange(self.data.n_items), d_sums)
+        else:
+            if self.env.distributed:
+                total = torch.from_numpy(d_sums)
+                self.env.count("all_reduce")
+                dist.all_reduce(total)
+                d_sums = total.numpy()
+            imp.set_inverse_d(held_items[1], d_sums[held_items[0]])
+        return imp
 
     def time_combine(self) -> Combine | None:
         """How a step's time-bias gradients combine over the ranks: None where each rank's rows are its own (one
@@ -316,7 +344,13 @@ class TableLayout(abc.ABC):
             idx = [None if r is None else torch.from_numpy(r).to(self.env.device) for r in local]
             time = tb.to_rows(held[0], held[1], _take(tb.users, len(held[0]), idx[0]),
                               _take(tb.bins, len(held[1]), idx[1]), _take(tb.mean_day, len(held[0]), idx[0]))
-        return Part(out, days=None if self.day_bias is None else self.day_bias.to_rows(), time=time)
+        implicit = None
+        if self.implicit is not None:  # row for row with the tables too
+            idx = [None if r is None else torch.from_numpy(r).to(self.env.device) for r in local]
+            implicit = self.implicit.to_rows(held[0], held[1], *self.implicit.held(idx[0], len(held[0]), idx[1],
+                                                                                  len(held[1])))
+        return Part(out, days=None if self.day_bias is None else self.day_bias.to_rows(), time=time,
+                    implicit=implicit)
 
     def load_parts(self, parts: Iterable[Part], position: dict[str, Any], *, weights_only: bool = False,
                    where: object = "") -> None:
@@ -342,6 +376,8 @@ class TableLayout(abc.ABC):
         for part in parts:
             if self.time_bias is not None:
                 self.time_bias.check_part(part.time, {n: part.tables[n].ids.numpy() for n in TABLES}, where)
+            if self.implicit is not None:
+                self.implicit.check_part(part.implicit, {n: part.tables[n].ids.numpy() for n in TABLES}, where)
             for k, (name, p) in enumerate(zip(TABLES, self.model.sparse_parameters(), strict=True)):
                 t = part.tables[name]
                 gids = t.ids.numpy()
@@ -357,6 +393,8 @@ class TableLayout(abc.ABC):
                     p[local.to(dev)] = t.weight[src].to(dev, p.dtype)
                 if self.time_bias is not None:
                     self.time_bias.load_rows(name, part.time[name], src, local, weights_only)
+                if self.implicit is not None:
+                    self.implicit.load_rows(name, part.implicit[name], src, local)
                 filled[name][at] = True
                 keys = optim.state_keys(self.opt)
                 if weights_only or not t.state:

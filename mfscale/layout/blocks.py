@@ -169,6 +169,13 @@ class Blocks(TableLayout):
             cols["day_row"] = day_row[order].astype(np.int32)
         if time is not None:
             cols.update({k: v[order] for k, v in time.items()})
+        # --model.implicit: the rows (D_j summed over the ranks; the movies held now) and each (block, piece) group's
+        # ratings, which the phase holding that piece visits
+        if self._build_implicit(cols["user"].astype(np.int64), item[order], self._custody(self.env.rank, 0, 0)):
+            for g in range(n_groups):
+                a, e = int(self.stratum_start[g]), int(self.stratum_start[g + 1])
+                self.implicit.add_group(g, cols["user"][a:e], cols["item"][a:e], (g % self.pieces) * self.piece_rows,
+                                        self.piece_rows)
         # The whole count matrix on every rank: each rank's steps per phase depend on all strata.
         mine = torch.tensor(counts, dtype=torch.long, device=self.env.device)
         if self.env.distributed:
@@ -230,6 +237,8 @@ class Blocks(TableLayout):
         for k in range(started, w * n_pieces):
             s, q = divmod(k, n_pieces)
             self._start_phase(s, q)
+            if self.implicit is not None and not (k == started and start_step > 0):  # not twice in a resumed phase
+                self.implicit.visit(movie_block(r, s, w) * n_pieces + q, self.model.users.weight.detach())
             steps = self.phase_steps[k]
             first = max(0, start_step - int(self.phase_start[k]))
             if first < steps:
@@ -245,6 +254,8 @@ class Blocks(TableLayout):
             self._end_phase(s, q)  # after the phase's last step: the loop has applied it
         self._install_all()  # every piece of the last sub-epoch's exchange: every block home again
         self.held, self.phase = 0, 0
+        if self.implicit is not None:
+            self.implicit.end_epoch()
 
     # -- exchange ----------------------------------------------------------------------------------
     def _start_phase(self, s: int, q: int) -> None:
@@ -254,11 +265,13 @@ class Blocks(TableLayout):
 
     def _slot_tensors(self) -> list[torch.Tensor]:
         """What travels with a movie row: the row and its optimizer state (Adam's two moments, or RowRMSprop's
-        row state), and its time bins' biases and state (--model.time_bins), each with one row per table row."""
+        row state), its time bins' biases and state (--model.time_bins) and its implicit row (--model.implicit), each
+        with one row per table row."""
         p = self.model.items.weight
         state = row_state(self.opt, p)
         time = [self.time_bias.bins] if self.time_bias is not None and self.time_bias.n_bins else []
-        return [p.detach()] + [state[k] for k in state_keys(self.opt)] + time
+        implicit = [self.implicit.items] if self.implicit is not None else []
+        return [p.detach()] + [state[k] for k in state_keys(self.opt)] + time + implicit
 
     def _buffer(self, kind: str, q: int) -> torch.Tensor:
         """Slot q's send or staging buffer (flat, room for a whole slot's rows and state), kept for the job."""

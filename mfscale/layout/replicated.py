@@ -50,13 +50,18 @@ class Replicated(TableLayout):
         if self.strata > 1:  # users and movies dealt to k blocks each, balanced by their training ratings
             deal = tuple(deal_rows(counts, self.strata) for counts in train_counts(data))
         day_rows = None
-        if cfg.uses_day_bias() or cfg.uses_time_bias():  # every rank holds every user's, as it holds every user row
-            train = data.read_split("train", ("user", "item", "timestamp"))
+        timed = cfg.uses_day_bias() or cfg.uses_time_bias()
+        if timed or cfg.model.implicit:  # every rank holds every user's, as it holds every user row
+            train = data.read_split("train", ("user", "item") + (("timestamp",) if timed else ()))
             if cfg.uses_day_bias():
                 self._build_day_bias(train["user"], train["timestamp"])
                 day_rows = self.day_bias.rows
-            self._build_time_bias(train["user"].astype(np.int64), train["item"].astype(np.int64),
-                                  days_of(train["timestamp"]), None)
+            if cfg.uses_time_bias():
+                self._build_time_bias(train["user"].astype(np.int64), train["item"].astype(np.int64),
+                                      days_of(train["timestamp"]), None)
+            # --model.implicit: one visit per epoch of every rating (each rank the same, on its replica)
+            if self._build_implicit(train["user"].astype(np.int64), train["item"].astype(np.int64), None):
+                self.implicit.add_group("all", train["user"], train["item"], 0, data.n_items)
         self.stream = RatingStream(data, "train", batch_size=batch_size, rank=env.rank, world_size=env.world_size,
                                    seed=cfg.train.seed, resident=env.device if self.resident else None,
                                    strata=deal, day_rows=day_rows,
@@ -84,8 +89,18 @@ class Replicated(TableLayout):
     def batches(self, epoch: int, start_step: int) -> Iterator[dict[str, Any]]:
         self.stream.set_epoch(epoch, start_step)
         if self.resident:
-            return iter(self.stream)
-        return iter(make_loader(self.stream, self.workers, pin_memory=self.env.device.type == "cuda"))
+            it = iter(self.stream)
+        else:
+            it = iter(make_loader(self.stream, self.workers, pin_memory=self.env.device.type == "cuda"))
+        return it if self.implicit is None else self._with_implicit(it, start_step)
+
+    def _with_implicit(self, it: Iterator[dict[str, Any]], start_step: int) -> Iterator[dict[str, Any]]:
+        """--model.implicit: the epoch's one visit before its first step (a run resumed inside the epoch made it
+        already), and the end of the implicit rows' epoch after its last."""
+        if start_step == 0:
+            self.implicit.visit("all", self.model.users.weight.detach())
+        yield from it
+        self.implicit.end_epoch()
 
     def global_ids(self, batch):
         return batch["user"].cpu().numpy().astype(np.int64), batch["item"].cpu().numpy().astype(np.int64)
