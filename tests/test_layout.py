@@ -18,7 +18,7 @@ from mfscale.daybias import day_key
 from mfscale.distributed import DistEnv
 from mfscale.errors import ConfigError
 from mfscale.layout import Blocks, deal_rows, init_rows, stratum_balance
-from mfscale.layout.rows import deal_pieces
+from mfscale.layout.rows import deal_pieces, movie_block
 from mfscale.shards import Dataset
 from mfscale.train import Trainer, run
 
@@ -48,6 +48,10 @@ def trainer_tensors(tr: Trainer) -> dict[str, np.ndarray]:
             out[f"time.{name}.ids"] = t.ids.numpy()
             out[f"time.{name}.weight"] = t.weight.numpy()
             out[f"time.{name}.sq"] = t.state["sq"].numpy()
+    if part.implicit is not None:  # y (and 1 / D) beside this rank's movies, z and z' beside its users
+        for name in ("users", "items"):
+            out[f"implicit.{name}.ids"] = part.implicit[name].ids.numpy()
+            out[f"implicit.{name}.weight"] = part.implicit[name].weight.numpy()
     out["global_bias"] = tr.model.global_bias.detach().numpy().copy()
     dense = tr.optims.dense.state[tr.model.global_bias]
     out["global_bias.exp_avg"] = dense["exp_avg"].numpy().copy()
@@ -77,21 +81,38 @@ def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) 
         torch.set_default_dtype(torch.float64)  # the comparison is about the algorithm, not summation order
         for k, cfg in enumerate(cfgs):
             tr = Trainer(config.from_dict(cfg), env)
+            lay = tr.layout
+            blocks = isinstance(lay, Blocks)
+            groups = {}  # --model.implicit: the (users, movies) of each group of ratings a phase visits, global ids
+            if lay.implicit is not None:  # a prior to pull the users toward from the first step (test_implicit.py)
+                gids = lay.user_members[rank] if blocks else np.arange(lay.data.n_users)
+                lay.implicit.z.copy_(torch.from_numpy(starting_z(gids, tr.cfg.model.dim)))
+                groups = ({(b, q): (gids, lay.piece_members[b][q]) for b in range(world) for q in range(lay.pieces)}
+                          if blocks else {"all": (gids, np.arange(lay.data.n_items))})
             batches, sync_steps = [], []
-            for j, batch in enumerate(tr.layout.batches(0, 0), start=1):  # to the end of the epoch
-                user, item = tr.layout.global_ids(batch)
+            for j, batch in enumerate(lay.batches(0, 0), start=1):  # to the end of the epoch
+                user, item = lay.global_ids(batch)
                 batches.append({"user": user, "item": item, "rating": batch["rating"].numpy().copy(),
                                 "global_rows": batch["global_rows"], "day": day_keys(tr, batch),
+                                # the group of ratings whose phase this batch is in
+                                "group": (movie_block(rank, lay.held, world), lay.phase) if blocks else "all",
                                 **{k: batch[k].numpy().copy() for k in ("time_bin", "time_dev") if k in batch}})
                 tr.train_step(batch)
                 if tr.layout.sync_point(j):  # as the loop does (train.Trainer._train_epoch)
                     tr.step_fn.reconcile()
                     sync_steps.append(j)
             torch.save({"batches": batches, "tensors": trainer_tensors(tr), "steps": tr.layout.steps_per_epoch,
+                        "groups": groups,
                         "bytes_sent": tr.layout.bytes_sent, "sync_steps": sync_steps,
                         "local_bias": tr.step_fn.local_bias}, Path(out) / f"cfg{k}-rank{rank}.pt")
     finally:
         distributed.destroy()
+
+
+def starting_z(user_ids: np.ndarray, dim: int) -> np.ndarray:
+    """The implicit prior z a test job starts from, by global user id (the job's own starts at 0: the pull toward
+    it would show only from the second epoch)."""
+    return 0.05 * np.sin(0.7 * user_ids[:, None] + 1.3 * np.arange(dim)[None, :])
 
 
 def run_ranks(cfgs: list[config.JobConfig], world: int, tmp: Path) -> list[list[dict]]:
@@ -209,6 +230,7 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     alpha^2): count / n x 2 reg x value / G, n the bin's (the user's) training ratings (mfscale/timebias.py)."""
     o, d, w = cfg.optim, cfg.model.dim, len(ranks)
     ones = 1.0 if cfg.model.biases else 0.0  # the bias column's derivative
+    implicit = initial.get("implicit")  # --model.implicit (tests/test_implicit.py): its visits, the users' pull to z
     assert o.schedule == "none"
     reg = np.full(d + 1, o.reg_factor)
     reg[d] = o.reg_bias
@@ -235,6 +257,8 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
         alpha, alpha_s = np.zeros(len(tables["users"])), np.zeros(len(tables["users"]))
     for t, step in enumerate(zip(*(r["batches"] for r in ranks), strict=True), start=1):
         g_rows = step[0]["global_rows"]
+        if implicit is not None:
+            implicit.before_step(step, tables)
         if days:
             day_g, day_c = np.zeros(len(day_keys)), np.zeros(len(day_keys))
         if timed:
@@ -280,7 +304,8 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
         size = o.lr * np.sqrt(1 - o.beta2**t) / (1 - o.beta1**t)
         for k, x in tables.items():
             rows = counts[k] > 0
-            g = grads[k][rows] + (counts[k][rows, None] * reg * 2 / g_rows) * x[rows]
+            pulled = x[rows] if implicit is None else x[rows] - implicit.prior(k, rows)
+            g = grads[k][rows] + (counts[k][rows, None] * reg * 2 / g_rows) * pulled
             if row_wise:
                 (s,) = moments[k]
                 s[rows] += (np.c_[(g[:, :d] ** 2).mean(1), g[:, d] ** 2] - s[rows]) * (1 - o.beta2)
@@ -310,12 +335,15 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
         out["days"] = [day_b, day_s]
     if timed:
         out["time"] = {"items": [bins, bins_s], "users": [alpha, alpha_s]}
+    if implicit is not None:
+        out["implicit"] = implicit.end_epoch()
     return out
 
 
-def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Dataset) -> None:
+def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Dataset, extra: dict | None = None
+                           ) -> dict:
     """Each rank's rows, their optimizer state and its global bias (with its Adam moments) equal the NumPy
-    reference's."""
+    reference's (``extra``: more of its ``initial``); returns the reference's values."""
     torch.set_default_dtype(torch.float64)
     try:
         initial = Trainer(config.replace(cfg, train__tables="replicated"), DistEnv(0, 1, 0, CPU)).model
@@ -338,6 +366,7 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
         return when[at]
 
     start["time.day_of"] = day_of
+    start.update(extra or {})
     want = numpy_reference(ranks, cfg, start)
     assert len(want["tables"]["users"]) == data.n_users
     for r, rank in enumerate(ranks):
@@ -372,6 +401,7 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
         assert np.array_equal(np.sort(np.concatenate([rank["tensors"]["days.ids"] for rank in ranks])),
                               start["days.keys"])
         assert np.abs(want["days"][0]).max() > 0
+    return want
 
 
 @pytest.mark.parametrize(("world", "pieces"), [(2, 2), (3, 2), (2, 1), (3, 3)])
