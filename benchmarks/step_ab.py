@@ -5,8 +5,10 @@
 Each variant is a ``Trainer`` of ``python -m mfscale.train --data DIR`` plus its flags (the first is the baseline;
 default: the defaults against ``--model.time_bins 30 --model.user_drift on`` and each alone). Step k of every
 variant runs back to back, each on its own epoch-0 batch k, and the median step time over the steps after a warm-up
-gives its ratings/s and its ratio to the baseline's. On a machine whose speed moves from minute to minute (a shared
-2-core CPU: the same job 1.3-7M ratings/s within an hour) the ratio stays put where whole runs in turn do not.
+gives its ratings/s and its ratio to the baseline's. The work before each variant's first step (once per epoch: with
+``--model.implicit`` the implicit rows' visit) is timed on its own and added to its steps for an epoch's time. On
+a machine whose speed moves from minute to minute (a shared 2-core CPU: the same job 1.3-7M ratings/s within an
+hour) the ratio stays put where whole runs in turn do not.
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ def main(argv: list[str] | None = None) -> int:
         batches = {name: iter(t.layout.batches(0, 0)) for name, t in trainers.items()}
         times: dict[str, list[float]] = {name: [] for name in trainers}
         sizes: list[int] = []
-        for _ in range(args.steps):
+        start: dict[str, float] = {}  # each variant's work before its epoch's first step (implicit's visit)
+        first: dict[str, dict] = {}
+        for name, it in batches.items():
+            t0 = time.perf_counter()
+            first[name] = next(it)
+            start[name] = time.perf_counter() - t0
+        for k in range(args.steps):
             try:
-                step = {name: next(it) for name, it in batches.items()}
+                step = first if k == 0 else {name: next(it) for name, it in batches.items()}
             except StopIteration:  # the epoch ended
                 break
             sizes.append(len(next(iter(step.values()))["user"]))
@@ -60,10 +68,16 @@ def main(argv: list[str] | None = None) -> int:
     ratings = statistics.median(sizes[warm:])
     median = {name: statistics.median(v[warm:]) for name, v in times.items()}
     base = next(iter(median.values()))
-    print(f"| variant | median step (ms) | ratings/s | vs {next(iter(median))} |")
-    print("|---|---|---|---|")
+    # An epoch: its steps at the median plus the work before its first step (the same batch cutting for every
+    # variant; --model.implicit's visit of every rating), once
+    epoch = {name: m * trainers[name].layout.steps_per_epoch + start[name] for name, m in median.items()}
+    base_epoch = next(iter(epoch.values()))
+    print(f"| variant | median step (ms) | ratings/s | vs {next(iter(median))} | before the first step (s) | "
+          f"an epoch (s) | epoch vs {next(iter(median))} |")
+    print("|---|---|---|---|---|---|---|")
     for name, m in median.items():
-        print(f"| {name} | {m * 1e3:.2f} | {ratings / m / 1e6:.2f}M | {base / m:.2f}x |")
+        print(f"| {name} | {m * 1e3:.2f} | {ratings / m / 1e6:.2f}M | {base / m:.2f}x | {start[name]:.3f} | "
+              f"{epoch[name]:.2f} | {base_epoch / epoch[name]:.2f}x |")
     return 0
 
 

@@ -9,7 +9,8 @@ Every trial is a real training run (``Trainer``, one process) of the job the oth
   0.0001-0.1), ``model.dim`` (16, 32, 64, 128), ``train.epochs`` (5-40);
 - the model options: ``model.biases`` (on, off), ``model.max_norm`` (off, 1, 2, 4), ``model.day_bias`` (on, off),
   ``optim.reg_day`` (1-100, log) and, with biases and not sgd, ``model.time_bins`` (0, 10, 30) and
-  ``model.user_drift`` (off, on);
+  ``model.user_drift`` (off, on); without sgd, ``model.implicit`` (off, on) and ``optim.reg_implicit`` (0.3-300,
+  log);
 - with ``--optimizers row_rmsprop,sgd`` (any of ``config``'s optimizers), ``optim.optimizer`` among them too, each with
   its own learning-rate range (``lr``: log 0.001-0.03; ``lr_sgd``, for sgd's per-rating steps: log 0.005-0.06) and
   no max_norm for sgd (which has none). Without it the base job's optimizer, and its ``lr`` range, as before. Which of
@@ -75,6 +76,8 @@ def sample(trial: Any, base: JobConfig, run_dir: Path, optimizers: tuple[str, ..
         optim__reg_day=trial.suggest_float("reg_day", 1.0, 100.0, log=True),
         model__time_bins=trial.suggest_categorical("time_bins", TIME_BINS) if timed else 0,
         model__user_drift=trial.suggest_categorical("user_drift", (False, True)) if timed else False,
+        model__implicit=trial.suggest_categorical("implicit", (False, True)) if not sgd else False,
+        optim__reg_implicit=trial.suggest_float("reg_implicit", 0.3, 300.0, log=True),
         checkpoint__resume="never",  # a trial that died is retried from scratch by a new trial
     ).validate()
 

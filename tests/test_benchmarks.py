@@ -91,8 +91,8 @@ def test_step_ab_smoke(small_data, tmp_path):
     script = SCRIPT.parent / "step_ab.py"
     proc = subprocess.run([sys.executable, str(script), "--data", str(small_data), "--steps", "4", "--warmup", "1",
                            "--workdir", str(tmp_path), "--variant", "base=", "--variant",
-                           "time=--model.time_bins 3 --model.user_drift on"], capture_output=True, text=True,
-                          timeout=120)
+                           "time=--model.time_bins 3 --model.user_drift on --model.implicit on"],
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| base |" in proc.stdout and "1.00x |" in proc.stdout and "| time |" in proc.stdout
 
