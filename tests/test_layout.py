@@ -227,7 +227,9 @@ def numpy_reference(ranks: list[dict], cfg: config.JobConfig, initial: dict[str,
     rating by its user and movie)
     each prediction adds its movie's bias for the bin of its day and alpha_u dev_u(day), and each touched bin bias and
     alpha steps by RMSprop on its summed 2 e / G (times dev for alpha) plus its share of reg_time b^2 (reg_drift
-    alpha^2): count / n x 2 reg x value / G, n the bin's (the user's) training ratings (mfscale/timebias.py)."""
+    alpha^2): count / n x 2 reg x value / G, n the bin's (the user's) training ratings (mfscale/timebias.py). With
+    implicit feedback (model.implicit; ``initial["implicit"]``, tests/test_implicit.py's ImplicitReference) its visits
+    run before each rank's first step of a phase and the users' L2 pulls toward its z instead of 0."""
     o, d, w = cfg.optim, cfg.model.dim, len(ranks)
     ones = 1.0 if cfg.model.biases else 0.0  # the bias column's derivative
     implicit = initial.get("implicit")  # --model.implicit (tests/test_implicit.py): its visits, the users' pull to z
