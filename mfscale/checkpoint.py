@@ -234,7 +234,18 @@ def check_complete(filled: dict[str, np.ndarray], where: object) -> None:
                             "in none of its parts")
 
 
-def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torch.Tensor]:
+def read_parts(path: Path, state: dict) -> list[Part]:
+    """Every part of the checkpoint whose metadata ``state`` was loaded from ``path``, each checked and read once
+    (the readers below take them, so a tool that wants the model and its extra terms reads the files once)."""
+    return [read_part(p, d) for p, d in part_paths(path, state)]
+
+
+def _parts(path: Path, state: dict, parts: list[Part] | None) -> list[Part]:
+    return read_parts(path, state) if parts is None else parts
+
+
+def assemble(path: Path, state: dict, optimizer: bool = False, parts: list[Part] | None = None
+             ) -> dict[str, torch.Tensor]:
     """Whole tables of a checkpoint, by global row id, from all its parts: ``users.weight``, ``items.weight``,
     ``global_bias`` and, with ``optimizer``, its state (``users.exp_avg``, ``users.exp_avg_sq``, ... or
     ``users.row_sq``, ...). DataError when a
@@ -246,8 +257,7 @@ def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torc
     rows = {"users": shape["n_users"], "items": shape["n_items"]}
     out: dict[str, torch.Tensor] = {}
     filled = {name: np.zeros(n, dtype=bool) for name, n in rows.items()}
-    for part_path, digest in part_paths(path, state):
-        part = read_part(part_path, digest)
+    for part in _parts(path, state, parts):
         for name, n in rows.items():
             t = part.tables[name]
             filled[name][t.ids.numpy()] = True
@@ -259,11 +269,11 @@ def assemble(path: Path, state: dict, optimizer: bool = False) -> dict[str, torc
     return out
 
 
-def day_biases(path: Path, state: dict) -> tuple[np.ndarray, np.ndarray] | None:
+def day_biases(path: Path, state: dict, parts: list[Part] | None = None) -> tuple[np.ndarray, np.ndarray] | None:
     """A checkpoint's user-day biases from all its parts: (sorted ``daybias.day_key`` keys, biases), or None for a
     run without them. The tools' models leave them out (a user's day bias moves all of that day's predictions alike,
     so it never reorders a top-N list, and a prediction without a time has none); ``export`` writes them out."""
-    found = [part.days for part in (read_part(p, d) for p, d in part_paths(path, state)) if part.days is not None]
+    found = [part.days for part in _parts(path, state, parts) if part.days is not None]
     if not found:
         return None
     keys = np.concatenate([t.ids.numpy() for t in found])
@@ -272,11 +282,11 @@ def day_biases(path: Path, state: dict) -> tuple[np.ndarray, np.ndarray] | None:
     return keys[order], values[order]
 
 
-def time_biases(path: Path, state: dict) -> dict[str, Any] | None:
+def time_biases(path: Path, state: dict, parts: list[Part] | None = None) -> dict[str, Any] | None:
     """A checkpoint's time-aware biases (``--model.time_bins`` / ``user_drift``; mfscale/timebias.py) by global id,
     from all its parts: ``bins`` (movies, B), ``alpha`` and ``mean_day`` (users,), the bins' ``first`` and ``last``
     day and whether the run had the drift (``drift``); None for a run without them."""
-    parts = [part.time for part in (read_part(p, d) for p, d in part_paths(path, state)) if part.time is not None]
+    parts = [part.time for part in _parts(path, state, parts) if part.time is not None]
     if not parts:
         return None
     shape = state["model_shape"]
@@ -292,11 +302,10 @@ def time_biases(path: Path, state: dict) -> dict[str, Any] | None:
     return out
 
 
-def implicit_rows(path: Path, state: dict) -> np.ndarray | None:
+def implicit_rows(path: Path, state: dict, parts: list[Part] | None = None) -> np.ndarray | None:
     """A checkpoint's implicit rows y (``--model.implicit``; mfscale/implicit.py), (movies, dim) by global movie id
     from all its parts, or None for a run without them (a new user's fold-in is pulled toward their sum)."""
-    parts = [part.implicit for part in (read_part(p, d) for p, d in part_paths(path, state))
-             if part.implicit is not None]
+    parts = [part.implicit for part in _parts(path, state, parts) if part.implicit is not None]
     if not parts:
         return None
     dim = int(state["model_shape"]["dim"])
@@ -306,7 +315,7 @@ def implicit_rows(path: Path, state: dict) -> np.ndarray | None:
     return out
 
 
-def load_model(path: Path, state: dict) -> BiasedMF:
+def load_model(path: Path, state: dict, parts: list[Part] | None = None) -> BiasedMF:
     """The whole model of a checkpoint, on CPU, from its parts (each rank's rows, any layout).
 
     The whole tables are built in this process's memory (without Adam state: (users + movies) x (dim + 1)
@@ -321,7 +330,7 @@ def load_model(path: Path, state: dict) -> BiasedMF:
     opts = (state.get("config") or {}).get("model") or {}  # checkpoints from before issue 24: biases, no bound
     model = BiasedMF(shape["n_users"], shape["n_items"], shape["dim"], init_std=0.0,
                      biases=bool(opts.get("biases", True)))
-    model.load_state_dict({k: v.to(torch.get_default_dtype()) for k, v in assemble(path, state).items()})
+    model.load_state_dict({k: v.to(torch.get_default_dtype()) for k, v in assemble(path, state, parts=parts).items()})
     with torch.no_grad():
         if not model.biases:
             model.global_bias.zero_()

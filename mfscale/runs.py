@@ -7,6 +7,7 @@ a run without a model, or a missing dataset the same way: one :class:`~mfscale.e
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,7 @@ class Run:
     def day_biases(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The run's user-day biases (``--model.day_bias``): sorted ``daybias.day_key`` keys (global user index
         << 20 | day) and their biases, or None for a run without them. Read from the checkpoint's parts on call."""
-        return checkpoint.day_biases(self.checkpoint_path, self.checkpoint_state)
+        return checkpoint.day_biases(self.checkpoint_path, self.checkpoint_state, self._cache.get("parts"))
 
     def at_latest_time(self) -> Run:
         """This run as ``recommend`` predicts without a time, in place: with ``--model.time_bins`` each movie's bias
@@ -78,13 +79,14 @@ class Run:
 
     def time_biases(self) -> dict | None:
         """The run's time-aware biases by row (``checkpoint.time_biases``), or None for a run without them."""
-        return checkpoint.time_biases(self.checkpoint_path, self.checkpoint_state)
+        return checkpoint.time_biases(self.checkpoint_path, self.checkpoint_state, self._cache.get("parts"))
 
     def implicit_rows(self) -> np.ndarray | None:
         """The run's implicit rows y (``--model.implicit``), (movies, dim) float64, or None; read once."""
         if "implicit" not in self._cache:
             model_cfg = (self.checkpoint_state.get("config") or {}).get("model") or {}
-            self._cache["implicit"] = (checkpoint.implicit_rows(self.checkpoint_path, self.checkpoint_state)
+            self._cache["implicit"] = (checkpoint.implicit_rows(self.checkpoint_path, self.checkpoint_state,
+                                                                self._cache.get("parts"))
                                        if model_cfg.get("implicit") else None)
         return self._cache["implicit"]
 
@@ -117,7 +119,13 @@ def load_run(run_dir: Path | str, data: Path | str | None = None) -> Run:
     try:
         shape = state["model_shape"]
         data_path = data if data is not None else state["config"]["data"]["path"]
-        model = checkpoint.load_model(path, state)
+        # read once: the model, then the extra terms the tools ask for (kept without the tables' rows)
+        parts = checkpoint.read_parts(path, state) if "parts" in state else None
+        model = checkpoint.load_model(path, state, parts)
+        extras = None if parts is None else [
+            dataclasses.replace(p, tables={}, dense=None,  # and of the implicit rows only y (fold-in's)
+                                implicit=None if p.implicit is None else {"items": p.implicit["items"]})
+            for p in parts]
     except (KeyError, TypeError) as exc:
         raise DataError(f"checkpoint {path} lacks {exc} (not written by mfscale.train?)") from None
     try:
@@ -138,7 +146,8 @@ def load_run(run_dir: Path | str, data: Path | str | None = None) -> Run:
     return Run(run_dir=run_dir, checkpoint_path=path, step=int(state.get("global_step", 0) or 0), model=model,
                data=dataset, users=users, movies=movies, max_norm=max_norm,
                reg_factor=float(optim.get("reg_factor", defaults.reg_factor)),
-               reg_bias=float(optim.get("reg_bias", defaults.reg_bias)), checkpoint_state=state)
+               reg_bias=float(optim.get("reg_bias", defaults.reg_bias)), checkpoint_state=state,
+               _cache={} if extras is None else {"parts": extras})
 
 
 def movie_label(row: dict) -> str:
