@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from time import monotonic
 
 import numpy as np
 import pytest
@@ -22,7 +24,7 @@ from mfscale.layout.rows import deal_pieces, movie_block
 from mfscale.shards import Dataset
 from mfscale.train import Trainer, run
 
-from .conftest import as_rank, free_port, make_dataset, spawn_ranks
+from .conftest import RESTART_ARGS, as_rank, free_port, make_dataset, spawn_ranks
 from .test_train import job
 
 CPU = torch.device("cpu")
@@ -73,8 +75,11 @@ def day_rows_of(tr: Trainer, keys: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(pos)
 
 
-def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) -> None:
-    """Trains one epoch per config on this rank (float64); saves each one's batches (global ids) and tensors."""
+def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str,
+                  old_positions: tuple[str, str] | None = None) -> None:
+    """Trains one epoch per config on this rank (float64); saves each one's batches (global ids) and tensors.
+    With ``old_positions`` (data, directory; 2 ranks): then, in float32 again, ``_old_positions`` in the same
+    process group (one launch for both)."""
     as_rank(rank, world, port)
     env = distributed.init("cpu", 60)
     try:
@@ -105,6 +110,9 @@ def _epoch_worker(rank: int, world: int, port: int, cfgs: list[dict], out: str) 
                         "groups": groups,
                         "bytes_sent": tr.layout.bytes_sent, "sync_steps": sync_steps,
                         "local_bias": tr.step_fn.local_bias}, Path(out) / f"cfg{k}-rank{rank}.pt")
+        if old_positions is not None:
+            torch.set_default_dtype(torch.float32)  # as a process of its own would have it
+            _old_positions(rank, env, *old_positions)
     finally:
         distributed.destroy()
 
@@ -115,8 +123,9 @@ def starting_z(user_ids: np.ndarray, dim: int) -> np.ndarray:
     return 0.05 * np.sin(0.7 * user_ids[:, None] + 1.3 * np.arange(dim)[None, :])
 
 
-def run_ranks(cfgs: list[config.JobConfig], world: int, tmp: Path) -> list[list[dict]]:
-    args = (world, free_port(), [c.to_dict() for c in cfgs], str(tmp))
+def run_ranks(cfgs: list[config.JobConfig], world: int, tmp: Path,
+              old_positions: tuple[str, str] | None = None) -> list[list[dict]]:
+    args = (world, free_port(), [c.to_dict() for c in cfgs], str(tmp), old_positions)
     assert spawn_ranks(_epoch_worker, world, args, 180) == [0] * world
     return [[torch.load(tmp / f"cfg{k}-rank{r}.pt", weights_only=False) for r in range(world)]
             for k in range(len(cfgs))]
@@ -406,19 +415,73 @@ def assert_numpy_reference(ranks: list[dict], cfg: config.JobConfig, data: Datas
     return want
 
 
-@pytest.mark.parametrize(("world", "pieces"), [(2, 2), (3, 2), (2, 1), (3, 3)])
-def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, world, pieces):
-    """Fused and autograd steps (the latter with gravity, whose Gram matrices are summed over ranks), through
-    a whole epoch with sub-epoch rotations in ``pieces`` pieces (sent behind the other pieces' training) and
-    uneven strata."""
+# The spawned epochs of the tests below share one launch per world size (module fixtures ``epochs_w2``,
+# ``epochs_w3``): each config still trains its own epoch from scratch in that process group, in the order given.
+# Start-up (spawning, importing torch, the gloo rendezvous) is most of a launch's time; a config's epoch is not.
+def _union_cfgs(data: Path, root: Path, pieces: int) -> list[config.JobConfig]:
+    """test_blocks_on_w_ranks_equal_one_process_on_the_union's configs: the fused step and the autograd step."""
     # schedule none: the one process takes other steps per epoch, so a decaying LR would differ per step
     base = dict(train__batch_size=97, optim__lr=0.02, train__tables="blocks", train__seed=3, optim__schedule="none",
                 train__block_pieces=pieces)
-    cfgs = [job(small_data, tmp_path / "a", **base),
-            job(small_data, tmp_path / "b", **base, train__step="autograd", optim__gravity=0.5)]
-    results = run_ranks(cfgs, world, tmp_path)
+    return [job(data, root / "a", **base),
+            job(data, root / "b", **base, train__step="autograd", optim__gravity=0.5)]
+
+
+def _adam_cfgs(data: Path, root: Path) -> list[config.JobConfig]:
+    return [job(data, root / "a", train__batch_size=97, optim__lr=0.02, train__seed=3, optim__schedule="none",
+                optim__optimizer="lazy_adam", train__tables="blocks", train__block_pieces=2)]
+
+
+def _replicated_cfgs(data: Path, root: Path) -> list[config.JobConfig]:
+    base = dict(train__batch_size=97, optim__lr=0.02, train__tables="replicated", train__seed=3,
+                optim__schedule="none")
+    return [job(data, root / "a", **base),
+            job(data, root / "b", **base, train__step="autograd", optim__gravity=0.5)]
+
+
+def _shared_epochs(data: Path, root: Path, world: int, groups: dict[str, list[config.JobConfig]],
+                   old_positions: bool = False) -> dict[str, list[tuple[config.JobConfig, list[dict]]]]:
+    """One launch of ``world`` ranks training every group's configs; per group, (config, ranks' results)."""
+    flat = [cfg for cfgs in groups.values() for cfg in cfgs]
+    results = iter(run_ranks(flat, world, root, (str(data), str(root / "old")) if old_positions else None))
+    return {name: [(cfg, next(results)) for cfg in cfgs] for name, cfgs in groups.items()}
+
+
+@pytest.fixture(scope="module")
+def epochs_w2(small_data, tmp_path_factory) -> dict:
+    """2 ranks: the union test's pieces 2 and 1, Adam's blocks, the replicated tables; and the positions of
+    checkpoints from before pieces (test_checkpoints_from_before_pieces_resume_exactly_or_are_refused), whose
+    files are in the directory under "old-positions"."""
+    root = tmp_path_factory.mktemp("epochs-w2")
+    (root / "old").mkdir()
+    runs: dict = _shared_epochs(small_data, root, 2, {"blocks-2": _union_cfgs(small_data, root / "p2", 2),
+                                                      "blocks-1": _union_cfgs(small_data, root / "p1", 1),
+                                                      "adam": _adam_cfgs(small_data, root / "adam"),
+                                                      "replicated": _replicated_cfgs(small_data, root / "replicated")},
+                                old_positions=True)
+    runs["old-positions"] = root / "old"
+    return runs
+
+
+@pytest.fixture(scope="module")
+def epochs_w3(small_data, tmp_path_factory) -> dict[str, list[tuple[config.JobConfig, list[dict]]]]:
+    """3 ranks: the union test's pieces 2 and 3."""
+    root = tmp_path_factory.mktemp("epochs-w3")
+    return _shared_epochs(small_data, root, 3, {f"blocks-{p}": _union_cfgs(small_data, root / f"p{p}", p)
+                                                for p in (2, 3)})
+
+
+@pytest.mark.parametrize(("world", "pieces"), [(2, 2), (3, 2), (2, 1), (3, 3)])
+def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, request, world, pieces):
+    """Fused and autograd steps (the latter with gravity, whose Gram matrices are summed over ranks), through
+    a whole epoch with sub-epoch rotations in ``pieces`` pieces (sent behind the other pieces' training) and
+    uneven strata."""
+    runs = request.getfixturevalue(f"epochs_w{world}")[f"blocks-{pieces}"]
+    assert [cfg.train.block_pieces for cfg, _ in runs] == [pieces, pieces]
+    assert [cfg.train.step == "autograd" for cfg, _ in runs] == [False, True]
     data = Dataset(small_data)
-    for cfg, ranks in zip(cfgs, results, strict=True):
+    for cfg, ranks in runs:
+        assert len(ranks) == world
         if ranks[0]["local_bias"]:  # the closed-form step: each rank's own global bias between sync points
             assert cfg.train.step != "autograd" and all(r["sync_steps"][-1] == r["steps"] for r in ranks)
             assert len(ranks[0]["sync_steps"]) == world  # the sub-epoch ends: W collectives per epoch
@@ -435,13 +498,12 @@ def test_blocks_on_w_ranks_equal_one_process_on_the_union(small_data, tmp_path, 
         assert {len(r["batches"]) for r in ranks} == {r["steps"] for r in ranks}
 
 
-def test_adam_on_two_ranks_equals_the_numpy_reference(small_data, tmp_path):
+def test_adam_on_two_ranks_equals_the_numpy_reference(small_data, epochs_w2):
     """The tests above run the default optimizer (RowRMSprop, two floats of state per row); Adam's blocks run (the
     C++ step with LazyAdam, the rotation in 2 pieces carrying both moments) against the NumPy reference too."""
-    cfg = job(small_data, tmp_path / "a", train__batch_size=97, optim__lr=0.02, train__seed=3, optim__schedule="none",
-              optim__optimizer="lazy_adam", train__tables="blocks", train__block_pieces=2)
+    ((cfg, ranks),) = epochs_w2["adam"]
+    assert cfg.optim.optimizer == "lazy_adam" and cfg.train.block_pieces == 2 and len(ranks) == 2
     data = Dataset(small_data)
-    (ranks,) = run_ranks([cfg], 2, tmp_path)
     assert ranks[0]["local_bias"] and all("users.exp_avg_sq" in r["tensors"] for r in ranks)
     assert_numpy_reference(ranks, cfg, data)
     # the rotation carries each movie row with its two moments: 3 (dim + 1) float64 per movie
@@ -449,12 +511,11 @@ def test_adam_on_two_ranks_equals_the_numpy_reference(small_data, tmp_path):
         data.n_items * 3 * (cfg.model.dim + 1) * 8}
 
 
-def test_replicated_on_two_ranks_equals_one_process_on_the_union(small_data, tmp_path):
-    base = dict(train__batch_size=97, optim__lr=0.02, train__tables="replicated", train__seed=3,
-                optim__schedule="none")
-    cfgs = [job(small_data, tmp_path / "a", **base),
-            job(small_data, tmp_path / "b", **base, train__step="autograd", optim__gravity=0.5)]
-    for cfg, ranks in zip(cfgs, run_ranks(cfgs, 2, tmp_path), strict=True):
+def test_replicated_on_two_ranks_equals_one_process_on_the_union(small_data, epochs_w2):
+    runs = epochs_w2["replicated"]
+    assert [(cfg.train.tables, cfg.train.step == "autograd", len(ranks)) for cfg, ranks in runs] == [
+        ("replicated", False, 2), ("replicated", True, 2)]
+    for cfg, ranks in runs:
         assert_union_equal(ranks, cfg, Dataset(small_data))
 
 
@@ -508,10 +569,30 @@ def test_blocks_on_one_rank_trains_every_rating_once_per_epoch(small_data, tmp_p
     assert len(pairs) == tr.layout.steps_per_epoch == -(-len(train["user"]) // 500)
 
 
+def _torchrun_cmd(args: list[str], nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+            "mfscale.train", *args]
+
+
 def _torchrun(args: list[str], nproc: int, timeout: int = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                           "-m", "mfscale.train", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run(_torchrun_cmd(args, nproc), capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def _torchrun_together(jobs: list[list[str]], nproc: int, timeout: int = 240) -> list[subprocess.CompletedProcess]:
+    """``_torchrun`` of each job's args, all at once (each --standalone: its own rendezvous and ports); most of a
+    small job's time is its processes' start-up, which overlaps."""
+    procs = [subprocess.Popen(_torchrun_cmd(args, nproc), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True) for args in jobs]
+    try:
+        deadline = monotonic() + timeout
+        out = [p.communicate(timeout=max(0.1, deadline - monotonic())) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, out, strict=True)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.communicate()
 
 
 def test_blocks_checkpoint_resumes_at_other_world_sizes_and_tools_read_it(small_data, tmp_path):
@@ -547,7 +628,16 @@ def test_blocks_checkpoint_resumes_at_other_world_sizes_and_tools_read_it(small_
     (three / "checkpoints").mkdir(parents=True)
     for f in (one / "checkpoints").iterdir():
         os.link(f, three / "checkpoints" / f.name)
-    r = _torchrun([*common, "--run-dir", str(three), "--epochs", "4"], 3)
+    # (recommend on the 2-rank run, checked below, reads only that run: it starts now, beside the 3 ranks)
+    tool = subprocess.Popen([sys.executable, "-m", "mfscale.recommend", "--run", str(two), "--user", "1", "-k", "3"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        r = _torchrun([*common, "--run-dir", str(three), "--epochs", "4"], 3)
+        tool_out, tool_err = tool.communicate(timeout=120)
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.communicate()
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr and "epoch 3 step 0" in r.stderr
     m3 = json.loads((three / "metrics.json").read_text())
@@ -555,25 +645,29 @@ def test_blocks_checkpoint_resumes_at_other_world_sizes_and_tools_read_it(small_
     assert m3["history"][:3] == metrics["history"]
 
     # the user-facing tools read a partitioned run
-    out = subprocess.run([sys.executable, "-m", "mfscale.recommend", "--run", str(two), "--user", "1", "-k", "3"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert len([line for line in out.stdout.splitlines() if line.strip()]) >= 3
+    assert tool.returncode == 0, tool_err
+    assert len([line for line in tool_out.splitlines() if line.strip()]) >= 3
 
 
-def test_mid_epoch_resume_at_another_world_size_is_refused(small_data, tmp_path):
+def test_mid_epoch_resume_at_another_world_size_is_refused(small_data, tmp_path, reference_run):
+    """A 2-rank run's mid-epoch checkpoint: the restart tests' reference run (conftest.reference_run: 2 gloo
+    ranks, a checkpoint every 3 steps), its checkpoint files linked into this test's run directory (the
+    reference's own stay as they are)."""
+    ref_dir, _, _ = reference_run
     run_dir = tmp_path / "run"
-    r = _torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--batch-size", "200", "--epochs", "1",
-                   "--checkpoint.every_steps", "5", "--train.ranking_k", "0"], 2)
-    assert r.returncode == 0, r.stderr[-3000:]
+    (run_dir / "checkpoints").mkdir(parents=True)
+    for f in (ref_dir / "checkpoints").iterdir():
+        os.link(f, run_dir / "checkpoints" / f.name)
     # drop the epoch-end checkpoint so the newest one is mid-epoch
     for p in checkpoint.list_checkpoints(run_dir)[-1:]:
         p.unlink()
     (run_dir / "checkpoints" / "best.pt").unlink()
     state, _ = checkpoint.load_latest(run_dir)
     assert state["step_in_epoch"] > 0
+    batch = int(RESTART_ARGS[RESTART_ARGS.index("--batch-size") + 1])  # the run's own, as before
+    assert state["batch_size"] == batch
     with pytest.raises(ConfigError, match="stopped mid-epoch with world size 2"):
-        Trainer(job(small_data, run_dir, train__batch_size=200), DistEnv(0, 1, 0, CPU)).resume()
+        Trainer(job(small_data, run_dir, train__batch_size=batch), DistEnv(0, 1, 0, CPU)).resume()
 
 
 def _crashing_rank(rank: int, port: int, argv: list[str], crash_at: int) -> None:
@@ -613,7 +707,6 @@ def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data,
     """Crash both ranks in sub-epoch 1 of epoch 1 (each holding another rank's movie block), resume from the
     newest checkpoint: the run ends bit-identical to the uninterrupted reference run (blocks, 2 ranks, the whole
     block rotating at once)."""
-    from .conftest import RESTART_ARGS
     from .test_train import assert_same_run
 
     ref_dir, ref_metrics, _ = reference_run
@@ -632,7 +725,6 @@ def test_blocks_in_pieces_resume_inside_phase_1_of_a_later_sub_epoch_equals_unin
     epoch 1 and resume from the newest checkpoint, written inside that phase. It holds piece 0 of the next block
     (sent at the end of phase (1, 0) and received behind phase 1's training: the save waits for it) and piece 1 of
     this one; the resumed run takes the exchanges up from there and ends bit-identical to the uninterrupted run."""
-    from .conftest import RESTART_ARGS
     from .test_train import assert_same_run
 
     argv = [*RESTART_ARGS, "--epochs", "3", "--train.block_pieces", "2"]
@@ -648,36 +740,33 @@ def test_blocks_in_pieces_resume_inside_phase_1_of_a_later_sub_epoch_equals_unin
                     json.loads((run_dir / "metrics.json").read_text()))
 
 
-def _old_position_worker(rank: int, port: int, data: str, tmp: str) -> None:
-    """Takes up positions of checkpoints written before pieces ({"held": s}) under 1 and 2 pieces."""
-    as_rank(rank, 2, port)
-    env = distributed.init("cpu", 60)
+def _old_positions(rank: int, env: DistEnv, data: str, tmp: str) -> None:
+    """Takes up positions of checkpoints written before pieces ({"held": s}) under 1 and 2 pieces, on rank
+    ``rank`` of a 2-rank process group (run by ``_epoch_worker`` after its epochs: the ``epochs_w2`` launch)."""
+    assert env.world_size == 2
     out: dict[str, object] = {}
-    try:
-        for pieces in (1, 2):
-            lay = Trainer(job(Path(data), Path(tmp) / f"p{pieces}", train__tables="blocks", train__batch_size=200,
-                              train__block_pieces=pieces), env).layout
-            out[f"canonical{pieces}"] = sorted(lay.held_ids(lay.position())[1].tolist())
-            for held in (0, 1):
-                try:
-                    lay.set_position({"held": held})
-                    out[f"{pieces}-{held}"] = (lay.position(), sorted(lay.held_ids(lay.position())[1].tolist()))
-                    next(lay.batches(0, int(lay.phase_start[lay.held * lay.pieces]) + 5))  # mid-epoch
-                    out[f"{pieces}-{held}-mid"] = "ok"
-                except ConfigError as exc:
-                    out[f"{pieces}-{held}-error"] = str(exc)
-        torch.save(out, Path(tmp) / f"rank{rank}.pt")
-    finally:
-        distributed.destroy()
+    for pieces in (1, 2):
+        lay = Trainer(job(Path(data), Path(tmp) / f"p{pieces}", train__tables="blocks", train__batch_size=200,
+                          train__block_pieces=pieces), env).layout
+        out[f"canonical{pieces}"] = sorted(lay.held_ids(lay.position())[1].tolist())
+        for held in (0, 1):
+            try:
+                lay.set_position({"held": held})
+                out[f"{pieces}-{held}"] = (lay.position(), sorted(lay.held_ids(lay.position())[1].tolist()))
+                next(lay.batches(0, int(lay.phase_start[lay.held * lay.pieces]) + 5))  # mid-epoch
+                out[f"{pieces}-{held}-mid"] = "ok"
+            except ConfigError as exc:
+                out[f"{pieces}-{held}-error"] = str(exc)
+    torch.save(out, Path(tmp) / f"rank{rank}.pt")
 
 
-def test_checkpoints_from_before_pieces_resume_exactly_or_are_refused(small_data, tmp_path):
+def test_checkpoints_from_before_pieces_resume_exactly_or_are_refused(epochs_w2):
     """{"held": s} (the whole-block rotation) is 1 piece: taken up as is under 1 piece. Under 2 pieces a block holds
     the same movies (so an epoch boundary's parts load), but a mid-epoch custody and step schedule are another
-    P's: one clear line, at the position when it is past sub-epoch 0, else when the epoch would resume midway."""
-    assert spawn_ranks(_old_position_worker, 2, (free_port(), str(small_data), str(tmp_path)), 180) == [0, 0]
+    P's: one clear line, at the position when it is past sub-epoch 0, else when the epoch would resume midway.
+    (The 2 ranks ran ``_old_positions`` in the ``epochs_w2`` launch.)"""
     for r in range(2):
-        got = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        got = torch.load(epochs_w2["old-positions"] / f"rank{r}.pt", weights_only=False)
         assert got["canonical1"] == got["canonical2"]  # the same movies per block, any P
         assert got["1-0"] == ({"held": 0, "phase": 0, "pieces": 1}, got["canonical1"])
         assert got["1-1"][0] == {"held": 1, "phase": 0, "pieces": 1} and got["1-1"][1] != got["canonical1"]
@@ -713,13 +802,13 @@ def test_blocks_collectives_per_epoch_grow_with_ranks_not_steps(small_data, tmp_
     whatever the number of steps. Each rank's start-up read is counted in metrics.json too: its own user
     buckets' ratings (user, movie, rating: 12 bytes each), about half the training split each."""
     got = {}
-    for batch in (50, 200):
-        run_dir = tmp_path / f"b{batch}"
-        r = _torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--batch-size", str(batch),
-                       "--epochs", "2", "--train.ranking_k", "0", "--train.tables", "blocks",
-                       "--train.log_every", "1", "--train.block_pieces", "2"], 2)
+    batches = (50, 200)
+    runs = _torchrun_together([["--data", str(small_data), "--run-dir", str(tmp_path / f"b{batch}"), "--batch-size",
+                                str(batch), "--epochs", "2", "--train.ranking_k", "0", "--train.tables", "blocks",
+                                "--train.log_every", "1", "--train.block_pieces", "2"] for batch in batches], 2)
+    for batch, r in zip(batches, runs, strict=True):
         assert r.returncode == 0, r.stderr[-3000:]
-        got[batch] = json.loads((run_dir / "metrics.json").read_text())
+        got[batch] = json.loads((tmp_path / f"b{batch}" / "metrics.json").read_text())
     assert got[50]["steps"] > 3 * got[200]["steps"]
     for m in got.values():
         # W sync points x 3, W rotations in P = 2 pieces (one send/recv each), validation's 2

@@ -13,11 +13,12 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
@@ -66,15 +67,35 @@ def job(data: Path, run_dir: Path, timeout_s: float = TIMEOUT_S) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def one_node(small_preset, tmp_path_factory) -> tuple[Path, dict]:
-    """The job as 1 node x 2 processes (torchrun --standalone): (run dir, metrics)."""
+def one_node_started(small_preset, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, float, Path]]:
+    """The job as 1 node x 2 processes (torchrun --standalone), started: (process, its start, base directory).
+    ``one_node`` waits for it; a test that asks for this first runs its own job beside it (the one on this
+    machine's loopback, the other on its simulated nodes' veths)."""
     base = tmp_path_factory.mktemp("one-node")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(netns.ROOT), os.environ.get("PYTHONPATH")]))}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mfscale.train",
            *job(small_preset, base / "run")]
-    proc = subprocess.run(cmd, env=env, cwd=base, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(base / "stdout", "w") as out, open(base / "stderr", "w") as err:  # files: no pipe to fill up
+        proc = subprocess.Popen(cmd, env=env, cwd=base, stdout=out, stderr=err, start_new_session=True)
+    try:
+        yield proc, time.monotonic(), base
+    finally:
+        if proc.poll() is None:  # a test that did not wait for it failed: stop it and its workers
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def one_node(one_node_started) -> tuple[Path, dict]:
+    """The job as 1 node x 2 processes (torchrun --standalone): (run dir, metrics)."""
+    proc, started, base = one_node_started
+    try:
+        proc.wait(timeout=max(0.1, started + 180 - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, (base / "stderr").read_text()[-3000:]
     return base / "run", json.loads((base / "run" / "metrics.json").read_text())
 
 
@@ -159,9 +180,9 @@ def test_nodes_skip_with_the_reason_when_they_cannot_be_made(monkeypatch):
     with pytest.raises(pytest.skip.Exception, match="need root"), netns.simulated_nodes(2):
         pass
 
-def test_two_nodes_train_the_tables_of_one_node(small_preset, one_node, tmp_path):
+def test_two_nodes_train_the_tables_of_one_node(small_preset, one_node_started, tmp_path, request):
     """2 nodes x 1 process over the veth: the same tables, bit for bit, as 1 node x 2 processes; the table
-    traffic crossed the veth."""
+    traffic crossed the veth. (The 1-node job runs beside this one: one_node_started.)"""
     run_dir = tmp_path / "run"
     t0 = time.monotonic()
     with netns.simulated_nodes(2) as nodes:
@@ -172,7 +193,7 @@ def test_two_nodes_train_the_tables_of_one_node(small_preset, one_node, tmp_path
         after = [n.counters() for n in nodes]
     print(f"2 nodes x 1 process: {time.monotonic() - t0:.1f} s")
     m = json.loads((run_dir / "metrics.json").read_text())
-    ref_dir, ref = one_node
+    ref_dir, ref = request.getfixturevalue("one_node")
     assert m["world_size"] == 2 and m["tables"] == "blocks"
     assert_same_metrics(m, ref)
     assert_same_tables(run_dir, ref_dir)
@@ -217,25 +238,73 @@ def test_a_killed_node_comes_back_and_the_job_ends_as_if_uninterrupted(small_pre
     assert_same_tables(run_dir, ref_dir)
 
 
-@pytest.mark.parametrize("fault", ["killed", "cut_off"])
-def test_a_node_that_never_comes_back_fails_the_job_in_time(small_preset, tmp_path, fault):
+FAULTS = ("killed", "cut_off")
+FAULT_BOUND_S = FAULT_TIMEOUT_S + FAULT_JOIN_TIMEOUT_S + 15  # node 0's agent must have exited by then
+
+
+def _fault(nodes: netns.Nodes, fault: str) -> None:
+    if fault == "killed":
+        nodes[1].kill_all()
+    else:
+        subprocess.run(["ip", "-n", nodes[1].netns, "link", "set", "dev", nodes[1].ifname, "down"], check=True)
+
+
+@pytest.fixture(scope="module")
+def never_back(small_preset, tmp_path_factory) -> dict[str, tuple[int | None, float, Path]]:
+    """test_a_node_that_never_comes_back_fails_the_job_in_time's two faults, overlapped, each on 2 nodes of its
+    own (namespaces, veths, rendezvous, run directory): most of either one's time is waiting out timeouts. The
+    cut-off job (the longer wait) starts first; the killed one starts once the cut-off job has its fault, so
+    the two never start up at the same time. As in one test at a time, each job gets its fault as soon as its
+    first checkpoint is there, and node 0's agent is given FAULT_BOUND_S from then to exit. Per fault: that
+    agent's exit code (None: still running at the bound), the seconds from the fault to its exit, and the
+    directory with the run and the logs."""
+    order = ("cut_off", "killed")
+    assert sorted(order) == sorted(FAULTS)
+    base = {f: tmp_path_factory.mktemp(f"never-back-{f}") for f in order}
+    nodes: dict[str, netns.Nodes] = {}
+    agents: dict[str, list[subprocess.Popen]] = {}
+    deadline: dict[str, float] = {}
+    t_fault: dict[str, float] = {}
+    ended: dict[str, tuple[int | None, float]] = {}
+    with ExitStack() as stack:
+
+        def launch(f: str) -> None:
+            nodes[f] = stack.enter_context(netns.simulated_nodes(2))
+            agents[f] = [netns.launch_agent(nodes[f], k, job(small_preset, base[f] / "run", FAULT_TIMEOUT_S),
+                                            base[f] / f"node{k}.log", **FAULT_ELASTIC) for k in range(2)]
+            deadline[f] = time.monotonic() + 120
+
+        launch(order[0])
+        while len(ended) < len(order):
+            for f in list(agents):
+                if f not in t_fault:  # wait_for_checkpoint, then the fault
+                    if checkpoint.list_checkpoints(base[f] / "run"):
+                        t_fault[f] = time.monotonic()
+                        _fault(nodes[f], f)
+                        if (i := order.index(f) + 1) < len(order):
+                            launch(order[i])
+                    else:
+                        assert all(p.poll() is None for p in agents[f]), \
+                            f"{f}: an agent exited before the first checkpoint\n{logs(base[f])}"
+                        assert time.monotonic() < deadline[f], f"{f}: no checkpoint in 120 s\n{logs(base[f])}"
+                elif f not in ended:  # netns.wait_all([node 0's agent], FAULT_BOUND_S)
+                    took = time.monotonic() - t_fault[f]
+                    if (code := agents[f][0].poll()) is not None or took >= FAULT_BOUND_S:
+                        ended[f] = (code, took)
+            time.sleep(0.02)
+    return {f: (*ended[f], base[f]) for f in FAULTS}
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_node_that_never_comes_back_fails_the_job_in_time(never_back, fault):
     """Node 1 is killed (its sockets close: rank 0's collective fails at once) or cut off (its link goes
     down, its processes live on: rank 0 waits out --train.timeout_s). Either way rank 0 says so in one line,
     node 0's agent restarts its worker, waits its join_timeout at the rendezvous for node 1, and exits
-    non-zero: no hang. (The timeouts are FAULT_*: shorter than the other tests', the same mechanism.)"""
+    non-zero: no hang. (The timeouts are FAULT_*: shorter than the other tests', the same mechanism. The two
+    faults' jobs overlap: the never_back fixture.)"""
+    code, took, tmp_path = never_back[fault]
     run_dir = tmp_path / "run"
-    with netns.simulated_nodes(2) as nodes:
-        agents = [netns.launch_agent(nodes, k, job(small_preset, run_dir, FAULT_TIMEOUT_S), tmp_path / f"node{k}.log",
-                                     **FAULT_ELASTIC) for k in range(2)]
-        wait_for_checkpoint(run_dir, agents, tmp_path)
-        t_fault = time.monotonic()
-        if fault == "killed":
-            nodes[1].kill_all()
-        else:
-            subprocess.run(["ip", "-n", nodes[1].netns, "link", "set", "dev", nodes[1].ifname, "down"], check=True)
-        bound = FAULT_TIMEOUT_S + FAULT_JOIN_TIMEOUT_S + 15
-        code = netns.wait_all(agents[:1], bound)[0]
-        took = time.monotonic() - t_fault
+    bound = FAULT_BOUND_S
     out0 = (tmp_path / "node0.log").read_text()
     tail = [line for line in out0.splitlines() if line.strip()][-3:]
     print(f"node 1 {fault}: node 0's agent exited {code} after {took:.1f} s; its last lines:\n" + "\n".join(tail))
