@@ -233,14 +233,16 @@ def test_two_ranks_equal_the_numpy_reference_and_one_process(drift_data, tmp_pat
 
 def test_blocks_resumed_inside_a_phase_end_as_if_uninterrupted(drift_data, tmp_path):
     """Blocks on 2 ranks in 2 pieces, both ranks crashed in phase (1, 1) of epoch 1 and resumed from the checkpoint
-    written there (each rank holding a piece of another rank's block: its bins, their state and counts in the slot
-    it came to): the run ends bit-identical to the uninterrupted one, its time-aware biases included."""
+    written there (each rank holding a piece of another rank's block: its bins, their state and counts, and its
+    implicit rows y in the slot it came to; the users' z and half-gathered z'): the run ends bit-identical to the
+    uninterrupted one, its time-aware biases and implicit rows included (one crash for both options: each of the
+    three runs costs a 2-rank launch)."""
     from .test_layout import _crash_then_resume, _spawn_pair
     from .test_train import assert_same_run
 
     argv = ["--workers", "0", "--batch-size", "64", "--epochs", "3", "--train.patience", "0",
             "--checkpoint.every_steps", "3", "--train.tables", "blocks", "--train.block_pieces", "2",
-            "--model.time_bins", "5", "--model.user_drift", "on"]
+            "--model.time_bins", "5", "--model.user_drift", "on", "--model.implicit", "on"]
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
     assert _spawn_pair(["--data", str(drift_data), "--run-dir", str(ref_dir), *argv], -1) == [0, 0]
     ref_state, _ = checkpoint.load_latest(ref_dir)
@@ -253,3 +255,5 @@ def test_blocks_resumed_inside_a_phase_end_as_if_uninterrupted(drift_data, tmp_p
     assert np.abs(a["bins"]).max() > 0 and np.abs(a["alpha"]).max() > 0
     for key in ("bins", "alpha", "mean_day"):
         assert np.array_equal(a[key], b[key]), key
+    a, b = (checkpoint.implicit_rows(*reversed(checkpoint.load_latest(d))) for d in (ref_dir, run_dir))
+    assert np.abs(a).max() > 0 and np.array_equal(a, b)
