@@ -231,15 +231,11 @@ def test_fold_in_refuses_known_users_directly(trained):
         fold_in(run, new_user_ratings(run, 0, new_id=int(run.users["user_id"][0])))
 
 
-def test_the_exports_numpy_recipe_folds_in_the_same_user(trained, tmp_path):
-    """README.txt of an export: its code, run as written with NumPy alone, gives the fold-in's numbers."""
+def export_recipe(directory) -> str:
+    """The NumPy code of an export's README.txt (its indented blocks that use np), reading ``directory``."""
     import textwrap
 
-    from mfscale import export
-
-    run = load_run(trained[1])
-    export.main(["--run", str(trained[1]), "--out", str(tmp_path / "exp")])
-    text = (tmp_path / "exp" / "README.txt").read_text()
+    text = (directory / "README.txt").read_text()
     blocks, current = [], []
     for line in text.splitlines():
         if line.startswith("    ") or (current and not line.strip()):
@@ -248,6 +244,16 @@ def test_the_exports_numpy_recipe_folds_in_the_same_user(trained, tmp_path):
             blocks.append(textwrap.dedent("\n".join(current)))
             current = []
     blocks.append(textwrap.dedent("\n".join(current)))
+    return "\n".join(b for b in blocks if "np." in b).replace('d = "path/to/this/directory"', f'd = "{directory}"')
+
+
+def test_the_exports_numpy_recipe_folds_in_the_same_user(trained, tmp_path):
+    """README.txt of an export: its code, run as written with NumPy alone, gives the fold-in's numbers."""
+    from mfscale import export
+
+    run = load_run(trained[1])
+    export.main(["--run", str(trained[1]), "--out", str(tmp_path / "exp")])
+    code = export_recipe(tmp_path / "exp")
     ratings = new_user_ratings(run, 2, new_id=10**6)
     folded = fold_in(run, ratings)
     # the run has user-day biases (the default): the README's day-bias lines need a time, one of user 0's training days
@@ -257,8 +263,6 @@ def test_the_exports_numpy_recipe_folds_in_the_same_user(trained, tmp_path):
     space = {"USER_ID": int(run.users["user_id"][0]), "MOVIE_ID": int(run.movies["movie_id"][0]),
              "TIMESTAMP": timestamp,
              "NEW_USER_MOVIE_IDS": ratings["movie_id"].to_list(), "NEW_USER_RATINGS": ratings["rating"].to_list()}
-    code = "\n".join(b for b in blocks if "np." in b).replace('d = "path/to/this/directory"',
-                                                               f'd = "{tmp_path / "exp"}"')
     exec(code, space)  # noqa: S102 - the export's own documentation, run as a user would
     assert np.allclose(space["p_new"], folded.p[0].double().numpy(), atol=1e-5)
     assert space["b_new"] == pytest.approx(float(folded.bu[0]), abs=1e-5)

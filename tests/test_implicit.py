@@ -126,7 +126,7 @@ def test_fold_in_and_the_export_recipe_pull_a_new_user_toward_their_implicit_vec
     """A new user's ridge: the gradient of sum e^2 + (n + prior)(reg_factor |p - z|^2 + reg_bias b^2), z = n^-1/2 sum
     of the rated movies' y rows, vanishes at the fold-in's answer (NumPy, from the formula); the export's README
     recipe, run as written, gives the same numbers."""
-    import textwrap
+    from .test_foldin import export_recipe
 
     fit(small_data, tmp_path / "run")
     run_ = load_run(tmp_path / "run")
@@ -151,17 +151,7 @@ def test_fold_in_and_the_export_recipe_pull_a_new_user_toward_their_implicit_vec
     export.main(["--run", str(tmp_path / "run"), "--out", str(tmp_path / "exp")])
     meta = json.loads((tmp_path / "exp" / "meta.json").read_text())
     assert meta["implicit"] is True and (tmp_path / "exp" / "item_implicit.npy").is_file()
-    text = (tmp_path / "exp" / "README.txt").read_text()
-    blocks, current = [], []  # the README's indented code blocks, as tests/test_foldin.py reads them
-    for line in text.splitlines():
-        if line.startswith("    ") or (current and not line.strip()):
-            current.append(line)
-        elif current:
-            blocks.append(textwrap.dedent("\n".join(current)))
-            current = []
-    blocks.append(textwrap.dedent("\n".join(current)))
-    code = "\n".join(b for b in blocks if "np." in b).replace('d = "path/to/this/directory"',
-                                                               f'd = "{tmp_path / "exp"}"')
+    code = export_recipe(tmp_path / "exp")
     keys, _ = run_.day_biases()
     space = {"USER_ID": int(run_.users["user_id"][0]), "MOVIE_ID": int(movie_ids[0]),
              "TIMESTAMP": int(keys[0] & ((1 << 20) - 1)) * 86400,

@@ -338,15 +338,14 @@ class TableLayout(abc.ABC):
                 ids=torch.from_numpy(ids), weight=_take(p.detach(), n, idx),
                 state={k: _take(state[k], n, idx) for k in optim.state_keys(self.opt) if k in state},
                 step=int(state.get("step", 0)))
-        time = None
-        if self.time_bias is not None:  # row for row with the tables: the same ids and local rows
+        time, implicit = None, None
+        # the time-aware biases and the implicit rows sit row for row with the tables: the same ids and local rows
+        idx = [None if r is None else torch.from_numpy(r).to(self.env.device) for r in local]
+        if self.time_bias is not None:
             tb = self.time_bias
-            idx = [None if r is None else torch.from_numpy(r).to(self.env.device) for r in local]
             time = tb.to_rows(held[0], held[1], _take(tb.users, len(held[0]), idx[0]),
                               _take(tb.bins, len(held[1]), idx[1]), _take(tb.mean_day, len(held[0]), idx[0]))
-        implicit = None
-        if self.implicit is not None:  # row for row with the tables too
-            idx = [None if r is None else torch.from_numpy(r).to(self.env.device) for r in local]
+        if self.implicit is not None:
             implicit = self.implicit.to_rows(held[0], held[1], *self.implicit.held(idx[0], len(held[0]), idx[1],
                                                                                   len(held[1])))
         return Part(out, days=None if self.day_bias is None else self.day_bias.to_rows(), time=time,
