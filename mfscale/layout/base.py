@@ -152,13 +152,18 @@ class TableLayout(abc.ABC):
             if held_items is None:
                 t.set_bin_counts(np.arange(self.data.n_items), counts)
             else:
-                if self.env.distributed:
-                    total = torch.from_numpy(counts.astype(np.int64))
-                    self.env.count("all_reduce")
-                    dist.all_reduce(total)
-                    counts = total.numpy()
+                counts = self._sum_over_ranks(counts.astype(np.int64))
                 t.set_bin_counts(held_items[1], counts[held_items[0]])
         return t
+
+    def _sum_over_ranks(self, values: np.ndarray) -> np.ndarray:
+        """``values`` summed elementwise over the ranks (one all_reduce; as is on one process)."""
+        if not self.env.distributed:
+            return values
+        total = torch.from_numpy(values)
+        self.env.count("all_reduce")
+        dist.all_reduce(total)
+        return total.numpy()
 
     def _build_implicit(self, user_rows: np.ndarray, item: np.ndarray, held_items: tuple[np.ndarray, np.ndarray] | None
                         ) -> Implicit | None:
@@ -176,12 +181,7 @@ class TableLayout(abc.ABC):
         if held_items is None:
             imp.set_inverse_d(np.arange(self.data.n_items), d_sums)
         else:
-            if self.env.distributed:
-                total = torch.from_numpy(d_sums)
-                self.env.count("all_reduce")
-                dist.all_reduce(total)
-                d_sums = total.numpy()
-            imp.set_inverse_d(held_items[1], d_sums[held_items[0]])
+            imp.set_inverse_d(held_items[1], self._sum_over_ranks(d_sums)[held_items[0]])
         return imp
 
     def time_combine(self) -> Combine | None:
