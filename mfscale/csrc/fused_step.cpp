@@ -60,18 +60,31 @@ struct Groups {
 Groups index_rows(const int64_t* ids, int64_t n, int32_t* mark, int64_t n_rows) {
   Groups g;
   // All memory first: nothing below can throw while the marks hold counts (they must end all zero).
-  g.rows.reserve(n);
+  g.rows.reserve(n + 1);  // + 1: the table-order scan below writes one slot past its count
   g.start.reserve(n + 1);
   g.slot.resize(n);
-  for (int64_t k = 0; k < n; ++k)
-    if (mark[ids[k]]++ == 0) g.rows.push_back(ids[k]);
-  const int64_t u = static_cast<int64_t>(g.rows.size());
+  int64_t u = 0;
+  for (int64_t k = 0; k < n; ++k) u += mark[ids[k]]++ == 0;  // counts first, without a branch per rating
   if (u * 16 >= n_rows) {
     // Many rows touched: visit them in table order (one scan of the marks), so their reads and writes
     // stream through memory instead of jumping at random.
+    g.rows.resize(u + 1);  // within the reserve (nothing may throw here); the last slot is scratch
     int64_t j = 0;
-    for (int64_t row = 0; row < n_rows; ++row)
-      if (mark[row] != 0) g.rows[j++] = row;
+    for (int64_t row = 0; row < n_rows; ++row) {  // without a branch: 1.2x the step with the two above (RESULTS)
+      g.rows[j] = row;
+      j += mark[row] != 0;
+    }
+    g.rows.resize(u);
+  } else {
+    // Few: in order of first appearance (a listed row's count is negated, and restored below)
+    for (int64_t k = 0; k < n; ++k) {
+      int32_t& m = mark[ids[k]];
+      if (m > 0) {
+        g.rows.push_back(ids[k]);
+        m = -m;
+      }
+    }
+    for (int64_t j = 0; j < u; ++j) mark[g.rows[j]] = -mark[g.rows[j]];
   }
   g.start.resize(u + 1);
   int32_t pos = 0;
