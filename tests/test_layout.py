@@ -670,72 +670,122 @@ def test_mid_epoch_resume_at_another_world_size_is_refused(small_data, tmp_path,
         Trainer(job(small_data, run_dir, train__batch_size=batch), DistEnv(0, 1, 0, CPU)).resume()
 
 
-def _crashing_rank(rank: int, port: int, argv: list[str], crash_at: int) -> None:
-    """A rank of a 2-rank job that raises on every rank at global step ``crash_at`` (-1, or 0 on a resumed run:
-    never)."""
-    as_rank(rank, 2, port)
+def _crash_step(ref_dir: Path, num: int, den: int) -> int:
+    """Global step ``steps + steps * num // den + 1`` (epoch 1) of the finished run in ``ref_dir``, ``steps`` its
+    steps per epoch."""
+    state, _ = checkpoint.load_latest(ref_dir)
+    steps = state["global_step"] // state["epoch"]
+    return steps + steps * num // den + 1
+
+
+def _jobs_rank(rank: int, ports: list[int], jobs: list[tuple[list[str], int | list]], out: str) -> None:
+    """Rank ``rank`` of 2 running ``jobs`` one after another, each through run() (which joins a process group of
+    its own, on port ``ports[k]``, and leaves it). A job is (argv, crash_at): every rank raises at global step
+    ``crash_at`` (-1, or 0 on a resumed run: never), or at ``_crash_step(*crash_at)`` when it is a list (a
+    reference run dir, written by an earlier job of the list, num, den). Each job's outcome, "done" or "crashed",
+    goes to ``out/rank{rank}.json``."""
+    as_rank(rank, 2, ports[0])
     original = Trainer.train_step
+    outcomes = []
+    for (argv, crash_at), port in zip(jobs, ports, strict=True):
+        os.environ["MASTER_PORT"] = str(port)
+        at = _crash_step(Path(crash_at[0]), *crash_at[1:]) if isinstance(crash_at, list) else crash_at
 
-    def crashing(self, batch):
-        if self.progress.global_step == crash_at:
-            raise RuntimeError("simulated crash")
-        return original(self, batch)
+        def crashing(self, batch, at=at):
+            if self.progress.global_step == at:
+                raise RuntimeError("simulated crash")
+            return original(self, batch)
 
-    Trainer.train_step = crashing
-    try:
-        run(config.from_args(argv))
-    except RuntimeError as exc:
-        assert "simulated crash" in str(exc)
-        sys.exit(3)
-
-
-def _spawn_pair(argv: list[str], crash_at: int) -> list[int | None]:
-    return spawn_ranks(_crashing_rank, 2, (free_port(), argv, crash_at), 240)
+        Trainer.train_step = crashing
+        try:
+            run(config.from_args(argv))
+            outcomes.append("done")
+        except RuntimeError as exc:
+            assert "simulated crash" in str(exc)
+            outcomes.append("crashed")
+    Path(out, f"rank{rank}.json").write_text(json.dumps(outcomes))
 
 
-def _crash_then_resume(argv: list[str], crash_at: int, position: dict) -> None:
-    """Both ranks crash at global step ``crash_at`` (epoch 1), whose newest checkpoint holds ``position``
-    mid-epoch; then the same command resumes from it to the end."""
-    assert _spawn_pair(argv, crash_at) == [3, 3]
-    state, _ = checkpoint.load_latest(Path(argv[argv.index("--run-dir") + 1]))
+def _spawn_jobs(jobs: list[tuple[list[str], int | list]], out: Path) -> list[str]:
+    """``_jobs_rank``'s jobs on 2 spawned ranks (one launch); each job's outcome, the same on both ranks."""
+    out.mkdir(parents=True, exist_ok=True)
+    ports = [free_port() for _ in jobs]
+    assert spawn_ranks(_jobs_rank, 2, (ports, jobs, str(out)), 240) == [0, 0]
+    outcomes = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    assert outcomes[0] == outcomes[1], outcomes
+    return outcomes[0]
+
+
+def crash_then_resume(crashes: dict[str, tuple[list[str], int | list]], references: list[list[str]],
+                      out: Path) -> dict[str, dict]:
+    """Two launches of 2 ranks for several crash/resume tests (start-up is most of a launch's time). The first
+    runs the ``references`` uninterrupted, then each crash job, whose ranks all raise at its step (see
+    ``_jobs_rank``); the second resumes each crashed run dir, from its newest checkpoint, to the end, in fresh
+    processes (only what the checkpoint holds carries over). Per crash job: the newest checkpoint's metadata as
+    the crash left it."""
+    names = list(crashes)
+    got = _spawn_jobs([*((argv, -1) for argv in references), *(crashes[n] for n in names)], out / "crash")
+    assert got == ["done"] * len(references) + ["crashed"] * len(names), got
+    states = {n: checkpoint.load_latest(Path(crashes[n][0][crashes[n][0].index("--run-dir") + 1]))[0]
+              for n in names}
+    assert _spawn_jobs([(crashes[n][0], 0) for n in names], out / "resume") == ["done"] * len(names)
+    return states
+
+
+def assert_crashed_inside(state: dict, position: dict) -> None:
+    """The newest checkpoint a crash in epoch 1 left holds ``position``, mid-epoch."""
     assert state["epoch"] == 1 and state["layout_position"] == position
     assert state["step_in_epoch"] > 0
-    assert _spawn_pair(argv, 0) == [0, 0]
 
 
-def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path, reference_run):
+PIECES_ARGS = [*RESTART_ARGS, "--epochs", "3", "--train.block_pieces", "2"]
+
+
+@pytest.fixture(scope="module")
+def crashed_and_resumed(small_data, reference_run, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
+    """The two blocks crash/resume tests below, in 2 launches instead of 5: (base dir, each crash's checkpoint
+    metadata). "whole": the restart tests' job (conftest.reference_run's, 1 piece) crashed in sub-epoch 1 of epoch
+    1 (each rank holding another rank's movie block); "pieces": 2 pieces, 3 epochs, crashed in the middle of phase
+    (1, 1) of epoch 1, its uninterrupted run (base/pieces-reference) in the same launch before it."""
+    base = tmp_path_factory.mktemp("crash-resume")
+    ref_dir = reference_run[0]
+    # epoch 1, sub-epoch 1 (of 2, about equal), not on a checkpoint step
+    whole = ["--data", str(small_data), "--run-dir", str(base / "whole"), *RESTART_ARGS]
+    # epoch 1, the middle of phase (1, 1); not on a checkpoint step
+    pieces = ["--data", str(small_data), "--run-dir", str(base / "pieces"), *PIECES_ARGS]
+    pieces_ref = ["--data", str(small_data), "--run-dir", str(base / "pieces-reference"), *PIECES_ARGS]
+    states = crash_then_resume({"whole": (whole, _crash_step(ref_dir, 3, 4)),
+                                "pieces": (pieces, [str(base / "pieces-reference"), 7, 8])}, [pieces_ref],
+                               base / "launches")
+    return base, states
+
+
+def test_blocks_resume_inside_a_later_sub_epoch_equals_uninterrupted(reference_run, crashed_and_resumed):
     """Crash both ranks in sub-epoch 1 of epoch 1 (each holding another rank's movie block), resume from the
     newest checkpoint: the run ends bit-identical to the uninterrupted reference run (blocks, 2 ranks, the whole
-    block rotating at once)."""
+    block rotating at once). (Launched by the crashed_and_resumed fixture.)"""
     from .test_train import assert_same_run
 
     ref_dir, ref_metrics, _ = reference_run
     ref_state, _ = checkpoint.load_latest(ref_dir)
     assert ref_state["layout"] == "blocks" and ref_state["config"]["train"]["block_pieces"] == 1
-    steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
-    crash_at = steps + steps * 3 // 4 + 1  # epoch 1, sub-epoch 1 (of 2, about equal), not on a checkpoint step
-    run_dir = tmp_path / "run"
-    _crash_then_resume(["--data", str(small_data), "--run-dir", str(run_dir), *RESTART_ARGS], crash_at,
-                       {"held": 1, "phase": 0, "pieces": 1})
+    base, states = crashed_and_resumed
+    assert_crashed_inside(states["whole"], {"held": 1, "phase": 0, "pieces": 1})
+    run_dir = base / "whole"
     assert_same_run(ref_dir, run_dir, ref_metrics, json.loads((run_dir / "metrics.json").read_text()))
 
 
-def test_blocks_in_pieces_resume_inside_phase_1_of_a_later_sub_epoch_equals_uninterrupted(small_data, tmp_path):
+def test_blocks_in_pieces_resume_inside_phase_1_of_a_later_sub_epoch_equals_uninterrupted(crashed_and_resumed):
     """2 pieces, so 4 phases per epoch of about equal steps: crash both ranks in the middle of phase (1, 1) of
     epoch 1 and resume from the newest checkpoint, written inside that phase. It holds piece 0 of the next block
     (sent at the end of phase (1, 0) and received behind phase 1's training: the save waits for it) and piece 1 of
-    this one; the resumed run takes the exchanges up from there and ends bit-identical to the uninterrupted run."""
+    this one; the resumed run takes the exchanges up from there and ends bit-identical to the uninterrupted run.
+    (Launched by the crashed_and_resumed fixture.)"""
     from .test_train import assert_same_run
 
-    argv = [*RESTART_ARGS, "--epochs", "3", "--train.block_pieces", "2"]
-    ref_dir = tmp_path / "reference"
-    assert _spawn_pair(["--data", str(small_data), "--run-dir", str(ref_dir), *argv], -1) == [0, 0]
-    ref_state, _ = checkpoint.load_latest(ref_dir)
-    steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
-    crash_at = steps + steps * 7 // 8 + 1  # epoch 1, the middle of phase (1, 1); not on a checkpoint step
-    run_dir = tmp_path / "run"
-    _crash_then_resume(["--data", str(small_data), "--run-dir", str(run_dir), *argv], crash_at,
-                       {"held": 1, "phase": 1, "pieces": 2})
+    base, states = crashed_and_resumed
+    assert_crashed_inside(states["pieces"], {"held": 1, "phase": 1, "pieces": 2})
+    ref_dir, run_dir = base / "pieces-reference", base / "pieces"
     assert_same_run(ref_dir, run_dir, json.loads((ref_dir / "metrics.json").read_text()),
                     json.loads((run_dir / "metrics.json").read_text()))
 

@@ -235,20 +235,21 @@ def test_blocks_resumed_inside_a_phase_end_as_if_uninterrupted(drift_data, tmp_p
     """Blocks on 2 ranks in 2 pieces, both ranks crashed in phase (1, 1) of epoch 1 and resumed from the checkpoint
     written there (each rank holding a piece of another rank's block: its bins, their state and counts, and its
     implicit rows y in the slot it came to; the users' z and half-gathered z'): the run ends bit-identical to the
-    uninterrupted one, its time-aware biases and implicit rows included (one crash for both options: each of the
-    three runs costs a 2-rank launch)."""
-    from .test_layout import _crash_then_resume, _spawn_pair
+    uninterrupted one, its time-aware biases and implicit rows included (one crash for both options: a 2-rank
+    launch costs more than a job's training; the reference and the crash share one, the resume has its own)."""
+    from .test_layout import assert_crashed_inside, crash_then_resume
     from .test_train import assert_same_run
 
     argv = ["--workers", "0", "--batch-size", "64", "--epochs", "3", "--train.patience", "0",
             "--checkpoint.every_steps", "3", "--train.tables", "blocks", "--train.block_pieces", "2",
             "--model.time_bins", "5", "--model.user_drift", "on", "--model.implicit", "on"]
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    assert _spawn_pair(["--data", str(drift_data), "--run-dir", str(ref_dir), *argv], -1) == [0, 0]
-    ref_state, _ = checkpoint.load_latest(ref_dir)
-    steps = ref_state["global_step"] // ref_state["epoch"]  # per epoch
-    _crash_then_resume(["--data", str(drift_data), "--run-dir", str(run_dir), *argv], steps + steps * 7 // 8 + 1,
-                       {"held": 1, "phase": 1, "pieces": 2})
+    # the reference and the crash in one launch (the crash at epoch 1's step steps * 7 // 8 + 1, from the
+    # reference's steps per epoch), the resume in a second
+    states = crash_then_resume({"run": (["--data", str(drift_data), "--run-dir", str(run_dir), *argv],
+                                        [str(ref_dir), 7, 8])},
+                               [["--data", str(drift_data), "--run-dir", str(ref_dir), *argv]], tmp_path / "launches")
+    assert_crashed_inside(states["run"], {"held": 1, "phase": 1, "pieces": 2})
     assert_same_run(ref_dir, run_dir, json.loads((ref_dir / "metrics.json").read_text()),
                     json.loads((run_dir / "metrics.json").read_text()))
     a, b = (checkpoint.time_biases(*reversed(checkpoint.load_latest(d))) for d in (ref_dir, run_dir))
