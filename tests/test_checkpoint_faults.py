@@ -8,15 +8,17 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from mfscale import checkpoint
+from mfscale import checkpoint, train
 
 from .conftest import tmpfs
 from .test_faults import fill
@@ -57,13 +59,10 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(bytes(data))
 
 
-def test_damaged_newest_parts_fall_back_to_the_checkpoint_every_rank_can_load(small_data, tmp_path, reference):
-    """Rank 1's part of the newest checkpoint has one bit flipped (it may still load: only its sha256 tells), of
-    the one before it is truncated: every rank skips both, and the job resumes from the one before those. (One
-    resume for both kinds of damage: each is named in its own warning.)"""
-    run_dir = finished_run(reference, tmp_path / "run")
+def _damage_the_newest_two(run_dir: Path) -> list[Path]:
+    """For test_damaged_newest_parts_...: keep the checkpoints up to mid-epoch 1 and damage rank 1's part of the two
+    newest of them (the newest bit-flipped, the one before it truncated); the checkpoints as they were."""
     ckpts = checkpoint.list_checkpoints(run_dir)
-    # keep the checkpoints up to mid-epoch 1 and damage rank 1's part of the two newest of them
     newest_kept, second = ckpts[-2], ckpts[-3]
     for p in ckpts[-1:]:
         p.unlink()
@@ -72,7 +71,95 @@ def test_damaged_newest_parts_fall_back_to_the_checkpoint_every_rank_can_load(sm
         state = checkpoint.load_checkpoint_file(path)
         assert state["step_in_epoch"] > 0
         damage(path.parent / state["parts"][1], how)
-    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+    return ckpts
+
+
+def _damage_every_rank_0_part(run_dir: Path) -> None:
+    """For test_no_loadable_checkpoint_...: as if stopped before its end (there is more to train), and every
+    checkpoint's rank-0 part truncated."""
+    (run_dir / "metrics.json").unlink()
+    for p in checkpoint.list_checkpoints(run_dir):
+        state = checkpoint.load_checkpoint_file(p)
+        damage(p.parent / state["parts"][0], "truncated")
+
+
+def _to_the_older_format(run_dir: Path) -> None:
+    """For test_an_older_mfscale_checkpoint_...: stopped mid-epoch 1, its checkpoints rewritten in the format from
+    before 2026-12 (by hand): NumPy's RNG state as an array, no part checksums."""
+    for p in checkpoint.list_checkpoints(run_dir)[-1:]:
+        p.unlink()
+    (run_dir / "metrics.json").unlink()
+    for p in [*checkpoint.list_checkpoints(run_dir), checkpoint.best_path(run_dir)]:
+        payload = torch.load(p, weights_only=True)
+        name, keys, *rest = payload["state"]["rng"]["numpy"]
+        payload["state"]["rng"]["numpy"] = (name, keys.numpy().astype(np.uint32), *rest)
+        del payload["state"]["parts_sha256"]
+        torch.save(payload, p)
+
+
+def _start_torchrun(args: list[str], out: Path) -> subprocess.Popen:
+    """test_train.torchrun's job, started: its stdout and stderr go to out.stdout, out.stderr (files: no pipe to
+    fill while other jobs are waited for)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mfscale.train",
+           *args]
+    with open(out.with_suffix(".stdout"), "w") as o, open(out.with_suffix(".stderr"), "w") as e:
+        return subprocess.Popen(cmd, stdout=o, stderr=e, text=True, env=env, cwd=out.parent, start_new_session=True)
+
+
+def _finish(proc: subprocess.Popen, out: Path, deadline: float) -> subprocess.CompletedProcess:
+    try:
+        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.with_suffix(".stdout").read_text(),
+                                       out.with_suffix(".stderr").read_text())
+
+
+@pytest.fixture(scope="module")
+def resumed(small_data, reference, tmp_path_factory) -> dict:
+    """The 2-rank jobs of the three tests below, each on a copy of the reference run damaged as its test says,
+    started together (start-up, most of a small job's time, overlaps): per test, its run dir and torchrun's result;
+    for the older checkpoint the refused job, then the conversion and the resumed job on the same run dir, in turn
+    (beside the others)."""
+    base = tmp_path_factory.mktemp("resumed")
+    runs = {name: finished_run(reference, base / name / "run") for name in ("damaged", "unloadable", "older")}
+    ckpts = _damage_the_newest_two(runs["damaged"])
+    _damage_every_rank_0_part(runs["unloadable"])
+    _to_the_older_format(runs["older"])
+
+    def args(name: str) -> list[str]:
+        return ["--data", str(small_data), "--run-dir", str(runs[name]), "--epochs", "2", *COMMON]
+
+    deadline = time.monotonic() + 480
+    started = {name: _start_torchrun(args(name), base / name / "job") for name in runs}
+    out: dict = {name: {"run_dir": runs[name]} for name in runs}
+    try:
+        older = out["older"]
+        older["refused"] = _finish(started.pop("older"), base / "older" / "job", deadline)
+        older["convert"] = subprocess.run([sys.executable, "-m", "mfscale.checkpoint", "convert", str(runs["older"])],
+                                          capture_output=True, text=True, timeout=120)
+        older["converted_state"] = checkpoint.load_latest(runs["older"])[0]
+        started["older"] = _start_torchrun(args("older"), base / "older" / "again")
+        for name, proc in started.items():
+            out[name]["proc"] = _finish(proc, base / name / ("again" if name == "older" else "job"), deadline)
+    finally:
+        for proc in started.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    out["damaged"]["ckpts"] = ckpts
+    return out
+
+
+def test_damaged_newest_parts_fall_back_to_the_checkpoint_every_rank_can_load(reference, resumed):
+    """Rank 1's part of the newest checkpoint has one bit flipped (it may still load: only its sha256 tells), of
+    the one before it is truncated: every rank skips both, and the job resumes from the one before those. (One
+    resume for both kinds of damage: each is named in its own warning. Its job: the resumed fixture.)"""
+    run_dir, proc, ckpts = resumed["damaged"]["run_dir"], resumed["damaged"]["proc"], resumed["damaged"]["ckpts"]
+    newest_kept, second = ckpts[-2], ckpts[-3]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(rf"rank 1 cannot use checkpoint {newest_kept.name}: .*is damaged \(sha256", proc.stderr), \
         proc.stderr[-3000:]
@@ -84,13 +171,9 @@ def test_damaged_newest_parts_fall_back_to_the_checkpoint_every_rank_can_load(sm
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 
-def test_no_loadable_checkpoint_is_the_same_one_line_on_every_rank(small_data, tmp_path, reference):
-    run_dir = finished_run(reference, tmp_path / "run")
-    (run_dir / "metrics.json").unlink()  # as if stopped before its end: there is more to train
-    for p in checkpoint.list_checkpoints(run_dir):
-        state = checkpoint.load_checkpoint_file(p)
-        damage(p.parent / state["parts"][0], "truncated")
-    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+def test_no_loadable_checkpoint_is_the_same_one_line_on_every_rank(resumed):
+    """(Its job: the resumed fixture.)"""
+    run_dir, proc = resumed["unloadable"]["run_dir"], resumed["unloadable"]["proc"]
     assert proc.returncode != 0  # torchrun's own exit status when its workers exit 2
     # The ranks share one stderr, so their lines may interleave: count the message, not lines; only the workers'
     # part, before torchrun's own traceback (its summary repeats each rank's line).
@@ -120,9 +203,21 @@ def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path, reference):
     payload = torch.load(best, weights_only=True)
     payload["state"]["config"]["evil"] = _Touch(str(pwned))
     torch.save(payload, best)
-    for cmd in (["mfscale.recommend", "--run", str(run_dir), "--user", "1"],
-                ["mfscale.export", "--run", str(run_dir), "--out", str(tmp_path / "exp")]):
-        p = subprocess.run([sys.executable, "-m", *cmd], capture_output=True, text=True, timeout=120)
+    cmds = (["mfscale.recommend", "--run", str(run_dir), "--user", "1"],
+            ["mfscale.export", "--run", str(run_dir), "--out", str(tmp_path / "exp")])
+    tools = [subprocess.Popen([sys.executable, "-m", *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for cmd in cmds]  # both at once: each is mostly its start-up
+    try:
+        done = []
+        for t in tools:
+            out, err = t.communicate(timeout=120)
+            done.append(subprocess.CompletedProcess(t.args, t.returncode, out, err))
+    finally:
+        for t in tools:
+            if t.poll() is None:
+                t.kill()
+                t.communicate()
+    for cmd, p in zip(cmds, done, strict=True):
         assert p.returncode == 2, p.stderr
         assert p.stderr.strip().splitlines()[-1].startswith(f"{cmd[0]}: error: {best} holds Python objects")
         assert "Traceback" not in p.stderr and not pwned.exists()
@@ -137,29 +232,18 @@ def test_a_crafted_pickle_is_refused_and_never_runs(tmp_path, reference):
     assert not pwned.exists()
 
 
-def test_an_older_mfscale_checkpoint_is_refused_until_converted(small_data, tmp_path, reference):
+def test_an_older_mfscale_checkpoint_is_refused_until_converted(reference, resumed):
     """Before 2026-12 the metadata held NumPy's RNG state as an array (loadable only by unpickling) and no part
-    checksums: refused in one line naming the conversion, which makes it resume as it would have."""
-    run_dir = finished_run(reference, tmp_path / "run")
-    ckpts = checkpoint.list_checkpoints(run_dir)
-    for p in ckpts[-1:]:
-        p.unlink()
-    (run_dir / "metrics.json").unlink()
-    for p in [*checkpoint.list_checkpoints(run_dir), checkpoint.best_path(run_dir)]:  # the old format, by hand
-        payload = torch.load(p, weights_only=True)
-        name, keys, *rest = payload["state"]["rng"]["numpy"]
-        payload["state"]["rng"]["numpy"] = (name, keys.numpy().astype(np.uint32), *rest)
-        del payload["state"]["parts_sha256"]
-        torch.save(payload, p)
-    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+    checksums: refused in one line naming the conversion, which makes it resume as it would have. (Its jobs, the
+    refused one, the conversion and the resumed one, on one run dir: the resumed fixture.)"""
+    run_dir, proc = resumed["older"]["run_dir"], resumed["older"]["refused"]
     assert proc.returncode != 0
     assert f"python -m mfscale.checkpoint convert {run_dir}" in proc.stderr.strip().splitlines()[-1] or \
         f"python -m mfscale.checkpoint convert {run_dir}" in proc.stderr, proc.stderr[-3000:]
-    conv = subprocess.run([sys.executable, "-m", "mfscale.checkpoint", "convert", str(run_dir)], capture_output=True,
-                          text=True, timeout=120)
+    conv = resumed["older"]["convert"]
     assert conv.returncode == 0 and conv.stdout.startswith("converted "), conv.stderr
-    assert "parts_sha256" in checkpoint.load_latest(run_dir)[0]
-    proc = torchrun(["--data", str(small_data), "--run-dir", str(run_dir), "--epochs", "2", *COMMON], tmp_path)
+    assert "parts_sha256" in resumed["older"]["converted_state"]
+    proc = resumed["older"]["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     want, got = tables(reference), tables(run_dir)
     assert all(torch.equal(want[k], got[k]) for k in want)
@@ -175,12 +259,13 @@ def tmpfs_16m(tmp_path):
 
 
 def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_one_resumes(small_data, tmpfs_16m):
+    """The job that meets the full disk runs as its own process (python -m mfscale.train: its exit status and
+    stderr); the run before it and the resume after it run in this one (train.main: the same job, without a
+    second start-up of Python and torch)."""
     run_dir = tmpfs_16m / "run"
-    args = [sys.executable, "-m", "mfscale.train", "--data", str(small_data), "--run-dir", str(run_dir),
-            *COMMON, "--checkpoint.every_steps", "5"]
-    first = subprocess.run([*args, "--epochs", "2", "--train.epochs", "1"], capture_output=True, text=True,
-                           timeout=300)
-    assert first.returncode == 0, first.stderr[-3000:]
+    argv = ["--data", str(small_data), "--run-dir", str(run_dir), *COMMON, "--checkpoint.every_steps", "5"]
+    args = [sys.executable, "-m", "mfscale.train", *argv]
+    assert train.main([*argv, "--epochs", "2", "--train.epochs", "1"]) == 0
     kept, _ = checkpoint.load_latest(run_dir)
     filler = fill(tmpfs_16m, leave=64 << 10)  # a checkpoint part of this model is ~400 KB
     full = subprocess.run([*args, "--epochs", "2"], capture_output=True, text=True, timeout=300)
@@ -192,6 +277,5 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_one_resume
     filler.unlink()
     state, _ = checkpoint.load_latest(run_dir)  # what was valid stays valid, and resumes
     assert state["global_step"] == kept["global_step"]
-    again = subprocess.run([*args, "--epochs", "2"], capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr[-3000:]
+    assert train.main([*argv, "--epochs", "2"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["epochs"] == 2
