@@ -77,23 +77,40 @@ def _stalling_rank(rank: int, port: int, cfg_dict: dict, how: str) -> None:
     run(config.from_dict(cfg_dict))
 
 
-@pytest.mark.parametrize("how", ["stuck", "dead"])
-def test_a_dead_or_stuck_rank_fails_the_job_instead_of_hanging(odd_data, tmp_path, how):
-    timeout_s = 10  # above the ranks' start-up skew (rendezvous also waits this long), far below the default
-    cfg = job(odd_data, tmp_path / "r", train__batch_size=64, train__timeout_s=timeout_s)
+STALL_TIMEOUT_S = 5  # --train.timeout_s: above the ranks' start-up skew (rendezvous also waits this long), far below
+# the default; tests/test_faults.py's stuck peer under torchrun waits as long
+
+
+@pytest.fixture(scope="module")
+def stalled(odd_data, tmp_path_factory) -> dict[str, int | None]:
+    """Rank 0's exit code in a 2-rank job whose rank 1 dies (os._exit) or gets stuck (sleeps) at step 3, None if it
+    is still running 60 s after the start. The two jobs run side by side (start-up, and the stuck job's wait for
+    the timeout, overlap), each its own process group."""
+    base = tmp_path_factory.mktemp("stalled")
     ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_stalling_rank, args=(r, port, cfg.to_dict(), how)) for r in range(2)]
-    for p in procs:
+    procs = {}
+    for how in ("stuck", "dead"):
+        cfg = job(odd_data, base / how, train__batch_size=64, train__timeout_s=STALL_TIMEOUT_S)
+        port = free_port()
+        procs[how] = [ctx.Process(target=_stalling_rank, args=(r, port, cfg.to_dict(), how)) for r in range(2)]
+    for p in (p for pair in procs.values() for p in pair):
         p.start()
+    deadline = time.monotonic() + 60
     try:
-        procs[0].join(60)
-        assert procs[0].exitcode not in (None, 0), "rank 0 hung or succeeded"
+        for pair in procs.values():
+            pair[0].join(max(0.0, deadline - time.monotonic()))
+        return {how: pair[0].exitcode for how, pair in procs.items()}
     finally:
-        for p in procs:
+        for p in (p for pair in procs.values() for p in pair):
             if p.is_alive():
                 p.kill()
                 p.join()
+
+
+@pytest.mark.parametrize("how", ["stuck", "dead"])
+def test_a_dead_or_stuck_rank_fails_the_job_instead_of_hanging(stalled, how):
+    """(The jobs: the stalled fixture.)"""
+    assert stalled[how] not in (None, 0), "rank 0 hung or succeeded"
 
 
 def test_compile_auto_falls_back_to_eager_when_compiling_fails(small_data, tmp_path, monkeypatch, capsys):
