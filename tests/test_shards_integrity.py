@@ -39,6 +39,32 @@ def cli(module: str, *args: object, timeout: float = 300) -> subprocess.Complete
                           timeout=timeout, env=env)
 
 
+def cli_together(jobs: dict, out: Path, timeout: float = 300) -> dict:
+    """``cli`` of each job's (module, args) all at once (each is mostly Python's and torch's start-up, which
+    overlaps on several cores); their results by the jobs' keys. Output goes to files under ``out``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env.pop("MFSCALE_TRACEBACK", None)
+    out.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    try:
+        for k, (key, (module, args)) in enumerate(jobs.items()):
+            with open(out / f"{k}.stdout", "w") as o, open(out / f"{k}.stderr", "w") as e:
+                procs[key] = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=o, stderr=e,
+                                              text=True, env=env)
+        deadline = time.monotonic() + timeout
+        for p in procs.values():
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return {key: subprocess.CompletedProcess(p.args, p.returncode, (out / f"{k}.stdout").read_text(),
+                                             (out / f"{k}.stderr").read_text())
+            for k, (key, p) in enumerate(procs.items())}
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """``python -m mfscale.prepare --synthetic tiny``: 10,200 training ratings in one shard of 10 row groups."""
@@ -105,14 +131,31 @@ def test_damaged_shard_is_one_line_from_verify(data, kind):
     assert str(exc.value) == expected
 
 
+@pytest.fixture(scope="module")
+def damaged_runs(tiny, tmp_path_factory) -> dict[tuple[str, str], tuple[str, Path, subprocess.CompletedProcess]]:
+    """test_train_on_damaged_shard_exits_2_with_one_line's jobs, all at once: per (damage, tables), the line the
+    check must give, the run dir and the job's result; each on a copy of the tiny dataset damaged so."""
+    base = tmp_path_factory.mktemp("damaged-runs")
+    cases, jobs = {}, {}
+    for kind in DAMAGE:
+        for tables in ("replicated", "blocks"):
+            data = base / f"{kind}-{tables}" / "data"
+            shutil.copytree(tiny, data)
+            run_dir = data.parent / "run"
+            cases[kind, tables] = (DAMAGE[kind](shard(data)), run_dir)
+            jobs[kind, tables] = ("mfscale.train", ["--data", data, "--run-dir", run_dir, "--epochs", "1",
+                                                    "--train.tables", tables])
+    done = cli_together(jobs, base / "logs")
+    return {key: (*cases[key], done[key]) for key in cases}
+
+
 @pytest.mark.parametrize("tables", ["replicated", "blocks"])
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_train_on_damaged_shard_exits_2_with_one_line(data, tmp_path, kind, tables):
+def test_train_on_damaged_shard_exits_2_with_one_line(damaged_runs, kind, tables):
     """The real job, default flags (one process: the resident stream; or the blocks layout, the default on
-    several ranks, which reads the split itself): the damage is found at start-up (no checkpoint written)."""
-    expected = DAMAGE[kind](shard(data))
-    run_dir = tmp_path / "run"
-    proc = cli("mfscale.train", "--data", data, "--run-dir", run_dir, "--epochs", "1", "--train.tables", tables)
+    several ranks, which reads the split itself): the damage is found at start-up (no checkpoint written). (The
+    jobs: the damaged_runs fixture.)"""
+    expected, run_dir, proc = damaged_runs[kind, tables]
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == f"mfscale.train: error: {expected}", proc.stderr
     assert proc.returncode == 2
@@ -302,7 +345,11 @@ def test_disk_full_detection():
 
 def test_disk_full_in_prepare_is_one_line_and_keeps_the_old_dataset(small_tmpfs, tmp_path):
     ref = tmp_path / "ref"  # the same data on a roomy disk: what the dataset needs
-    assert cli("mfscale.prepare", "--synthetic", "small", "--out", ref, "--quiet").returncode == 0
+    out = small_tmpfs / "data"  # and a tiny dataset on the small disk, prepared beside it
+    prepared = cli_together({"ref": ("mfscale.prepare", ["--synthetic", "small", "--out", ref, "--quiet"]),
+                             "out": ("mfscale.prepare", ["--synthetic", "tiny", "--out", out, "--quiet"])},
+                            tmp_path / "logs")
+    assert prepared["ref"].returncode == 0, prepared["ref"].stderr
     manifest = json.loads((ref / "manifest.json").read_text())
     counts = manifest["counts"]
     stripes = len({(e["file"], k) for e in manifest["shards"]["train"] for k in e["row_group_stripes"]})
@@ -311,8 +358,7 @@ def test_disk_full_in_prepare_is_one_line_and_keeps_the_old_dataset(small_tmpfs,
     used = sum(p.stat().st_size for p in ref.rglob("*") if p.is_file())
     assert used <= need <= 1.25 * used
 
-    out = small_tmpfs / "data"
-    assert cli("mfscale.prepare", "--synthetic", "tiny", "--out", out, "--quiet").returncode == 0
+    assert prepared["out"].returncode == 0, prepared["out"].stderr
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     for target, extra in ((out, ["--overwrite"]), (small_tmpfs / "new", [])):
         proc = cli("mfscale.prepare", "--synthetic", "small", "--out", target, "--quiet", *extra)
