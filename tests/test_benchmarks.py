@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -24,13 +25,73 @@ FIELDS = ("ratings_per_s", "ratings_per_s_per_rank", "p50_step_ms", "p90_step_ms
           "torch", "git_commit", "config")
 
 
-def test_throughput_smoke(small_data, tmp_path):
-    out, md = tmp_path / "r.jsonl", tmp_path / "r.md"
-    cmd = [sys.executable, str(SCRIPT), "--data", str(small_data), "--modes", "input,step,e2e", "--steps", "3",
-           "--warmup-steps", "1", "--batch-sizes", "512", "--dims", "8", "--baseline-steps", "5",
-           "--baseline-warmup-steps", "1", "--device", "cpu", "--variants", "sparse_adam,sgd,no_such_variant",
-           "--out-jsonl", str(out), "--out-md", str(md)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+def _run_in_turn(cmds: list[tuple[list[str], dict]]) -> list[tuple[subprocess.CompletedProcess, float]]:
+    """Each (command, subprocess.run keywords) in turn: its result and how many seconds it took."""
+    done = []
+    for cmd, kw in cmds:
+        t0 = time.monotonic()
+        done.append((subprocess.run(cmd, capture_output=True, text=True, **kw), time.monotonic() - t0))
+    return done
+
+
+@pytest.fixture(scope="module")
+def smokes(small_data, tmp_path_factory):
+    """The script runs of the smoke tests below, started with the module and run as many at a time as there are
+    cores (each is mostly one process on one core, most of it Python's and torch's start-up): per test, its
+    directory and a future of its commands' results, in order, each with its seconds. A test waits for its own."""
+    base = tmp_path_factory.mktemp("smokes")
+    bench = SCRIPT.parent
+    jobs: dict[str, list[tuple[list[str], dict]]] = {}
+    if _matplotlib_missing() is None and _peers_importable() is not None:  # else test_peers_plot skips
+        jobs["peers_plot"] = [([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "mfscale",
+                                "--epochs", "1", "--dim", "8", "--repeat", "2", "--threads", "1", "--out-md",
+                                str(base / "peers_plot" / "peers.md")], {"timeout": 180})]
+    jobs["throughput"] = [([sys.executable, str(SCRIPT), "--data", str(small_data), "--modes", "input,step,e2e",
+                            "--steps", "3", "--warmup-steps", "1", "--batch-sizes", "512", "--dims", "8",
+                            "--baseline-steps", "5", "--baseline-warmup-steps", "1", "--device", "cpu", "--variants",
+                            "sparse_adam,sgd,no_such_variant", "--out-jsonl", str(base / "throughput" / "r.jsonl"),
+                            "--out-md", str(base / "throughput" / "r.md")], {"timeout": 120})]
+    jobs["op_variants"] = [([sys.executable, str(bench / "op_variants.py"), "--data", str(small_data), "--passes",
+                             "2", "--batches", "3", "--warmup", "1"], {"timeout": 120}),
+                           ([sys.executable, str(bench / "op_variants.py"), "--data", str(small_data),
+                             str(base / "op_variants" / "bogus.cpp")], {"timeout": 60})]
+    jobs["step_ab"] = [([sys.executable, str(bench / "step_ab.py"), "--data", str(small_data), "--steps", "4",
+                         "--warmup", "1", "--workdir", str(base / "step_ab"), "--variant", "base=", "--variant",
+                         "time=--model.time_bins 3 --model.user_drift on --model.implicit on"], {"timeout": 120})]
+    jobs["profile"] = [([sys.executable, str(bench / "profile_step.py"), "--data", str(small_data), "--device",
+                         "cpu", "--steps", "1", "--warmup-steps", "1", "--dim", "8", "--out",
+                         str(base / "profile" / "profile.txt")], {"timeout": 120}),
+                       ([sys.executable, str(bench / "gpu_summary.py"), str(base / "profile")], {"timeout": 60})]
+    jobs["verify_cost"] = [([sys.executable, str(bench / "verify_cost.py"), "--data",
+                             str(base / "verify_cost" / "data"), "--reps", "1", "--run-dir",
+                             str(base / "verify_cost" / "run"), "--out-jsonl", str(base / "verify_cost" / "v.jsonl")],
+                            {"timeout": 120})]
+    fake = base / "peer_timeout" / "libmf"  # a libmf whose fit never returns
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(fake.parent), os.environ.get("PYTHONPATH", "")])}
+    jobs["peer_timeout"] = [([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "libmf",
+                              "--peer-timeout", "1"], {"timeout": 120, "env": env})]
+    for name in jobs:
+        (base / name).mkdir()
+    (base / "op_variants" / "bogus.cpp").write_text("int main() { return 0; }\n")
+    # verify_cost.py removes and rewrites the dataset's .verified.json: a copy
+    shutil.copytree(small_data, base / "verify_cost" / "data")
+    fake.mkdir()
+    (fake / "__init__.py").write_text("")
+    (fake / "mf.py").write_text("import time\n\n\nclass MF:\n    def __init__(self, **kw):\n        pass\n\n"
+                                "    def fit(self, x):\n        time.sleep(600)\n")
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        yield {name: (base / name, pool.submit(_run_in_turn, cmds)) for name, cmds in jobs.items()}
+
+
+def smoke(smokes: dict[str, tuple[Path, Future]], name: str) -> tuple[Path, list[subprocess.CompletedProcess]]:
+    """Test ``name``'s directory and its commands' results (the smokes fixture)."""
+    directory, future = smokes[name]
+    return directory, [proc for proc, _ in future.result()]
+
+
+def test_throughput_smoke(smokes):
+    directory, (proc,) = smoke(smokes, "throughput")
+    out, md = directory / "r.jsonl", directory / "r.md"
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     runs = [x for x in lines if x["kind"] == "mfscale"]
@@ -54,56 +115,39 @@ def test_throughput_smoke(small_data, tmp_path):
     assert "| notebook | 128 | 8 |" in table and proc.stdout.count("| plain_sparse_adam |") == 1
 
 
-def test_profile_step_and_gpu_summary_smoke(small_data, tmp_path):
+def test_profile_step_and_gpu_summary_smoke(smokes):
     """The GPU check's helpers on the CPU: the profiler table of a step, and the summary of a work directory
     (here one holding only a profile: every other section says what is missing instead of failing)."""
-    bench = SCRIPT.parent
-    out = tmp_path / "profile.txt"
-    proc = subprocess.run([sys.executable, str(bench / "profile_step.py"), "--data", str(small_data), "--device",
-                           "cpu", "--steps", "1", "--warmup-steps", "1", "--dim", "8", "--out", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    directory, (proc, summary) = smoke(smokes, "profile")
+    out = directory / "profile.txt"
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert out.read_text().startswith("profile: 1 steps") and "train_step" in out.read_text()
-    proc = subprocess.run([sys.executable, str(bench / "gpu_summary.py"), str(tmp_path)], capture_output=True,
-                          text=True, timeout=60)
+    proc = summary
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "== targets" in proc.stdout and "no results" in proc.stdout and "train_step" in proc.stdout
 
 
-def test_op_variants_smoke(small_data, tmp_path):
+def test_op_variants_smoke(smokes):
     """op_variants.py with no variant times the job's own op (nothing to build); a file that is not a copy of the
     op is one line before any start-up. Building a variant is what a real run adds (about half a minute)."""
-    script = SCRIPT.parent / "op_variants.py"
-    proc = subprocess.run([sys.executable, str(script), "--data", str(small_data), "--passes", "2", "--batches", "3",
-                           "--warmup", "1"], capture_output=True, text=True, timeout=120)
+    _, (proc, bogus) = smoke(smokes, "op_variants")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| baseline (this checkout) |" in proc.stdout and "1.000x" in proc.stdout
-    bogus = tmp_path / "bogus.cpp"
-    bogus.write_text("int main() { return 0; }\n")
-    proc = subprocess.run([sys.executable, str(script), "--data", str(small_data), str(bogus)], capture_output=True,
-                          text=True, timeout=60)
+    proc = bogus  # bogus.cpp: int main() { return 0; }
     assert proc.returncode != 0 and "is not a copy of mfscale/csrc/fused_step.cpp" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 
-def test_step_ab_smoke(small_data, tmp_path):
+def test_step_ab_smoke(smokes):
     """step_ab.py interleaves two configs' steps and prints each one's ratings/s against the first's."""
-    script = SCRIPT.parent / "step_ab.py"
-    proc = subprocess.run([sys.executable, str(script), "--data", str(small_data), "--steps", "4", "--warmup", "1",
-                           "--workdir", str(tmp_path), "--variant", "base=", "--variant",
-                           "time=--model.time_bins 3 --model.user_drift on --model.implicit on"],
-                          capture_output=True, text=True, timeout=120)
+    _, (proc,) = smoke(smokes, "step_ab")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| base |" in proc.stdout and "1.00x |" in proc.stdout and "| time |" in proc.stdout
 
 
-def test_verify_cost_smoke(small_data, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(small_data, data)  # the script removes and rewrites the dataset's .verified.json
-    out = tmp_path / "v.jsonl"
-    proc = subprocess.run([sys.executable, str(SCRIPT.parent / "verify_cost.py"), "--data", str(data), "--reps", "1",
-                           "--run-dir", str(tmp_path / "run"), "--out-jsonl", str(out)],
-                          capture_output=True, text=True, timeout=120)
+def test_verify_cost_smoke(smokes):
+    directory, (proc,) = smoke(smokes, "verify_cost")  # on a copy of small_data: the script rewrites its verdicts
+    out = directory / "v.jsonl"
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(out.read_text())
     assert list(row["checks_s"]) == ["sizes+footers", "sha256, first run", "sha256, shared by 2",
@@ -196,18 +240,11 @@ def test_peers_without_the_extra(small_data, tmp_path):
     assert len(lines) == 1 and "missing libmf" in lines[0] and "pip install -e '.[bench]'" in lines[0], lines
 
 
-def test_peers_stops_a_peer_that_never_returns(small_data, tmp_path):
-    """LIBMF's scheduler can hang (cjlin1/libmf#12): --peer-timeout ends the run with one line, not never."""
-    fake = tmp_path / "libmf"
-    fake.mkdir()
-    (fake / "__init__.py").write_text("")
-    (fake / "mf.py").write_text("import time\n\n\nclass MF:\n    def __init__(self, **kw):\n        pass\n\n"
-                                "    def fit(self, x):\n        time.sleep(600)\n")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
-    t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "libmf",
-                           "--peer-timeout", "1"], capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode != 0 and time.monotonic() - t0 < 60
+def test_peers_stops_a_peer_that_never_returns(smokes):
+    """LIBMF's scheduler can hang (cjlin1/libmf#12): --peer-timeout ends the run with one line, not never. (The
+    smokes fixture's libmf sleeps 600 s in fit.)"""
+    ((proc, seconds),) = smokes["peer_timeout"][1].result()
+    assert proc.returncode != 0 and seconds < 60
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("peers.py: libmf did not finish in 1 s") and "cjlin1/libmf#12" in last, proc.stderr
 
@@ -276,7 +313,7 @@ def assert_peers_plot(proc: subprocess.CompletedProcess, md: Path) -> None:
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
 
 
-def test_peers_plot(small_data, tmp_path):
+def test_peers_plot(smokes):
     """--out-md writes the printed tables and, beside them, a PNG of ratings/s and RMSE per trainer (here
     mfscale alone, two rounds: medians with min-max whiskers), so it runs without the peers' extras. Where
     they are installed, test_peers_smoke passes --out-md and makes these checks on its run of all three."""
@@ -285,9 +322,6 @@ def test_peers_plot(small_data, tmp_path):
         pytest.skip(reason)
     if _peers_importable() is None:
         pytest.skip("checked by test_peers_smoke, whose run draws the plot (libmf and cornac are installed)")
-    md = tmp_path / "peers.md"
-    proc = subprocess.run([sys.executable, str(PEERS), "--data", str(small_data), "--trainers", "mfscale",
-                           "--epochs", "1", "--dim", "8", "--repeat", "2", "--threads", "1", "--out-md", str(md)],
-                          capture_output=True, text=True, timeout=180)
+    directory, (proc,) = smoke(smokes, "peers_plot")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert_peers_plot(proc, md)
+    assert_peers_plot(proc, directory / "peers.md")
