@@ -60,15 +60,62 @@ def odd_data(tmp_path_factory) -> Path:
     return make_dataset(tmp_path_factory.mktemp("odd"), n_users=137, n_items=90, per_user=23, seed=3)
 
 
-def spawn_ranks(target, world: int, args: tuple, timeout: float, method: str = "spawn") -> list[int | None]:
-    """Run ``target(rank, *args)`` in one process per rank; their exit codes, in rank order.
+class _Fd:
+    """A file descriptor of this process, pickled into a rank started by a forkserver, which gets its own copy
+    (multiprocessing sends it along with the process)."""
 
-    Spawn by default: forking after MKL/OpenMP threads started in the pytest process can hang. A rank still
-    running after ``timeout`` (from when all started) is killed and reported as None, so a hung collective
-    fails the test instead of keeping pytest from exiting.
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        return _inherited_fd, (reduction.DupFd(self.fd),)
+
+
+def _inherited_fd(dup) -> int:
+    return dup.detach()
+
+
+def _as_started_here(env: dict[str, str], out: int, err: int, target, *args) -> None:
+    """``target(*args)`` as in a process started by the test process now: its environment of the moment, and its
+    stdout and stderr (pytest's capture of the test running); a forkserver's child has the server's."""
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, to in ((out, 1), (err, 2)):
+        os.dup2(fd, to)
+        os.close(fd)
+    target(*args)
+
+
+def start_ranks(target, world: int, args: tuple, method: str = "forkserver") -> list[mp.Process]:
+    """Processes that will run ``target(rank, *args)``, one per rank, in rank order (not started yet).
+
+    By default each is forked from a forkserver that has imported torch and nothing else (its one other thread,
+    OpenBLAS's, is stopped around a fork by OpenBLAS): a fresh interpreter as a spawned one would be after its
+    first import, without paying for importing torch (most of a rank's start-up) in every rank of every launch.
+    The rank runs in this process's environment and with its stdout and stderr of the moment, as a spawned one
+    (``_as_started_here``). Never forked from the pytest process itself: forking after MKL/OpenMP threads
+    started there can hang.
     """
     ctx = mp.get_context(method)
-    procs = [ctx.Process(target=target, args=(r, *args)) for r in range(world)]
+    if method != "forkserver":
+        return [ctx.Process(target=target, args=(r, *args)) for r in range(world)]
+    ctx.set_forkserver_preload(["torch"])  # used when the server starts (the first launch); the same each time
+    env = dict(os.environ)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    return [ctx.Process(target=_as_started_here, args=(env, _Fd(1), _Fd(2), target, r, *args))
+            for r in range(world)]
+
+
+def spawn_ranks(target, world: int, args: tuple, timeout: float, method: str = "forkserver") -> list[int | None]:
+    """Run ``target(rank, *args)`` in one process per rank (start_ranks); their exit codes, in rank order.
+
+    A rank still running after ``timeout`` (from when all started) is killed and reported as None, so a hung
+    collective fails the test instead of keeping pytest from exiting.
+    """
+    procs = start_ranks(target, world, args, method)
     for p in procs:
         p.start()
     deadline = time.monotonic() + timeout

@@ -4,7 +4,6 @@ size, learning-rate schedules, resident auto, cold-start predictions."""
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import os
 import time
 
@@ -20,7 +19,7 @@ from mfscale.runs import load_run
 from mfscale.shards import Dataset
 from mfscale.train import Trainer, main, run
 
-from .conftest import as_rank, free_port, write_lowrank_csv
+from .conftest import as_rank, free_port, start_ranks, write_lowrank_csv
 from .test_train import fail, job
 
 CPU = torch.device("cpu")
@@ -87,12 +86,10 @@ def stalled(odd_data, tmp_path_factory) -> dict[str, int | None]:
     is still running 60 s after the start. The two jobs run side by side (start-up, and the stuck job's wait for
     the timeout, overlap), each its own process group."""
     base = tmp_path_factory.mktemp("stalled")
-    ctx = mp.get_context("spawn")
     procs = {}
     for how in ("stuck", "dead"):
         cfg = job(odd_data, base / how, train__batch_size=64, train__timeout_s=STALL_TIMEOUT_S)
-        port = free_port()
-        procs[how] = [ctx.Process(target=_stalling_rank, args=(r, port, cfg.to_dict(), how)) for r in range(2)]
+        procs[how] = start_ranks(_stalling_rank, 2, (free_port(), cfg.to_dict(), how))
     for p in (p for pair in procs.values() for p in pair):
         p.start()
     deadline = time.monotonic() + 60
