@@ -121,13 +121,64 @@ def test_missing_data_is_one_clear_error(tmp_path, small_data):
     assert not (tmp_path / "slurm-calls.log").exists()  # failed before launching anything
 
 
-def test_two_node_job_trains(small_data, tmp_path):
-    run_dir = tmp_path / "explicit-run"
-    env = slurm_env(tmp_path, small_data, "4242", RUN_DIR=str(run_dir))
+@pytest.fixture(scope="module")
+def two_jobs(small_data, tmp_path_factory) -> dict[str, dict]:
+    """The 2-node jobs of test_two_node_job_trains ("trains") and test_usr1_during_startup_... ("startup"), side by
+    side (most of either is its processes' start-up): the first started and left to run while the second is
+    signalled during its start-up as its test says; each in a directory of its own (stand-ins, call log, run
+    dir). Per job: its directory, environment, seconds, output, exit status and run dir."""
+    jobs: dict[str, dict] = {}
+    d = tmp_path_factory.mktemp("two-node-job")
+    run_dir = d / "explicit-run"
+    env = slurm_env(d, small_data, "4242", RUN_DIR=str(run_dir))
     t0 = time.monotonic()
-    proc = sbatch(["--epochs", "2", "--workers", "0"], env, tmp_path)
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-4000:]
+    trains = sbatch(["--epochs", "2", "--workers", "0"], env, d)
+    jobs["trains"] = {"dir": d, "env": env, "run_dir": run_dir}
+    ended: dict[str, object] = {}
+
+    def wait_trains() -> None:  # read its output as it comes (a full pipe would stop it)
+        try:
+            ended["out"] = trains.communicate(timeout=120)[0]
+        finally:
+            ended["seconds"] = time.monotonic() - t0
+
+    waiter = threading.Thread(target=wait_trains)
+    waiter.start()
+    try:
+        job_id = "5252"
+        d = tmp_path_factory.mktemp("startup-signal")
+        env = slurm_env(d, small_data, job_id)
+        jobs["startup"] = {"dir": d, "env": env, "run_dir": d / "runs" / f"mftest-{job_id}", "job_id": job_id}
+        # Epochs enough that the signal lands mid-training: the ranks stop at their next sync point (a sub-epoch's
+        # end under blocks), and 3 epochs of this tiny set could end first.
+        proc = sbatch(["--epochs", "50", "--workers", "0", "--batch-size", "16", "--train.patience", "0"], env, d)
+        try:
+            deadline = time.monotonic() + 30
+            log = d / "slurm-calls.log"
+            while not (log.exists() and "srun " in log.read_text()):  # srun started: torchrun is importing
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGUSR1)
+            out, _ = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        jobs["startup"].update(out=out, returncode=proc.returncode)
+        waiter.join(max(1.0, t0 + 125 - time.monotonic()))
+        assert "out" in ended, "the 2-node job did not end in 120 s"
+        jobs["trains"].update(out=ended["out"], returncode=trains.returncode, seconds=ended["seconds"])
+    finally:
+        if trains.poll() is None:
+            trains.kill()
+        waiter.join()
+    return jobs
+
+
+def test_two_node_job_trains(two_jobs):
+    """(The job: the two_jobs fixture.)"""
+    job = two_jobs["trains"]
+    tmp_path, env, run_dir, out = job["dir"], job["env"], job["run_dir"], job["out"]
+    assert job["returncode"] == 0, out[-4000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["world_size"] == 2 and m["epochs"] == 2 and m["test_rmse"] is not None
     calls = (tmp_path / "slurm-calls.log").read_text()
@@ -135,7 +186,7 @@ def test_two_node_job_trains(small_data, tmp_path):
     assert "--nnodes=2 --nproc_per_node=1 --rdzv-backend=c10d" in calls
     assert f"--rdzv-endpoint=127.0.0.1:{env['RDZV_PORT']} --rdzv-id=4242" in calls
     assert "requeue" not in calls
-    print(f"2-node job: {time.monotonic() - t0:.1f} s")
+    print(f"2-node job: {job['seconds']:.1f} s")
 
 
 def test_usr1_checkpoints_requeues_and_the_requeued_job_resumes(small_data, tmp_path, reference_run):
@@ -316,27 +367,13 @@ def test_a_short_time_limit_is_warned_about(tmp_path, small_data, time_left, war
     assert ("--signal=B:USR1@60" in proc.stderr) == warned, proc.stderr
 
 
-def test_usr1_during_startup_waits_for_training_then_stops_cleanly(small_data, tmp_path):
+def test_usr1_during_startup_waits_for_training_then_stops_cleanly(two_jobs):
     """A USR1 before torchrun and the workers have set their handlers would kill them; the script holds it back
-    until training has started (rank 0 wrote config.toml), then relays it: a normal checkpoint-and-requeue."""
-    job_id = "5252"
-    env = slurm_env(tmp_path, small_data, job_id)
-    run_dir = tmp_path / "runs" / f"mftest-{job_id}"
-    # Epochs enough that the signal lands mid-training: the ranks stop at their next sync point (a sub-epoch's
-    # end under blocks), and 3 epochs of this tiny set could end first.
-    proc = sbatch(["--epochs", "50", "--workers", "0", "--batch-size", "16", "--train.patience", "0"], env, tmp_path)
-    try:
-        deadline = time.monotonic() + 30
-        log = tmp_path / "slurm-calls.log"
-        while not (log.exists() and "srun " in log.read_text()):  # srun started: torchrun is importing
-            assert time.monotonic() < deadline and proc.poll() is None
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGUSR1)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-4000:]
+    until training has started (rank 0 wrote config.toml), then relays it: a normal checkpoint-and-requeue. (The
+    job, signalled as soon as srun started: the two_jobs fixture.)"""
+    job = two_jobs["startup"]
+    tmp_path, run_dir, job_id, out = job["dir"], job["run_dir"], job["job_id"], job["out"]
+    assert job["returncode"] == 0, out[-4000:]
     calls = (tmp_path / "slurm-calls.log").read_text()
     assert calls.count("srun forwarded signal 10") == 1 and f"scontrol requeue {job_id}" in calls, out[-4000:]
     # Relayed once training ran (the script checks every second): every rank had its handler and all stopped
