@@ -7,6 +7,10 @@ from the formula with NumPy, not by the solver), on a real trained run; then the
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 import pytest
@@ -31,6 +35,30 @@ from .test_recommend import prepare_synthetic, tiny_run
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     return tiny_run(tmp_path_factory)
+
+
+FOLDIN_BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "foldin.py"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def foldin_benchmark(request, tmp_path_factory):
+    """test_foldin_benchmark_smoke's run of benchmarks/foldin.py, started with the module when that test is to run:
+    one process, mostly on one core, beside the in-process tests before it: (its Popen, its directory)."""
+    if not any(item.nodeid.endswith("::test_foldin_benchmark_smoke") for item in request.session.items):
+        yield None
+        return
+    work = tmp_path_factory.mktemp("foldin-bench")
+    out = work / "f.jsonl"
+    with open(work / "stdout", "w") as o, open(work / "stderr", "w") as e:  # files: no pipe to fill meanwhile
+        proc = subprocess.Popen([sys.executable, str(FOLDIN_BENCH), "--synthetic", "tiny", "--work", str(work / "w"),
+                                 "--train-args", "--epochs 1 --dim 8", "--out-jsonl", str(out)], stdout=o, stderr=e,
+                                text=True)
+    try:
+        yield proc, work
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def new_user_ratings(run, user_row: int, new_id: int) -> pl.DataFrame:
@@ -271,18 +299,16 @@ def test_the_exports_numpy_recipe_folds_in_the_same_user(trained, tmp_path):
     assert space["rating"] == pytest.approx(min(max(plain + float(values[user0][0]), 0.5), 5.0), abs=1e-5)
 
 
-def test_foldin_benchmark_smoke(tmp_path):
-    """benchmarks/foldin.py end to end on the tiny preset (1 epoch): both runs, both RMSEs, the times."""
+def test_foldin_benchmark_smoke(foldin_benchmark):
+    """benchmarks/foldin.py end to end on the tiny preset (1 epoch): both runs, both RMSEs, the times. (Started with
+    the module: the foldin_benchmark fixture.)"""
     import json
-    import subprocess
-    import sys
-    from pathlib import Path
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "foldin.py"
-    out = tmp_path / "f.jsonl"
-    proc = subprocess.run([sys.executable, str(script), "--synthetic", "tiny", "--work", str(tmp_path / "w"),
-                           "--train-args", "--epochs 1 --dim 8", "--out-jsonl", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc, work = foldin_benchmark
+    proc.wait(timeout=300)
+    out = work / "f.jsonl"
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, (work / "stdout").read_text(),
+                                       (work / "stderr").read_text())
     assert proc.returncode == 0, proc.stderr[-3000:]
     row = json.loads(out.read_text())
     assert set(row["rmse"]) == {"trained in", "folded in"} and all(0 < v < 5 for v in row["rmse"].values())
