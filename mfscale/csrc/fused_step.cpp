@@ -70,7 +70,7 @@ Groups index_rows(const int64_t* ids, int64_t n, int32_t* mark, int64_t n_rows) 
     // stream through memory instead of jumping at random.
     g.rows.resize(u + 1);  // within the reserve (nothing may throw here); the last slot is scratch
     int64_t j = 0;
-    for (int64_t row = 0; row < n_rows; ++row) {  // without a branch: 1.2x the step with the two above (RESULTS)
+    for (int64_t row = 0; row < n_rows; ++row) {  // no branch (with the count's: 1.2x the step, RESULTS session 16)
       g.rows[j] = row;
       j += mark[row] != 0;
     }
@@ -117,7 +117,7 @@ __attribute__((always_inline)) inline void prefetch_row(const T* row, int64_t w,
   }
 }
 
-constexpr int64_t kAhead = 4;  // rows (or ratings) ahead to prefetch: 4 beat 2, 6, 8 and 16 (RESULTS)
+constexpr int64_t kAhead = 4;  // rows (or ratings) ahead to prefetch: 4 beat 2, 6, 8 and 16; 2 and 8 again (RESULTS)
 
 // nn.Embedding(max_norm=...)'s renorm (ATen's embedding_renorm_) of one row's factor vector (its first d
 // columns): a vector with norm > max_norm is scaled by max_norm / (norm + 1e-7), computed in double.
@@ -198,25 +198,23 @@ struct Side {
     if (adam.row_wise) row_rmsprop_row(p, m + row * 2, grad, count, col_w, w, adam, tmp, z);
     else adam_row(p, m + row * w, v + row * w, grad, count, col_w, w, adam, z);
   }
-};
 
-// Prefetch what Side::update will touch of row ``row``: the row, its optimizer state and its prior. always_inline,
-// as prefetch_row: GCC 12 -O3 finds that a function whose only effects are prefetches has none, and deletes the calls
-// it has not inlined by then. This one, as a member of Side without the attribute, was deleted at both call sites (no
-// prefetch of the rows in the op's assembly: 28 prefetch instructions in the file instead of 44), and the step ran
-// 1.3-1.4x slower for it on ml-10m (RESULTS, session 16).
-template <typename T>
-__attribute__((always_inline)) inline void prefetch_update(T* p, T* m, T* v, const T* prior, bool row_wise, int64_t row,
-                                                            int64_t w) {
-  prefetch_row(p + row * w, w, 1);
-  if (row_wise) {
-    __builtin_prefetch(m + row * 2, 1, 3);
-  } else {
-    prefetch_row(m + row * w, w, 1);
-    prefetch_row(v + row * w, w, 1);
+  // Prefetch what update() will touch of row ``row``: the row, its optimizer state and its prior. always_inline, as
+  // prefetch_row: GCC 12 -O3 finds that a function whose only effects are prefetches has none, and deletes the calls
+  // it has not inlined by then. Without the attribute this member was deleted at both call sites (no prefetch of the
+  // rows in the op's assembly: 28 prefetch instructions in the file instead of 44), and the step ran 1.3-1.4x slower
+  // for it on ml-10m (RESULTS, session 16).
+  __attribute__((always_inline)) inline void prefetch(int64_t row, int64_t w) const {
+    prefetch_row(p + row * w, w, 1);
+    if (adam.row_wise) {
+      __builtin_prefetch(m + row * 2, 1, 3);
+    } else {
+      prefetch_row(m + row * w, w, 1);
+      prefetch_row(v + row * w, w, 1);
+    }
+    if (prior) prefetch_row(prior + row * (w - 1), w - 1, 0);
   }
-  if (prior) prefetch_row(prior + row * (w - 1), w - 1, 0);
-}
+};
 
 // The user-day biases (mfscale/daybias.py) where the job has them: rows [bias, state, 1 / ratings, scratch] and each
 // rating's row. The step fits rating - bias (read as the rating is, prefetched with it), and the biases take their
@@ -367,7 +365,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       std::vector<T> acc(w), tmp(w);
       const int32_t last = gmaj.start[e];  // end of this thread's ratings
       for (int64_t j = b; j < e; ++j) {
-        if (j + kAhead < e) prefetch_update(maj.p, maj.m, maj.v, maj.prior, maj.adam.row_wise, gmaj.rows[j + kAhead], w);
+        if (j + kAhead < e) maj.prefetch(gmaj.rows[j + kAhead], w);
         T* p = maj.p + gmaj.rows[j] * w;
         if (max_norm > 0) renorm_row(p, d, max_norm);
         for (int64_t c = 0; c < w; ++c) acc[c] = 0;
@@ -410,7 +408,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   at::parallel_for(0, nmin, kGrain, [&](int64_t b, int64_t e) {
     std::vector<T> grad(w), tmp(w);
     for (int64_t j = b; j < e; ++j) {
-      if (j + kAhead < e) prefetch_update(mnr.p, mnr.m, mnr.v, mnr.prior, mnr.adam.row_wise, gmin.rows[j + kAhead], w);
+      if (j + kAhead < e) mnr.prefetch(gmin.rows[j + kAhead], w);
       bool first = true;
       for (int64_t t = 0; t < threads; ++t) {
         if (!used[t * nmin + j]) continue;
