@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -128,6 +129,32 @@ def spawn_ranks(target, world: int, args: tuple, timeout: float, method: str = "
             p.kill()
             p.join()
     return codes
+
+
+def start_logged(cmd: list[str], out: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+    """``cmd`` started in a session of its own, its stdout and stderr to the files out.stdout and out.stderr (no
+    pipe to fill while other jobs are waited for); finish_logged waits for it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_suffix(".stdout"), "w") as o, open(out.with_suffix(".stderr"), "w") as e:
+        return subprocess.Popen(cmd, stdout=o, stderr=e, text=True, env=env, cwd=cwd, start_new_session=True)
+
+
+def finish_logged(proc: subprocess.Popen, out: Path, deadline: float) -> subprocess.CompletedProcess:
+    """start_logged's job, waited for until ``deadline`` (time.monotonic) and killed with its children past it;
+    its result with what it wrote."""
+    try:
+        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    finally:
+        kill_logged(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out.with_suffix(".stdout").read_text(),
+                                       out.with_suffix(".stderr").read_text())
+
+
+def kill_logged(proc: subprocess.Popen) -> None:
+    """A start_logged job still running, killed with its children (its session's process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def free_port() -> int:

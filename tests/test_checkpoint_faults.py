@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 
 from mfscale import checkpoint, train
 
-from .conftest import tmpfs
+from .conftest import finish_logged, kill_logged, start_logged, tmpfs
 from .test_faults import fill
 from .test_train import torchrun
 
@@ -98,24 +97,11 @@ def _to_the_older_format(run_dir: Path) -> None:
 
 
 def _start_torchrun(args: list[str], out: Path) -> subprocess.Popen:
-    """test_train.torchrun's job, started: its stdout and stderr go to out.stdout, out.stderr (files: no pipe to
-    fill while other jobs are waited for)."""
+    """test_train.torchrun's job, started (start_logged: output to out.stdout, out.stderr)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mfscale.train",
            *args]
-    with open(out.with_suffix(".stdout"), "w") as o, open(out.with_suffix(".stderr"), "w") as e:
-        return subprocess.Popen(cmd, stdout=o, stderr=e, text=True, env=env, cwd=out.parent, start_new_session=True)
-
-
-def _finish(proc: subprocess.Popen, out: Path, deadline: float) -> subprocess.CompletedProcess:
-    try:
-        proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out.with_suffix(".stdout").read_text(),
-                                       out.with_suffix(".stderr").read_text())
+    return start_logged(cmd, out, env, cwd=out.parent)
 
 
 @pytest.fixture(scope="module")
@@ -138,18 +124,16 @@ def resumed(small_data, reference, tmp_path_factory) -> dict:
     out: dict = {name: {"run_dir": runs[name]} for name in runs}
     try:
         older = out["older"]
-        older["refused"] = _finish(started.pop("older"), base / "older" / "job", deadline)
+        older["refused"] = finish_logged(started.pop("older"), base / "older" / "job", deadline)
         older["convert"] = subprocess.run([sys.executable, "-m", "mfscale.checkpoint", "convert", str(runs["older"])],
                                           capture_output=True, text=True, timeout=120)
         older["converted_state"] = checkpoint.load_latest(runs["older"])[0]
         started["older"] = _start_torchrun(args("older"), base / "older" / "again")
         for name, proc in started.items():
-            out[name]["proc"] = _finish(proc, base / name / ("again" if name == "older" else "job"), deadline)
+            out[name]["proc"] = finish_logged(proc, base / name / ("again" if name == "older" else "job"), deadline)
     finally:
         for proc in started.values():
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            kill_logged(proc)
     out["damaged"]["ckpts"] = ckpts
     return out
 

@@ -27,6 +27,8 @@ from mfscale import config, errors, prepare, shards
 from mfscale.errors import ConfigError, DataError
 from mfscale.shards import Dataset, read_row_group
 
+from .conftest import finish_logged, kill_logged, start_logged
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,24 +47,14 @@ def cli_together(jobs: dict, out: Path, timeout: float = 300) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("MFSCALE_TRACEBACK", None)
-    out.mkdir(parents=True, exist_ok=True)
-    procs = {}
+    procs = {key: start_logged([sys.executable, "-m", module, *map(str, args)], out / str(k), env)
+             for k, (key, (module, args)) in enumerate(jobs.items())}
+    deadline = time.monotonic() + timeout
     try:
-        for k, (key, (module, args)) in enumerate(jobs.items()):
-            with open(out / f"{k}.stdout", "w") as o, open(out / f"{k}.stderr", "w") as e:
-                procs[key] = subprocess.Popen([sys.executable, "-m", module, *map(str, args)], stdout=o, stderr=e,
-                                              text=True, env=env)
-        deadline = time.monotonic() + timeout
-        for p in procs.values():
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        return {key: finish_logged(p, out / str(k), deadline) for k, (key, p) in enumerate(procs.items())}
     finally:
         for p in procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return {key: subprocess.CompletedProcess(p.args, p.returncode, (out / f"{k}.stdout").read_text(),
-                                             (out / f"{k}.stderr").read_text())
-            for k, (key, p) in enumerate(procs.items())}
+            kill_logged(p)
 
 
 @pytest.fixture(scope="module")
