@@ -127,9 +127,9 @@ stage_prepare() {
         "$DATA/manifest.json"
 }
 
-auto_batch() {  # the trainer's auto batch for this data and one process (ML-32M's: 135,168)
+auto_batch() {  # the trainer's auto batch for this data and one process (ML-32M's: 262,144)
     "$PY" -c "import sys; from mfscale.shards import Dataset; from mfscale.layout import auto_batch_size
-print(auto_batch_size(Dataset(sys.argv[1]).split_rows('train'), 1))" "$DATA" 2>/dev/null || echo 135168
+print(auto_batch_size(Dataset(sys.argv[1]).split_rows('train'), 1))" "$DATA" 2>/dev/null || echo 262144
 }
 
 stage_throughput() {

@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mfscale.layout import deal_rows, stratum_balance  # noqa: E402
+from mfscale.layout import auto_global_batch, auto_steps, deal_rows, stratum_balance  # noqa: E402
 from mfscale.optim import row_floats  # noqa: E402
 from mfscale.shards import Dataset, auto_buckets  # noqa: E402
 from mfscale.synthetic import generate, resolve_spec  # noqa: E402
@@ -82,11 +82,6 @@ def unique_rows(user: np.ndarray, item: np.ndarray, batch: int, rng: np.random.G
     return float(np.mean(out))
 
 
-def auto_global_batch(n: float, steps_per_epoch: int) -> int:
-    """mfscale's auto batch (layout.auto_batch_size, all ranks together): ~200 steps, 1Ki..256Ki ratings."""
-    return int(min(262_144, max(1024, n // steps_per_epoch // 1024 * 1024)))
-
-
 def state_bytes(dim: int, optimizer: str) -> int:
     """Bytes of a table row's optimizer state: RowRMSprop's two floats, or Adam's two moments of dim + 1."""
     return 4 * (row_floats(optimizer, dim) - (dim + 1))
@@ -97,7 +92,7 @@ def predict(n: float, n_items: int, dim: int, w: int, bal: dict, uniq_per_rank: 
     """Ratings/s of one epoch for each layout on ``w`` GPUs (see the module docstring)."""
     row = 4 * (dim + 1)
     link = a.nvlink_gbs if w <= a.gpus_per_node else a.ib_gbs  # the slowest hop of the ring / the gather
-    steps = math.ceil(n / auto_global_batch(n, a.steps_per_epoch))
+    steps = math.ceil(n / auto_global_batch(int(n), auto_steps(int(n), a.steps_per_epoch)))
     lat = a.latency_us * 1e-6 * max(1, math.ceil(math.log2(max(w, 2))))
     compute = n / w / a.gpu_rate  # perfectly balanced share
     # replicated: all-gather of gradient rows + applying the other ranks' rows, every step
@@ -129,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ib-gbs", type=float, default=50.0, help="assumed InfiniBand GB/s per GPU (400 Gb/s)")
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--latency-us", type=float, default=20.0, help="assumed latency of one small collective step")
-    p.add_argument("--steps-per-epoch", type=int, default=200, help="the auto batch's target steps per epoch")
+    p.add_argument("--steps-per-epoch", type=int, default=0,
+                   help="the auto batch's target steps per epoch (0: the trainer's rule, --train.auto_steps 0)")
     p.add_argument("--big-ratings", type=float, default=1e9)
     p.add_argument("--big-users", type=float, default=1e8)
     p.add_argument("--big-items", type=int, default=1_000_000, help="assumed movies of the 1B-rating set")
@@ -145,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {w} | {b['max_over_mean']:.4f} | {b['padded_over_actual']:.4f} | {b['user_rows_max']:,} | "
               f"{b['item_rows_max']:,} |")
     rng = np.random.default_rng(0)
-    global_batch = auto_global_batch(n, a.steps_per_epoch)
+    global_batch = auto_global_batch(int(n), auto_steps(int(n), a.steps_per_epoch))
     print(f"\n## Predicted ratings/s (model; assumptions: gpu-rate {a.gpu_rate:.2e}/s, HBM {a.hbm_gbs:.0f} GB/s, "
           f"NVLink {a.nvlink_gbs:.0f} GB/s, IB {a.ib_gbs:.0f} GB/s per GPU, {a.gpus_per_node} GPUs/node, "
           f"latency {a.latency_us:.0f} us x log2 W per collective, the auto batch (1Ki-256Ki ratings), d={a.dim})\n")

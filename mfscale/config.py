@@ -112,7 +112,12 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 20
-    batch_size: int = 0  # ratings per rank per step; 0 = auto: ~200 steps/epoch, global batch 1Ki..256Ki
+    # ratings per rank per step; 0 = auto: ~auto_steps steps per epoch, global batch 1Ki..256Ki, each table's lr
+    # scaled so its rows move per epoch as at 200 steps (mfscale.layout.auto_lr_scales)
+    batch_size: int = 0
+    # the auto batch's steps per epoch; 0 = 200, or 100 from 20M training ratings (where the 2x batch measured free
+    # in test RMSE and 1.3-1.4x faster on the CPU; benchmarks/RESULTS.md, session 17)
+    auto_steps: int = 0
     # Evaluation batch: its (batch, dim+1) temporaries stay under 32 MiB, so on CPU they reuse mapped memory
     # (262,144 made validation 3x slower: every batch's temporaries were page-faulted in afresh).
     eval_batch_size: int = 65_536
@@ -209,6 +214,7 @@ class JobConfig:
             (0 <= self.optim.min_lr_frac <= 1, "optim.min_lr_frac must be in [0, 1]"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.train.batch_size >= 0, "train.batch_size must be >= 0 (0 = auto)"),
+            (self.train.auto_steps >= 0, "train.auto_steps must be >= 0 (0 = by the data size)"),
             (self.train.strata >= 0, "train.strata must be >= 0 (1 = one global shuffle, 0 = sized to the cache)"),
             (self.train.block_pieces >= 1, "train.block_pieces must be >= 1"),
             (self.train.eval_batch_size >= 1, "train.eval_batch_size must be >= 1"),

@@ -40,9 +40,10 @@ and :func:`state_keys` names its tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -432,10 +433,37 @@ def row_state(opt: torch.optim.Optimizer, p: Tensor) -> dict:
     return state
 
 
-def build_tables(cfg: OptimConfig, params: list[Tensor]) -> torch.optim.Optimizer:
+def batch_lr_scales(counts: Sequence[np.ndarray], batch: int, ref_batch: int) -> tuple[float, ...]:
+    """Per table (``counts``: its rows' training ratings): the factor on the learning rate that keeps how far its
+    rows move per epoch at ``batch`` (global, ratings per step) what it is at ``ref_batch``.
+
+    A normalized optimizer (RowRMSprop, Adam) moves a row about lr per step that touches it, whatever number of its
+    ratings the step sums, so an epoch moves a table's rows in proportion to its row visits: steps x rows touched per
+    step, (n / B) sum_i (1 - (1 - B/n)^c_i) in a shuffled epoch. A larger batch visits a frequent row fewer times (a
+    movie in every step either way) and a rare row as often (its ratings still fall in different steps).
+    """
+    return tuple(float(_row_visits(c, ref_batch) / v) if (v := _row_visits(c, batch)) else 1.0 for c in counts)
+
+
+def _row_visits(counts: np.ndarray, batch: int) -> float:
+    """Expected row visits of one table in an epoch of global batches of ``batch``: ceil(n / batch) steps (taken
+    here as equal, of n / steps ratings each) draw the shuffled ratings without replacement, so a row of c ratings
+    is in a step with probability about 1 - (1 - 1/steps)^c."""
+    c = np.asarray(counts, dtype=np.float64)
+    c = c[c > 0]
+    steps = math.ceil(c.sum() / batch)
+    if steps <= 1:
+        return float(len(c))
+    return steps * float(-np.expm1(c * math.log1p(-1.0 / steps)).sum())
+
+
+def build_tables(cfg: OptimConfig, params: list[Tensor], lr_scales: Sequence[float] | None = None
+                 ) -> torch.optim.Optimizer:
     """The embedding tables' optimizer from the config: LazyAdam, RowRMSprop, RatingSGD, or SparseAdam (the
-    reference)."""
+    reference); ``lr_scales``: per table, a factor on ``cfg.lr`` (:func:`batch_lr_scales`)."""
     betas = (cfg.beta1, cfg.beta2)
+    if lr_scales is not None:
+        params = [{"params": [p], "lr": cfg.lr * s} for p, s in zip(params, lr_scales, strict=True)]
     if cfg.optimizer == "sgd":
         return RatingSGD(params, lr=cfg.lr, betas=betas)
     if cfg.optimizer == "lazy_adam":
@@ -474,9 +502,10 @@ class Optimizers:
             s.step()
 
     @property
-    def lrs(self) -> tuple[float, float]:
-        """The current learning rates: (tables, dense)."""
-        return self.tables.param_groups[0]["lr"], self.dense.param_groups[0]["lr"]
+    def lrs(self) -> tuple[float, float, float]:
+        """The current learning rates: (user rows, movie rows, dense)."""
+        users, movies = (g["lr"] for g in self.tables.param_groups for _ in g["params"])
+        return users, movies, self.dense.param_groups[0]["lr"]
 
     @property
     def betas(self) -> tuple[float, float]:

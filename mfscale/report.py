@@ -55,11 +55,11 @@ class Window:
         rows = max(self.rows, 1)
         mse = sse / rows
         rate = rows / max(elapsed, 1e-9)
-        lr_tables, lr_dense = optims.lrs
+        lr_users, lr_movies, lr_dense = optims.lrs
         monitor.scalars(step, {
             "train/loss": mse, "train/rmse": math.sqrt(mse), "throughput/ratings_per_s": rate,
             "time/step_ms": 1000 * elapsed / self.steps, "time/data_wait_pct": 100 * self.wait / max(elapsed, 1e-9),
-            "lr/sparse": lr_tables, "lr/dense": lr_dense,
+            "lr/sparse": lr_users, "lr/sparse_movies": lr_movies, "lr/dense": lr_dense,
         })
         bar.set_postfix(loss=f"{mse:.4f}", ratings_per_s=f"{rate / 1e6:.2f}M")
         out = (elapsed, rows)

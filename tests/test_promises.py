@@ -7,6 +7,7 @@ import math
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -135,18 +136,82 @@ def test_compile_auto_falls_back_to_eager_when_compiling_fails(small_data, tmp_p
     assert "--train.compile on: torch.compile failed (RuntimeError: no working C++ compiler)" in err
 
 
-def test_auto_batch_size_keeps_about_200_steps_and_one_global_batch_for_any_world_size(small_data, tmp_path):
-    for n in (1_000_000, 2_000_000, 10_000_000, 32_000_000):  # neither bound applies: about 200 steps
+def test_auto_batch_size_keeps_about_200_steps_or_100_on_large_data_and_one_global_batch_for_any_world_size(
+        small_data, tmp_path):
+    # neither bound applies: about 200 steps, or 100 from 20M training ratings (session 17)
+    for n, steps in ((1_000_000, 200), (2_000_000, 200), (10_000_000, 200), (19_999_999, 200), (20_000_000, 100),
+                     (25_000_000, 100)):
         global_batch = auto_batch_size(n, 1)
-        assert global_batch % 1024 == 0 and 200 <= math.ceil(n / global_batch) < 200 * 1.25, n
+        assert global_batch % 1024 == 0 and steps <= math.ceil(n / global_batch) < steps * 1.25, n
+        assert auto_batch_size(n, 1, steps=50) == min(262_144, n // 50 // 1024 * 1024)  # --train.auto_steps
         for world in (2, 4, 8):  # the same global batch (the same updates), split over the ranks
             assert auto_batch_size(n, world) * world == global_batch, (n, world)
     assert auto_batch_size(10_000, 1) == 1024  # at least 1Ki per step
-    assert auto_batch_size(10**9, 1) == auto_batch_size(10**10, 1) == 262_144  # at most 256Ki
+    assert auto_batch_size(32_000_000, 1) == auto_batch_size(10**10, 1) == 262_144  # at most 256Ki
     assert auto_batch_size(10_000, 8) == 256  # and at least 256 per rank
     m = run(job(small_data, tmp_path / "r", train__epochs=1, train__ranking_k=0))  # batch_size 0 = auto
     n_train = Dataset(small_data).split_rows("train")
     assert m["batch_size"] == auto_batch_size(n_train, 1) and m["steps"] == math.ceil(n_train / m["batch_size"])
+
+
+def simulated_visits(rows: np.ndarray, batch: int, rng: np.random.Generator, epochs: int = 3) -> float:
+    """Rows touched per epoch, summed over the steps of shuffled epochs cut into batches (a NumPy reference)."""
+    total = 0
+    for _ in range(epochs):
+        order = rows[rng.permutation(len(rows))]
+        total += sum(len(np.unique(order[i:i + batch])) for i in range(0, len(order), batch))
+    return total / epochs
+
+
+def test_batch_lr_scales_keep_each_tables_row_visits_per_epoch_of_a_shuffled_epoch():
+    """The factor on a table's lr is its row visits per epoch at the reference batch over those at the batch:
+    checked against epochs actually shuffled and cut, for a long-tailed table (users) and a short, dense one
+    (movies, nearly every row in every step)."""
+    rng = np.random.default_rng(0)
+    users = np.minimum(rng.lognormal(3.0, 1.2, 2000).astype(np.int64) + 1, 3000)
+    movies = np.full(50, 0)
+    movies[:] = users.sum() // 50
+    movies[0] += users.sum() - movies.sum()
+    for counts in (users, movies):
+        rows = np.repeat(np.arange(len(counts)), counts)
+        for ref, batch in ((1024, 2048), (2048, 1024), (1024, 4096)):
+            (scale,) = optim.batch_lr_scales([counts], batch, ref)
+            want = simulated_visits(rows, ref, rng) / simulated_visits(rows, batch, rng)
+            assert scale == pytest.approx(want, rel=0.02), (len(counts), ref, batch)
+    # every row in every step either way (the movies here): the factor is the ratio of steps; the same batch: 1
+    n = int(movies.sum())
+    assert optim.batch_lr_scales([movies], 4096, 1024)[0] == pytest.approx(math.ceil(n / 1024) / math.ceil(n / 4096),
+                                                                           rel=1e-6)
+    assert optim.batch_lr_scales([users, movies], 1024, 1024) == (1.0, 1.0)
+
+
+def test_a_larger_auto_batch_scales_each_tables_lr_an_explicit_batch_and_sgd_take_it_as_given(
+        small_data, tmp_path, monkeypatch):
+    from mfscale import layout
+    from mfscale.layout import auto_global_batch, train_counts
+
+    # The tiny data's auto batch is the 1Ki floor: a reference of 4 steps makes it 2Ki, --train.auto_steps 2 4Ki.
+    monkeypatch.setattr(layout, "AUTO_STEPS_PER_EPOCH", 4)
+    data = Dataset(small_data)
+    n = data.split_rows("train")
+    ref, batch = auto_global_batch(n, 4), auto_global_batch(n, 2)
+    assert (ref, batch) == (2048, 4096)
+    su, si = optim.batch_lr_scales(train_counts(data), batch, ref)
+    assert 1.0 < su < si <= 2.0  # movies (200 rows, 48 ratings each) nearly all in every step; users fewer
+    lr = 0.004
+    common = dict(train__epochs=1, train__ranking_k=0, train__log_every=1, optim__lr=lr, optim__schedule="none")
+    m = run(job(small_data, tmp_path / "auto", train__auto_steps=2, **common))
+    assert m["batch_size"] == batch
+    scalars = read_scalars(tmp_path / "auto" / "tb")
+    assert scalars["lr/sparse"][-1][1] == pytest.approx(lr * su, rel=1e-6)
+    assert scalars["lr/sparse_movies"][-1][1] == pytest.approx(lr * si, rel=1e-6)
+    for name, changes in (("explicit", dict(train__batch_size=batch)),
+                          ("sgd", dict(train__auto_steps=2, optim__optimizer="sgd")),
+                          ("ref", dict())):  # the reference batch itself
+        m = run(job(small_data, tmp_path / name, **{**common, **changes}))
+        assert m["batch_size"] == (ref if name == "ref" else batch)
+        scalars = read_scalars(tmp_path / name / "tb")
+        assert scalars["lr/sparse"][-1][1] == scalars["lr/sparse_movies"][-1][1] == pytest.approx(lr), name
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "none"])

@@ -93,8 +93,10 @@ class TableLayout(abc.ABC):
     # the layout visits them at each phase's start and ends their epoch
     implicit: Implicit | None = None
 
-    def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
+    def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int,
+                 lr_scales: tuple[float, float] | None = None):
         self.cfg, self.env, self.data, self.batch_size = cfg, env, data, batch_size
+        self.lr_scales = lr_scales  # per table, the factor on --optim.lr (optim.batch_lr_scales); None: 1
         self.bytes_sent = 0
         self.decoded_bytes = 0  # of the training split, by this rank at start-up
         self.n_train_rows = train_counts(data)  # training ratings per user row and per movie row
@@ -115,7 +117,7 @@ class TableLayout(abc.ABC):
                 # exactly the mean plus the other side's bias (cold start), not a random dot product.
                 rows[torch.from_numpy(n_train[ids] == 0)] = 0.0
                 table.weight[: len(ids)] = rows.to(self.env.device)
-        self.opt = optim.build_tables(self.cfg.optim, self.model.sparse_parameters())
+        self.opt = optim.build_tables(self.cfg.optim, self.model.sparse_parameters(), self.lr_scales)
 
     def _build_day_bias(self, user: np.ndarray, timestamp: np.ndarray) -> DayBias | None:
         """With --model.day_bias: the biases of every (user, day) of these training ratings (global user ids, all

@@ -69,8 +69,9 @@ class Blocks(TableLayout):
     name = "blocks"
     rows_complete = True  # user rows are owned, and a movie block is held by one rank at a time
 
-    def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
-        super().__init__(cfg, env, data, batch_size)
+    def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int,
+                 lr_scales: tuple[float, float] | None = None):
+        super().__init__(cfg, env, data, batch_size, lr_scales)
         w, r = env.world_size, env.rank
         if w > min(data.n_users, data.n_items):
             raise ConfigError(f"--train.tables blocks: {w} ranks but the data has only {data.n_users:,} users and "

@@ -35,8 +35,9 @@ class Replicated(TableLayout):
 
     name = "replicated"
 
-    def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int):
-        super().__init__(cfg, env, data, batch_size)
+    def __init__(self, cfg: JobConfig, env: DistEnv, data: Dataset, batch_size: int,
+                 lr_scales: tuple[float, float] | None = None):
+        super().__init__(cfg, env, data, batch_size, lr_scales)
         self._build(np.arange(data.n_users), data.n_items, np.arange(data.n_items))
         self.workers = cfg.data.workers
         if cfg.data.resident == "on" and self.workers:
