@@ -462,8 +462,9 @@ def build_tables(cfg: OptimConfig, params: list[Tensor], lr_scales: Sequence[flo
     """The embedding tables' optimizer from the config: LazyAdam, RowRMSprop, RatingSGD, or SparseAdam (the
     reference); ``lr_scales``: per table, a factor on ``cfg.lr`` (:func:`batch_lr_scales`)."""
     betas = (cfg.beta1, cfg.beta2)
-    if lr_scales is not None:
-        params = [{"params": [p], "lr": cfg.lr * s} for p, s in zip(params, lr_scales, strict=True)]
+    # one group per table, scaled or not, so that a checkpoint's groups fit a resumed job either way
+    scales = [1.0] * len(params) if lr_scales is None else lr_scales
+    params = [{"params": [p], "lr": cfg.lr * s} for p, s in zip(params, scales, strict=True)]
     if cfg.optimizer == "sgd":
         return RatingSGD(params, lr=cfg.lr, betas=betas)
     if cfg.optimizer == "lazy_adam":
@@ -530,8 +531,14 @@ class Optimizers:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The tables' hyperparameters (lr, initial_lr, betas, ...) only: their moments came with the parts.
-        for group, saved in zip(self.tables.param_groups, state["opt_sparse_groups"], strict=True):
+        saved_groups = state["opt_sparse_groups"]
+        if len(saved_groups) == 1:  # a checkpoint from before one group per table (session 17): theirs for both
+            saved_groups = saved_groups * len(self.tables.param_groups)
+        for group, saved in zip(self.tables.param_groups, saved_groups, strict=True):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.dense.load_state_dict(state["opt_dense"])
         for s, sd in zip(self.schedules, state["scheds"], strict=True):
+            groups = len(s.optimizer.param_groups)
+            if len(sd["base_lrs"]) == 1 < groups:  # the one-group checkpoint above: its schedule for both tables
+                sd = {**sd, "base_lrs": sd["base_lrs"] * groups, "_last_lr": sd["_last_lr"] * groups}
             s.load_state_dict(sd)

@@ -282,3 +282,27 @@ def test_large_tables_and_their_adam_moments_ask_for_huge_pages():
     for key in ("exp_avg", "exp_avg_sq"):
         assert _advised_huge(opt2.state[model.users.weight][key])
         assert torch.equal(opt2.state[model.users.weight][key], opt.state[model.users.weight][key])
+
+
+def test_one_group_per_table_and_a_checkpoint_with_one_group_loads_into_both():
+    """The tables' optimizer has a param group per table (their step sizes may differ: the auto batch's scaling);
+    a checkpoint from before, with one group for both tables, resumes with its learning rate on both."""
+    from mfscale.optim import Optimizers, build_tables
+
+    cfg = config.OptimConfig(lr=0.004)
+    users, items = tables()
+    bias = torch.nn.Parameter(torch.zeros(()))
+    scaled = Optimizers(cfg, build_tables(cfg, [users, items], (1.5, 2.0)), [bias], total_steps=10)
+    assert scaled.lrs[:2] == pytest.approx((0.006, 0.008))
+    old = Optimizers(cfg, RowRMSprop([users, items], lr=0.003), [bias], total_steps=10)  # the old single group
+    again = Optimizers(cfg, build_tables(cfg, [users, items]), [bias], total_steps=10)
+    assert len(again.tables.param_groups) == 2 and again.lrs[:2] == pytest.approx((0.004, 0.004))
+    old.schedule_step()
+    again.load_state_dict(old.state_dict())
+    assert again.lrs[:2] == pytest.approx(old.lrs[:2]) and again.lrs[0] < 0.003  # cosine: a step down already
+    for _ in range(3):  # the schedule goes on for both tables, as it did for the old group
+        old.schedule_step()
+        again.schedule_step()
+        assert again.lrs == pytest.approx((old.lrs[0], old.lrs[0], old.lrs[2]))
+    again.load_state_dict(scaled.state_dict())  # and a scaled run's two groups come back as they were
+    assert again.lrs[:2] == pytest.approx((0.006, 0.008))

@@ -205,6 +205,9 @@ def test_a_larger_auto_batch_scales_each_tables_lr_an_explicit_batch_and_sgd_tak
     scalars = read_scalars(tmp_path / "auto" / "tb")
     assert scalars["lr/sparse"][-1][1] == pytest.approx(lr * su, rel=1e-6)
     assert scalars["lr/sparse_movies"][-1][1] == pytest.approx(lr * si, rel=1e-6)
+    # the torch-op step (what CUDA runs) takes the same two step sizes as the C++ op
+    torch_ops = run(job(small_data, tmp_path / "torch", train__auto_steps=2, train__cpu_kernel="off", **common))
+    assert torch_ops["test_rmse"] == pytest.approx(m["test_rmse"], rel=1e-5)
     for name, changes in (("explicit", dict(train__batch_size=batch)),
                           ("sgd", dict(train__auto_steps=2, optim__optimizer="sgd")),
                           ("ref", dict())):  # the reference batch itself
