@@ -155,6 +155,9 @@ class Step(abc.ABC):
         elif self.env.distributed:
             self.env.count("all_reduce")
             dist.all_reduce(grad)
+        if model.global_bias.device.type == "cpu":
+            self.optims.step_dense_cpu(float(grad))
+            return
         model.global_bias.grad = grad.reshape(()).to(model.global_bias.dtype)
         opt.step()
         opt.zero_grad(set_to_none=True)

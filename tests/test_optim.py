@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import mmap
 import sys
+import warnings
 
 import pytest
 import torch
@@ -297,7 +298,9 @@ def test_one_group_per_table_and_a_checkpoint_with_one_group_loads_into_both():
     old = Optimizers(cfg, RowRMSprop([users, items], lr=0.003), [bias], total_steps=10)  # the old single group
     again = Optimizers(cfg, build_tables(cfg, [users, items]), [bias], total_steps=10)
     assert len(again.tables.param_groups) == 2 and again.lrs[:2] == pytest.approx((0.004, 0.004))
-    old.schedule_step()
+    with warnings.catch_warnings():  # a schedule step before any optimizer step, on purpose
+        warnings.simplefilter("ignore", UserWarning)
+        old.schedule_step()
     again.load_state_dict(old.state_dict())
     assert again.lrs[:2] == pytest.approx(old.lrs[:2]) and again.lrs[0] < 0.003  # cosine: a step down already
     for _ in range(3):  # the schedule goes on for both tables, as it did for the old group
@@ -306,3 +309,36 @@ def test_one_group_per_table_and_a_checkpoint_with_one_group_loads_into_both():
         assert again.lrs == pytest.approx((old.lrs[0], old.lrs[0], old.lrs[2]))
     again.load_state_dict(scaled.state_dict())  # and a scaled run's two groups come back as they were
     assert again.lrs[:2] == pytest.approx((0.006, 0.008))
+
+
+def test_the_global_biass_cpu_step_is_torchs_adam_with_its_state_and_schedule():
+    """Optimizers.step_dense_cpu (the global bias's Adam in Python floats, session 17) follows torch.optim.Adam
+    step by step through a cosine schedule, keeps the state under Adam's names (checkpoints load either way), and
+    the schedule sees optimizer steps (no warning)."""
+    from mfscale.optim import Optimizers, build_tables
+
+    cfg = config.OptimConfig(dense_lr=0.05, schedule="cosine")
+    grads = [0.3, -1.2, 0.7, 0.0, 2.5, -0.4, 0.9, -0.05]
+    runs = []
+    for fast in (True, False):
+        bias = torch.nn.Parameter(torch.tensor(0.25))
+        opts = Optimizers(cfg, build_tables(cfg, list(tables())), [bias], total_steps=len(grads))
+        values = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # LambdaLR warns when it steps before the optimizer
+            for g in grads:
+                opts.tables.step(update=lambda steps: None)  # the tables' step, as the job's (no rows here)
+                if fast:
+                    opts.step_dense_cpu(g)
+                else:
+                    bias.grad = torch.tensor(g)
+                    opts.dense.step()
+                opts.schedule_step()
+                values.append(float(bias.detach()))
+        runs.append((values, opts.dense.state_dict()))
+    (fast_values, fast_state), (torch_values, torch_state) = runs
+    assert fast_values == pytest.approx(torch_values, rel=1e-6)
+    assert fast_state["state"].keys() == torch_state["state"].keys()
+    for key, value in torch_state["state"][0].items():
+        assert float(fast_state["state"][0][key]) == pytest.approx(float(value), rel=1e-6), key
+        assert fast_state["state"][0][key].dtype == value.dtype, key
