@@ -116,7 +116,7 @@ class TrainConfig:
     # scaled so its rows move per epoch as at 200 steps (mfscale.layout.auto_lr_scales)
     batch_size: int = 0
     # the auto batch's steps per epoch; 0 = 200, or 100 from 20M training ratings (where the 2x batch measured free
-    # in test RMSE and 1.3-1.4x faster on the CPU; benchmarks/RESULTS.md, session 17)
+    # in test RMSE and ran the step 1.12x faster on the CPU; benchmarks/RESULTS.md, session 17)
     auto_steps: int = 0
     # Evaluation batch: its (batch, dim+1) temporaries stay under 32 MiB, so on CPU they reuse mapped memory
     # (262,144 made validation 3x slower: every batch's temporaries were page-faulted in afresh).

@@ -30,10 +30,10 @@ __all__ = ["Blocks", "EvalShare", "Replicated", "TableLayout", "auto_batch_size"
 log = logging.getLogger("mfscale")
 
 # The auto batch: ~AUTO_STEPS_PER_EPOCH steps per epoch, or ~AUTO_STEPS_LARGE from AUTO_LARGE_TRAIN training
-# ratings, global batch AUTO_GLOBAL_MIN..AUTO_GLOBAL_MAX. Half the steps (a 2x batch, each table's lr scaled to keep
-# its rows' movement per epoch, optim.batch_lr_scales) ran 1.3-1.4x faster on the CPU and cost no test RMSE on the
-# ml-32m and ml-25m presets, but 0.0003 on ml-10m and 0.0006-0.0010 on ml-1m, beyond their seed spreads
-# (benchmarks/RESULTS.md, session 17): the larger batch is the default only on large data.
+# ratings, global batch AUTO_GLOBAL_MIN..AUTO_GLOBAL_MAX. Half the steps (a 2x batch, each table's lr scaled to
+# keep its rows' movement per epoch, optim.batch_lr_scales) ran the step 1.12-1.14x faster on the CPU and cost no
+# test RMSE on the ml-32m and ml-25m presets, but 0.0003 on ml-10m and 0.0006-0.0010 on ml-1m, beyond their seed
+# spreads (benchmarks/RESULTS.md, session 17): the larger batch is the default only on large data.
 AUTO_STEPS_PER_EPOCH, AUTO_STEPS_LARGE, AUTO_LARGE_TRAIN = 200, 100, 20_000_000
 AUTO_GLOBAL_MIN, AUTO_GLOBAL_MAX, AUTO_RANK_MIN = 1024, 262_144, 256
 
