@@ -2,12 +2,14 @@
 
     python benchmarks/op_variants.py --data data/ml-10m /tmp/fewer_prefetches.cpp /tmp/ahead8.cpp
 
-Each variant is a copy of ``mfscale/csrc/fused_step.cpp`` with an edit. The job's own op (this checkout's source)
-is the baseline and always runs first. Every variant is built under an op namespace of its own, so all of them
-load in one process, and the job's step (``Trainer.train_step``: the op with the job's Python around it) runs them in
-turn, pass by pass: ``--passes`` rounds, and in each round every variant steps the same ``--batches`` batches of
-epoch 0. All of them step the same tables, since only the op's speed is measured here, not its result (the
-tests check results). Prints the median and best ratings/s per variant, and the median against the baseline.
+Each variant is a copy of ``mfscale/csrc/fused_step.cpp`` with an edit. With ``--extra "--optim.optimizer sgd
+--optim.lr 0.03"`` the job runs the file's sgd op instead, and that is what the variants are timed on. The job's own
+op (this checkout's source) is the baseline and always runs first. Every variant is built under an op namespace of its
+own, so all of them load in one process, and the job's step (``Trainer.train_step``: the op with the job's Python
+around it) runs them in turn, pass by pass: ``--passes`` rounds, and in each round every variant steps the same
+``--batches`` batches of epoch 0. All of them step the same tables, since only the op's speed is measured here, not
+its result (the tests check results). Prints the median and best ratings/s per variant, and the median against the
+baseline.
 
 Why interleave: on a shared 2-core machine one process's ratings/s moves by ±20% from one minute to the next,
 and by about ±3% across variants interleaved this way (session 12, benchmarks/RESULTS.md). A variant that beats
@@ -75,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config.from_args(["--data", str(a.data), "--run-dir", run_dir, "--checkpoint.resume", "never",
                                 *a.extra.split()])
         trainer = Trainer(cfg, DistEnv(0, 1, 0, torch.device("cpu")))
-        if trainer.step_fn.kind != "cpp":
-            raise SystemExit(f"op_variants.py: this job runs the {trainer.step_fn.kind!r} step, not the C++ op")
+        if trainer.step_fn.kind not in ("cpp", "sgd"):  # the default op, or with --optim.optimizer sgd its sgd op
+            raise SystemExit(f"op_variants.py: this job runs the {trainer.step_fn.kind!r} step, not a C++ op")
         ops = torch.ops
         job_op = ops.mfscale  # the baseline: the job's own op, built and loaded by the Trainer
         libs = [job_op, *(getattr(ops, load_variant(v, k, a.build_dir)) for k, v in enumerate(a.variants, 1))]
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                 trainer.train_step(b)
             for _ in range(a.passes):
                 for k, lib in enumerate(libs):
-                    ops.mfscale = lib  # cpu_step calls torch.ops.mfscale.fused_step
+                    ops.mfscale = lib  # cpu_step calls torch.ops.mfscale.fused_step (sgd_step)
                     t0 = time.perf_counter()
                     for b in batches:
                         trainer.train_step(b)

@@ -69,12 +69,14 @@ def numpy_sgd(p: np.ndarray, q: np.ndarray, user, item, rating, mu: float, lr: f
 
 @needs_op
 @pytest.mark.parametrize(("biases", "days"), [(True, True), (True, False), (False, False)])
-def test_sgd_op_equals_numpy_from_its_definition(one_thread, biases, days):
+@pytest.mark.parametrize("d", [6, 32, 64, 128])  # 6: the op's loop for any width; the others compiled for theirs
+def test_sgd_op_equals_numpy_from_its_definition(one_thread, biases, days, d):
     """Repeated users and movies within the batch (each rating sees the rows its predecessors updated), a day row
     that is "missing" (predicts with 0 and never moves), float64."""
     rng = np.random.default_rng(0)
-    n_u, n_i, d, n = 40, 25, 6, 600
-    p0, q0 = rng.normal(0, 0.3, (n_u, d + 1)), rng.normal(0, 0.3, (n_i, d + 1))
+    n_u, n_i, n = 40, 25, 600
+    std = 0.3 * (6 / d) ** 0.5  # the same scale of dot products at every width
+    p0, q0 = rng.normal(0, std, (n_u, d + 1)), rng.normal(0, std, (n_i, d + 1))
     if not biases:
         p0[:, d] = q0[:, d] = 0.0
     user, item = rng.integers(0, n_u, n), rng.integers(0, n_i, n)

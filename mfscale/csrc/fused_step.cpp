@@ -562,12 +562,14 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
 // row first (issue 22: 3-4x the op's ratings/s, 2.5x the job's on ml-10m). The threads split the batch and update the shared rows without locks
 // (Hogwild, Niu et al. 2011; cornac's MF does the same): two threads rarely hold the same row at once in a batch
 // of random ratings, and when they do an update can be lost. So only a run on one thread repeats bit for bit.
-template <typename T>
-std::vector<double> sgd_impl(T* P, T* Q, int64_t w, const int64_t* user, const int64_t* item, const T* rating,
+// W > 0: the row width as a compile-time constant, as step_impl's.
+template <typename T, int64_t W = 0>
+std::vector<double> sgd_impl(T* P, T* Q, int64_t w_rt, const int64_t* user, const int64_t* item, const T* rating,
                              int64_t n, T mu, T lr, T reg_f, T reg_b, bool biases, const Days<T>& days,
                              T reg_day) {
   constexpr int64_t kSgdAhead = 8;  // ratings ahead: each needs two random rows (and a day row)
   constexpr int64_t kChunk = 2048;  // ratings a thread takes at a time
+  const int64_t w = W ? W : w_rt;
   const int64_t d = w - 1;
   const int nt = at::get_num_threads();
   std::vector<double> e_sum(nt, 0.0), e_sq(nt, 0.0);
@@ -640,11 +642,12 @@ at::Tensor sgd_step(at::Tensor users, at::Tensor items, at::Tensor user, at::Ten
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "sgd_step", [&] {
     const Days<scalar_t> days = days_of<scalar_t>(day_table, day_rows);
-    out = sgd_impl<scalar_t>(users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), w, user.data_ptr<int64_t>(),
-                             item.data_ptr<int64_t>(), rating.data_ptr<scalar_t>(), n,
-                             static_cast<scalar_t>(global_bias), static_cast<scalar_t>(lr),
-                             static_cast<scalar_t>(reg_f), static_cast<scalar_t>(reg_b), biases, days,
-                             static_cast<scalar_t>(reg_day));
+    auto impl = w == 65 ? sgd_impl<scalar_t, 65> : w == 33 ? sgd_impl<scalar_t, 33>
+              : w == 129 ? sgd_impl<scalar_t, 129> : sgd_impl<scalar_t>;
+    out = impl(users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), w, user.data_ptr<int64_t>(),
+               item.data_ptr<int64_t>(), rating.data_ptr<scalar_t>(), n, static_cast<scalar_t>(global_bias),
+               static_cast<scalar_t>(lr), static_cast<scalar_t>(reg_f), static_cast<scalar_t>(reg_b), biases, days,
+               static_cast<scalar_t>(reg_day));
   });
   return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
 }
