@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -114,6 +115,18 @@ __attribute__((always_inline)) inline void prefetch_row(const T* row, int64_t w,
   for (int64_t off = 0; off < w * static_cast<int64_t>(sizeof(T)); off += 64) {
     if (rw) __builtin_prefetch(p + off, 1, 3);
     else __builtin_prefetch(p + off, 0, 3);
+  }
+}
+
+// Calls f(std::integral_constant<int64_t, W>) with W the row width w (dim + 1) where the ops are compiled for it
+// (dims 32, 64 and 128: their per-rating loops unrolled, RESULTS session 17), else W = 0, the loops for any width.
+template <typename F>
+auto with_width(int64_t w, F&& f) {
+  switch (w) {
+    case 33: return f(std::integral_constant<int64_t, 33>{});
+    case 65: return f(std::integral_constant<int64_t, 65>{});
+    case 129: return f(std::integral_constant<int64_t, 129>{});
+    default: return f(std::integral_constant<int64_t, 0>{});
   }
 }
 
@@ -284,7 +297,7 @@ void day_step_impl(const Days<T>& days, const T* err, int64_t n, double scale, T
 // the minor side has the fewer rows; the minor rows are updated afterwards from those buffers, summed in thread
 // order. Every prediction reads old rows only: a major row is updated after its own ratings, minor rows last.
 //
-// W > 0: the row width (dim + 1) as a compile-time constant, for dims 32, 64 and 128: the per-rating loops over
+// W > 0: the row width (dim + 1) as a compile-time constant (with_width): the per-rating loops over
 // a row then have a known trip count, are unrolled and vectorized without runtime alias checks and remainder loops,
 // and the major row's gradient sum lives in a stack array. Same operations in the same order, so the same bits
 // (an epoch of ml-10m byte-equal); 1.14-1.31x the job's step on ml-10m (RESULTS, session 17). W = 0: any width.
@@ -541,13 +554,12 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
     if (user_prior.numel()) su.prior = user_prior.data_ptr<scalar_t>();
     Side<scalar_t> si{items.data_ptr<scalar_t>(), m_i.data_ptr<scalar_t>(), vi, item.data_ptr<int64_t>(),
                       {step_size_i, beta1, beta2, eps, row_wise}};
-    // dims 32, 64 (the default) and 128 compiled for their width; others take the generic loop
-    auto impl = w == 65 ? step_impl<scalar_t, 65> : w == 33 ? step_impl<scalar_t, 33>
-              : w == 129 ? step_impl<scalar_t, 129> : step_impl<scalar_t>;
-    out = impl(su, si, users.size(0), items.size(0), w, n, rating.data_ptr<scalar_t>(), global_bias,
-               scale, col_w.data_ptr<scalar_t>(), mark_u.data_ptr<int32_t>(),
-               mark_i.data_ptr<int32_t>(), work, max_norm, biases,
-               days, errors.numel() ? errors.data_ptr<scalar_t>() : nullptr);
+    out = with_width(w, [&](auto width) {
+      return step_impl<scalar_t, decltype(width)::value>(
+          su, si, users.size(0), items.size(0), w, n, rating.data_ptr<scalar_t>(), global_bias, scale,
+          col_w.data_ptr<scalar_t>(), mark_u.data_ptr<int32_t>(), mark_i.data_ptr<int32_t>(), work, max_norm, biases,
+          days, errors.numel() ? errors.data_ptr<scalar_t>() : nullptr);
+    });
   });
   return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
 }
@@ -562,7 +574,8 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
 // row first (issue 22: 3-4x the op's ratings/s, 2.5x the job's on ml-10m). The threads split the batch and update the shared rows without locks
 // (Hogwild, Niu et al. 2011; cornac's MF does the same): two threads rarely hold the same row at once in a batch
 // of random ratings, and when they do an update can be lost. So only a run on one thread repeats bit for bit.
-// W > 0: the row width as a compile-time constant, as step_impl's.
+// W > 0: the row width as a compile-time constant (with_width), as step_impl's: 1.215x this op on ml-10m (RESULTS,
+// session 17).
 template <typename T, int64_t W = 0>
 std::vector<double> sgd_impl(T* P, T* Q, int64_t w_rt, const int64_t* user, const int64_t* item, const T* rating,
                              int64_t n, T mu, T lr, T reg_f, T reg_b, bool biases, const Days<T>& days,
@@ -642,12 +655,13 @@ at::Tensor sgd_step(at::Tensor users, at::Tensor items, at::Tensor user, at::Ten
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "sgd_step", [&] {
     const Days<scalar_t> days = days_of<scalar_t>(day_table, day_rows);
-    auto impl = w == 65 ? sgd_impl<scalar_t, 65> : w == 33 ? sgd_impl<scalar_t, 33>
-              : w == 129 ? sgd_impl<scalar_t, 129> : sgd_impl<scalar_t>;
-    out = impl(users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), w, user.data_ptr<int64_t>(),
-               item.data_ptr<int64_t>(), rating.data_ptr<scalar_t>(), n, static_cast<scalar_t>(global_bias),
-               static_cast<scalar_t>(lr), static_cast<scalar_t>(reg_f), static_cast<scalar_t>(reg_b), biases, days,
-               static_cast<scalar_t>(reg_day));
+    out = with_width(w, [&](auto width) {
+      return sgd_impl<scalar_t, decltype(width)::value>(
+          users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), w, user.data_ptr<int64_t>(),
+          item.data_ptr<int64_t>(), rating.data_ptr<scalar_t>(), n, static_cast<scalar_t>(global_bias),
+          static_cast<scalar_t>(lr), static_cast<scalar_t>(reg_f), static_cast<scalar_t>(reg_b), biases, days,
+          static_cast<scalar_t>(reg_day));
+    });
   });
   return at::tensor(out, at::TensorOptions().dtype(at::kDouble));
 }
