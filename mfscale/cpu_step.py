@@ -128,9 +128,10 @@ def fused_step(users: torch.Tensor, items: torch.Tensor, moments_u: tuple[torch.
     """One step in place on both tables and their optimizer state; returns (sum of coef, sum of squared errors).
 
     coef = (prediction - rating) * ``scale``; the global bias's gradient is the first return value.
-    ``col_weights``: the L2 weight per column times ``scale``. ``scratch``: a dict kept by the caller between
-    steps (per-table marks and the op's work memory, allocated once and grown when needed). ``max_norm`` > 0:
-    the touched rows' factor vectors are first renormalized in place (``nn.Embedding(max_norm=...)``);
+    ``user``, ``item`` and the day rows: int32 (the job's batches, used as they are) or int64 (narrowed in the op
+    once checked in range). ``col_weights``: the L2 weight per column times ``scale``. ``scratch``: a dict kept by the
+    caller between steps (per-table marks and the op's work memory, allocated once and grown when needed).
+    ``max_norm`` > 0: the touched rows' factor vectors are first renormalized in place (``nn.Embedding(max_norm=...)``);
     ``biases`` False: the bias column gets a zero gradient (plain MF; the first return value is then unused).
     ``moments_*``: Adam's (exp_avg, exp_avg_sq); with ``row_wise``, RowRMSprop's (row_sq, None). ``days``: the user-day
     biases ``(DayBias.table, each rating's row, step size, 2 reg_day / G)``: the step fits rating - bias and then

@@ -111,11 +111,12 @@ class Step(abc.ABC):
         lr, beta2, eps = float(group["lr"]), group["betas"][1], group["eps"]
         target, combine = rating, self.layout.time_combine()
         if time is not None:  # the tables fit rating - b_{i,bin} - alpha_u dev
-            user, item = user.long(), item.long()  # once (the C++ table step takes int64 too)
+            user, item = user.long(), item.long()  # once, for the time ops (the table step takes either)
             op = time.uses_op(combine)
             target = time.target(user, item, time_bin, time_dev, rating, op)
         if days is not None:
-            day_row = day_row.long()
+            if self.kind != "cpp":  # the C++ op takes the batch's int32 rows as they are
+                day_row = day_row.long()
             l2 = 2.0 * self.layout.cfg.optim.reg_day / global_rows
         if self.kind == "cpp":  # one C++ op: targets, tables and the day biases' step (three passes as torch ops)
             sse, err = self._step(user, item, target, global_rows, global_step, time is not None,
@@ -252,7 +253,7 @@ class CppStep(Step):
             state_u, state_i = ((st["row_sq"], None) if row_wise else (st["exp_avg"], st["exp_avg_sq"])
                                 for st in (su, si))
             out.extend(cpu_step.fused_step(
-                users, items, state_u, state_i, user.to(torch.int64), item.to(torch.int64), rating.to(users.dtype),
+                users, items, state_u, state_i, user, item, rating.to(users.dtype),
                 float(model.global_bias.detach()), scale, self.reg_weights * scale, (size_u, size_i),
                 group["betas"], group["eps"], self.scratch, max_norm=self.max_norm, biases=model.biases,
                 row_wise=row_wise, days=days, errors=err,
@@ -312,7 +313,7 @@ class SgdStep(Step):
         days = self.layout.day_bias
         if days is not None and day_row is None:
             raise ValueError("a job with user-day biases needs each rating's day_row")
-        day_args = None if days is None else (days.table, day_row.long(), cfg.optim.reg_day)
+        day_args = None if days is None else (days.table, day_row, cfg.optim.reg_day)
         users, items = (p.detach() for p in model.sparse_parameters())
         out: list[float] = []
 
@@ -320,10 +321,9 @@ class SgdStep(Step):
             (_, lr_u), (_, lr_i) = steps  # one schedule for both tables
             if lr_u != lr_i:
                 raise ValueError("SgdStep: the op takes one learning rate for both tables")
-            out.extend(cpu_step.sgd_step(users, items, user.to(torch.int64), item.to(torch.int64),
-                                         rating.to(users.dtype), float(model.global_bias.detach()), lr_u,
-                                         cfg.optim.reg_factor, float(self.reg_weights[-1]), biases=model.biases,
-                                         days=day_args))
+            out.extend(cpu_step.sgd_step(users, items, user, item, rating.to(users.dtype),
+                                         float(model.global_bias.detach()), lr_u, cfg.optim.reg_factor,
+                                         float(self.reg_weights[-1]), biases=model.biases, days=day_args))
 
         self.layout.opt.step(update=update)
         e_sum, sse = out

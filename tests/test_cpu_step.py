@@ -177,6 +177,30 @@ def test_kernel_rejects_bad_ids_before_touching_anything():
     assert torch.equal(users, before)
 
 
+def test_kernel_takes_int32_ids_as_they_are_and_int64_ids_to_the_same_bits():
+    """The job's batches hold int32 ids and the op reads them as they are; int64 ids (any other caller) give the same
+    bits. An int64 id that int32 cannot hold is out of range, not wrapped onto another row (2**32 + 1 would be 1)."""
+    n_users, n_items, sizes = SHAPES["users-streamed"]
+    reg = torch.tensor([0.05] * 8 + [0.01])
+    data = batches(n_users, n_items, sizes, dtype=torch.float32)
+    a, b = twin_models(torch.float32, n_users, n_items)
+    _, sums64, _ = kernel_steps(a, data, reg, lr=0.02, kind="row_rmsprop")
+    _, sums32, _ = kernel_steps(b, [(u.int(), i.int(), r) for u, i, r in data], reg, lr=0.02, kind="row_rmsprop")
+    assert sums32 == sums64
+    for p64, p32 in zip(a.sparse_parameters(), b.sparse_parameters(), strict=True):
+        assert torch.equal(p64, p32)
+    users, items = (p.detach() for p in a.sparse_parameters())
+    before = users.clone()
+    moments = (torch.zeros_like(users), torch.zeros_like(users)), (torch.zeros_like(items), torch.zeros_like(items))
+    with pytest.raises(RuntimeError, match="user id out of range"):
+        cpu_step.fused_step(users, items, *moments, torch.tensor([0, 2**32 + 1]), torch.tensor([0, 1]), torch.ones(2),
+                            3.5, 1.0, torch.zeros(9), (0.1, 0.1), BETAS, 1e-8, {})
+    with pytest.raises(RuntimeError, match="int32 or int64"):
+        cpu_step.fused_step(users, items, *moments, torch.tensor([0.0, 1.0]), torch.tensor([0, 1]), torch.ones(2),
+                            3.5, 1.0, torch.zeros(9), (0.1, 0.1), BETAS, 1e-8, {})
+    assert torch.equal(users, before)
+
+
 @pytest.mark.usefixtures("float64")
 @pytest.mark.parametrize("optimizer", ["row_rmsprop", "lazy_adam"])
 def test_trainer_uses_the_kernel_where_rows_are_local_and_matches_torch_ops(small_data, tmp_path, optimizer,

@@ -58,7 +58,7 @@ struct Groups {
   std::vector<int32_t> order;
 };
 
-Groups index_rows(const int64_t* ids, int64_t n, int32_t* mark, int64_t n_rows) {
+Groups index_rows(const int32_t* ids, int64_t n, int32_t* mark, int64_t n_rows) {
   Groups g;
   // All memory first: nothing below can throw while the marks hold counts (they must end all zero).
   g.rows.reserve(n + 1);  // + 1: the table-order scan below writes one slot past its count
@@ -131,6 +131,10 @@ auto with_width(int64_t w, F&& f) {
 }
 
 constexpr int64_t kAhead = 4;  // rows (or ratings) ahead to prefetch: 4 beat 2, 6, 8 and 16; 2 and 8 again (RESULTS)
+// Ratings ahead to prefetch a user-day bias row: those rows are as many as the ratings nearly (ml-10m: 1.7M rows, 28 MB
+// beside the user table's 18 MB), so they come from memory, not the L3, and need more time in flight than the
+// movies' rows: 12 ahead against 4 was 1.09x the op on ml-10m (8: 1.07x, 16: 1.09x; RESULTS, session 18).
+constexpr int64_t kDayAhead = 12;
 
 // nn.Embedding(max_norm=...)'s renorm (ATen's embedding_renorm_) of one row's factor vector (its first d
 // columns): a vector with norm > max_norm is scaled by max_norm / (norm + 1e-7), computed in double.
@@ -199,7 +203,7 @@ struct Side {
   T* p;
   T* m;
   T* v;
-  const int64_t* ids;  // the batch's row ids on this side
+  const int32_t* ids;  // the batch's row ids on this side
   AdamArgs adam;
   // Implicit feedback (mfscale/implicit.py): per row, d values its factor columns' L2 pulls toward instead of 0 (the
   // user's implicit vector |N(u)|^-1/2 sum y_j); null: toward 0.
@@ -236,7 +240,7 @@ struct Side {
 template <typename T>
 struct Days {
   T* table = nullptr;  // null: no user-day biases
-  const int64_t* rows = nullptr;
+  const int32_t* rows = nullptr;
   int64_t missing = 0;
   double step_size = 0, l2 = 0;
 };
@@ -279,14 +283,14 @@ inline void day_update(const Days<T>& days, int64_t r, T b2, T eps) {
 // torch ops (a unique, an index_add, five gathers and scatters) it cost half a step on ml-10m.
 template <typename T>
 void day_step_impl(const Days<T>& days, const T* err, int64_t n, double scale, T b2, T eps) {
-  constexpr int64_t kDayAhead = 16;  // the rows are random and in memory, not cache: more misses in flight
+  constexpr int64_t kDayStepAhead = 16;  // the rows are random and in memory, not cache: more misses in flight
   const T sc = static_cast<T>(scale);
   for (int64_t k = 0; k < n; ++k) {
-    if (k + kDayAhead < n) prefetch_row(days.table + days.rows[k + kDayAhead] * 4, 4, 1);
+    if (k + kDayStepAhead < n) prefetch_row(days.table + int64_t{days.rows[k + kDayStepAhead]} * 4, 4, 1);
     day_add(days, days.rows[k], err[k] * sc);
   }
   for (int64_t k = 0; k < n; ++k) {
-    if (k + kDayAhead < n) prefetch_row(days.table + days.rows[k + kDayAhead] * 4, 4, 1);
+    if (k + kDayStepAhead < n) prefetch_row(days.table + int64_t{days.rows[k + kDayStepAhead]} * 4, 4, 1);
     day_update(days, days.rows[k], b2, eps);
   }
 }
@@ -333,10 +337,10 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   // The ratings' own values in the major side's order (o_*[s]: rating order[s]'s), gathered once, independent loads
   // the core overlaps: the pass below then reads them in sequence. Read at random there, each was a likely L2 miss
   // on the way to the address of a row to prefetch (1.10-1.15x the job's step on ml-10m, RESULTS session 16).
-  std::vector<int64_t> o_mid(n);
+  std::vector<int32_t> o_mid(n);
   std::vector<int32_t> o_slot(n);
   std::vector<T> o_r(n);
-  std::vector<int64_t> o_day(days.table ? n : 0);
+  std::vector<int32_t> o_day(days.table ? n : 0);
   at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
     for (int64_t s = b; s < e; ++s) {
       const int32_t k = gmaj.order[s];
@@ -398,13 +402,13 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
             const int32_t ahead = s + kAhead;
             prefetch_row(mnr.p + o_mid[ahead] * w, w, 0);
             prefetch_row(buf + o_slot[ahead] * w, w, 1);
-            if (days.table) prefetch_row(days.table + o_day[ahead] * 4, 4, 0);
           }
+          if (days.table && s + kDayAhead < last) prefetch_row(days.table + int64_t{o_day[s + kDayAhead]} * 4, 4, 0);
           const T* q = mnr.p + o_mid[s] * w;
           const T* ru = users_major ? p : q;
           const T* ri = users_major ? q : p;
           const T x = ((gb + dot(ru, ri, d)) + ru[d]) + ri[d];
-          const T ek = x - (days.table ? o_r[s] - days.table[o_day[s] * 4] : o_r[s]);
+          const T ek = x - (days.table ? o_r[s] - days.table[int64_t{o_day[s]} * 4] : o_r[s]);
           err[k] = ek;
           const T a = ek * sc;
           if (days_here) day_add(days, o_day[s], a);
@@ -446,10 +450,25 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   if (days.table && !users_major) {  // the biases' values were only read above: their step sees the old values
     day_step_impl<T>(days, err, n, scale, d_b2, d_eps);
   }
-  double coef_sum = 0, sse = 0;  // in batch order: the same sums for any thread count
-  for (int64_t k = 0; k < n; ++k) {
-    coef_sum += static_cast<T>(err[k] * sc);
-    sse += static_cast<double>(err[k]) * err[k];
+  // Summed in blocks of fixed size, then the blocks in order: the same sums for any thread count
+  constexpr int64_t kSumBlock = 4096;
+  const int64_t blocks = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<double> coef_b(blocks), sse_b(blocks);
+  at::parallel_for(0, blocks, 1, [&](int64_t b, int64_t e) {
+    for (int64_t blk = b; blk < e; ++blk) {
+      double c = 0, q = 0;
+      for (int64_t k = blk * kSumBlock, end = std::min(n, k + kSumBlock); k < end; ++k) {
+        c += static_cast<T>(err[k] * sc);
+        q += static_cast<double>(err[k]) * err[k];
+      }
+      coef_b[blk] = c;
+      sse_b[blk] = q;
+    }
+  });
+  double coef_sum = 0, sse = 0;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    coef_sum += coef_b[blk];
+    sse += sse_b[blk];
   }
   return {coef_sum, sse};
 }
@@ -467,16 +486,90 @@ void check_ids(const at::Tensor& ids, int64_t n_rows, const char* what, const ch
   TORCH_CHECK(lo >= 0 && hi < n_rows, op, ": ", what, " id out of range [0, ", n_rows, ")");
 }
 
+// One id argument of fused_step or sgd_step: the caller's tensor and the table it indexes.
+struct IdArg {
+  const at::Tensor* ids;
+  int64_t n_rows;
+  const char* what;
+};
+
+// fused_step and sgd_step index rows with int32 ids (the job's shards and batches hold int32, and the op's gathered
+// copies take half the memory of int64): each argument as a contiguous int32 tensor, the caller's own where it is one
+// (the job's: no conversion), else converted from int64, once every id is known to lie in [0, n_rows). One parallel
+// pass over all of them: as serial scans, plus the job's int64 copies, they were ~8% of the step on ml-10m (RESULTS,
+// session 18).
+std::vector<at::Tensor> ids_int32(const std::vector<IdArg>& args, const char* op) {
+  constexpr int64_t kIdChunk = 16384;
+  struct Chunk {
+    size_t arg;
+    int64_t begin, end;
+  };
+  std::vector<at::Tensor> out;
+  std::vector<Chunk> chunks;
+  for (size_t a = 0; a < args.size(); ++a) {
+    const at::Tensor& ids = *args[a].ids;
+    TORCH_CHECK((ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong) && ids.device().is_cpu() &&
+                    ids.is_contiguous() && ids.dim() == 1,
+                op, ": ", args[a].what, " ids must be a contiguous 1-D int32 or int64 CPU tensor");
+    TORCH_CHECK(args[a].n_rows <= std::numeric_limits<int32_t>::max(), op, ": ", args[a].what,
+                " table has more rows than int32 ids can index");
+    out.push_back(ids.scalar_type() == at::kInt ? ids : at::empty({ids.numel()}, ids.options().dtype(at::kInt)));
+    for (int64_t b = 0; b < ids.numel(); b += kIdChunk) chunks.push_back({a, b, std::min(ids.numel(), b + kIdChunk)});
+  }
+  const int64_t nc = static_cast<int64_t>(chunks.size());
+  std::vector<int64_t> lo(nc), hi(nc);
+  at::parallel_for(0, nc, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t c = cb; c < ce; ++c) {
+      const Chunk& ch = chunks[c];
+      const at::Tensor& ids = *args[ch.arg].ids;
+      int64_t l = std::numeric_limits<int64_t>::max(), h = std::numeric_limits<int64_t>::min();
+      if (ids.scalar_type() == at::kInt) {
+        const int32_t* p = ids.data_ptr<int32_t>();
+        for (int64_t k = ch.begin; k < ch.end; ++k) {
+          l = p[k] < l ? p[k] : l;
+          h = p[k] > h ? p[k] : h;
+        }
+      } else {  // int64: narrowed as it is scanned; the range check below rejects any id that did not fit
+        const int64_t* p = ids.data_ptr<int64_t>();
+        int32_t* q = out[ch.arg].data_ptr<int32_t>();
+        for (int64_t k = ch.begin; k < ch.end; ++k) {
+          l = p[k] < l ? p[k] : l;
+          h = p[k] > h ? p[k] : h;
+          q[k] = static_cast<int32_t>(p[k]);
+        }
+      }
+      lo[c] = l;
+      hi[c] = h;
+    }
+  });
+  for (int64_t c = 0; c < nc; ++c) {
+    const IdArg& a = args[chunks[c].arg];
+    TORCH_CHECK(lo[c] >= 0 && hi[c] < a.n_rows, op, ": ", a.what, " id out of range [0, ", a.n_rows, ")");
+  }
+  return out;
+}
+
 // The user-day bias arguments of either op, when the job has them (a non-empty table): the table's layout (rows of
-// [bias, state, 1 / n, scratch]) and one in-range row per rating.
+// [bias, state, 1 / n, scratch]) and one row per rating (their range: ids_int32).
 void check_days(const at::Tensor& day_table, const at::Tensor& day_rows, at::ScalarType dtype, int64_t n,
                 const char* op) {
   TORCH_CHECK(day_table.device().is_cpu() && day_table.is_contiguous() && day_table.scalar_type() == dtype &&
                   day_table.dim() == 2 && day_table.size(1) == 4,
               op, ": the user-day biases must be a contiguous CPU (rows, 4) tensor of the tables' dtype");
-  TORCH_CHECK(day_rows.scalar_type() == at::kLong && day_rows.is_contiguous() && day_rows.numel() == n,
-              op, ": one contiguous int64 user-day row per rating");
-  check_ids(day_rows, day_table.size(0), "day", op);
+  TORCH_CHECK(day_rows.numel() == n, op, ": one user-day row per rating");
+}
+
+// The ids of a fused_step or sgd_step call as int32 (ids_int32): [user, item] and, with user-day biases, each
+// rating's day row.
+std::vector<at::Tensor> op_ids(const at::Tensor& user, int64_t n_users, const at::Tensor& item, int64_t n_items,
+                               const at::Tensor& day_table, const at::Tensor& day_rows, at::ScalarType dtype,
+                               const char* op) {
+  std::vector<IdArg> args{{&user, n_users, "user"}, {&item, n_items, "item"}};
+  if (day_table.numel() > 0) {
+    check_days(day_table, day_rows, dtype, user.numel(), op);
+    args.push_back({&day_rows, day_table.size(0), "day"});
+  }
+  return ids_int32(args, op);
 }
 
 // The user-day biases of an op call: none (an empty table), or the table, each rating's row and the "missing" row
@@ -486,7 +579,7 @@ Days<T> days_of(const at::Tensor& day_table, const at::Tensor& day_rows) {
   Days<T> days;
   if (day_table.numel() > 0) {
     days.table = day_table.data_ptr<T>();
-    days.rows = day_rows.data_ptr<int64_t>();
+    days.rows = day_rows.data_ptr<int32_t>();
     days.missing = day_table.size(0) - 1;
   }
   return days;
@@ -531,10 +624,9 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
   TORCH_CHECK(user.numel() == item.numel() && rating.numel() == user.numel(),
               "fused_step: user, item and rating must have equal lengths");
   TORCH_CHECK(user.numel() < (int64_t{1} << 31), "fused_step: batch too large");
-  check_ids(user, users.size(0), "user");
-  check_ids(item, items.size(0), "item");
   const int64_t n = user.numel();
-  if (day_table.numel() > 0) check_days(day_table, day_rows, dtype, n, "fused_step");
+  const std::vector<at::Tensor> ids =
+      op_ids(user, users.size(0), item, items.size(0), day_table, day_rows, dtype, "fused_step");
   TORCH_CHECK(errors.numel() == 0 || (errors.numel() == n && errors.is_contiguous() && errors.device().is_cpu() &&
                                       errors.scalar_type() == dtype),
               "fused_step: errors must be empty or one contiguous CPU value per rating, of the tables' dtype");
@@ -544,15 +636,15 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
               "fused_step: user_prior must be empty or a contiguous CPU (user rows, dim) tensor of the tables' dtype");
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "fused_step", [&] {
-    Days<scalar_t> days = days_of<scalar_t>(day_table, day_rows);
+    Days<scalar_t> days = days_of<scalar_t>(day_table, ids.size() > 2 ? ids[2] : day_rows);
     days.step_size = day_step_size;
     days.l2 = day_l2;
     scalar_t* vu = row_wise ? nullptr : v_u.data_ptr<scalar_t>();  // RowRMSprop has no second tensor
     scalar_t* vi = row_wise ? nullptr : v_i.data_ptr<scalar_t>();
-    Side<scalar_t> su{users.data_ptr<scalar_t>(), m_u.data_ptr<scalar_t>(), vu, user.data_ptr<int64_t>(),
+    Side<scalar_t> su{users.data_ptr<scalar_t>(), m_u.data_ptr<scalar_t>(), vu, ids[0].data_ptr<int32_t>(),
                       {step_size_u, beta1, beta2, eps, row_wise}};
     if (user_prior.numel()) su.prior = user_prior.data_ptr<scalar_t>();
-    Side<scalar_t> si{items.data_ptr<scalar_t>(), m_i.data_ptr<scalar_t>(), vi, item.data_ptr<int64_t>(),
+    Side<scalar_t> si{items.data_ptr<scalar_t>(), m_i.data_ptr<scalar_t>(), vi, ids[1].data_ptr<int32_t>(),
                       {step_size_i, beta1, beta2, eps, row_wise}};
     out = with_width(w, [&](auto width) {
       return step_impl<scalar_t, decltype(width)::value>(
@@ -577,7 +669,7 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
 // W > 0: the row width as a compile-time constant (with_width), as step_impl's: 1.215x this op on ml-10m (RESULTS,
 // session 17).
 template <typename T, int64_t W = 0>
-std::vector<double> sgd_impl(T* P, T* Q, int64_t w_rt, const int64_t* user, const int64_t* item, const T* rating,
+std::vector<double> sgd_impl(T* P, T* Q, int64_t w_rt, const int32_t* user, const int32_t* item, const T* rating,
                              int64_t n, T mu, T lr, T reg_f, T reg_b, bool biases, const Days<T>& days,
                              T reg_day) {
   constexpr int64_t kSgdAhead = 8;  // ratings ahead: each needs two random rows (and a day row)
@@ -598,12 +690,12 @@ std::vector<double> sgd_impl(T* P, T* Q, int64_t w_rt, const int64_t* user, cons
         if (k + kSgdAhead < hi) {
           prefetch_row(P + user[k + kSgdAhead] * w, w, 1);
           prefetch_row(Q + item[k + kSgdAhead] * w, w, 1);
-          if (days.table) __builtin_prefetch(days.table + days.rows[k + kSgdAhead] * 4, 1, 3);
+          if (days.table) __builtin_prefetch(days.table + int64_t{days.rows[k + kSgdAhead]} * 4, 1, 3);
         }
         T* pu = P + user[k] * w;
         T* qi = Q + item[k] * w;
         T* day = nullptr;
-        if (days.table && days.rows[k] != days.missing) day = days.table + days.rows[k] * 4;
+        if (days.table && days.rows[k] != days.missing) day = days.table + int64_t{days.rows[k]} * 4;
         const T bd = day ? day[0] : T(0);
         const T e = mu + dot(pu, qi, d) + (biases ? pu[d] + qi[d] : T(0)) + bd - rating[k];
         es += e;
@@ -648,17 +740,16 @@ at::Tensor sgd_step(at::Tensor users, at::Tensor items, at::Tensor user, at::Ten
               "sgd_step: tables must be 2-D with equal widths (factors and a bias column)");
   TORCH_CHECK(user.numel() == item.numel() && rating.numel() == user.numel(),
               "sgd_step: user, item and rating must have equal lengths");
-  check_ids(user, users.size(0), "user", "sgd_step");
-  check_ids(item, items.size(0), "item", "sgd_step");
   const int64_t n = user.numel();
-  if (day_table.numel() > 0) check_days(day_table, day_rows, dtype, n, "sgd_step");
+  const std::vector<at::Tensor> ids =
+      op_ids(user, users.size(0), item, items.size(0), day_table, day_rows, dtype, "sgd_step");
   std::vector<double> out;
   AT_DISPATCH_FLOATING_TYPES(dtype, "sgd_step", [&] {
-    const Days<scalar_t> days = days_of<scalar_t>(day_table, day_rows);
+    const Days<scalar_t> days = days_of<scalar_t>(day_table, ids.size() > 2 ? ids[2] : day_rows);
     out = with_width(w, [&](auto width) {
       return sgd_impl<scalar_t, decltype(width)::value>(
-          users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), w, user.data_ptr<int64_t>(),
-          item.data_ptr<int64_t>(), rating.data_ptr<scalar_t>(), n, static_cast<scalar_t>(global_bias),
+          users.data_ptr<scalar_t>(), items.data_ptr<scalar_t>(), w, ids[0].data_ptr<int32_t>(),
+          ids[1].data_ptr<int32_t>(), rating.data_ptr<scalar_t>(), n, static_cast<scalar_t>(global_bias),
           static_cast<scalar_t>(lr), static_cast<scalar_t>(reg_f), static_cast<scalar_t>(reg_b), biases, days,
           static_cast<scalar_t>(reg_day));
     });
