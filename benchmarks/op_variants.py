@@ -13,7 +13,10 @@ baseline.
 
 Why interleave: on a shared 2-core machine one process's ratings/s moves by ±20% from one minute to the next,
 and by about ±3% across variants interleaved this way (session 12, benchmarks/RESULTS.md). A variant that beats
-the baseline by less than that has not shown anything. Builds are cached by content under ``--build-dir``.
+the baseline by less than that has not shown anything. Every other round runs the variants in reverse order, and the
+last column pairs each round's variant with that round's baseline (the median of their ratios): where the machine
+switches speed for seconds at a time, a median of each variant's own times can put a duplicate of the baseline 4%
+apart from it (session 18). Builds are cached by content under ``--build-dir``.
 """
 
 from __future__ import annotations
@@ -88,9 +91,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             for b in batches[: a.warmup]:
                 trainer.train_step(b)
-            for _ in range(a.passes):
-                for k, lib in enumerate(libs):
-                    ops.mfscale = lib  # cpu_step calls torch.ops.mfscale.fused_step (sgd_step)
+            for rnd in range(a.passes):
+                # every other round in reverse order: no variant always runs right after the same one
+                for k in range(len(libs)) if rnd % 2 == 0 else reversed(range(len(libs))):
+                    ops.mfscale = libs[k]  # cpu_step calls torch.ops.mfscale.fused_step (sgd_step)
                     t0 = time.perf_counter()
                     for b in batches:
                         trainer.train_step(b)
@@ -100,10 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(seconds[0])
     print(f"### The C++ step's variants: {a.data}, {len(batches)} batches ({ratings:,} ratings) x {a.passes} passes, "
           f"{torch.get_num_threads()} threads\n")
-    print("| variant | ratings/s, median | best | vs baseline (median) |\n|---|---|---|---|")
+    print("| variant | ratings/s, median | best | vs baseline (median) | vs baseline (median of the rounds' ratios) |\n"
+          "|---|---|---|---|---|")
     for name, times in zip(names, seconds, strict=True):
         med = statistics.median(times)
-        print(f"| {name} | {ratings / med / 1e6:.2f}M | {ratings / min(times) / 1e6:.2f}M | {base / med:.3f}x |")
+        # paired by round: the machine's speed moves between rounds more than within one
+        paired = statistics.median(b / t for b, t in zip(seconds[0], times, strict=True))
+        print(f"| {name} | {ratings / med / 1e6:.2f}M | {ratings / min(times) / 1e6:.2f}M | {base / med:.3f}x | "
+              f"{paired:.3f}x |")
     return 0
 
 

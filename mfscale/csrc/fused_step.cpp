@@ -48,22 +48,28 @@ inline T dot(const T* a, const T* b, int64_t d) {
 }
 
 // The batch's ratings indexed by one side's row: the touched rows (in order of first appearance, or in table
-// order when many are touched), each rating's group (``slot``), and, once sort_by_row has run, group j's
-// ratings order[start[j] .. start[j + 1]) in batch order. ``mark`` (n_rows int32, all zero) is scratch kept
-// by the caller between steps and left all zero again, so a sparse step costs O(batch), not O(table).
+// order when many are touched), group j's ratings at positions start[j] .. start[j + 1]) of the side's grouped
+// order, and each rating's group (``slot``). index_rows fills rows and start and leaves each touched row's mark
+// holding its group; step_impl then reads the slots from the marks and sets the marks back to zero. ``mark``
+// (n_rows int32, all zero) is scratch kept by the caller between steps and left all zero again, so a sparse step
+// costs O(batch), not O(table).
 struct Groups {
   std::vector<int64_t> rows;
   std::vector<int32_t> start;
   std::vector<int32_t> slot;
-  std::vector<int32_t> order;
 };
 
-Groups index_rows(const int32_t* ids, int64_t n, int32_t* mark, int64_t n_rows) {
-  Groups g;
-  // All memory first: nothing below can throw while the marks hold counts (they must end all zero).
-  g.rows.reserve(n + 1);  // + 1: the table-order scan below writes one slot past its count
-  g.start.reserve(n + 1);
-  g.slot.resize(n);
+// A rating as the major side's pass reads it (step_impl): its batch index, minor row, minor group, user-day row (0
+// without user-day biases) and rating.
+template <typename T>
+struct Placed {
+  int32_t k, mid, slot, day;
+  T r;
+};
+
+// Every vector of ``g`` is allocated before the marks change (from here until step_impl clears them nothing may
+// throw: the marks must end all zero).
+void index_rows(Groups& g, const int32_t* ids, int64_t n, int32_t* mark, int64_t n_rows) {
   int64_t u = 0;
   for (int64_t k = 0; k < n; ++k) u += mark[ids[k]]++ == 0;  // counts first, without a branch per rating
   if (u * 16 >= n_rows) {
@@ -95,17 +101,6 @@ Groups index_rows(const int32_t* ids, int64_t n, int32_t* mark, int64_t n_rows) 
     mark[g.rows[j]] = static_cast<int32_t>(j);  // from here on: the row's group
   }
   g.start[u] = pos;
-  for (int64_t k = 0; k < n; ++k) g.slot[k] = mark[ids[k]];
-  for (int64_t j = 0; j < u; ++j) mark[g.rows[j]] = 0;
-  return g;
-}
-
-// Fill g.order: the ratings grouped by row, batch order within a row (a counting sort on the slots).
-void sort_by_row(Groups& g) {
-  const int64_t n = static_cast<int64_t>(g.slot.size());
-  std::vector<int32_t> next(g.start.begin(), g.start.end() - 1);
-  g.order.resize(n);
-  for (int64_t k = 0; k < n; ++k) g.order[next[g.slot[k]]++] = static_cast<int32_t>(k);
 }
 
 // Ask for a row's cache lines ahead of use: rows are read at random, one cache miss after another otherwise.
@@ -312,19 +307,81 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
                               const Days<T>& days, T* err_out) {
   const int64_t w = W ? W : w_rt;
   const int64_t d = w - 1;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // All the memory of the grouping first: nothing may throw while the marks hold groups (they must end all zero).
   Groups gu, gi;
+  for (Groups* g : {&gu, &gi}) {
+    g->rows.reserve(n + 1);  // + 1: index_rows's table-order scan writes one slot past its count
+    g->start.reserve(n + 1);
+    g->slot.resize(n);
+  }
+  // The ratings in the major side's order with their own values (placed[s]: the s-th's batch index, minor row, minor
+  // group, day row and rating), which the pass below reads in sequence: read at random there, each was a likely L2
+  // miss on the way to the address of a row to prefetch (1.10-1.15x the job's step on ml-10m, RESULTS session 16).
+  // One record per rating, so placing one is one cache line written, not five. Not zero-filled: every one is placed.
+  std::unique_ptr<Placed<T>[]> placed(new Placed<T>[n]);
+  // Contiguous parts of the batch, one per thread, and per part its count (then next position) in each major group
+  const int64_t parts = threads;
+  std::unique_ptr<int32_t[]> part_next(new int32_t[parts * (n + 1)]);
+  auto part_begin = [&](int64_t part) { return n * part / parts; };
+
   at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {  // the two sides at once (their own marks)
     for (int64_t side = b; side < e; ++side) {
-      if (side == 0) gu = index_rows(user_side.ids, n, mark_u, n_users);
-      else gi = index_rows(item_side.ids, n, mark_i, n_items);
+      if (side == 0) index_rows(gu, user_side.ids, n, mark_u, n_users);
+      else index_rows(gi, item_side.ids, n, mark_i, n_items);
     }
   });
   const T bias_grad = biases ? T(1) : T(0);  // plain MF: the bias column's gradient is exactly 0
   const bool users_major = gu.rows.size() >= gi.rows.size();
   Groups& gmaj = users_major ? gu : gi;
-  const Groups& gmin = users_major ? gi : gu;
+  Groups& gmin = users_major ? gi : gu;
   const Side<T>& maj = users_major ? user_side : item_side;
   const Side<T>& mnr = users_major ? item_side : user_side;
+  int32_t* mark_maj = users_major ? mark_u : mark_i;
+  int32_t* mark_min = users_major ? mark_i : mark_u;
+  const int64_t nmaj = static_cast<int64_t>(gmaj.rows.size()), nmin = static_cast<int64_t>(gmin.rows.size());
+  // The major side's ratings grouped by row, in batch order within a row: a counting sort on all threads (serial, with
+  // the slots of index_rows and a gather after it, it was ~10% of the op on ml-10m, RESULTS session 18). Each part
+  // reads its ratings' groups from the marks of both sides and counts its ratings per major group;
+  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t part = pb; part < pe; ++part) {
+      int32_t* count = part_next.get() + part * (n + 1);
+      std::fill(count, count + nmaj, 0);
+      for (int64_t k = part_begin(part), end = part_begin(part + 1); k < end; ++k) {
+        const int32_t j = mark_maj[maj.ids[k]];
+        gmaj.slot[k] = j;
+        ++count[j];
+        gmin.slot[k] = mark_min[mnr.ids[k]];
+      }
+    }
+  });
+  // each part's ratings of group j then start after those of the parts before it (so batch order within a group),
+  // and the marks go back to zero;
+  at::parallel_for(0, std::max(nmaj, nmin), 4096, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      if (j < nmaj) {
+        int32_t pos = gmaj.start[j];
+        for (int64_t part = 0; part < parts; ++part) {
+          int32_t& c = part_next[part * (n + 1) + j];
+          const int32_t here = c;
+          c = pos;
+          pos += here;
+        }
+        mark_maj[gmaj.rows[j]] = 0;
+      }
+      if (j < nmin) mark_min[gmin.rows[j]] = 0;
+    }
+  });
+  // and each part places its ratings and their values (sequential reads, writes into its own positions).
+  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t part = pb; part < pe; ++part) {
+      int32_t* next = part_next.get() + part * (n + 1);
+      for (int64_t k = part_begin(part), end = part_begin(part + 1); k < end; ++k) {
+        const int32_t s = next[gmaj.slot[k]]++;
+        placed[s] = {static_cast<int32_t>(k), mnr.ids[k], gmin.slot[k], days.table ? days.rows[k] : 0, r[k]};
+      }
+    }
+  });
   // max_norm: every touched row renormalized before anything reads it. The minor side's rows (read by many
   // major rows) first, here; each major row in the pass below, just before its own ratings, the only reads of
   // it (a separate pass over the major rows, cache misses and all, made the step 1.4x slower on ml-10m).
@@ -333,25 +390,6 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
       for (int64_t j = b; j < e; ++j) renorm_row(mnr.p + gmin.rows[j] * w, d, max_norm);
     });
   }
-  sort_by_row(gmaj);  // only the major side is walked row by row
-  // The ratings' own values in the major side's order (o_*[s]: rating order[s]'s), gathered once, independent loads
-  // the core overlaps: the pass below then reads them in sequence. Read at random there, each was a likely L2 miss
-  // on the way to the address of a row to prefetch (1.10-1.15x the job's step on ml-10m, RESULTS session 16).
-  std::vector<int32_t> o_mid(n);
-  std::vector<int32_t> o_slot(n);
-  std::vector<T> o_r(n);
-  std::vector<int32_t> o_day(days.table ? n : 0);
-  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t s = b; s < e; ++s) {
-      const int32_t k = gmaj.order[s];
-      o_mid[s] = mnr.ids[k];
-      o_slot[s] = gmin.slot[k];
-      o_r[s] = r[k];
-      if (days.table) o_day[s] = days.rows[k];
-    }
-  });
-  const int64_t nmaj = static_cast<int64_t>(gmaj.rows.size()), nmin = static_cast<int64_t>(gmin.rows.size());
-  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   if (work.numel() < threads * nmin * w) work.resize_({threads * nmin * w});
   T* bufs = work.data_ptr<T>();
   std::vector<uint8_t> used(threads * nmin, 0);  // per thread: which minor rows its buffer holds
@@ -397,24 +435,25 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
         for (int64_t c = 0; c < w; ++c) acc[c] = 0;
         const int32_t end = gmaj.start[j + 1];
         for (int32_t s = gmaj.start[j]; s < end; ++s) {
-          const int32_t k = gmaj.order[s];
+          const Placed<T>& o = placed[s];
+          const int32_t k = o.k;
           if (s + kAhead < last) {  // a few ratings ahead, across row boundaries: rows hold ~1-10 ratings
             const int32_t ahead = s + kAhead;
-            prefetch_row(mnr.p + o_mid[ahead] * w, w, 0);
-            prefetch_row(buf + o_slot[ahead] * w, w, 1);
+            prefetch_row(mnr.p + placed[ahead].mid * w, w, 0);
+            prefetch_row(buf + placed[ahead].slot * w, w, 1);
           }
-          if (days.table && s + kDayAhead < last) prefetch_row(days.table + int64_t{o_day[s + kDayAhead]} * 4, 4, 0);
-          const T* q = mnr.p + o_mid[s] * w;
+          if (days.table && s + kDayAhead < last) prefetch_row(days.table + int64_t{placed[s + kDayAhead].day} * 4, 4, 0);
+          const T* q = mnr.p + o.mid * w;
           const T* ru = users_major ? p : q;
           const T* ri = users_major ? q : p;
           const T x = ((gb + dot(ru, ri, d)) + ru[d]) + ri[d];
-          const T ek = x - (days.table ? o_r[s] - days.table[int64_t{o_day[s]} * 4] : o_r[s]);
+          const T ek = x - (days.table ? o.r - days.table[int64_t{o.day} * 4] : o.r);
           err[k] = ek;
           const T a = ek * sc;
-          if (days_here) day_add(days, o_day[s], a);
+          if (days_here) day_add(days, o.day, a);
           for (int64_t c = 0; c < d; ++c) acc[c] += a * q[c];
           acc[d] += a * bias_grad;
-          const int32_t mj = o_slot[s];
+          const int32_t mj = o.slot;
           T* g = buf + mj * w;
           if (!mine[mj]) {
             mine[mj] = 1;
@@ -424,7 +463,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
           g[d] += a * bias_grad;
         }
         if (days_here) {  // this user's days are this thread's alone, and still in cache: step them now
-          for (int32_t s = gmaj.start[j]; s < end; ++s) day_update(days, o_day[s], d_b2, d_eps);
+          for (int32_t s = gmaj.start[j]; s < end; ++s) day_update(days, placed[s].day, d_b2, d_eps);
         }
         const T count = static_cast<T>(end - gmaj.start[j]);
         maj.update(gmaj.rows[j], p, acc, count, cw, w, tmp);
