@@ -128,7 +128,8 @@ auto with_width(int64_t w, F&& f) {
 constexpr int64_t kAhead = 4;  // rows (or ratings) ahead to prefetch: 4 beat 2, 6, 8 and 16; 2 and 8 again (RESULTS)
 // Ratings ahead to prefetch a user-day bias row: those rows are as many as the ratings nearly (ml-10m: 1.7M rows, 28 MB
 // beside the user table's 18 MB), so they come from memory, not the L3, and need more time in flight than the
-// movies' rows: 12 ahead against 4 was 1.09x the op on ml-10m (8: 1.07x, 16: 1.09x; RESULTS, session 18).
+// movies' rows: 12 ahead against 4 was 1.05x the op on ml-10m (op_variants beside a duplicate of the baseline at
+// 0.999x; 8, 16 and 20 no better than 12; RESULTS, session 18).
 constexpr int64_t kDayAhead = 12;
 
 // nn.Embedding(max_norm=...)'s renorm (ATen's embedding_renorm_) of one row's factor vector (its first d
@@ -341,7 +342,7 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   int32_t* mark_min = users_major ? mark_i : mark_u;
   const int64_t nmaj = static_cast<int64_t>(gmaj.rows.size()), nmin = static_cast<int64_t>(gmin.rows.size());
   // The major side's ratings grouped by row, in batch order within a row: a counting sort on all threads (serial, with
-  // the slots of index_rows and a gather after it, it was ~10% of the op on ml-10m, RESULTS session 18). Each part
+  // the slots of index_rows and a gather after it: 0.95-0.97x the op on ml-10m, RESULTS session 18). Each part
   // reads its ratings' groups from the marks of both sides and counts its ratings per major group;
   at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t part = pb; part < pe; ++part) {
@@ -535,8 +536,8 @@ struct IdArg {
 // fused_step and sgd_step index rows with int32 ids (the job's shards and batches hold int32, and the op's gathered
 // copies take half the memory of int64): each argument as a contiguous int32 tensor, the caller's own where it is one
 // (the job's: no conversion), else converted from int64, once every id is known to lie in [0, n_rows). One parallel
-// pass over all of them: as serial scans, plus the job's int64 copies, they were ~8% of the step on ml-10m (RESULTS,
-// session 18).
+// pass over all of them, where three serial scans (4% of the op on ml-10m) followed the job's three int64 copies
+// (RESULTS, session 18).
 std::vector<at::Tensor> ids_int32(const std::vector<IdArg>& args, const char* op) {
   constexpr int64_t kIdChunk = 16384;
   struct Chunk {
