@@ -79,10 +79,13 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns the batch's summed squared error."""
         dev = self.env.device
-        extra = {k: batch[k].to(dev, non_blocking=True) for k in ("day_row", "time_bin", "time_dev") if k in batch}
-        sse = self.step_fn(batch["user"].to(dev, non_blocking=True), batch["item"].to(dev, non_blocking=True),
-                           batch["rating"].to(dev, non_blocking=True), max(int(batch["global_rows"]), 1),
-                           self.progress.global_step, **extra)
+        if dev.type == "cpu":  # the batch is there already (and a step's Python runs cold: CppStep)
+            cols = {k: batch[k] for k in ("user", "item", "rating", "day_row", "time_bin", "time_dev") if k in batch}
+        else:
+            cols = {k: batch[k].to(dev, non_blocking=True)
+                    for k in ("user", "item", "rating", "day_row", "time_bin", "time_dev") if k in batch}
+        sse = self.step_fn(cols.pop("user"), cols.pop("item"), cols.pop("rating"), max(int(batch["global_rows"]), 1),
+                           self.progress.global_step, **cols)
         self.optims.schedule_step()
         return sse
 
