@@ -49,8 +49,8 @@ inline T dot(const T* a, const T* b, int64_t d) {
 
 // The batch's ratings indexed by one side's row: the touched rows (in order of first appearance, or in table
 // order when many are touched), group j's ratings at positions start[j] .. start[j + 1]) of the side's grouped
-// order, and each rating's group (``slot``). index_rows fills rows and start and leaves each touched row's mark
-// holding its group; step_impl then reads the slots from the marks and sets the marks back to zero. ``mark``
+// order, and each rating's group (``slot``, where step_impl counts). index_rows fills rows and start and leaves each
+// touched row's mark holding its group; step_impl then reads the groups from the marks and sets them back to zero. ``mark``
 // (n_rows int32, all zero) is scratch kept by the caller between steps and left all zero again, so a sparse step
 // costs O(batch), not O(table).
 struct Groups {
@@ -311,19 +311,20 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // All the memory of the grouping first: nothing may throw while the marks hold groups (they must end all zero).
   Groups gu, gi;
+  // Contiguous parts of the batch, one per thread: how the major side's ratings are grouped below
+  const int64_t parts = threads;
   for (Groups* g : {&gu, &gi}) {
     g->rows.reserve(n + 1);  // + 1: index_rows's table-order scan writes one slot past its count
     g->start.reserve(n + 1);
-    g->slot.resize(n);
+    if (parts > 2) g->slot.resize(n);
   }
   // The ratings in the major side's order with their own values (placed[s]: the s-th's batch index, minor row, minor
   // group, day row and rating), which the pass below reads in sequence: read at random there, each was a likely L2
   // miss on the way to the address of a row to prefetch (1.10-1.15x the job's step on ml-10m, RESULTS session 16).
   // One record per rating, so placing one is one cache line written, not five. Not zero-filled: every one is placed.
   std::unique_ptr<Placed<T>[]> placed(new Placed<T>[n]);
-  // Contiguous parts of the batch, one per thread, and per part its count (then next position) in each major group
-  const int64_t parts = threads;
-  std::unique_ptr<int32_t[]> part_next(new int32_t[parts * (n + 1)]);
+  // Per part, its next position in each major group (with more than two parts, first its count there)
+  std::unique_ptr<int32_t[]> part_next(new int32_t[std::max<int64_t>(parts, 2) * (n + 1)]);
   auto part_begin = [&](int64_t part) { return n * part / parts; };
 
   at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {  // the two sides at once (their own marks)
@@ -341,48 +342,84 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   int32_t* mark_maj = users_major ? mark_u : mark_i;
   int32_t* mark_min = users_major ? mark_i : mark_u;
   const int64_t nmaj = static_cast<int64_t>(gmaj.rows.size()), nmin = static_cast<int64_t>(gmin.rows.size());
-  // The major side's ratings grouped by row, in batch order within a row: a counting sort on all threads (serial, with
-  // the slots of index_rows and a gather after it: 0.95-0.97x the op on ml-10m, RESULTS session 18). Each part
-  // reads its ratings' groups from the marks of both sides and counts its ratings per major group;
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t part = pb; part < pe; ++part) {
-      int32_t* count = part_next.get() + part * (n + 1);
-      std::fill(count, count + nmaj, 0);
-      for (int64_t k = part_begin(part), end = part_begin(part + 1); k < end; ++k) {
-        const int32_t j = mark_maj[maj.ids[k]];
-        gmaj.slot[k] = j;
-        ++count[j];
-        gmin.slot[k] = mark_min[mnr.ids[k]];
-      }
-    }
-  });
-  // each part's ratings of group j then start after those of the parts before it (so batch order within a group),
-  // and the marks go back to zero;
-  at::parallel_for(0, std::max(nmaj, nmin), 4096, [&](int64_t b, int64_t e) {
-    for (int64_t j = b; j < e; ++j) {
-      if (j < nmaj) {
-        int32_t pos = gmaj.start[j];
-        for (int64_t part = 0; part < parts; ++part) {
-          int32_t& c = part_next[part * (n + 1) + j];
-          const int32_t here = c;
-          c = pos;
-          pos += here;
+  // The major side's ratings grouped by row, in batch order within a row, placed with their values (sequential reads,
+  // each part writing into its own positions) on all threads: serial, with the slots of index_rows and a gather
+  // after it, this was 0.95-0.97x the op on ml-10m (RESULTS session 18).
+  if (parts <= 2) {
+    // One or two parts: the first half of the batch fills each group from its start up, in batch order, and the
+    // second from its end down, in reverse batch order, so batch order within every group with nothing counted first
+    // (the counting below: 0.96-0.99x the op on ml-10m).
+    int32_t* front = part_next.get();
+    int32_t* back = part_next.get() + (n + 1);
+    const int64_t half = (n + 1) / 2;
+    at::parallel_for(0, 2, 1, [&](int64_t hb, int64_t he) {
+      for (int64_t h = hb; h < he; ++h) {
+        if (h == 0) {
+          std::copy(gmaj.start.begin(), gmaj.start.begin() + nmaj, front);
+          for (int64_t k = 0; k < half; ++k) {
+            const int32_t s = front[mark_maj[maj.ids[k]]]++;
+            placed[s] = {static_cast<int32_t>(k), mnr.ids[k], mark_min[mnr.ids[k]], days.table ? days.rows[k] : 0,
+                         r[k]};
+          }
+        } else {
+          std::copy(gmaj.start.begin() + 1, gmaj.start.begin() + nmaj + 1, back);
+          for (int64_t k = n - 1; k >= half; --k) {
+            const int32_t s = --back[mark_maj[maj.ids[k]]];
+            placed[s] = {static_cast<int32_t>(k), mnr.ids[k], mark_min[mnr.ids[k]], days.table ? days.rows[k] : 0,
+                         r[k]};
+          }
         }
-        mark_maj[gmaj.rows[j]] = 0;
       }
-      if (j < nmin) mark_min[gmin.rows[j]] = 0;
-    }
-  });
-  // and each part places its ratings and their values (sequential reads, writes into its own positions).
-  at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
-    for (int64_t part = pb; part < pe; ++part) {
-      int32_t* next = part_next.get() + part * (n + 1);
-      for (int64_t k = part_begin(part), end = part_begin(part + 1); k < end; ++k) {
-        const int32_t s = next[gmaj.slot[k]]++;
-        placed[s] = {static_cast<int32_t>(k), mnr.ids[k], gmin.slot[k], days.table ? days.rows[k] : 0, r[k]};
+    });
+    at::parallel_for(0, std::max(nmaj, nmin), 4096, [&](int64_t b, int64_t e) {  // the marks back to zero
+      for (int64_t j = b; j < e; ++j) {
+        if (j < nmaj) mark_maj[gmaj.rows[j]] = 0;
+        if (j < nmin) mark_min[gmin.rows[j]] = 0;
       }
-    }
-  });
+    });
+  } else {
+    // More parts: a counting sort. Each part reads its ratings' groups from the marks of both sides and counts its
+    // ratings per major group;
+    at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+      for (int64_t part = pb; part < pe; ++part) {
+        int32_t* count = part_next.get() + part * (n + 1);
+        std::fill(count, count + nmaj, 0);
+        for (int64_t k = part_begin(part), end = part_begin(part + 1); k < end; ++k) {
+          const int32_t j = mark_maj[maj.ids[k]];
+          gmaj.slot[k] = j;
+          ++count[j];
+          gmin.slot[k] = mark_min[mnr.ids[k]];
+        }
+      }
+    });
+    // each part's ratings of group j then start after those of the parts before it (so batch order within a group),
+    // and the marks go back to zero;
+    at::parallel_for(0, std::max(nmaj, nmin), 4096, [&](int64_t b, int64_t e) {
+      for (int64_t j = b; j < e; ++j) {
+        if (j < nmaj) {
+          int32_t pos = gmaj.start[j];
+          for (int64_t part = 0; part < parts; ++part) {
+            int32_t& c = part_next[part * (n + 1) + j];
+            const int32_t here = c;
+            c = pos;
+            pos += here;
+          }
+          mark_maj[gmaj.rows[j]] = 0;
+        }
+        if (j < nmin) mark_min[gmin.rows[j]] = 0;
+      }
+    });
+    // and each part places its ratings and their values (sequential reads, writes into its own positions).
+    at::parallel_for(0, parts, 1, [&](int64_t pb, int64_t pe) {
+      for (int64_t part = pb; part < pe; ++part) {
+        int32_t* next = part_next.get() + part * (n + 1);
+        for (int64_t k = part_begin(part), end = part_begin(part + 1); k < end; ++k) {
+          const int32_t s = next[gmaj.slot[k]]++;
+          placed[s] = {static_cast<int32_t>(k), mnr.ids[k], gmin.slot[k], days.table ? days.rows[k] : 0, r[k]};
+        }
+      }
+    });
+  }
   // max_norm: every touched row renormalized before anything reads it. The minor side's rows (read by many
   // major rows) first, here; each major row in the pass below, just before its own ratings, the only reads of
   // it (a separate pass over the major rows, cache misses and all, made the step 1.4x slower on ml-10m).
