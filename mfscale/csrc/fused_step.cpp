@@ -191,8 +191,8 @@ inline void row_rmsprop_row(T* p, T* s, const T* grad, T count, const T* col_w, 
 }
 
 constexpr int64_t kGrain = 64;  // rows per task: a row is ~100 ns of work
-// A streamed row's cost in ratings (~130 ns against ~30 ns, RESULTS session 12); 8 since session 18 made a rating
-// cheaper (1.01-1.02x the op against 4 on ml-10m, in four op_variants runs of 6, 7, 8 and 10)
+// A streamed row's cost in ratings: 4 when a row took ~130 ns and a rating ~30 ns (RESULTS); 8 since session 18 made
+// a rating cheaper (1.01-1.02x the op against 4 on ml-10m, in four op_variants runs of 6, 7, 8 and 10)
 constexpr int64_t kRowCost = 8;
 
 // One table's side of the step: its rows, Adam moments and step size.
