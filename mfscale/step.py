@@ -120,7 +120,7 @@ class Step(abc.ABC):
             l2 = 2.0 * self.layout.cfg.optim.reg_day / global_rows
         if self.kind == "cpp":  # one C++ op: targets, tables and the day biases' step (three passes as torch ops)
             sse, err = self._step(user, item, target, global_rows, global_step, time is not None,
-                                  days=None if days is None else days.op_args(day_row, lr=lr, beta2=beta2, l2=l2))
+                                  days=None if days is None else self.day_op_args(day_row, global_rows))
         else:
             sse, err = self._step(user, item, target if days is None else days.targets(day_row, target),
                                   global_rows, global_step, True)
@@ -133,6 +133,13 @@ class Step(abc.ABC):
                         reg=self.layout.cfg.optim.reg_time, reg_drift=self.layout.cfg.optim.reg_drift,
                         combine=combine, op=op)
         return sse
+
+    def day_op_args(self, day_row: torch.Tensor, global_rows: int) -> tuple:
+        """The user-day biases' arguments of the C++ step (``DayBias.op_args``), which steps them in the same op from
+        the errors: the tables' step size schedule, beta2, and the L2 2 reg_day / G."""
+        group = self.layout.opt.param_groups[0]
+        return self.layout.day_bias.op_args(day_row, lr=float(group["lr"]), beta2=group["betas"][1],
+                                            l2=2.0 * self.layout.cfg.optim.reg_day / global_rows)
 
     @abc.abstractmethod
     def _step(self, user: torch.Tensor, item: torch.Tensor, rating: torch.Tensor, global_rows: int,
@@ -248,12 +255,8 @@ class CppStep(Step):
         days = self.layout.day_bias
         if self.layout.time_bias is not None or (days is not None and day_row is None):
             return super().__call__(user, item, rating, global_rows, global_step, day_row, time_bin, time_dev)
-        day_args = None
-        if days is not None:  # the op steps the user-day biases too (Step.__call__'s arithmetic)
-            group = self.layout.opt.param_groups[0]
-            day_args = days.op_args(day_row, lr=float(group["lr"]), beta2=group["betas"][1],
-                                    l2=2.0 * self.layout.cfg.optim.reg_day / global_rows)
-        return self._step(user, item, rating, global_rows, global_step, False, days=day_args)[0]
+        return self._step(user, item, rating, global_rows, global_step, False,
+                          days=None if days is None else self.day_op_args(day_row, global_rows))[0]
 
     def _step(self, user, item, rating, global_rows, global_step, errors, days=None):
         model, opt = self.layout.model, self.layout.opt

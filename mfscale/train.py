@@ -79,11 +79,9 @@ class Trainer:
     def train_step(self, batch: dict[str, Any]) -> torch.Tensor:
         """One optimizer step on this rank's batch; returns the batch's summed squared error."""
         dev = self.env.device
-        if dev.type == "cpu":  # the batch is there already (and a step's Python runs cold: CppStep)
-            cols = {k: batch[k] for k in ("user", "item", "rating", "day_row", "time_bin", "time_dev") if k in batch}
-        else:
-            cols = {k: batch[k].to(dev, non_blocking=True)
-                    for k in ("user", "item", "rating", "day_row", "time_bin", "time_dev") if k in batch}
+        move = dev.type != "cpu"  # on a CPU the batch is there already (and a step's Python runs cold: CppStep)
+        cols = {k: batch[k].to(dev, non_blocking=True) if move else batch[k]
+                for k in ("user", "item", "rating", "day_row", "time_bin", "time_dev") if k in batch}
         sse = self.step_fn(cols.pop("user"), cols.pop("item"), cols.pop("rating"), max(int(batch["global_rows"]), 1),
                            self.progress.global_step, **cols)
         self.optims.schedule_step()
