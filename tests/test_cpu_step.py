@@ -141,6 +141,26 @@ def test_kernel_equals_torch_fused_step(dtype, shape, kind, dim):
     assert sse == pytest.approx(float(e.square().sum()), rel=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 3, 4])
+@pytest.mark.parametrize("shape", ["users-streamed", "movies-streamed"])
+def test_kernel_groups_the_batch_right_on_any_thread_count(shape, threads):
+    """The op groups the batch one way on 1-2 threads (halves filling each row's ratings from both ends) and another on
+    more (a counting sort per part): float64 tables equal the torch-ops step to rounding either way."""
+    n_users, n_items, sizes = SHAPES[shape]
+    ref, got = twin_models(torch.float64, n_users, n_items)
+    reg = torch.tensor([0.05] * 8 + [0.01], dtype=torch.float64)
+    data = batches(n_users, n_items, sizes, dtype=torch.float64)
+    torch_steps(ref, data, reg, lr=0.02, kind="row_rmsprop")
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kernel_steps(got, data, reg, lr=0.02, kind="row_rmsprop")
+    finally:
+        torch.set_num_threads(before)
+    for p_ref, p_got in zip(ref.sparse_parameters(), got.sparse_parameters(), strict=True):
+        torch.testing.assert_close(p_got, p_ref, rtol=1e-12, atol=1e-14)
+
+
 def test_kernel_repeats_bit_for_bit_and_other_thread_counts_agree_to_rounding():
     """A fixed thread count gives the same bits every run (resume equals uninterrupted training); 1, 2 and 3
     threads (chunks of equal work, not equal rows) differ only in the summation order of the minor side's
