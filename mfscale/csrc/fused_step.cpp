@@ -50,9 +50,9 @@ inline T dot(const T* a, const T* b, int64_t d) {
 // The batch's ratings indexed by one side's row: the touched rows (in order of first appearance, or in table
 // order when many are touched), group j's ratings at positions start[j] .. start[j + 1]) of the side's grouped
 // order, and each rating's group (``slot``, where step_impl counts). index_rows fills rows and start and leaves each
-// touched row's mark holding its group; step_impl then reads the groups from the marks and sets them back to zero. ``mark``
-// (n_rows int32, all zero) is scratch kept by the caller between steps and left all zero again, so a sparse step
-// costs O(batch), not O(table).
+// touched row's mark holding its group; step_impl then reads the groups from the marks and sets them back to zero.
+// ``mark`` (n_rows int32, all zero) is scratch kept by the caller between steps and left all zero again, so a sparse
+// step costs O(batch), not O(table).
 struct Groups {
   std::vector<int64_t> rows;
   std::vector<int32_t> start;
@@ -126,8 +126,8 @@ auto with_width(int64_t w, F&& f) {
 }
 
 constexpr int64_t kAhead = 4;  // rows (or ratings) ahead to prefetch: 4 beat 2, 6, 8 and 16; 2 and 8 again (RESULTS)
-// Ratings ahead to prefetch a user-day bias row: those rows are as many as the ratings nearly (ml-10m: 1.7M rows, 28 MB
-// beside the user table's 18 MB), so they come from memory, not the L3, and need more time in flight than the
+// Ratings ahead to prefetch a user-day bias row: those rows are nearly as many as the ratings (ml-10m: 1.7M rows,
+// 28 MB beside the user table's 18 MB), so they come from memory, not the L3, and need more time in flight than the
 // movies' rows: 12 ahead against 4 was 1.05x the op on ml-10m (op_variants beside a duplicate of the baseline at
 // 0.999x; 8, 16 and 20 no better than 12; RESULTS, session 18).
 constexpr int64_t kDayAhead = 12;
@@ -482,7 +482,8 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
             prefetch_row(mnr.p + placed[ahead].mid * w, w, 0);
             prefetch_row(buf + placed[ahead].slot * w, w, 1);
           }
-          if (days.table && s + kDayAhead < last) prefetch_row(days.table + int64_t{placed[s + kDayAhead].day} * 4, 4, 0);
+          if (days.table && s + kDayAhead < last)
+            prefetch_row(days.table + int64_t{placed[s + kDayAhead].day} * 4, 4, 0);
           const T* q = mnr.p + o.mid * w;
           const T* ru = users_major ? p : q;
           const T* ri = users_major ? q : p;
@@ -742,9 +743,9 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
 //   b_ud -= lr (e + reg_day / n_ud b_ud)                                  (user-day biases: n_ud its ratings)
 // i.e. SGD on the job's objective (mfscale/model.py), each rating's share of it at a time, halved. A row costs one
 // read-modify-write per rating and no optimizer state, where the exact mini-batch step above groups the batch by
-// row first (issue 22: 3-4x the op's ratings/s, 2.5x the job's on ml-10m). The threads split the batch and update the shared rows without locks
-// (Hogwild, Niu et al. 2011; cornac's MF does the same): two threads rarely hold the same row at once in a batch
-// of random ratings, and when they do an update can be lost. So only a run on one thread repeats bit for bit.
+// row first (issue 22: 3-4x the op's ratings/s, 2.5x the job's on ml-10m). The threads split the batch and update
+// the shared rows without locks (Hogwild, Niu et al. 2011; cornac's MF does the same): two threads rarely hold the
+// same row at once in a batch of random ratings, and when they do an update can be lost. So only a run on one thread repeats bit for bit.
 // W > 0: the row width as a compile-time constant (with_width), as step_impl's: 1.215x this op on ml-10m (RESULTS,
 // session 17).
 template <typename T, int64_t W = 0>
