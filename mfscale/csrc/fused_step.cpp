@@ -745,7 +745,8 @@ at::Tensor fused_step(at::Tensor users, at::Tensor items, at::Tensor m_u, at::Te
 // read-modify-write per rating and no optimizer state, where the exact mini-batch step above groups the batch by
 // row first (issue 22: 3-4x the op's ratings/s, 2.5x the job's on ml-10m). The threads split the batch and update
 // the shared rows without locks (Hogwild, Niu et al. 2011; cornac's MF does the same): two threads rarely hold the
-// same row at once in a batch of random ratings, and when they do an update can be lost. So only a run on one thread repeats bit for bit.
+// same row at once in a batch of random ratings, and when they do an update can be lost. So only a run on one thread
+// repeats bit for bit.
 // W > 0: the row width as a compile-time constant (with_width), as step_impl's: 1.215x this op on ml-10m (RESULTS,
 // session 17).
 template <typename T, int64_t W = 0>
