@@ -114,20 +114,19 @@ class Step(abc.ABC):
             user, item = user.long(), item.long()  # once, for the time ops (the table step takes either)
             op = time.uses_op(combine)
             target = time.target(user, item, time_bin, time_dev, rating, op)
-        if days is not None:
-            if self.kind != "cpp":  # the C++ op takes the batch's int32 rows as they are
-                day_row = day_row.long()
-            l2 = 2.0 * self.layout.cfg.optim.reg_day / global_rows
         if self.kind == "cpp":  # one C++ op: targets, tables and the day biases' step (three passes as torch ops)
             sse, err = self._step(user, item, target, global_rows, global_step, time is not None,
                                   days=None if days is None else self.day_op_args(day_row, global_rows))
         else:
+            if days is not None:  # torch ops index with int64 (the C++ op takes the batch's int32 rows as they are)
+                day_row = day_row.long()
             sse, err = self._step(user, item, target if days is None else days.targets(day_row, target),
                                   global_rows, global_step, True)
             if days is not None:
                 ids, grad, counts = daybias.group(day_row, err.to(days.value.dtype) * scale, len(days.value))
                 ids, grad, counts = self.layout.day_grads(ids, grad, counts)  # replicas: summed over the ranks
-                days.update(ids, grad, counts, lr=lr, beta2=beta2, eps=eps, l2=l2)
+                days.update(ids, grad, counts, lr=lr, beta2=beta2, eps=eps,
+                            l2=2.0 * self.layout.cfg.optim.reg_day / global_rows)
         if time is not None:
             time.update(user, item, time_bin, time_dev, err, global_rows=global_rows, lr=lr, beta2=beta2, eps=eps,
                         reg=self.layout.cfg.optim.reg_time, reg_drift=self.layout.cfg.optim.reg_drift,

@@ -553,7 +553,8 @@ std::vector<double> step_impl(Side<T> user_side, Side<T> item_side, int64_t n_us
   return {coef_sum, sse};
 }
 
-void check_ids(const at::Tensor& ids, int64_t n_rows, const char* what, const char* op = "fused_step") {
+// The time ops' int64 ids (fused_step and sgd_step: ids_int32)
+void check_ids(const at::Tensor& ids, int64_t n_rows, const char* what, const char* op) {
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.dim() == 1,
               op, ": ", what, " ids must be a contiguous 1-D int64 tensor");
   if (ids.numel() == 0) return;
